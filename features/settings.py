@@ -1,0 +1,125 @@
+"""Runtime settings, read once per entry point and passed down.
+
+Every field can be set from the environment with the ``LIFTREC_`` prefix
+(``LIFTREC_KEY_PREFIX=shop1``). The two connection settings also accept the
+conventional bare names ``KAFKA_BOOTSTRAP`` and ``REDIS_URL``; when both are
+unset, commands look for the embedded stack's state file instead (see
+:mod:`liftrec.stack`). Nothing below ``features`` reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["EVENT_WEIGHTS", "Settings"]
+
+#: Default confidence weight of each event type; training and the stream fold-in
+#: use the same table (view < click < cart < purchase). ``impression`` and
+#: ``remove_from_cart`` carry no positive signal.
+EVENT_WEIGHTS: dict[str, float] = {
+    "impression": 0.0,
+    "view": 1.0,
+    "click": 2.0,
+    "add_to_cart": 4.0,
+    "remove_from_cart": 0.0,
+    "purchase": 8.0,
+}
+
+
+class Settings(BaseSettings):
+    """All knobs of a liftrec process."""
+
+    model_config = SettingsConfigDict(env_prefix="LIFTREC_", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str | None = Field(
+        default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "LIFTREC_KAFKA_BOOTSTRAP")
+    )
+    """Kafka bootstrap servers (``host:port[,host:port]``); unset = use the embedded stack."""
+
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "LIFTREC_REDIS_URL")
+    )
+    """Redis URL (``redis://host:port/db``); unset = use the embedded stack."""
+
+    state_dir: Path = Path(".liftrec")
+    """Folder of the embedded stack: state file, Redis data (AOF), logs."""
+
+    key_prefix: str = "liftrec"
+    """Prefix of every Redis key: one per environment (and per test run)."""
+
+    events_topic: str = "liftrec.events"
+    """Clickstream topic, keyed by user id."""
+
+    dlq_topic: str = "liftrec.events.dlq"
+    """Dead-letter topic: invalid events with the reason and the original bytes."""
+
+    catalog_topic: str = "liftrec.catalog"
+    """Catalog upserts, keyed by item id."""
+
+    events_partitions: int = Field(default=4, ge=1, le=1024)
+    """Partitions of the events topic when liftrec creates it."""
+
+    app_id: str = "liftrec-worker"
+    """Kafka consumer group of the stream workers."""
+
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    """Largest micro-batch an agent takes from the stream."""
+
+    batch_window_s: float = Field(default=0.05, gt=0, le=10)
+    """Longest a micro-batch waits to fill before it is processed (seconds)."""
+
+    broker_session_timeout_s: float | None = Field(default=None, gt=0)
+    """Consumer-group session timeout. Unset: 3 s against the embedded broker (whose
+    coordinator holds a group join for about half of it, so workers start fast) and
+    30 s against real Kafka (safe under load)."""
+
+    history_cap: int = Field(default=100, ge=1, le=10_000)
+    """Events kept in each user's recent history list."""
+
+    session_gap_s: int = Field(default=30 * 60, ge=1)
+    """Inactivity that ends a session (seconds)."""
+
+    dedup_window_s: int = Field(default=24 * 3600, ge=1)
+    """How long an ``event_id`` is remembered to drop duplicates (seconds)."""
+
+    trending_half_life_s: float = Field(default=6 * 3600.0, gt=0)
+    """Half-life of the time-decayed trending counts (seconds)."""
+
+    recs_k: int = Field(default=20, ge=1, le=500)
+    """Length of each precomputed list."""
+
+    recs_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    """TTL of the precomputed list and other per-user keys (seconds)."""
+
+    max_payload_bytes: int = Field(default=64 * 1024, ge=256)
+    """Largest accepted event payload."""
+
+    max_id_len: int = Field(default=256, ge=1)
+    """Longest accepted user / item / event / session id."""
+
+    max_future_ms: int = Field(default=24 * 3600 * 1000, ge=0)
+    """How far in the future an event timestamp may lie."""
+
+    event_weights: dict[str, float] = Field(default_factory=lambda: dict(EVENT_WEIGHTS))
+    """Confidence weight per event type, shared by training and the stream."""
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in " \t\r\n"):
+            raise ValueError("key_prefix must be a non-empty string without whitespace")
+        return v
+
+    @field_validator("event_weights")
+    @classmethod
+    def _weights_ok(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - set(EVENT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"event_weights has unknown event types {sorted(unknown)}; "
+                             f"expected a subset of {sorted(EVENT_WEIGHTS)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("event_weights must be non-negative")
+        return {**EVENT_WEIGHTS, **v}
