@@ -22,6 +22,8 @@ app = typer.Typer(
 #: Command modules; each defines ``register(app)``.
 COMMAND_MODULES = (
     "liftrec.cmd_stack",
+    "liftrec.cmd_serve",
+    "liftrec.cmd_worker",
 )
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,221 @@
+"""Faust agents: the clickstream agent, the catalog agent and their helpers.
+
+No exception may escape an agent (Faust would ack the message and drop it):
+
+* an invalid record goes to the dead-letter topic with its reason;
+* a Redis error is retried with capped backoff until Redis answers — the
+  agent stops taking new records meanwhile (backpressure), so nothing is lost
+  and nothing is skipped;
+* any other error (a bug) sends the whole batch to the dead-letter topic with
+  reason ``internal_error`` and the exception text, then the agent goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+import orjson
+import redis
+import redis.asyncio as aioredis
+
+from features.catalog import CatalogCache, CatalogStore
+from features.dlq import encode_dead_letter
+from features.errors import InvalidEvent
+from features.events import CatalogItem, EventValidator
+from features.keys import KeySchema
+from features.settings import Settings
+from features.store import UserStateStore
+from serving.trending import TrendingSnapshot
+from stream import metrics
+from stream.processor import BatchProcessor, DeadLetter, Record
+
+__all__ = ["WorkerState", "register_agents"]
+
+log = logging.getLogger(__name__)
+
+_RETRY_MAX_S = 5.0
+
+
+class WorkerState:
+    """Per-process state shared by the agents (created on the worker's loop)."""
+
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.keys = KeySchema(settings.key_prefix)
+        self.client = aioredis.Redis.from_url(redis_url, health_check_interval=30)
+        self.catalog = CatalogCache()
+        self.catalog_store = CatalogStore(self.client, self.keys)
+        self.store = UserStateStore(
+            self.client,
+            self.keys,
+            group=settings.app_id,
+            topic=settings.events_topic,
+            history_cap=settings.history_cap,
+            ttl_s=settings.recs_ttl_s,
+            dedup_ttl_s=settings.dedup_window_s,
+            half_life_s=settings.trending_half_life_s,
+        )
+        self._trending: TrendingSnapshot | None = None
+        self._trending_at = 0.0
+        self.ready = asyncio.Event()
+
+    async def trending(self) -> TrendingSnapshot:
+        """Trending lists, re-read from Redis at most once a second."""
+        if self._trending is None or time.monotonic() - self._trending_at > 1.0:
+            cats = sorted(self.catalog.categories())
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hget(self.keys.trending_meta(), "ref_ms")
+            pipe.zrevrange(self.keys.trending(), 0, 199, withscores=True)
+            for c in cats:
+                pipe.zrevrange(self.keys.trending(c), 0, 49, withscores=True)
+            res = await pipe.execute()
+
+            def rows(raw: list[tuple[bytes, float]]) -> list[tuple[str, float]]:
+                return [(m.decode(), float(s)) for m, s in raw]
+
+            self._trending = TrendingSnapshot(
+                overall=rows(res[1]),
+                by_category={c: rows(r) for c, r in zip(cats, res[2:], strict=True)},
+                ref_ms=int(float(res[0])) if res[0] is not None else None,
+            )
+            self._trending_at = time.monotonic()
+        return self._trending
+
+
+async def _with_redis_retry(what: str, fn: Any, *args: Any) -> Any:
+    delay = 0.05
+    while True:
+        try:
+            return await fn(*args)
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as err:
+            metrics.REDIS_RETRIES.inc()
+            log.warning("redis unavailable during %s, retrying in %.2fs: %s", what, delay, err)
+            await asyncio.sleep(delay)
+            delay = min(_RETRY_MAX_S, delay * 2)
+
+
+def register_agents(app: faust.App, settings: Settings, *, redis_url: str) -> None:
+    """Register topics, agents and background tasks on ``app``."""
+    events_topic = app.topic(
+        settings.events_topic, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw",
+    )
+    catalog_topic = app.topic(
+        settings.catalog_topic, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw",
+    )
+    dlq_topic = app.topic(
+        settings.dlq_topic, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw",
+    )
+    state: dict[str, Any] = {}
+
+    async def worker_state() -> WorkerState:
+        ws = state.get("ws")
+        if ws is None:
+            ws = state["ws"] = WorkerState(settings, redis_url)
+            n = await _with_redis_retry("catalog load", ws.catalog_store.load_into, ws.catalog)
+            log.info("catalog loaded items=%d", n)
+            ws.ready.set()
+        else:
+            await ws.ready.wait()
+        return ws
+
+    async def send_dead_letters(letters: list[DeadLetter], topic: str) -> None:
+        futures = []
+        for d in letters:
+            value = encode_dead_letter(
+                d.record.value, reason=d.reason, message=d.message, source="worker",
+                key=d.record.key, topic=topic, partition=d.record.partition, offset=d.record.offset,
+            )
+            futures.append(await dlq_topic.send(key=d.record.key, value=value, force=True))
+            metrics.DLQ.labels(reason=d.reason).inc()
+            log.info("dead-lettered reason=%s partition=%d offset=%d", d.reason, d.record.partition, d.record.offset)
+        for fut in futures:
+            await fut
+
+    processor_box: dict[str, BatchProcessor] = {}
+
+    async def processor() -> BatchProcessor:
+        if "p" not in processor_box:
+            ws = await worker_state()
+            processor_box["p"] = BatchProcessor(
+                settings, ws.store, ws.catalog, trending=ws.trending,
+                dead_letter=lambda letters: send_dead_letters(letters, settings.events_topic),
+            )
+        return processor_box["p"]
+
+    @app.agent(events_topic, name="liftrec-events")
+    async def events_agent(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take_events(settings.batch_size, within=settings.batch_window_s):
+            records = [Record(e.message.partition, e.message.offset, e.message.key, e.value) for e in batch]
+            await _apply(records)
+
+    async def _apply(records: Sequence[Record]) -> None:
+        t0 = time.perf_counter()
+        try:
+            proc = await processor()
+            stats = await _with_redis_retry("batch", proc.process, records)
+        except Exception as err:  # a bug: keep every record, keep the agent alive
+            log.exception("batch failed; sending %d records to the DLQ", len(records))
+            letters = [DeadLetter(r, "internal_error", f"{type(err).__name__}: {err}") for r in records]
+            try:
+                await send_dead_letters(letters, settings.events_topic)
+            except Exception:
+                log.exception("could not dead-letter the failed batch")
+            return
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        metrics.EVENTS.labels(result="applied").inc(stats.applied)
+        metrics.EVENTS.labels(result="invalid").inc(stats.invalid)
+        metrics.EVENTS.labels(result="duplicate").inc(stats.duplicates)
+        metrics.EVENTS.labels(result="replayed").inc(stats.replayed)
+        log.info(
+            "batch records=%d applied=%d invalid=%d duplicates=%d replayed=%d users=%d ms=%.1f",
+            stats.records, stats.applied, stats.invalid, stats.duplicates, stats.replayed,
+            stats.users, stats.seconds * 1000,
+        )
+
+    validator = EventValidator.from_settings(settings)
+
+    @app.agent(catalog_topic, name="liftrec-catalog")
+    async def catalog_agent(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take_events(settings.batch_size, within=settings.batch_window_s):
+            items: list[CatalogItem] = []
+            letters: list[DeadLetter] = []
+            for e in batch:
+                rec = Record(e.message.partition, e.message.offset, e.message.key, e.value)
+                try:
+                    items.append(validator.decode_catalog(e.value))
+                except InvalidEvent as err:
+                    letters.append(DeadLetter(rec, err.reason, err.message))
+            try:
+                if letters:
+                    await send_dead_letters(letters, settings.catalog_topic)
+                ws = await worker_state()
+                changed = await _with_redis_retry("catalog upsert", ws.catalog_store.upsert, items)
+                await ws.catalog_store.refresh(ws.catalog, changed)
+                log.info("catalog batch items=%d changed=%d invalid=%d", len(items), len(changed), len(letters))
+            except Exception:
+                log.exception("catalog batch failed")
+
+    @app.task
+    async def catalog_listener() -> None:
+        ws = await worker_state()
+        while True:
+            try:
+                pubsub = ws.client.pubsub()
+                await pubsub.subscribe(ws.catalog_store.channel)
+                async for msg in pubsub.listen():
+                    if msg.get("type") == "message":
+                        await ws.catalog_store.refresh(ws.catalog, orjson.loads(msg["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("catalog listener reconnecting: %s", err)
+                await asyncio.sleep(1.0)
+

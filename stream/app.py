@@ -1,0 +1,74 @@
+"""The Faust application: built by a factory, never at import time.
+
+Settings chosen for a fast, safe start (DESIGN "Defaults that must just work"):
+
+* ``broker_session_timeout`` — the consumer-group session timeout. tansu's
+  coordinator holds a group join for about half of it, so against the embedded
+  broker it is 3 s (first event within ~3-4 s of start); against real Kafka it
+  is 30 s, because a busy worker must keep its partitions while it works
+  through a large batch. ``LIFTREC_BROKER_SESSION_TIMEOUT_S`` overrides both.
+* ``broker_heartbeat_interval`` — a sixth of the session timeout.
+* no leader topic, no tables, no topic declaration (liftrec creates its topics
+  with the right partition counts; see :func:`features.kafka.ensure_topics`).
+* ``consumer_auto_offset_reset="earliest"`` — a new consumer group starts at
+  the beginning of the log; nothing produced before the first worker is lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faust
+
+from features.settings import Settings
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    bootstrap: str,
+    redis_url: str,
+    session_timeout_s: float,
+    web_port: int | None = None,
+) -> faust.App:
+    """Build the Faust app with its topics and agents registered.
+
+    Parameters
+    ----------
+    settings : Settings
+        Topics, group id, batching.
+    bootstrap : str
+        Kafka bootstrap servers, ``host:port[,host:port]``.
+    redis_url : str
+        Redis holding the online state.
+    session_timeout_s : float
+        Consumer-group session timeout (see module docstring).
+    web_port : int, optional
+        Port of Faust's web server (health); ``None`` disables it.
+    """
+    from stream.agents import register_agents
+
+    datadir = Path(settings.state_dir) / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()],
+        store="memory://",
+        datadir=str(datadir),
+        broker_session_timeout=session_timeout_s,
+        broker_heartbeat_interval=max(0.2, session_timeout_s / 6),
+        broker_commit_interval=1.0,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=web_port is not None,
+        web_port=web_port or 6066,
+        web_host="127.0.0.1",
+        stream_wait_empty=True,
+        autodiscover=False,
+    )
+    register_agents(app, settings, redis_url=redis_url)
+    return app

@@ -1,0 +1,16 @@
+"""Prometheus metrics of the stream worker."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+__all__ = ["BATCH_SECONDS", "DLQ", "EVENTS", "REDIS_RETRIES"]
+
+EVENTS = Counter("liftrec_stream_events_total", "Consumed events by result", ["result"])
+DLQ = Counter("liftrec_stream_dlq_total", "Records sent to the dead-letter topic", ["reason"])
+BATCH_SECONDS = Histogram(
+    "liftrec_stream_batch_seconds",
+    "Wall time to apply one micro-batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+REDIS_RETRIES = Counter("liftrec_stream_redis_retries_total", "Redis calls retried after an error")
