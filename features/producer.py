@@ -129,15 +129,15 @@ class PreparedBatch:
 
 # -- pure part: validate + encode ---------------------------------------------------
 
-_RAW_TYPES = (bytes, bytearray, memoryview, str)
+#: Inputs taken as raw JSON text. A ``str`` is not: it is a parsed JSON value
+#: (an element of a JSON array), hence ``not_an_object``.
+_RAW_TYPES = (bytes, bytearray, memoryview)
 
 
 def _raw_bytes(item: Any) -> bytes:
     """Best-effort original bytes of an input, for the dead-letter record."""
-    if isinstance(item, (bytes, bytearray, memoryview)):
+    if isinstance(item, _RAW_TYPES):
         return bytes(item)
-    if isinstance(item, str):
-        return item.encode("utf-8", errors="surrogatepass")
     if isinstance(item, (Event, CatalogItem)):
         return orjson.dumps(item.model_dump())
     try:
@@ -174,8 +174,10 @@ def prepare_records(
 
     Parameters
     ----------
-    items : iterable of Event, CatalogItem, dict, bytes or str
-        Records as objects, parsed JSON values or raw JSON text.
+    items : iterable of Event, CatalogItem, dict or bytes
+        Records as models, parsed JSON values or raw JSON bytes. Any other value
+        (a ``str``, a number, a list) is a parsed JSON value that is not an object
+        and is rejected as ``not_an_object``.
     validator : EventValidator
         Limits (payload size, id length, future timestamps).
     kind : {"event", "catalog"}
@@ -398,6 +400,24 @@ class EventProducer:
             return await self._start_client(idempotent=False)
         self.idempotent = True
         return client
+
+    async def ping(self, *, timeout_s: float = 2.0) -> None:
+        """Ask the broker for cluster metadata: a live reachability check.
+
+        Raises
+        ------
+        StackUnavailable
+            If the producer is not started or the broker does not answer in ``timeout_s``.
+        """
+        producer = self._producer
+        if producer is None:
+            raise StackUnavailable(f"the producer for Kafka at {self.bootstrap} is not started")
+        try:
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout_s)
+        except (KafkaError, OSError, TimeoutError) as err:
+            raise StackUnavailable(
+                f"Kafka at {self.bootstrap} did not answer: {err or type(err).__name__}"
+            ) from None
 
     async def stop(self) -> None:
         """Flush pending records and disconnect; a no-op when not started."""

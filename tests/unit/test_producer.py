@@ -50,7 +50,7 @@ def test_rejections_carry_global_index_reason_and_original_bytes(validator: Even
     bad_json = b'{"event_id": "e1", '
     unknown = event(2, type="teleport")
     future = event(3, ts=NOW + 3_600_000)
-    items = [event(0), bad_json, unknown, future, event(4), [1, 2], b"x" * 2000]
+    items = [event(0), bad_json, unknown, future, event(4), "view", b"x" * 2000]
     batch = prepare_records(items, validator, start_index=100, now=NOW, source="collector")
     assert [(r.index, r.reason) for r in batch.rejected] == [
         (101, "bad_json"), (102, "unknown_type"), (103, "future_timestamp"),
@@ -62,7 +62,7 @@ def test_rejections_carry_global_index_reason_and_original_bytes(validator: Even
     records = [decode_dead_letter(rec) for _, rec in batch.dead_letters]
     assert records[0]["raw"] == bad_json and records[0]["key"] is None
     assert orjson.loads(records[1]["raw"]) == unknown and records[1]["key"] == b"u2"
-    assert records[4]["raw"] == b"x" * 2000
+    assert records[3]["raw"] == b'"view"' and records[4]["raw"] == b"x" * 2000
     for rec, rej in zip(records, batch.rejected, strict=True):
         assert (rec["reason"], rec["message"], rec["source"]) == (rej.reason, rej.message, "collector")
         assert rec["topic"] is None and rec["offset"] is None

@@ -1,0 +1,66 @@
+"""``liftrec serve``: the HTTP API (event collector, health) under uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+from fastapi import FastAPI
+
+from liftrec._common import endpoints_or_exit, load_settings, setup_logging
+from liftrec.stack import Endpoints
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def app_factory() -> FastAPI:
+    """Build the app in a uvicorn worker process (``--workers`` > 1).
+
+    The parent resolved the stack and exported ``KAFKA_BOOTSTRAP`` / ``REDIS_URL``,
+    so every worker talks to the same servers.
+    """
+    from serving.api import create_app
+
+    settings = load_settings()
+    embedded = os.environ.get("LIFTREC_SERVE_EMBEDDED") == "1"
+    assert settings.kafka_bootstrap and settings.redis_url, "run through `liftrec serve`"
+    return create_app(settings, Endpoints(settings.kafka_bootstrap, settings.redis_url, embedded=embedded))
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    workers: int = typer.Option(1, min=1, max=64, help="uvicorn worker processes."),
+    state_dir: str = typer.Option(None, help="State folder of the embedded stack."),
+    log_level: str = typer.Option("info", help=f"One of {', '.join(LOG_LEVELS)}."),
+) -> None:
+    """Serve the HTTP API: POST /v1/events, GET /health, docs at /docs."""
+    import uvicorn
+
+    from serving.api import create_app
+
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        from liftrec._common import fail
+
+        fail(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    settings = load_settings(state_dir=state_dir)
+    ep = endpoints_or_exit(settings)
+    setup_logging(level)
+    typer.echo(
+        f"liftrec API on http://{host}:{port} (docs /docs) workers={workers} "
+        f"kafka={ep.kafka_bootstrap} redis={ep.redis_url}",
+        err=True,
+    )
+    if workers == 1:
+        uvicorn.run(create_app(settings, ep), host=host, port=port, log_level=level)
+        return
+    os.environ["KAFKA_BOOTSTRAP"] = ep.kafka_bootstrap
+    os.environ["REDIS_URL"] = ep.redis_url
+    os.environ["LIFTREC_SERVE_EMBEDDED"] = "1" if ep.embedded else "0"
+    uvicorn.run("liftrec.cmd_serve:app_factory", factory=True, host=host, port=port,
+                workers=workers, log_level=level)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
