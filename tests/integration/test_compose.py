@@ -242,6 +242,47 @@ def test_env_wires_settings(
     assert topic_specs(settings) == {"liftrec.events": 4, "liftrec.events.dlq": 1, "liftrec.catalog": 1}
 
 
+# -- commands and routes the compose file relies on ---------------------------------
+
+#: Services whose command must exist in the CLI today. ``trainer`` joins once
+#: ``liftrec train`` is registered in liftrec/cli.py.
+CLI_CHECKED_SERVICES = ("init", "worker", "api")
+
+
+@pytest.mark.parametrize("name", CLI_CHECKED_SERVICES)
+def test_service_command_exists_in_cli(services: dict[str, Any], name: str) -> None:
+    import typer.main
+
+    from liftrec.cli import app
+
+    command = services[name]["command"]
+    assert command[0] == "liftrec"
+    group = typer.main.get_command(app)
+    verb = group.commands.get(command[1])  # type: ignore[attr-defined]
+    assert verb is not None, f"`liftrec {command[1]}` ({name}) is not a CLI command"
+    known = {opt for param in verb.params for opt in getattr(param, "opts", [])}
+    used = {arg for arg in command[2:] if arg.startswith("--")}
+    assert used <= known, f"{name}: options {sorted(used - known)} unknown to `liftrec {command[1]}`"
+
+
+def test_api_healthcheck_hits_a_real_route(services: dict[str, Any]) -> None:
+    from serving.api import health_router
+
+    code = services["api"]["healthcheck"]["test"][-1]
+    match = re.search(r"request\('GET', '([^']+)'\)", code)
+    assert match, code
+    assert match.group(1) in {route.path for route in health_router.routes}
+    port = re.search(r"HTTPConnection\('127.0.0.1', (\d+)", code)
+    assert port and services["api"]["command"][-1] == port.group(1)
+
+
+def test_worker_healthcheck_port_matches_its_web_port(services: dict[str, Any]) -> None:
+    command = services["worker"]["command"]
+    web_port = command[command.index("--web-port") + 1]
+    code = services["worker"]["healthcheck"]["test"][-1]
+    assert f"HTTPConnection('127.0.0.1', {web_port}," in code
+
+
 # -- Dockerfile / .dockerignore ----------------------------------------------------
 
 
