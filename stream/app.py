@@ -10,6 +10,8 @@ Settings chosen for a fast, safe start (DESIGN "Defaults that must just work"):
 * ``broker_heartbeat_interval`` — a sixth of the session timeout.
 * no leader topic, no tables, no topic declaration (liftrec creates its topics
   with the right partition counts; see :func:`features.kafka.ensure_topics`).
+* a table manager without the fixed 1 s pause Faust's own takes at start to
+  let tables register; liftrec keeps all state in Redis and has no tables.
 * ``consumer_auto_offset_reset="earliest"`` — a new consumer group starts at
   the beginning of the log; nothing produced before the first worker is lost.
 """
@@ -19,10 +21,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import faust
+from faust.tables.manager import TableManager
 
 from features.settings import Settings
 
 __all__ = ["create_app"]
+
+
+class TablelessManager(TableManager):
+    """Faust's table manager minus its fixed 1 s start-up pause (we have no tables).
+
+    Relies on ``TableManager._update_channels`` (faust-streaming 0.15, pinned
+    below 0.16 in pyproject.toml).
+    """
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
 
 def create_app(
@@ -69,6 +85,7 @@ def create_app(
         web_host="127.0.0.1",
         stream_wait_empty=True,
         autodiscover=False,
+        TableManager=TablelessManager,
     )
     register_agents(app, settings, redis_url=redis_url)
     return app
