@@ -1,0 +1,526 @@
+"""Ranker features: ONE function builds them, offline in training and online in serving.
+
+:func:`build_features` turns a :class:`RankingContext` (what we know about the
+user right now) and an array of candidate ``item_idx`` into a float32 matrix
+whose columns are :data:`FEATURE_NAMES`. Training calls it for every query of
+the time split, the stream worker and the API call it for every ranked list,
+so the two can never drift apart: a model bundle records the feature list it
+was trained on and refuses to load against code that builds another one.
+
+The per-item model data the features read (ALS factors, popularity, price,
+category, co-visitation and rule neighbours, content embeddings) travel in a
+:class:`RankingTables`; a loaded bundle exposes one, training builds its own
+from the arrays it is about to publish.
+
+Everything is numpy-batched over the candidates: joins between candidates and
+the user's history / neighbour lists go through one ``argsort`` of the
+candidates and ``searchsorted``, never a Python loop over candidates, so 300
+candidates take a few hundred microseconds (``benchmarks/``).
+
+:class:`OnnxRanker` scores a feature matrix with the exported ONNX model; its
+onnxruntime session is created once per model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features.events import EVENT_TYPES
+from features.ids import IdMap
+
+__all__ = [
+    "FEATURES",
+    "FEATURE_NAMES",
+    "TYPE_CODES",
+    "FeatureSpec",
+    "OnnxRanker",
+    "RankingContext",
+    "RankingTables",
+    "build_features",
+    "pairs_to_csr",
+]
+
+log = logging.getLogger(__name__)
+
+#: Event type -> small int code used in :attr:`RankingContext.history_types`.
+TYPE_CODES: dict[str, int] = {t: i for i, t in enumerate(EVENT_TYPES)}
+_PURCHASE = TYPE_CODES["purchase"]
+_CART = TYPE_CODES["add_to_cart"]
+
+#: Anchors for neighbour features: the newest distinct history items ...
+N_RECENT_ANCHORS = 10
+#: ... plus at most this many session items.
+N_SESSION_ANCHORS = 20
+#: History items whose categories describe the user's recent taste.
+N_RECENT_CATEGORIES = 20
+_MS_PER_HOUR = 3_600_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    """One ranker feature: its column name and what it measures."""
+
+    name: str
+    doc: str
+
+
+#: The ranker's features, in column order.
+FEATURES: tuple[FeatureSpec, ...] = (
+    FeatureSpec("als_score", "user vector . item factor (0 when the user has no vector)"),
+    FeatureSpec("has_user_vector", "1 when the user has an ALS vector (trained or folded in)"),
+    FeatureSpec("covis_score", "sum of co-visitation weights from the anchors (recent + session items) to the item"),
+    FeatureSpec("rules_confidence", "max confidence of an association rule anchor -> item"),
+    FeatureSpec("rules_lift", "max lift of an association rule anchor -> item"),
+    FeatureSpec("content_sim", "max cosine of the item's content embedding with the anchors' (0 without content)"),
+    FeatureSpec("trending", "log(1 + time-decayed trending count) of the item, 0 when not trending"),
+    FeatureSpec("log_popularity", "log(1 + training-window popularity) of the item"),
+    FeatureSpec("log_price", "log(1 + price); 0 when the price is unknown"),
+    FeatureSpec("price_ratio", "price / median price of the user's history items; 0 when either is unknown"),
+    FeatureSpec("category_match", "share of the user's recent history items in the item's category"),
+    FeatureSpec("session_category_match", "1 when a current-session item has the item's category"),
+    FeatureSpec("seen_before", "1 when the user interacted with the item before"),
+    FeatureSpec("log_hours_since_last", "log(1 + hours since the user's last event on the item); -1 when never"),
+    FeatureSpec("n_interactions", "number of the user's history events on the item"),
+    FeatureSpec("purchased_before", "1 when the history holds a purchase of the item"),
+    FeatureSpec("carted_before", "1 when the history holds an add_to_cart of the item"),
+    FeatureSpec("in_session", "1 when the item was touched in the current session"),
+    FeatureSpec("session_length", "number of items in the current session (per query)"),
+    FeatureSpec("log_history_length", "log(1 + events in the user's history) (per query)"),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+_COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+_EMPTY_I = np.zeros(0, dtype=np.int64)
+_EMPTY_F = np.zeros(0, dtype=np.float32)
+
+
+def _i64() -> np.ndarray:
+    return _EMPTY_I
+
+
+def _f32() -> np.ndarray:
+    return _EMPTY_F
+
+
+@dataclass(frozen=True, slots=True)
+class RankingContext:
+    """What is known about one user at ranking time.
+
+    Parameters
+    ----------
+    user_vector : numpy.ndarray or None
+        The user's ALS vector (float32, length = factors), ``None`` when unknown.
+    history_items, history_types, history_ts : numpy.ndarray
+        The user's recent events, any order: ``item_idx`` (int64, unknown items
+        already dropped), type code (:data:`TYPE_CODES`) and epoch ms.
+    session_items : numpy.ndarray
+        ``item_idx`` of the current session's items (int64).
+    now_ms : int
+        The ranking time (epoch ms); training uses the split cutoff.
+    trending_items, trending_scores : numpy.ndarray
+        Optional trending items (int64) and their decayed counts (float32).
+    """
+
+    user_vector: np.ndarray | None
+    history_items: np.ndarray
+    history_types: np.ndarray
+    history_ts: np.ndarray
+    session_items: np.ndarray
+    now_ms: int
+    trending_items: np.ndarray = field(default_factory=_i64)
+    trending_scores: np.ndarray = field(default_factory=_f32)
+
+    def __post_init__(self) -> None:
+        n = len(self.history_items)
+        if len(self.history_types) != n or len(self.history_ts) != n:
+            raise ValueError(
+                f"history_items, history_types and history_ts must have the same length; got "
+                f"{n}, {len(self.history_types)}, {len(self.history_ts)}")
+        if len(self.trending_items) != len(self.trending_scores):
+            raise ValueError("trending_items and trending_scores must have the same length; got "
+                             f"{len(self.trending_items)} and {len(self.trending_scores)}")
+
+    @classmethod
+    def from_events(
+        cls,
+        events: Iterable[tuple[str, str, int]],
+        items: IdMap,
+        *,
+        now_ms: int,
+        user_vector: np.ndarray | None = None,
+        session_item_ids: Iterable[str] = (),
+        trending: Iterable[tuple[str, float]] = (),
+    ) -> RankingContext:
+        """Build a context from external ids, as read from Redis.
+
+        Parameters
+        ----------
+        events : iterable of (item_id, type, ts)
+            The user's history (the ``hist`` key's entries); items unknown to
+            ``items`` and unknown types are dropped.
+        items : IdMap
+            The bundle's item ids.
+        now_ms : int
+            Ranking time, epoch ms.
+        user_vector : numpy.ndarray, optional
+            The user's vector.
+        session_item_ids : iterable of str
+            Item ids of the current session.
+        trending : iterable of (item_id, score)
+            Trending items with their decayed counts.
+
+        Returns
+        -------
+        RankingContext
+        """
+        hi: list[int] = []
+        ht: list[int] = []
+        hts: list[int] = []
+        for item_id, type_, ts in events:
+            idx, code = items.get(item_id), TYPE_CODES.get(type_, -1)
+            if idx >= 0 and code >= 0:
+                hi.append(idx)
+                ht.append(code)
+                hts.append(int(ts))
+        sess = items.indices(session_item_ids)
+        tr = list(trending)
+        tr_idx = items.indices(i for i, _ in tr)
+        tr_sc = np.fromiter((s for _, s in tr), dtype=np.float32, count=len(tr))
+        keep = tr_idx >= 0
+        return cls(
+            user_vector=None if user_vector is None else np.asarray(user_vector, dtype=np.float32),
+            history_items=np.asarray(hi, dtype=np.int64),
+            history_types=np.asarray(ht, dtype=np.int8),
+            history_ts=np.asarray(hts, dtype=np.int64),
+            session_items=sess[sess >= 0],
+            now_ms=int(now_ms),
+            trending_items=tr_idx[keep],
+            trending_scores=tr_sc[keep],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RankingTables:
+    """Per-item model data the features read.
+
+    Parameters
+    ----------
+    item_factors : numpy.ndarray
+        ALS item factors, (n_items, factors) float32 (may be memory-mapped).
+    popularity : numpy.ndarray
+        Training-window popularity per item (float32, >= 0).
+    price : numpy.ndarray
+        Price per item (float32, 0 = unknown).
+    category : numpy.ndarray
+        Category code per item (int32, -1 = unknown).
+    covis_indptr, covis_indices, covis_scores : numpy.ndarray
+        Co-visitation neighbours as CSR rows per item.
+    rules_indptr, rules_consequent, rules_confidence, rules_lift : numpy.ndarray
+        Association rules as CSR rows per antecedent item.
+    content : numpy.ndarray or None
+        L2-normalised content embeddings (n_items, d) float32.
+    """
+
+    item_factors: np.ndarray
+    popularity: np.ndarray
+    price: np.ndarray
+    category: np.ndarray
+    covis_indptr: np.ndarray
+    covis_indices: np.ndarray
+    covis_scores: np.ndarray
+    rules_indptr: np.ndarray
+    rules_consequent: np.ndarray
+    rules_confidence: np.ndarray
+    rules_lift: np.ndarray
+    content: np.ndarray | None = None
+
+    @property
+    def n_items(self) -> int:
+        """Number of items (rows of the item factors)."""
+        return int(self.item_factors.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        item_factors: np.ndarray,
+        popularity: np.ndarray,
+        price: np.ndarray,
+        category: np.ndarray,
+        covis: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        rules: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+        content: np.ndarray | None = None,
+    ) -> RankingTables:
+        """Tables from plain arrays; absent neighbour sources become empty CSR.
+
+        Parameters
+        ----------
+        item_factors, popularity, price, category : numpy.ndarray
+            As in the class description.
+        covis : (indptr, indices, scores), optional
+            Co-visitation CSR.
+        rules : (antecedent_idx, consequent_idx, confidence, lift), optional
+            Rules as flat arrays in any order.
+        content : numpy.ndarray, optional
+            Content embeddings.
+
+        Returns
+        -------
+        RankingTables
+        """
+        n = int(item_factors.shape[0])
+        empty = np.zeros(n + 1, dtype=np.int64)
+        if covis is None:
+            covis = (empty, _EMPTY_I.astype(np.int32), _EMPTY_F)
+        if rules is None:
+            r = (empty, _EMPTY_I.astype(np.int32), _EMPTY_F, _EMPTY_F)
+        else:
+            r = pairs_to_csr(n, rules[0], rules[1], rules[2], rules[3])
+        return cls(item_factors=item_factors, popularity=np.asarray(popularity, dtype=np.float32),
+                   price=np.asarray(price, dtype=np.float32),
+                   category=np.asarray(category, dtype=np.int32),
+                   covis_indptr=covis[0], covis_indices=covis[1], covis_scores=covis[2],
+                   rules_indptr=r[0], rules_consequent=r[1], rules_confidence=r[2],
+                   rules_lift=r[3], content=content)
+
+
+def pairs_to_csr(n_rows: int, src: np.ndarray, dst: np.ndarray,
+                 *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Group (src -> dst, values...) pairs into CSR rows by ``src``.
+
+    Parameters
+    ----------
+    n_rows : int
+        Number of rows (items).
+    src, dst : numpy.ndarray
+        Row and column index of each pair, in ``[0, n_rows)``.
+    *values : numpy.ndarray
+        Per-pair values, carried along.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(indptr int64, dst int32, *values float32)`` sorted by row (stable).
+    """
+    src = np.asarray(src, dtype=np.int64)
+    if len(src) and (src.min() < 0 or src.max() >= n_rows):
+        raise ValueError(f"pair rows must lie in [0, {n_rows}); got {src.min()}..{src.max()}")
+    order = np.argsort(src, kind="stable")
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=n_rows), out=indptr[1:])
+    out = [indptr, np.asarray(dst, dtype=np.int32)[order]]
+    out.extend(np.asarray(v, dtype=np.float32)[order] for v in values)
+    return tuple(out)
+
+
+def _row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Flat positions of all entries of CSR ``rows``."""
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return _EMPTY_I
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
+
+
+class _Join:
+    """Maps arbitrary item idxs onto candidate rows (one sort of the candidates)."""
+
+    __slots__ = ("_order", "_sorted", "n")
+
+    def __init__(self, candidates: np.ndarray) -> None:
+        self._order = np.argsort(candidates, kind="stable")
+        self._sorted = candidates[self._order]
+        self.n = len(candidates)
+
+    def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate row of each key that is a candidate, and the hit mask."""
+        if self.n == 0 or len(keys) == 0:
+            return _EMPTY_I, np.zeros(len(keys), dtype=bool)
+        p = np.searchsorted(self._sorted, keys)
+        np.minimum(p, self.n - 1, out=p)
+        hit = self._sorted[p] == keys
+        return self._order[p[hit]], hit
+
+
+def build_features(ctx: RankingContext, candidates: np.ndarray,
+                   tables: RankingTables) -> np.ndarray:
+    """The ranker's feature matrix for one user and their candidates.
+
+    Parameters
+    ----------
+    ctx : RankingContext
+        The user's context at ranking time.
+    candidates : numpy.ndarray
+        Candidate ``item_idx`` (int), each in ``[0, n_items)``; duplicates allowed.
+    tables : RankingTables
+        The model's per-item data.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of shape ``(len(candidates), len(FEATURE_NAMES))``.
+
+    Raises
+    ------
+    ValueError
+        When a candidate lies outside ``[0, n_items)``.
+    """
+    cand = np.asarray(candidates, dtype=np.int64)
+    n, n_items = len(cand), tables.n_items
+    out = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
+    if n == 0:
+        return out
+    if cand.min() < 0 or cand.max() >= n_items:
+        raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
+    join = _Join(cand)
+
+    hist_items = ctx.history_items
+    if len(hist_items):
+        ok = (hist_items >= 0) & (hist_items < n_items)
+        hist_items, hist_types, hist_ts = hist_items[ok], ctx.history_types[ok], ctx.history_ts[ok]
+    else:
+        hist_types, hist_ts = ctx.history_types, ctx.history_ts
+    recent = hist_items[np.argsort(-hist_ts, kind="stable")] if len(hist_items) else hist_items
+    sess = ctx.session_items
+    sess = sess[(sess >= 0) & (sess < n_items)][-N_SESSION_ANCHORS:]
+    if len(recent):
+        _, first = np.unique(recent, return_index=True)
+        newest = recent[np.sort(first)[:N_RECENT_ANCHORS]]
+    else:
+        newest = recent
+    anchors = np.unique(np.concatenate([newest, sess]))
+
+    # collaborative score
+    if ctx.user_vector is not None:
+        out[:, _COL["als_score"]] = tables.item_factors[cand] @ ctx.user_vector.astype(np.float32, copy=False)
+        out[:, _COL["has_user_vector"]] = 1.0
+
+    # neighbour sources
+    if len(anchors):
+        pos = _row_ranges(tables.covis_indptr, anchors)
+        if len(pos):
+            rows, hit = join.rows(tables.covis_indices[pos].astype(np.int64))
+            out[:, _COL["covis_score"]] = np.bincount(
+                rows, weights=tables.covis_scores[pos][hit], minlength=n)
+        pos = _row_ranges(tables.rules_indptr, anchors)
+        if len(pos):
+            rows, hit = join.rows(tables.rules_consequent[pos].astype(np.int64))
+            if len(rows):
+                conf = np.zeros(n, dtype=np.float32)
+                lift = np.zeros(n, dtype=np.float32)
+                np.maximum.at(conf, rows, tables.rules_confidence[pos][hit])
+                np.maximum.at(lift, rows, tables.rules_lift[pos][hit])
+                out[:, _COL["rules_confidence"]] = conf
+                out[:, _COL["rules_lift"]] = lift
+        if tables.content is not None:
+            sims = tables.content[cand] @ tables.content[anchors].T
+            out[:, _COL["content_sim"]] = sims.max(axis=1)
+
+    if len(ctx.trending_items):
+        rows, hit = join.rows(ctx.trending_items.astype(np.int64, copy=False))
+        if len(rows):
+            tr = np.zeros(n, dtype=np.float32)
+            np.maximum.at(tr, rows, np.log1p(np.maximum(ctx.trending_scores[hit], 0)))
+            out[:, _COL["trending"]] = tr
+
+    # item attributes
+    out[:, _COL["log_popularity"]] = np.log1p(np.maximum(tables.popularity[cand], 0))
+    price = tables.price[cand]
+    out[:, _COL["log_price"]] = np.log1p(np.maximum(price, 0))
+    cat = tables.category[cand]
+
+    # user history x item
+    if len(hist_items):
+        hp = tables.price[hist_items]
+        hp = hp[hp > 0]
+        if len(hp):
+            med = float(np.median(hp))
+            out[:, _COL["price_ratio"]] = np.where(price > 0, price / med, 0.0)
+        rc = tables.category[recent[:N_RECENT_CATEGORIES]]
+        rc = np.sort(rc[rc >= 0])
+        if len(rc):
+            cnt = np.searchsorted(rc, cat, side="right") - np.searchsorted(rc, cat, side="left")
+            out[:, _COL["category_match"]] = np.where(cat >= 0, cnt / len(rc), 0.0)
+        rows, hit = join.rows(hist_items)
+        if len(rows):
+            out[:, _COL["n_interactions"]] = np.bincount(rows, minlength=n)
+            last = np.full(n, -1, dtype=np.int64)
+            np.maximum.at(last, rows, hist_ts[hit])
+            seen = last >= 0
+            out[:, _COL["seen_before"]] = seen
+            hours = np.maximum(ctx.now_ms - last, 0) / _MS_PER_HOUR
+            out[:, _COL["log_hours_since_last"]] = np.where(seen, np.log1p(hours), -1.0)
+            types = hist_types[hit]
+            out[:, _COL["purchased_before"]] = np.bincount(rows, weights=types == _PURCHASE, minlength=n) > 0
+            out[:, _COL["carted_before"]] = np.bincount(rows, weights=types == _CART, minlength=n) > 0
+        else:
+            out[:, _COL["log_hours_since_last"]] = -1.0
+    else:
+        out[:, _COL["log_hours_since_last"]] = -1.0
+
+    # session
+    if len(sess):
+        sc = np.unique(tables.category[sess])
+        sc = sc[sc >= 0]
+        if len(sc):
+            p = np.minimum(np.searchsorted(sc, cat), len(sc) - 1)
+            out[:, _COL["session_category_match"]] = (sc[p] == cat) & (cat >= 0)
+        rows, _ = join.rows(np.unique(sess))
+        out[rows, _COL["in_session"]] = 1.0
+    out[:, _COL["session_length"]] = len(ctx.session_items)
+    out[:, _COL["log_history_length"]] = np.log1p(len(ctx.history_items))
+    return out
+
+
+class OnnxRanker:
+    """Scores feature matrices with an exported ranker (one onnxruntime session).
+
+    Parameters
+    ----------
+    model : bytes
+        The serialized ONNX model.
+    features : sequence of str
+        The feature columns the model expects, in order.
+    intra_op_threads : int, optional
+        onnxruntime intra-op threads (default 1: serving scores small batches
+        on many concurrent requests, where one thread each is fastest).
+    """
+
+    __slots__ = ("_input", "_output", "_session", "features")
+
+    def __init__(self, model: bytes, *, features: Sequence[str], intra_op_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        if intra_op_threads < 1:
+            raise ValueError(f"intra_op_threads must be >= 1; got {intra_op_threads}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self._session = ort.InferenceSession(model, sess_options=opts,
+                                             providers=["CPUExecutionProvider"])
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"ranker model must have exactly 1 input; got {len(inputs)}")
+        self._input = inputs[0].name
+        self._output = self._session.get_outputs()[0].name
+        self.features = tuple(features)
+        width = inputs[0].shape[-1]
+        if isinstance(width, int) and width != len(self.features):
+            raise ValueError(f"ranker model takes {width} features but {len(self.features)} were named")
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Scores of the rows of ``X`` (n, n_features) as a float32 vector of length n."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != len(self.features):
+            raise ValueError(f"expected a (n, {len(self.features)}) feature matrix; got shape {X.shape}")
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.float32)
+        (scores,) = self._session.run([self._output], {self._input: X})
+        return np.asarray(scores, dtype=np.float32).reshape(len(X))
