@@ -346,9 +346,10 @@ def _place(v: _Views, model: ShopperModel, cfg: ShopConfig, s_user: np.ndarray, 
     if cfg.impressions_per_view:
         k = cfg.impressions_per_view
         pop = np.cumsum(np.exp(model.taste.item_bias - model.taste.item_bias.max()))
-        shown = np.searchsorted(pop, r_extra.random((all_rows.size, k - 1)) * pop[-1], side="right")
-        shown = np.concatenate([v.item[:, None], np.minimum(shown, cat.n_items - 1)], axis=1)
-        rows = np.repeat(all_rows, k)
+        listed = all_rows[~model.taste.is_bot[v.user]]  # bots fetch item pages directly
+        shown = np.searchsorted(pop, r_extra.random((listed.size, k - 1)) * pop[-1], side="right")
+        shown = np.concatenate([v.item[listed, None], np.minimum(shown, cat.n_items - 1)], axis=1)
+        rows = np.repeat(listed, k)
         add(rows, base[rows] + view_off[rows] - 1000.0, _T["impression"], shown.ravel())
     add(all_rows, base + view_off, _T["view"])
     c = np.flatnonzero(v.clicked)
