@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "liftrec.cmd_stack",
     "liftrec.cmd_serve",
     "liftrec.cmd_worker",
+    "liftrec.cmd_simulate",
 )
 
 for _name in COMMAND_MODULES:
