@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".liftrec")
     """Folder of the embedded stack: state file, Redis data (AOF), logs."""
 
+    registry_dir: Path = Path("registry")
+    """Model registry: versioned bundles and the ``CURRENT`` pointer."""
+
     key_prefix: str = "liftrec"
     """Prefix of every Redis key: one per environment (and per test run)."""
 
@@ -75,6 +78,12 @@ class Settings(BaseSettings):
     """Consumer-group session timeout. Unset: 3 s against the embedded broker (whose
     coordinator holds a group join for about half of it, so workers start fast) and
     30 s against real Kafka (safe under load)."""
+
+    fetch_max_wait_ms: int = Field(default=50, ge=1, le=10_000)
+    """Longest a consumer fetch waits on the broker for data. Real Kafka answers a
+    fetch as soon as data arrives, so this only bounds idle polling there; the
+    embedded tansu broker holds every fetch for the full wait, so this is the
+    floor of click-to-list latency on it (Faust hard-codes 1,500 ms)."""
 
     history_cap: int = Field(default=100, ge=1, le=10_000)
     """Events kept in each user's recent history list."""

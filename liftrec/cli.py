@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "liftrec.cmd_stack",
     "liftrec.cmd_serve",
     "liftrec.cmd_worker",
+    "liftrec.cmd_train",
+    "liftrec.cmd_demo",
     "liftrec.cmd_simulate",
 )
 

@@ -8,6 +8,9 @@ Settings chosen for a fast, safe start (DESIGN "Defaults that must just work"):
   is 30 s, because a busy worker must keep its partitions while it works
   through a large batch. ``LIFTREC_BROKER_SESSION_TIMEOUT_S`` overrides both.
 * ``broker_heartbeat_interval`` — a sixth of the session timeout.
+* consumer fetch wait ``fetch_max_wait_ms`` (50 ms) instead of Faust's fixed
+  1,500 ms: tansu holds a fetch for the whole wait even when data arrives, so
+  the wait is the floor of click-to-list latency on the embedded broker.
 * no leader topic, no tables, no topic declaration (liftrec creates its topics
   with the right partition counts; see :func:`features.kafka.ensure_topics`).
 * a table manager without the fixed 1 s pause Faust's own takes at start to
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import faust
 from faust.tables.manager import TableManager
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from features.settings import Settings
 
@@ -39,6 +43,34 @@ class TablelessManager(TableManager):
         if not self.should_stop:
             await self._update_channels()
             await self.recovery.start()
+
+
+class _FastFetchThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with a configurable fetch wait (Faust fixes 1,500 ms).
+
+    Sets aiokafka's ``AIOKafkaConsumer._fetch_max_wait_ms`` before the consumer
+    starts (aiokafka pinned below 0.15 in pyproject.toml).
+    """
+
+    fetch_max_wait_ms = 50
+
+    def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> object:  # type: ignore[override]
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        return consumer
+
+
+def _transport_class(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
+    thread = type("FastFetchThread", (_FastFetchThread,), {"fetch_max_wait_ms": fetch_max_wait_ms})
+
+    class FastFetchConsumer(faust_aiokafka.Consumer):
+        def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+            return thread(self, loop=self.loop, beacon=self.beacon)
+
+    class FastFetchTransport(faust_aiokafka.Transport):
+        Consumer = FastFetchConsumer
+
+    return FastFetchTransport
 
 
 def create_app(
@@ -87,5 +119,6 @@ def create_app(
         autodiscover=False,
         TableManager=TablelessManager,
     )
+    app.transport = _transport_class(settings.fetch_max_wait_ms)(app.conf.broker_consumer, app)
     register_agents(app, settings, redis_url=redis_url)
     return app
