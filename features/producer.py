@@ -71,6 +71,8 @@ RecordKind = Literal["event", "catalog"]
 
 #: Records validated and enqueued before their deliveries are awaited together.
 DEFAULT_CHUNK_SIZE = 5000
+#: Fewer records than this are enqueued one by one (merged with concurrent sends).
+MIN_BUILT_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,7 +506,7 @@ class EventProducer:
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             if failed:
                 raise StackUnavailable(
-                    f"{len(failed)} of {len(futures)} batches to {topic} were not acknowledged by "
+                    f"{len(failed)} of {len(futures)} deliveries to {topic} were not acknowledged by "
                     f"Kafka at {self.bootstrap}: {failed[0]!r}; retrying is safe (duplicates are dropped)"
                 )
         rejected.extend(batch.rejected)
@@ -529,10 +531,16 @@ async def _enqueue(
     The partition is chosen by the same murmur2 partitioner the client's own
     ``send()`` (and the Java client) uses, so a key always lands on one
     partition; building whole batches is about 3x cheaper than one ``send()``
-    per record. Returns one delivery future per submitted batch.
+    per record. But the client queues only one submitted batch per partition,
+    so many small concurrent calls (the HTTP collector's single events) would
+    wait for each other's round trips: below :data:`MIN_BUILT_BATCH` records
+    they go through ``send()``, which merges them into shared batches.
+    Returns the delivery futures.
     """
     if not records:
         return []
+    if len(records) < MIN_BUILT_BATCH:
+        return [await producer.send(topic, value, key=key) for key, value in records]
     partitions = sorted(await producer.partitions_for(topic))
     choose = DefaultPartitioner()
     builders: dict[int, Any] = {}

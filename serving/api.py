@@ -184,8 +184,9 @@ async def _keep_connecting(app: FastAPI, producer: EventProducer) -> None:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
+    # a short linger: concurrent requests still share batches while one is in flight
     producer = EventProducer(state.endpoints.kafka_bootstrap, state.settings, source="collector",
-                             connect_timeout_s=5.0, delivery_timeout_s=10.0)
+                             linger_ms=1, connect_timeout_s=5.0, delivery_timeout_s=10.0)
     state.producer = producer
     state.redis = aioredis.Redis.from_url(
         state.endpoints.redis_url, socket_timeout=HEALTH_TIMEOUT_S, socket_connect_timeout=HEALTH_TIMEOUT_S
