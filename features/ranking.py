@@ -378,6 +378,15 @@ def build_features(ctx: RankingContext, candidates: np.ndarray,
         return out
     if cand.min() < 0 or cand.max() >= n_items:
         raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
+    uniq, inverse = np.unique(cand, return_inverse=True)
+    if len(uniq) != n:  # duplicates: build each item once, then repeat its row
+        return _build(ctx, uniq, tables, np.zeros_like(out[: len(uniq)]))[inverse]
+    return _build(ctx, cand, tables, out)
+
+
+def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np.ndarray) -> np.ndarray:
+    """:func:`build_features` for distinct, in-range candidates, filling ``out``."""
+    n, n_items = len(cand), tables.n_items
     join = _Join(cand)
 
     hist_items = ctx.history_items

@@ -1,0 +1,149 @@
+"""LambdaRank on a synthetic time split: graded labels, ONNX export parity, reference sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.errors import InvalidBundle
+from features.ids import IdMap
+from features.ranking import FEATURE_NAMES, TYPE_CODES, OnnxRanker, RankingTables
+from training.interactions import InteractionTable
+from training.ranker import (
+    RankerData,
+    build_ranker_dataset,
+    check_parity,
+    export_onnx,
+    fit_ranker,
+    ndcg_at_k,
+    train_ranker,
+)
+
+CUTOFF = 7_000_000
+
+
+def table_of(ts, users, items, types, n_users: int, n_items: int) -> InteractionTable:
+    n = len(ts)
+    return InteractionTable(
+        ts=np.asarray(ts, np.int64), user_idx=np.asarray(users, np.int32), item_idx=np.asarray(items, np.int32),
+        type_code=np.asarray(types, np.uint8), price=np.ones(n, np.float32), quantity=np.ones(n, np.int32),
+        basket=np.full(n, -1, np.int64), users=IdMap(f"u{i}" for i in range(n_users)),
+        items=IdMap(f"i{i}" for i in range(n_items)))
+
+
+def synthetic_shop(n_users: int = 250, n_items: int = 100, n_cats: int = 5, per_user: int = 30, seed: int = 0):
+    """Users with a hidden favourite category; 80 % of their events fall in it."""
+    rng = np.random.default_rng(seed)
+    cat = rng.integers(0, n_cats, n_items)
+    taste = rng.integers(0, n_cats, n_users)
+    codes = np.array([TYPE_CODES[t] for t in ("view", "click", "add_to_cart", "purchase")])
+    ts, us, its, tys = [], [], [], []
+    for u in range(n_users):
+        liked = np.flatnonzero(cat == taste[u])
+        pick = np.where(rng.random(per_user) < 0.8, rng.choice(liked, per_user), rng.integers(0, n_items, per_user))
+        ts.append(np.sort(rng.integers(0, 10_000_000, per_user)))
+        us.append(np.full(per_user, u))
+        its.append(pick)
+        tys.append(rng.choice(codes, per_user, p=[0.4, 0.3, 0.2, 0.1]))
+    table = table_of(np.concatenate(ts), np.concatenate(us), np.concatenate(its), np.concatenate(tys),
+                     n_users, n_items)
+    f = 6
+    item_f = (np.eye(n_cats, f)[cat] + rng.normal(0, 0.4, (n_items, f))).astype(np.float32)
+    user_f = (np.eye(n_cats, f)[taste] + rng.normal(0, 0.4, (n_users, f))).astype(np.float32)
+    tables = RankingTables.build(item_factors=item_f, popularity=np.bincount(table.item_idx, minlength=n_items),
+                                 price=rng.uniform(1, 20, n_items), category=cat)
+    return table, tables, user_f
+
+
+@pytest.fixture(scope="module")
+def shop():
+    return synthetic_shop()
+
+
+@pytest.fixture(scope="module")
+def dataset(shop) -> RankerData:
+    table, tables, user_f = shop
+    return build_ranker_dataset(table, cutoff_ms=CUTOFF, tables=tables, user_factors=user_f, n_candidates=40)
+
+
+def test_dataset_shape_and_groups(dataset: RankerData) -> None:
+    assert dataset.X.shape == (int(dataset.group.sum()), len(FEATURE_NAMES))
+    assert len(dataset.group) == len(dataset.query_user) > 100
+    assert dataset.y.min() >= 0 and dataset.y.max() <= 4
+    # every kept query has at least one positive
+    start = 0
+    for g in dataset.group:
+        assert dataset.y[start:start + g].max() > 0
+        start += g
+    assert 0 < dataset.stats["candidate_recall"] <= 1
+
+
+def test_labels_are_graded_by_strongest_event() -> None:
+    code = TYPE_CODES
+    # user 0: history before the cutoff, then views item 2, clicks 3, carts 4, purchases 5 (and views 5)
+    ts = [100, 200, CUTOFF + 1, CUTOFF + 2, CUTOFF + 3, CUTOFF + 4, CUTOFF + 5]
+    items = [1, 2, 2, 3, 4, 5, 5]
+    types = [code["view"], code["view"], code["view"], code["click"], code["add_to_cart"], code["view"],
+             code["purchase"]]
+    table = table_of(ts, [0] * 7, items, types, 1, 8)
+    tables = RankingTables.build(item_factors=np.eye(8, 3, dtype=np.float32), popularity=np.ones(8),
+                                 price=np.ones(8), category=np.zeros(8))
+    data = build_ranker_dataset(table, cutoff_ms=CUTOFF, tables=tables, user_factors=np.ones((1, 3), np.float32),
+                                candidate_fn=lambda ctx, t, k: np.arange(8))
+    assert data.group.tolist() == [8]
+    assert data.y.tolist() == [0, 0, 1, 2, 3, 4, 0, 0]
+
+
+def test_horizon_limits_labels() -> None:
+    code = TYPE_CODES
+    table = table_of([100, CUTOFF + 10, CUTOFF + 10_000], [0, 0, 0], [1, 2, 3],
+                     [code["view"], code["purchase"], code["purchase"]], 1, 5)
+    tables = RankingTables.build(item_factors=np.eye(5, 2, dtype=np.float32), popularity=np.ones(5),
+                                 price=np.ones(5), category=np.zeros(5))
+    data = build_ranker_dataset(table, cutoff_ms=CUTOFF, tables=tables, user_factors=None, horizon_ms=100,
+                                candidate_fn=lambda ctx, t, k: np.arange(5))
+    assert data.y.tolist() == [0, 0, 4, 0, 0]
+
+
+def test_fit_export_parity_and_quality(dataset: RankerData) -> None:
+    result = fit_ranker(dataset, num_boost_round=40, n_reference=32)
+    m = result.metrics
+    assert m["ranker_onnx_max_abs_diff"] <= 1e-5
+    # the reference sample reproduces through onnxruntime
+    scores = OnnxRanker(result.onnx_model, features=FEATURE_NAMES).predict(result.reference_X)
+    np.testing.assert_allclose(scores, result.reference_scores, atol=1e-5)
+    assert result.reference_X.shape == (32, len(FEATURE_NAMES))
+    # it learned something: better than a random order of the same held-out queries
+    rng = np.random.default_rng(1)
+    random_ndcg = np.mean([ndcg_at_k(rng.random(len(dataset.y)), dataset.y, dataset.group) for _ in range(5)])
+    assert m["ranker_ndcg@10"] > random_ndcg + 0.05
+
+
+def test_parity_on_held_out_rows(dataset: RankerData) -> None:
+    half = np.arange(len(dataset.group)) % 2 == 0
+    booster = train_ranker(dataset.take_queries(half), num_boost_round=30)
+    held = dataset.take_queries(~half)
+    model = export_onnx(booster)
+    assert check_parity(model, booster, held.X, atol=1e-5) <= 1e-5
+
+
+def test_parity_check_catches_a_wrong_model(dataset: RankerData) -> None:
+    a = train_ranker(dataset, num_boost_round=20, seed=1)
+    b = train_ranker(dataset, params={"num_leaves": 4, "learning_rate": 0.3}, num_boost_round=20, seed=2)
+    with pytest.raises(InvalidBundle, match="ONNX export disagrees"):
+        check_parity(export_onnx(a), b, dataset.X[:200])
+
+
+def test_session_is_single_threaded_by_default(dataset: RankerData) -> None:
+    model = export_onnx(train_ranker(dataset, num_boost_round=5))
+    ranker = OnnxRanker(model, features=FEATURE_NAMES)
+    assert ranker._session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(ValueError, match=r"expected a \(n, 20\) feature matrix"):
+        ranker.predict(np.zeros((3, 7), np.float32))
+
+
+def test_no_positive_query_is_an_error() -> None:
+    empty = RankerData(np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0, np.int32),
+                       np.zeros(0, np.int32), np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="at least one query"):
+        train_ranker(empty)

@@ -1,0 +1,181 @@
+"""Ranker features: the batched builder against a slow per-candidate reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from features.ids import IdMap
+from features.ranking import (
+    FEATURE_NAMES,
+    FEATURES,
+    TYPE_CODES,
+    RankingContext,
+    RankingTables,
+    build_features,
+    pairs_to_csr,
+)
+
+N_ITEMS = 60
+NOW = 10_000_000_000
+
+
+def make_tables(seed: int = 0, *, content: bool = True) -> RankingTables:
+    rng = np.random.default_rng(seed)
+    n = N_ITEMS
+    c = rng.normal(size=(n, 6))
+    return RankingTables.build(
+        item_factors=rng.normal(size=(n, 5)).astype(np.float32),
+        popularity=rng.integers(0, 100, n), price=np.where(rng.random(n) < 0.2, 0, rng.uniform(1, 30, n)),
+        category=rng.integers(-1, 4, n),
+        covis=pairs_to_csr(n, rng.integers(0, n, 300), rng.integers(0, n, 300), rng.random(300)),
+        rules=(rng.integers(0, n, 150), rng.integers(0, n, 150), rng.random(150), rng.random(150) * 4),
+        content=(c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32) if content else None)
+
+
+def make_ctx(seed: int = 0, *, n_hist: int = 40, n_sess: int = 5, vector: bool = True) -> RankingContext:
+    rng = np.random.default_rng(seed + 100)
+    return RankingContext(
+        user_vector=rng.normal(size=5).astype(np.float32) if vector else None,
+        history_items=rng.integers(0, N_ITEMS, n_hist),
+        history_types=rng.integers(0, len(TYPE_CODES), n_hist).astype(np.int8),
+        history_ts=NOW - rng.integers(0, 10**9, n_hist),
+        session_items=rng.integers(0, N_ITEMS, n_sess), now_ms=NOW,
+        trending_items=rng.choice(N_ITEMS, 10, replace=False),
+        trending_scores=rng.uniform(0, 50, 10).astype(np.float32))
+
+
+def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.ndarray:
+    """One candidate at a time, straight from the feature definitions."""
+    order = sorted(range(len(ctx.history_items)), key=lambda j: -ctx.history_ts[j])
+    recent = [int(ctx.history_items[j]) for j in order]
+    newest: list[int] = []
+    for i in recent:
+        if i not in newest and len(newest) < 10:
+            newest.append(i)
+    sess = [int(s) for s in ctx.session_items[-20:]]
+    anchors = set(newest) | set(sess)
+    hist_prices = [float(t.price[i]) for i in ctx.history_items if t.price[i] > 0]
+    med = float(np.median(hist_prices)) if hist_prices else 0.0
+    recent_cats = [int(t.category[i]) for i in recent[:20] if t.category[i] >= 0]
+    sess_cats = {int(t.category[i]) for i in sess if t.category[i] >= 0}
+    rows = []
+    for c in map(int, cands):
+        f: dict[str, float] = dict.fromkeys(FEATURE_NAMES, 0.0)
+        if ctx.user_vector is not None:
+            f["als_score"] = float(np.dot(t.item_factors[c], ctx.user_vector))
+            f["has_user_vector"] = 1
+        for a in anchors:
+            for p in range(t.covis_indptr[a], t.covis_indptr[a + 1]):
+                if t.covis_indices[p] == c:
+                    f["covis_score"] += float(t.covis_scores[p])
+            for p in range(t.rules_indptr[a], t.rules_indptr[a + 1]):
+                if t.rules_consequent[p] == c:
+                    f["rules_confidence"] = max(f["rules_confidence"], float(t.rules_confidence[p]))
+                    f["rules_lift"] = max(f["rules_lift"], float(t.rules_lift[p]))
+            if t.content is not None:
+                f["content_sim"] = max(f["content_sim"], float(np.dot(t.content[c], t.content[a]))) \
+                    if f["content_sim"] else float(np.dot(t.content[c], t.content[a]))
+        if t.content is not None and anchors:
+            f["content_sim"] = max(float(np.dot(t.content[c], t.content[a])) for a in anchors)
+        for i, s in zip(ctx.trending_items, ctx.trending_scores, strict=True):
+            if i == c:
+                f["trending"] = max(f["trending"], math.log1p(s))
+        f["log_popularity"] = math.log1p(t.popularity[c])
+        f["log_price"] = math.log1p(t.price[c])
+        f["price_ratio"] = t.price[c] / med if med > 0 and t.price[c] > 0 else 0.0
+        cat = int(t.category[c])
+        if recent_cats and cat >= 0:
+            f["category_match"] = recent_cats.count(cat) / len(recent_cats)
+        f["session_category_match"] = float(cat >= 0 and cat in sess_cats)
+        mine = [j for j in range(len(ctx.history_items)) if ctx.history_items[j] == c]
+        f["seen_before"] = float(bool(mine))
+        f["n_interactions"] = len(mine)
+        f["log_hours_since_last"] = (math.log1p((NOW - max(ctx.history_ts[j] for j in mine)) / 3.6e6)
+                                     if mine else -1.0)
+        f["purchased_before"] = float(any(ctx.history_types[j] == TYPE_CODES["purchase"] for j in mine))
+        f["carted_before"] = float(any(ctx.history_types[j] == TYPE_CODES["add_to_cart"] for j in mine))
+        f["in_session"] = float(c in sess)
+        f["session_length"] = len(ctx.session_items)
+        f["log_history_length"] = math.log1p(len(ctx.history_items))
+        rows.append([f[n] for n in FEATURE_NAMES])
+    return np.asarray(rows, dtype=np.float64)
+
+
+def test_names_are_unique_and_documented() -> None:
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
+    assert all(spec.doc for spec in FEATURES)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("vector", [True, False])
+def test_matches_reference(seed: int, vector: bool) -> None:
+    tables, ctx = make_tables(seed, content=seed % 2 == 0), make_ctx(seed, vector=vector)
+    cands = np.random.default_rng(seed).choice(N_ITEMS, 45, replace=False)
+    got = build_features(ctx, cands, tables)
+    assert got.dtype == np.float32 and got.shape == (45, len(FEATURE_NAMES))
+    want = reference(ctx, cands, tables)
+    for j, name in enumerate(FEATURE_NAMES):
+        np.testing.assert_allclose(got[:, j], want[:, j], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_duplicate_candidates_get_identical_rows() -> None:
+    tables, ctx = make_tables(), make_ctx()
+    cands = np.array([3, 7, 3, 9, 7])
+    X = build_features(ctx, cands, tables)
+    np.testing.assert_array_equal(X[0], X[2])
+    np.testing.assert_array_equal(X[1], X[4])
+    np.testing.assert_allclose(X, reference(ctx, cands, tables), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_user_and_empty_candidates() -> None:
+    tables = make_tables()
+    empty = RankingContext(user_vector=None, history_items=np.zeros(0, np.int64),
+                           history_types=np.zeros(0, np.int8), history_ts=np.zeros(0, np.int64),
+                           session_items=np.zeros(0, np.int64), now_ms=NOW)
+    X = build_features(empty, np.arange(5), tables)
+    assert (X[:, FEATURE_NAMES.index("log_hours_since_last")] == -1).all()
+    assert (X[:, FEATURE_NAMES.index("als_score")] == 0).all()
+    np.testing.assert_allclose(X, reference(empty, np.arange(5), tables), atol=1e-6)
+    assert build_features(make_ctx(), np.zeros(0, np.int64), tables).shape == (0, len(FEATURE_NAMES))
+
+
+def test_out_of_range_candidate_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"candidates must be item_idx in \[0, 60\)"):
+        build_features(make_ctx(), np.array([1, N_ITEMS]), make_tables())
+
+
+def test_context_checks_lengths() -> None:
+    with pytest.raises(ValueError, match="same length"):
+        RankingContext(user_vector=None, history_items=np.arange(3), history_types=np.zeros(2, np.int8),
+                       history_ts=np.zeros(3, np.int64), session_items=np.zeros(0, np.int64), now_ms=0)
+
+
+def test_context_from_events_maps_ids_and_drops_unknown() -> None:
+    items = IdMap(["a", "b", "c"])
+    ctx = RankingContext.from_events(
+        [("b", "purchase", 5), ("zz", "view", 6), ("c", "nonsense", 7), ("a", "view", 8)], items,
+        now_ms=10, session_item_ids=["a", "zz"], trending=[("c", 3.0), ("nope", 1.0)])
+    assert ctx.history_items.tolist() == [1, 0]
+    assert ctx.history_types.tolist() == [TYPE_CODES["purchase"], TYPE_CODES["view"]]
+    assert ctx.history_ts.tolist() == [5, 8]
+    assert ctx.session_items.tolist() == [0]
+    assert ctx.trending_items.tolist() == [2] and ctx.trending_scores.tolist() == [3.0]
+
+
+def test_purchase_history_and_recency_are_per_item() -> None:
+    tables = make_tables()
+    ctx = RankingContext(user_vector=None, history_items=np.array([4, 4, 9]),
+                         history_types=np.array([TYPE_CODES["view"], TYPE_CODES["purchase"], TYPE_CODES["add_to_cart"]],
+                                                dtype=np.int8),
+                         history_ts=np.array([NOW - 7_200_000, NOW - 3_600_000, NOW]),
+                         session_items=np.array([9]), now_ms=NOW)
+    X = build_features(ctx, np.array([4, 9, 11]), tables)
+    col = {n: X[:, i] for i, n in enumerate(FEATURE_NAMES)}
+    assert col["n_interactions"].tolist() == [2, 1, 0]
+    assert col["purchased_before"].tolist() == [1, 0, 0]
+    assert col["carted_before"].tolist() == [0, 1, 0]
+    np.testing.assert_allclose(col["log_hours_since_last"], [math.log1p(1.0), 0.0, -1.0], rtol=1e-6)
+    assert col["in_session"].tolist() == [0, 1, 0]
