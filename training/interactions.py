@@ -16,13 +16,13 @@ repeated distinct events of a user on an item add up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from features.events import EVENT_TYPES
+from features.events import EVENT_TYPES, CatalogItem
 from features.ids import IdMap
 from features.settings import EVENT_WEIGHTS
 
@@ -158,25 +158,68 @@ class InteractionTable:
 
 @dataclass(frozen=True, slots=True)
 class ItemCatalog:
-    """Item metadata a loader found next to the events (e.g. Online Retail descriptions).
+    """Item metadata aligned with an :class:`~features.ids.IdMap` of items.
 
     Attributes
     ----------
     item_ids : tuple of str
-        Aligned with the table's :attr:`InteractionTable.items` (row ``i`` = item ``i``).
+        Row ``i`` describes item ``i`` of the table's :attr:`InteractionTable.items`.
     titles : tuple of str
-        Product name per item ("" when unknown).
+        Product name / text per item ("" when unknown).
     prices : ndarray of float32
-        Last seen unit price per item (NaN when unknown).
+        Unit price per item (NaN when unknown).
+    categories : tuple of str
+        Category per item ("" when unknown).
+    in_stock : ndarray of bool
+        Availability per item (True when unknown).
     """
 
     item_ids: tuple[str, ...]
     titles: tuple[str, ...]
     prices: np.ndarray
+    categories: tuple[str, ...]
+    in_stock: np.ndarray
 
     def __post_init__(self) -> None:
-        if not (len(self.item_ids) == len(self.titles) == self.prices.shape[0]):
-            raise ValueError("item_ids, titles and prices must have the same length")
+        n = len(self.item_ids)
+        if not (len(self.titles) == len(self.categories) == self.prices.shape[0] == self.in_stock.shape[0] == n):
+            raise ValueError("item_ids, titles, prices, categories and in_stock must have the same length")
+
+    def category_codes(self) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Category code per item (int32, -1 unknown) and the sorted category names."""
+        names = tuple(sorted({c for c in self.categories if c}))
+        code = {c: i for i, c in enumerate(names)}
+        return np.array([code.get(c, -1) for c in self.categories], dtype=np.int32), names
+
+    @classmethod
+    def from_records(cls, items: IdMap, records: Iterable[CatalogItem], *, add_missing: bool = True) -> ItemCatalog:
+        """Align catalog upserts with ``items``; the newest record (by ``ts``) of an item wins.
+
+        Parameters
+        ----------
+        items : IdMap
+            The table's item map. With ``add_missing``, catalog items never seen in
+            the events are appended to it (they become cold-start rows).
+        records : iterable of CatalogItem
+        add_missing : bool, optional
+            Append unknown items instead of ignoring them.
+        """
+        latest: dict[int, CatalogItem] = {}
+        for rec in records:
+            idx = items.add(rec.item_id) if add_missing else items.get(rec.item_id)
+            if idx >= 0 and (idx not in latest or rec.ts >= latest[idx].ts):
+                latest[idx] = rec
+        n = len(items)
+        get = latest.get
+        return cls(
+            item_ids=tuple(items.ids),
+            titles=tuple(" ".join(x for x in (r.title, r.description) if x) if (r := get(i)) else ""
+                         for i in range(n)),
+            prices=np.array([np.nan if (r := get(i)) is None or r.price is None else r.price for i in range(n)],
+                            dtype=np.float32),
+            categories=tuple(r.category if (r := get(i)) else "" for i in range(n)),
+            in_stock=np.array([r.in_stock if (r := get(i)) else True for i in range(n)], dtype=bool),
+        )
 
 
 def dedup_mask(table: InteractionTable) -> np.ndarray:

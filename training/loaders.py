@@ -62,6 +62,7 @@ __all__ = [
     "LoadReport",
     "LoadResult",
     "detect_format",
+    "load_catalog",
     "load_interactions",
 ]
 
@@ -225,6 +226,46 @@ def load_interactions(
     return result
 
 
+def load_catalog(
+    path: str | Path, items: IdMap, *, validator: EventValidator | None = None, add_missing: bool = True
+) -> ItemCatalog:
+    """Read catalog upserts (JSONL of :class:`~features.events.CatalogItem`) aligned with ``items``.
+
+    Invalid lines are skipped and counted (logged with their first line numbers);
+    the newest record of an item wins. With ``add_missing``, catalog items without
+    events are appended to ``items`` (cold-start rows).
+
+    Raises
+    ------
+    InvalidData
+        Missing, unreadable or empty file, or no valid record in it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidData(f"{p}: no such file")
+    v = validator or EventValidator()
+    records, bad, first_bad = [], Counter[str](), []
+    try:
+        with _open_text_bytes(p) as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(v.decode_catalog(line.rstrip(b"\r\n")))
+                except InvalidEvent as err:
+                    bad[err.reason] += 1
+                    if len(first_bad) < _FIRST_BAD_KEPT:
+                        first_bad.append(lineno)
+    except (OSError, EOFError, zlib.error) as err:
+        raise InvalidData(f"{p}: cannot read catalog ({err})") from None
+    if not records:
+        raise InvalidData(f"{p}: no valid catalog record (rejected: {dict(bad) or 'none, file is empty'})")
+    if bad:
+        log.warning("catalog %s: skipped %d invalid lines %s (first at line %s)", p, sum(bad.values()),
+                    dict(bad), ", ".join(map(str, first_bad)))
+    return ItemCatalog.from_records(items, records, add_missing=add_missing)
+
+
 # -- the shared column builder -------------------------------------------------------------
 
 
@@ -294,6 +335,8 @@ class _Builder:
                 item_ids=ids,
                 titles=tuple(self.titles.get(i, "") for i in range(len(ids))),
                 prices=np.array([self.prices.get(i, np.nan) for i in range(len(ids))], dtype=np.float32),
+                categories=("",) * len(ids),
+                in_stock=np.ones(len(ids), dtype=bool),
             )
         return LoadResult(table=table, report=report, catalog=catalog)
 
