@@ -7,7 +7,7 @@ import os
 import typer
 from fastapi import FastAPI
 
-from liftrec._common import endpoints_or_exit, load_settings, setup_logging
+from liftrec._common import endpoints_or_exit, fail, load_settings, setup_logging
 from liftrec.stack import Endpoints
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -23,7 +23,8 @@ def app_factory() -> FastAPI:
 
     settings = load_settings()
     embedded = os.environ.get("LIFTREC_SERVE_EMBEDDED") == "1"
-    assert settings.kafka_bootstrap and settings.redis_url, "run through `liftrec serve`"
+    if not (settings.kafka_bootstrap and settings.redis_url):
+        raise RuntimeError("app_factory needs KAFKA_BOOTSTRAP and REDIS_URL; start it with `liftrec serve`")
     return create_app(settings, Endpoints(settings.kafka_bootstrap, settings.redis_url, embedded=embedded))
 
 
@@ -41,8 +42,6 @@ def serve(
 
     level = log_level.lower()
     if level not in LOG_LEVELS:
-        from liftrec._common import fail
-
         fail(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     settings = load_settings(state_dir=state_dir)
     ep = endpoints_or_exit(settings)
