@@ -220,7 +220,7 @@ def _replenish(v: _Views, model: ShopperModel, s_k: np.ndarray, n_sess: np.ndarr
 def _views_of_humans(model: ShopperModel, cfg: ShopConfig, humans: np.ndarray,
                      rngs: list[np.random.Generator]) -> tuple[_Views, np.ndarray, np.ndarray]:
     """Sessions and funnel of the human shoppers; returns views, session users, views per session."""
-    r_sess, r_browse, r_funnel, r_rebuy = rngs
+    r_sess, r_browse, r_funnel = rngs
     rate = _lognormal_around(cfg.sessions_per_day, 0.8, humans.size, r_sess)
     n_sess = 1 + r_sess.poisson(rate * cfg.days)
     depth = _lognormal_around(cfg.views_per_session, 0.5, humans.size, r_sess)
@@ -266,7 +266,7 @@ def simulate(model: ShopperModel, cfg: ShopConfig, rng_seeds: np.random.SeedSequ
     humans = np.flatnonzero(~model.taste.is_bot)
     bots = np.flatnonzero(model.taste.is_bot)
 
-    v, s_user, _ = _views_of_humans(model, cfg, humans, rngs[:4])
+    v, s_user, _ = _views_of_humans(model, cfg, humans, rngs[:3])
     # Bots: a few long sessions of fast views of random items, nothing else.
     b_sess = 1 + r_bots.poisson(cfg.days / 10.0, bots.size)
     b_user = np.repeat(bots, b_sess)
