@@ -14,16 +14,12 @@ record passes through :class:`~features.events.EventValidator` first:
   nothing is lost.
 
 :meth:`EventProducer.send` returns only after the broker has acknowledged every
-record (``acks=all``): accepted means durable. Records are enqueued in chunks
-and all delivery futures of a chunk are awaited together, so the client batches
-(``linger_ms``) and compresses (lz4 when ``cramjam`` is installed) freely.
-Delivery is at-least-once: if :meth:`send` raises, retrying the same input is
-safe because the stream workers drop duplicate ``event_id`` values. The
-producer is idempotent when the broker supports it (real Kafka); the embedded
-tansu broker does not, and the producer then falls back to plain ``acks=all``.
-
-The validation and encoding step is a pure function, :func:`prepare_records`,
-so it can be tested and reused without a broker.
+record (``acks=all``). Records are validated and enqueued in chunks whose
+delivery futures are awaited together (lz4-compressed, batched). Delivery is
+at-least-once: retrying after an error is safe, the workers drop duplicate
+``event_id`` values. The producer is idempotent when the broker supports it
+(real Kafka; the embedded tansu broker does not). Validation and encoding is
+the pure function :func:`prepare_records`, testable without a broker.
 """
 
 from __future__ import annotations
@@ -55,15 +51,8 @@ from features.events import (
 from features.kafka import ensure_topics, topic_specs
 from features.settings import Settings
 
-__all__ = [
-    "EventProducer",
-    "PreparedBatch",
-    "Rejection",
-    "SendResult",
-    "prepare_records",
-    "produce_catalog",
-    "produce_events",
-]
+__all__ = ["EventProducer", "PreparedBatch", "Rejection", "SendResult", "prepare_records",
+           "produce_catalog", "produce_events"]
 
 log = logging.getLogger(__name__)
 
@@ -577,22 +566,10 @@ def produce_events(
     *,
     source: str = "producer",
 ) -> SendResult:
-    """Send events from synchronous code (a script, a notebook cell without a loop).
+    """Send events from synchronous code (a script): start, send, await every ack, stop.
 
-    Starts a producer, sends everything, waits for every acknowledgement and
-    stops it. Must not be called from inside a running event loop; use
-    :class:`EventProducer` there.
-
-    Parameters
-    ----------
-    bootstrap : str
-        Kafka bootstrap servers.
-    settings : Settings
-        Topic names and validation limits.
-    events : iterable of Event, dict or bytes
-        The events.
-    source : str
-        ``source`` of the dead-letter records.
+    Parameters are those of :class:`EventProducer` and :meth:`EventProducer.send`.
+    Raises ``RuntimeError`` inside a running event loop (use :class:`EventProducer` there).
 
     Returns
     -------
