@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "liftrec.cmd_train",
     "liftrec.cmd_demo",
     "liftrec.cmd_simulate",
+    "liftrec.cmd_models",
 )
 
 for _name in COMMAND_MODULES:

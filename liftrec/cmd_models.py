@@ -13,9 +13,13 @@ from liftrec._common import fail, load_settings, setup_logging
 
 models_app = typer.Typer(help="Inspect published model bundles and roll back.", no_args_is_help=True)
 
-_REGISTRY = typer.Option("models", "--registry", envvar="LIFTREC_MODEL_REGISTRY",
-                         help="Model registry directory.")
+_REGISTRY = typer.Option(None, "--registry",
+                         help="Model registry directory [default: LIFTREC_REGISTRY_DIR or ./registry].")
 _HEADLINE = ("ranker_ndcg@10", "recall@20", "ndcg@20", "hit_rate@20")
+
+
+def _registry(given: str | None) -> str:
+    return given if given else str(load_settings().registry_dir)
 
 
 def _human(n: int) -> str:
@@ -28,11 +32,12 @@ def _human(n: int) -> str:
 
 
 @models_app.command("list")
-def list_cmd(registry: str = _REGISTRY,
+def list_cmd(registry: str | None = _REGISTRY,
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List published versions, oldest first; the current one is marked."""
     from training.registry import list_versions
 
+    registry = _registry(registry)
     infos = list_versions(registry)
     if as_json:
         typer.echo(json.dumps([{"version": i.version, "current": i.current, "created_at": i.created_at,
@@ -42,13 +47,16 @@ def list_cmd(registry: str = _REGISTRY,
     if not infos:
         fail(f"no published models in {registry}")
     table = Table(title=f"models in {registry}")
-    for col in ("", "version", "created", "users", "items", "ranker", "content", "size", "metrics"):
-        table.add_column(col)
+    table.add_column("")
+    table.add_column("version (UTC time-hash)", no_wrap=True, min_width=25)
+    for col in ("users", "items", "ranker", "content", "size"):
+        table.add_column(col, justify="right" if col in ("users", "items", "size") else "left")
+    table.add_column("metrics", overflow="fold")
     for i in infos:
         shown = {k: v for k, v in i.metrics.items() if k in _HEADLINE and isinstance(v, int | float)}
-        table.add_row("*" if i.current else "", i.version, i.created_at, str(i.n_users), str(i.n_items),
+        table.add_row("*" if i.current else "", i.version, str(i.n_users), str(i.n_items),
                       "yes" if i.has_ranker else "-", "yes" if i.has_content else "-",
-                      _human(i.size_bytes), " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
+                      _human(i.size_bytes), "\n".join(f"{k}={v:.3f}" for k, v in shown.items()))
     Console().print(table)
     cur = next((i.version for i in infos if i.current), None)
     typer.echo(f"{len(infos)} version(s); current: {cur or '-'}")
@@ -56,10 +64,11 @@ def list_cmd(registry: str = _REGISTRY,
 
 @models_app.command("show")
 def show_cmd(version: str = typer.Argument(None, help="Version (default: the current one)."),
-             registry: str = _REGISTRY) -> None:
+             registry: str | None = _REGISTRY) -> None:
     """Show a version's manifest: window, inputs, params, metrics, artifacts."""
     from training.registry import show
 
+    registry = _registry(registry)
     try:
         m = show(registry, version)
     except LiftrecError as err:
@@ -90,13 +99,14 @@ def show_cmd(version: str = typer.Argument(None, help="Version (default: the cur
 
 @models_app.command("rollback")
 def rollback_cmd(version: str = typer.Argument(..., help="Version to make current."),
-                 registry: str = _REGISTRY,
+                 registry: str | None = _REGISTRY,
                  announce: bool = typer.Option(True, help="Announce on Redis when a Redis is known.")) -> None:
     """Make an earlier version current again (validated first) and announce it."""
     from training.registry import current, rollback
 
     setup_logging("WARNING")
     settings = load_settings()
+    registry = _registry(registry)
     redis_url = None
     if announce:
         from liftrec.stack import resolve_endpoints

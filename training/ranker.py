@@ -32,7 +32,14 @@ import numpy as np
 from tqdm import tqdm
 
 from features.errors import InvalidBundle
-from features.ranking import FEATURE_NAMES, TYPE_CODES, OnnxRanker, RankingContext, RankingTables, build_features
+from features.ranking import (
+    FEATURE_NAMES,
+    TYPE_CODES,
+    OnnxRanker,
+    RankingContext,
+    RankingTables,
+    build_features,
+)
 from training.interactions import InteractionTable
 
 __all__ = [
