@@ -112,3 +112,15 @@ def test_fit_als_rejects_empty_matrix() -> None:
         fit_als(sp.csr_matrix((3, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="factors must be >= 1"):
         AlsParams(factors=0)
+
+
+def test_pipeline_user_vectors_batch_by_length_and_match_fold_in() -> None:
+    from training.pipeline import user_vectors
+
+    m = confidences(seed=4)
+    model = fit_als(m, params=AlsParams(factors=6, iterations=3, regularization=0.2, alpha=0.5))
+    users = np.array([5, 0, 17, 3, 79])
+    got = user_vectors(model, m, users, max_entries=12)  # forces several small batches
+    for row, u in zip(got, users, strict=True):
+        want = fold_in(model.item_factors, model.YtY, m[u].indices, m[u].data, 0.2, alpha=0.5)
+        np.testing.assert_allclose(row, want, atol=1e-6)

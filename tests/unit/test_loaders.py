@@ -191,3 +191,30 @@ def test_jsonl_of_only_bad_lines_is_invalid(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "bad.jsonl", [b"{oops", b'{"event_id": 1}'])
     with pytest.raises(InvalidData, match=r"bad\.jsonl: every row was filtered out.*bad_json=1"):
         load_interactions(path)
+
+
+def test_catalog_aligns_with_items_newest_record_wins(tmp_path: Path) -> None:
+    from features.ids import IdMap
+    from training.loaders import load_catalog
+
+    items = IdMap(["b", "a"])
+    path = tmp_path / "catalog.jsonl"
+    path.write_bytes(b"\n".join([
+        orjson.dumps({"item_id": "a", "ts": T0, "category": "toys", "price": 3.0, "title": "Old"}),
+        orjson.dumps({"item_id": "a", "ts": T0 + 5, "category": "toys", "price": 4.0, "title": "Ball",
+                      "description": "red", "in_stock": False}),
+        b"{broken",
+        orjson.dumps({"item_id": "c", "ts": T0, "category": "books", "title": "Novel"}),
+    ]) + b"\n")
+    cat = load_catalog(path, items)
+    assert list(items.ids) == ["b", "a", "c"]  # c appended as a cold-start row
+    assert cat.item_ids == ("b", "a", "c")
+    assert cat.titles == ("", "Ball red", "Novel")
+    assert cat.categories == ("", "toys", "books")
+    assert np.isnan(cat.prices[0]) and cat.prices[1] == 4.0 and np.isnan(cat.prices[2])
+    assert cat.in_stock.tolist() == [True, False, True]
+    codes, names = cat.category_codes()
+    assert names == ("books", "toys") and codes.tolist() == [-1, 1, 0]
+    with pytest.raises(InvalidData, match="no valid catalog record"):
+        (tmp_path / "bad.jsonl").write_bytes(b"{broken\n")
+        load_catalog(tmp_path / "bad.jsonl", items)
