@@ -18,6 +18,9 @@ key                         type    value
                                     ``ts``, ``source``, ``items`` [{item_id, score,
                                     reason}] - the frontend's one GET
 ``bought:{user_id}``        HASH    item_id -> ts (ms) of the user's last purchase
+``shown:{user_id}``         HASH    item_id -> impressions since the user last engaged
+                                    with it (frequency capping; reset by a click,
+                                    cart or purchase of the item)
 ``item:{item_id}``          HASH    catalog record: ``category``, ``price``,
                                     ``in_stock`` ("1"/"0"), ``title``, ``ts``
 ``trend:{scope}``           ZSET    item_id -> decayed count; scope ``all`` or
@@ -81,6 +84,9 @@ class KeySchema:
 
     def bought(self, user_id: str) -> str:
         return f"{self._base}bought:{user_id}"
+
+    def shown(self, user_id: str) -> str:
+        return f"{self._base}shown:{user_id}"
 
     # per item
     def item(self, item_id: str) -> str:
