@@ -60,7 +60,7 @@ def train(
     events: str = typer.Option(None, "--events", envvar="LIFTREC_TRAIN_EVENTS",
                                 help="Events JSONL(.gz), Parquet, or the Online Retail CSV(.gz)."),
     out: str = typer.Option(None, "--out",
-                             help="Model registry to publish into [default: LIFTREC_REGISTRY_DIR or ./registry]."),
+                             help="Model registry to publish into (default: LIFTREC_REGISTRY_DIR, else ./registry)."),
     catalog: str = typer.Option(None, "--catalog", envvar="LIFTREC_TRAIN_CATALOG",
                                  help="Catalog JSONL (categories, prices, stock, titles)."),
     factors: int = typer.Option(64, min=1, help="ALS latent factors."),
