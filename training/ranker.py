@@ -52,6 +52,7 @@ __all__ = [
     "export_onnx",
     "fit_ranker",
     "ndcg_at_k",
+    "snap_thresholds",
     "train_ranker",
 ]
 
@@ -303,11 +304,47 @@ def train_ranker(train: RankerData, *, valid: RankerData | None = None,
         callbacks.append(lgb.early_stopping(early_stopping_rounds, verbose=False))
     t0 = time.perf_counter()
     booster = lgb.train(p, dtrain, num_boost_round=num_boost_round, valid_sets=sets, callbacks=callbacks)
-    if booster.best_iteration:
-        # keep exactly the trees that predict: the ONNX export converts every tree
-        booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=booster.best_iteration))
+    # keep exactly the trees that predict (the ONNX export converts every tree) and make every
+    # threshold a float32, so onnxruntime's float32 comparisons take the same branches
+    booster = snap_thresholds(booster.model_to_string(num_iteration=booster.best_iteration or None))
     log.info("ranker trained rounds=%d seconds=%.2f", booster.current_iteration(), time.perf_counter() - t0)
     return booster
+
+
+def snap_thresholds(model: str) -> Any:
+    """A booster whose split thresholds are rounded DOWN to float32.
+
+    LightGBM splits on ``x <= t`` with a double ``t`` (a midpoint between two
+    feature values); ONNX tree ensembles hold float32 thresholds, and rounding
+    ``t`` to the nearest float32 can land on the upper value itself, sending
+    rows with that exact value down the other branch. For a float32 input ``x``,
+    ``x <= t`` holds exactly when ``x <= rounddown32(t)``, so the snapped booster
+    predicts the same on float32 features and converts to ONNX losslessly.
+
+    Parameters
+    ----------
+    model : str
+        A LightGBM model string (``Booster.model_to_string()``).
+
+    Returns
+    -------
+    lightgbm.Booster
+    """
+    import lightgbm as lgb
+
+    out, categorical = [], False
+    for line in model.split("\n"):
+        if line.startswith("tree_sizes="):
+            continue  # byte sizes of the trees: stale once thresholds are rewritten; optional
+        if line.startswith("num_cat="):
+            categorical = line != "num_cat=0"
+        elif line.startswith("threshold=") and not categorical:
+            t = np.array(line[len("threshold="):].split(), dtype=np.float64)
+            f = t.astype(np.float32)
+            f = np.where(f.astype(np.float64) > t, np.nextafter(f, np.float32(-np.inf)), f)
+            line = "threshold=" + " ".join(repr(float(v)) for v in f)
+        out.append(line)
+    return lgb.Booster(model_str="\n".join(out))
 
 
 def export_onnx(booster: Any, *, n_features: int = len(FEATURE_NAMES)) -> bytes:

@@ -16,6 +16,7 @@ from training.ranker import (
     export_onnx,
     fit_ranker,
     ndcg_at_k,
+    snap_thresholds,
     train_ranker,
 )
 
@@ -147,3 +148,24 @@ def test_no_positive_query_is_an_error() -> None:
                        np.zeros(0, np.int32), np.zeros(0, np.int64))
     with pytest.raises(ValueError, match="at least one query"):
         train_ranker(empty)
+
+
+def test_thresholds_between_adjacent_float32_values_keep_parity() -> None:
+    """A LightGBM threshold halfway between two adjacent float32 values rounds onto the upper one."""
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, len(FEATURE_NAMES))).astype(np.float32)
+    lo, hi = np.float32(1 + 2**-23), np.float32(1 + 2**-22)
+    X[:, 0] = np.where(rng.random(2000) < 0.5, lo, hi)
+    y = np.where(X[:, 0] == hi, 3, 0)
+    params = {"objective": "lambdarank", "verbose": -1, "min_data_in_leaf": 5, "num_threads": 1}
+    raw = lgb.train(params, lgb.Dataset(X, y, group=[20] * 100), num_boost_round=5)
+    with pytest.raises(InvalidBundle):  # the unsnapped booster really disagrees with its ONNX export
+        check_parity(export_onnx(raw), raw, X)
+    snapped = snap_thresholds(raw.model_to_string())
+    np.testing.assert_array_equal(snapped.predict(X), raw.predict(X))  # same model on float32 rows
+    assert check_parity(export_onnx(snapped), snapped, X) <= 1e-5
+    data = RankerData(X, y.astype(np.int32), np.full(100, 20, np.int32), np.arange(100))
+    booster = train_ranker(data, params={"min_data_in_leaf": 5}, num_boost_round=5)
+    assert check_parity(export_onnx(booster), booster, X) <= 1e-5
