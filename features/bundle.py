@@ -53,6 +53,7 @@ __all__ = [
     "Bundle",
     "BundleWriter",
     "ItemMeta",
+    "content_neighbours",
     "sha256_file",
 ]
 
@@ -475,3 +476,42 @@ def _digest_array(h: Any, name: str, arr: np.ndarray) -> None:
     h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
     h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1) if arr.dtype.kind != "U"
              else "\n".join(map(str, arr.tolist())).encode())
+
+
+def content_neighbours(embeddings: np.ndarray, *, k: int = 20, items: np.ndarray | None = None,
+                       batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` content neighbours (cosine) of each item, excluding itself.
+
+    Parameters
+    ----------
+    embeddings : numpy.ndarray
+        L2-normalised rows (n_items, d).
+    k : int, optional
+        Neighbours per item.
+    items : numpy.ndarray, optional
+        Only these rows (e.g. cold-start items); default all.
+    batch : int, optional
+        Query rows per matrix product.
+
+    Returns
+    -------
+    (indices, scores) : tuple of numpy.ndarray
+        int32 and float32 arrays of shape (len(items), min(k, n_items - 1)), best first.
+    """
+    n = len(embeddings)
+    rows = np.arange(n) if items is None else np.asarray(items, dtype=np.int64)
+    kk = max(0, min(k, n - 1))
+    idx = np.zeros((len(rows), kk), dtype=np.int32)
+    sc = np.zeros((len(rows), kk), dtype=np.float32)
+    if kk == 0:
+        return idx, sc
+    for s in range(0, len(rows), batch):
+        q = rows[s:s + batch]
+        sims = embeddings[q] @ embeddings.T
+        sims[np.arange(len(q)), q] = -np.inf
+        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        ps = np.take_along_axis(sims, part, axis=1)
+        o = np.argsort(-ps, axis=1, kind="stable")
+        idx[s:s + len(q)] = np.take_along_axis(part, o, axis=1)
+        sc[s:s + len(q)] = np.take_along_axis(ps, o, axis=1)
+    return idx, sc

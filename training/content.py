@@ -13,7 +13,8 @@ the sentence-transformers pipeline of that model (parity is recorded in
 Items without text get a fallback vector: a one-hot of the category plus a
 log-price component, L2-normalised and zero-padded to the same width, so the
 bundle's ``content.npy`` is one matrix. :func:`content_neighbours` gives the
-item-item content neighbours serving uses for cold-start items.
+item-item content neighbours for cold-start items (it lives in
+:mod:`features.bundle` so serving can call it on ``bundle.content``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import erf
 from tqdm import tqdm
+
+from features.bundle import content_neighbours
 
 __all__ = [
     "MiniLM",
@@ -252,42 +255,3 @@ def embed_items(titles: Sequence[str], *, category: np.ndarray, category_names: 
     log.info("content embeddings items=%d with_text=%d seconds=%.2f", len(titles), len(texts),
              time.perf_counter() - t0)
     return out
-
-
-def content_neighbours(embeddings: np.ndarray, *, k: int = 20, items: np.ndarray | None = None,
-                       batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` content neighbours (cosine) of each item, excluding itself.
-
-    Parameters
-    ----------
-    embeddings : numpy.ndarray
-        L2-normalised rows (n_items, d).
-    k : int, optional
-        Neighbours per item.
-    items : numpy.ndarray, optional
-        Only these rows (e.g. cold-start items); default all.
-    batch : int, optional
-        Query rows per matrix product.
-
-    Returns
-    -------
-    (indices, scores) : tuple of numpy.ndarray
-        int32 and float32 arrays of shape (len(items), min(k, n_items - 1)), best first.
-    """
-    n = len(embeddings)
-    rows = np.arange(n) if items is None else np.asarray(items, dtype=np.int64)
-    kk = max(0, min(k, n - 1))
-    idx = np.zeros((len(rows), kk), dtype=np.int32)
-    sc = np.zeros((len(rows), kk), dtype=np.float32)
-    if kk == 0:
-        return idx, sc
-    for s in range(0, len(rows), batch):
-        q = rows[s:s + batch]
-        sims = embeddings[q] @ embeddings.T
-        sims[np.arange(len(q)), q] = -np.inf
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        ps = np.take_along_axis(sims, part, axis=1)
-        o = np.argsort(-ps, axis=1, kind="stable")
-        idx[s:s + len(q)] = np.take_along_axis(part, o, axis=1)
-        sc[s:s + len(q)] = np.take_along_axis(ps, o, axis=1)
-    return idx, sc
