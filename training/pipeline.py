@@ -384,13 +384,19 @@ def _content(mode: ContentMode, catalog: ItemCatalog | None, meta: dict[str, Any
              show_progress: bool) -> tuple[np.ndarray | None, str]:
     if mode == "off":
         return None, "skipped (--content off)"
-    from training.content import embed_items, fallback_embeddings
+    from training.content import embed_items, fallback_embeddings, minilm_path
 
     has_text = any(meta["titles"])
-    if mode == "fallback" or (mode == "auto" and not has_text):
+    no_weights = ""
+    if mode == "auto" and has_text:
+        try:
+            minilm_path()
+        except FileNotFoundError as err:
+            no_weights = f" (MiniLM unavailable: {err})"
+    if mode == "fallback" or (mode == "auto" and (not has_text or no_weights)):
         emb = fallback_embeddings(meta["category"], meta["price"], n_categories=len(meta["category_names"]),
                                   dim=64)
-        return emb, f"fallback (category + price) vectors {emb.shape[0]:,}x{emb.shape[1]}"
+        return emb, f"fallback (category + price) vectors {emb.shape[0]:,}x{emb.shape[1]}{no_weights}"
     emb = embed_items(meta["titles"], category=meta["category"], category_names=meta["category_names"],
                       price=meta["price"], progress=show_progress)
     n_text = sum(1 for t in meta["titles"] if t)
