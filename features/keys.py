@@ -34,6 +34,11 @@ key                         type    value
                                     ``batches``, ``duplicates``, ``replayed``
 ``model:current``           STRING  version of the model bundle in use
 ``model:announce``          PUBSUB  channel announcing a newly published bundle
+``experiment:defs``         HASH    experiment name -> orjson definition (variants and
+                                    weights, salt, start/stop ts, status); see
+                                    :mod:`features.experiments`
+``experiment:announce``     PUBSUB  channel announcing experiment changes
+                                    (``create NAME`` / ``stop NAME``)
 ==========================  ======  =====================================================
 
 Per-user keys get the TTL ``recs_ttl_s`` on every write, so inactive shoppers
@@ -116,6 +121,12 @@ class KeySchema:
 
     def model_announce(self) -> str:
         return f"{self._base}model:announce"
+
+    def experiments(self) -> str:
+        return f"{self._base}experiment:defs"
+
+    def experiment_announce(self) -> str:
+        return f"{self._base}experiment:announce"
 
     def pattern(self, kind: str) -> str:
         """A SCAN pattern for all keys of one kind, e.g. ``pattern("recs")``."""
