@@ -8,6 +8,9 @@ which is randomised per process). The same user therefore lands in the same
 variant in every worker, API process, report and liftrec version, and
 experiments with different salts split users independently of each other.
 
+:func:`sample_size_per_variant` and :func:`minimum_detectable_effect` size
+an experiment before it starts (normal approximation, two-sided test).
+
 Bucketing: ``u = first 8 bytes of sha256(salt + "\\x1f" + user_id)`` read as a
 big-endian integer and divided by 2**64, so ``u`` is uniform in [0, 1). The
 variants own consecutive slices of [0, 1) in declaration order, each as wide
@@ -29,6 +32,7 @@ import hashlib
 import math
 import re
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 from typing import Any, Literal
 
 import orjson
@@ -51,7 +55,10 @@ __all__ = [
     "bucket",
     "decode_experiment",
     "encode_experiment",
+    "minimum_detectable_effect",
     "parse_variants",
+    "sample_size_per_variant",
+    "z_alpha_power",
 ]
 
 Status = Literal["running", "stopped"]
@@ -392,3 +399,77 @@ class AsyncExperimentStore:
     async def active(self, now_ms: int) -> builtins.list[Experiment]:
         """The experiments that apply at ``now_ms``."""
         return [e for e in await self.list() if e.is_active(now_ms)]
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+def z_alpha_power(alpha: float, power: float) -> float:
+    """``z_{1-alpha/2} + z_power`` of the standard normal (two-sided test)."""
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError(f"alpha and power must be in (0, 1); got alpha={alpha}, power={power}")
+    nd = NormalDist()
+    return nd.inv_cdf(1 - alpha / 2) + nd.inv_cdf(power)
+
+
+def sample_size_per_variant(baseline: float, mde: float, *, std: float | None = None, alpha: float = 0.05,
+                            power: float = 0.8) -> int:
+    """Users needed in each of two equal arms to detect a relative change ``mde``.
+
+    Parameters
+    ----------
+    baseline : float
+        The control's metric: a rate in (0, 1) (conversion) when ``std`` is
+        None, else a mean (revenue per visitor) whose per-user standard deviation is ``std``.
+    mde : float
+        Minimum detectable effect, relative (0.05 = +5 %).
+    std : float, optional
+    alpha : float, optional
+        Two-sided significance level.
+    power : float, optional
+
+    Returns
+    -------
+    int
+        ``ceil((z_{1-alpha/2} + z_power)^2 (var_control + var_treatment) / delta^2)``.
+    """
+    z = z_alpha_power(alpha, power)
+    if mde <= 0:
+        raise ValueError(f"mde must be a relative change > 0, got {mde}")
+    if std is None:
+        p2 = baseline * (1 + mde)
+        if not 0 < baseline < 1 or p2 >= 1:
+            raise ValueError(f"a rate baseline must be in (0, 1) and stay below 1 after the change; got "
+                             f"{baseline} -> {p2}")
+        var = baseline * (1 - baseline) + p2 * (1 - p2)
+        return math.ceil(z * z * var / (p2 - baseline) ** 2)
+    if baseline <= 0 or std <= 0:
+        raise ValueError(f"baseline mean and std must be > 0, got {baseline} and {std}")
+    return math.ceil(z * z * 2 * std * std / (baseline * mde) ** 2)
+
+
+def minimum_detectable_effect(baseline: float, n_per_variant: int, *, std: float | None = None,
+                              alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest relative change two arms of ``n_per_variant`` users detect (inverse of
+    :func:`sample_size_per_variant`). Returns ``inf`` when no change below 100 %/the rate cap is detectable."""
+    z = z_alpha_power(alpha, power)
+    if n_per_variant < 2:
+        raise ValueError(f"n_per_variant must be >= 2, got {n_per_variant}")
+    if std is not None:
+        if baseline <= 0 or std <= 0:
+            raise ValueError(f"baseline mean and std must be > 0, got {baseline} and {std}")
+        return z * std * math.sqrt(2 / n_per_variant) / baseline
+    if not 0 < baseline < 1:
+        raise ValueError(f"a rate baseline must be in (0, 1), got {baseline}")
+
+    def needed(m: float) -> float:
+        p2 = baseline * (1 + m)
+        return z * z * (baseline * (1 - baseline) + p2 * (1 - p2)) / (p2 - baseline) ** 2
+
+    lo, hi = 1e-9, (1 - 1e-12) / baseline - 1
+    if needed(hi) > n_per_variant:
+        return math.inf
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if needed(mid) > n_per_variant else (lo, mid)
+    return hi
