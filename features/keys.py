@@ -21,12 +21,17 @@ key                         type    value
 ``shown:{user_id}``         HASH    item_id -> impressions since the user last engaged
                                     with it (frequency capping; reset by a click,
                                     cart or purchase of the item)
+``listed:{item_id}``        SET     user ids whose ``recs`` list holds the item (reverse
+                                    index: an out-of-stock item is removed from every
+                                    list it is on within one micro-batch)
 ``item:{item_id}``          HASH    catalog record: ``category``, ``price``,
                                     ``in_stock`` ("1"/"0"), ``title``, ``ts``
 ``trend:{scope}``           ZSET    item_id -> decayed count; scope ``all`` or
                                     ``cat:{category}``
 ``trend:meta``              HASH    ``ref_ms``: reference time of the decayed scores
 ``covis:{item_id}``         ZSET    item_id -> decayed co-visitation weight
+``active``                  ZSET    user_id -> ts (ms) of the user's newest event (the
+                                    backfill after a model switch folds these in first)
 ``seen:{event_id}``         STRING  dedup marker with TTL ``dedup_window_s``
 ``offsets:{group}:{topic}`` HASH    partition -> last applied offset (written in the same
                                     MULTI/EXEC as the state it produced)
@@ -100,12 +105,18 @@ class KeySchema:
     def covis(self, item_id: str) -> str:
         return f"{self._base}covis:{item_id}"
 
+    def listed(self, item_id: str) -> str:
+        return f"{self._base}listed:{item_id}"
+
     # global
     def trending(self, category: str | None = None) -> str:
         return f"{self._base}trend:all" if category is None else f"{self._base}trend:cat:{category}"
 
     def trending_meta(self) -> str:
         return f"{self._base}trend:meta"
+
+    def active(self) -> str:
+        return f"{self._base}active"
 
     def seen(self, event_id: str) -> str:
         return f"{self._base}seen:{event_id}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import orjson
 import redis.asyncio as aioredis
@@ -44,20 +44,20 @@ _REF_GRID_HALF_LIVES = 32.0
 _TRENDING_LUA = """
 local meta, keyset = KEYS[1], KEYS[2]
 local hl, ts, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local grid = hl * %(grid)f
+local grid = hl * __GRID__
 local ref = tonumber(redis.call('HGET', meta, 'ref_ms'))
 if not ref then
   ref = math.floor(ts / grid) * grid
-  redis.call('HSET', meta, 'ref_ms', string.format('%%d', ref))
+  redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
 end
-if (ts - ref) / hl > %(limit)f then
+if (ts - ref) / hl > __LIMIT__ then
   local new_ref = math.floor(ts / grid) * grid
   local factor = 2 ^ (-(new_ref - ref) / hl)
   for _, k in ipairs(redis.call('SMEMBERS', keyset)) do
     redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', factor)
   end
   ref = new_ref
-  redis.call('HSET', meta, 'ref_ms', string.format('%%d', ref))
+  redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
 end
 local scale = 2 ^ ((ts - ref) / hl)
 for i = 0, n - 1 do
@@ -66,7 +66,46 @@ for i = 0, n - 1 do
   redis.call('SADD', keyset, k)
 end
 return tostring(ref)
-""" % {"limit": _RESCALE_HALF_LIVES, "grid": _REF_GRID_HALF_LIVES}
+""".replace("__LIMIT__", repr(_RESCALE_HALF_LIVES)).replace("__GRID__", repr(_REF_GRID_HALF_LIVES))
+
+
+# KEYS[1] = listed:{item}; ARGV[1] = item_id, ARGV[2] = prefix of recs keys
+_UNLIST_LUA = """
+local users = redis.call('SMEMBERS', KEYS[1])
+local changed = 0
+for _, u in ipairs(users) do
+  local key = ARGV[2] .. u
+  local raw = redis.call('GET', key)
+  if raw then
+    local rec = cjson.decode(raw)
+    local kept, removed = {}, false
+    for _, it in ipairs(rec['items']) do
+      if it['item_id'] == ARGV[1] then removed = true else table.insert(kept, it) end
+    end
+    if removed then
+      rec['items'] = kept
+      local out = cjson.encode(rec)
+      if #kept == 0 then out = string.gsub(out, '"items":{}', '"items":[]') end
+      redis.call('SET', key, out, 'KEEPTTL')
+      changed = changed + 1
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return changed
+"""
+
+# KEYS[1] = uvec:{user}; ARGV = vec bytes, model version, ts. Writes only when the
+# stored vector is of another model (the backfill never overwrites a fresher fold-in).
+_BACKFILL_LUA = """
+if redis.call('HGET', KEYS[1], 'model') == ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'vec', ARGV[1], 'model', ARGV[2], 'ts', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+#: Neighbours kept per item in the streaming co-visitation sets.
+COVIS_CAP = 100
 
 
 def trending_increment(weight: float, ts: int, batch_ts: int, half_life_ms: float) -> float:
@@ -86,6 +125,8 @@ class UserSnapshot:
     session_n: int
     bought: dict[str, int]
     """item_id -> ts of the last purchase."""
+    shown: dict[str, int] = dataclasses.field(default_factory=dict)
+    """item_id -> impressions since the user last engaged with it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,6 +152,17 @@ class BatchWrite:
     batch_ts: int = 0
     seen: list[str] = dataclasses.field(default_factory=list)
     recs: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    listed: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """user_id -> item ids on the list just written (reverse index for stock changes)."""
+    vectors: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    """user_id -> float32 user vector bytes, folded into ``model_version``."""
+    model_version: str | None = None
+    active: dict[str, int] = dataclasses.field(default_factory=dict)
+    """user_id -> ts of the user's newest event in the batch."""
+    covis: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    """(item, neighbour) -> co-visitation weight to add."""
+    shown_incr: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    shown_reset: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     offsets: dict[int, int] = dataclasses.field(default_factory=dict)
     metrics: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -154,6 +206,8 @@ class UserStateStore:
         self.half_life_ms = half_life_s * 1000.0
         self._offsets_key = keys.offsets(group, topic)
         self._trending = client.register_script(_TRENDING_LUA)
+        self._unlist = client.register_script(_UNLIST_LUA)
+        self._backfill = client.register_script(_BACKFILL_LUA)
 
     async def applied_offsets(self) -> dict[int, int]:
         """Partition -> last applied offset."""
@@ -172,6 +226,7 @@ class UserStateStore:
             pipe.lrange(k.history(uid), 0, self.history_cap - 1)
             pipe.hmget(k.session(uid), "id", "start", "last", "n")
             pipe.hgetall(k.bought(uid))
+            pipe.hgetall(k.shown(uid))
         res = await pipe.execute()
         offsets = {int(p): int(o) for p, o in res[0].items()}
         n_ev = len(event_ids)
@@ -179,8 +234,8 @@ class UserStateStore:
         out: dict[str, UserSnapshot] = {}
         pos = 1 + n_ev
         for uid in users:
-            hist_raw, sess, bought = res[pos], res[pos + 1], res[pos + 2]
-            pos += 3
+            hist_raw, sess, bought, shown = res[pos], res[pos + 1], res[pos + 2], res[pos + 3]
+            pos += 4
             history = [tuple(orjson.loads(h)) for h in hist_raw]
             out[uid] = UserSnapshot(
                 history=history,  # type: ignore[arg-type]
@@ -189,6 +244,7 @@ class UserStateStore:
                 session_last=int(sess[2] or 0),
                 session_n=int(sess[3] or 0),
                 bought={i.decode(): int(t) for i, t in bought.items()},
+                shown={i.decode(): int(n) for i, n in shown.items()},
             )
         return Snapshot(offsets=offsets, seen=seen, users=out)
 
@@ -217,10 +273,34 @@ class UserStateStore:
             await self._trending(
                 keys=[k.trending_meta(), k.trending_meta() + ":keys"], args=args, client=pipe
             )
+        for uid, incr in w.shown_incr.items():
+            key = k.shown(uid)
+            for item, n in incr.items():
+                pipe.hincrby(key, item, n)
+            pipe.expire(key, ttl)
+        for uid, items in w.shown_reset.items():
+            pipe.hdel(k.shown(uid), *items)
+        if w.model_version is not None:
+            for uid, vec in w.vectors.items():
+                key = k.user_vector(uid)
+                pipe.hset(key, mapping={"vec": vec, "model": w.model_version, "ts": w.batch_ts})
+                pipe.expire(key, ttl)
+        touched: set[str] = set()
+        for (a, b), weight in w.covis.items():
+            pipe.zincrby(k.covis(a), weight, b)
+            touched.add(a)
+        for a in touched:
+            pipe.zremrangebyrank(k.covis(a), 0, -(COVIS_CAP + 1))
+        if w.active:
+            pipe.zadd(k.active(), w.active, gt=True)
         for eid in w.seen:
             pipe.set(k.seen(eid), 1, ex=self.dedup_ttl_s)
         for uid, value in w.recs.items():
             pipe.set(k.recs(uid), value, ex=ttl)
+        for uid, items in w.listed.items():
+            for item in items:
+                pipe.sadd(k.listed(item), uid)
+                pipe.expire(k.listed(item), ttl)
         if w.metrics:
             for name, n in w.metrics.items():
                 if n:
@@ -228,6 +308,33 @@ class UserStateStore:
         if w.offsets:
             pipe.hset(self._offsets_key, mapping={str(p): o for p, o in w.offsets.items()})
         await pipe.execute()
+
+    async def unlist(self, item_ids: Iterable[str]) -> int:
+        """Remove items from every stored list that holds them; returns lists changed."""
+        prefix = self.keys.recs("")
+        pipe = self.client.pipeline(transaction=False)
+        for item in item_ids:
+            await self._unlist(keys=[self.keys.listed(item)], args=[item, prefix], client=pipe)
+        return sum(int(n) for n in await pipe.execute())
+
+    async def active_users(self, *, since_ms: int, limit: int) -> list[str]:
+        """Most recently active users (newest first) with an event at or after ``since_ms``."""
+        rows = await self.client.zrevrangebyscore(self.keys.active(), "+inf", since_ms, start=0, num=limit)
+        return [r.decode() for r in rows]
+
+    async def histories(self, user_ids: Sequence[str]) -> list[list[tuple[str, str, int]]]:
+        """Newest-first histories of some users (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for uid in user_ids:
+            pipe.lrange(self.keys.history(uid), 0, self.history_cap - 1)
+        return [[tuple(orjson.loads(h)) for h in raw] for raw in await pipe.execute()]  # type: ignore[misc]
+
+    async def backfill_vectors(self, vectors: Mapping[str, bytes], *, model: str, ts: int) -> int:
+        """Store vectors of another model's users unless a fresher fold-in already did."""
+        pipe = self.client.pipeline(transaction=False)
+        for uid, vec in vectors.items():
+            await self._backfill(keys=[self.keys.user_vector(uid)], args=[vec, model, ts, self.ttl_s], client=pipe)
+        return sum(int(n) for n in await pipe.execute())
 
     async def top_trending(self, category: str | None = None, *, n: int = 100) -> list[tuple[str, float]]:
         """Highest trending items of a scope (``None`` = all)."""

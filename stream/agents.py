@@ -23,11 +23,14 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from features.bundle import Bundle
 from features.catalog import CatalogCache, CatalogStore
 from features.dlq import encode_dead_letter
 from features.errors import InvalidEvent
 from features.events import CatalogItem, EventValidator
 from features.keys import KeySchema
+from features.online import FoldInModel
+from features.reload import ModelHolder
 from features.settings import Settings
 from features.store import UserStateStore
 from serving.trending import TrendingSnapshot
@@ -39,12 +42,16 @@ __all__ = ["WorkerState", "register_agents"]
 log = logging.getLogger(__name__)
 
 _RETRY_MAX_S = 5.0
+#: Failed Redis attempts after which the worker pauses its partitions.
+_PAUSE_AFTER = 3
+#: Users folded in per chunk by the backfill after a model switch.
+_BACKFILL_CHUNK = 500
 
 
 class WorkerState:
     """Per-process state shared by the agents (created on the worker's loop)."""
 
-    def __init__(self, settings: Settings, redis_url: str) -> None:
+    def __init__(self, settings: Settings, redis_url: str, *, registry: str | None = None) -> None:
         self.settings = settings
         self.keys = KeySchema(settings.key_prefix)
         self.client = aioredis.Redis.from_url(redis_url, health_check_interval=30)
@@ -63,6 +70,39 @@ class WorkerState:
         self._trending: TrendingSnapshot | None = None
         self._trending_at = 0.0
         self.ready = asyncio.Event()
+        self.fold_model: FoldInModel | None = None
+        self.swapped = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self.models = ModelHolder(
+            registry or settings.registry_dir, redis_url=redis_url, key_prefix=settings.key_prefix,
+            on_swap=self._on_swap,
+        )
+
+    def _on_swap(self, bundle: Bundle) -> None:
+        """Runs in the loader thread: prepare the fold-in, then wake the backfill."""
+        self.fold_model = FoldInModel.from_bundle(bundle)
+        self._loop.call_soon_threadsafe(self.swapped.set)
+
+    async def backfill(self, *, window_ms: int = 24 * 3600 * 1000, limit: int = 20_000) -> int:
+        """Fold recently active users into the current model (after a switch)."""
+        model = self.fold_model
+        if model is None:
+            return 0
+        t0 = time.perf_counter()
+        now = int(time.time() * 1000)
+        users = await self.store.active_users(since_ms=now - window_ms, limit=limit)
+        written = 0
+        for start in range(0, len(users), _BACKFILL_CHUNK):
+            chunk = users[start : start + _BACKFILL_CHUNK]
+            histories = await self.store.histories(chunk)
+            vectors, has = await asyncio.to_thread(model.fold_in_histories, histories, now)
+            written += await self.store.backfill_vectors(
+                {u: vectors[i].astype("<f4").tobytes() for i, u in enumerate(chunk) if has[i]},
+                model=model.version, ts=now,
+            )
+        log.info("backfill model=%s users=%d written=%d seconds=%.2f", model.version, len(users), written,
+                 time.perf_counter() - t0)
+        return written
 
     async def trending(self) -> TrendingSnapshot:
         """Trending lists, re-read from Redis at most once a second."""
@@ -87,19 +127,39 @@ class WorkerState:
         return self._trending
 
 
-async def _with_redis_retry(what: str, fn: Any, *args: Any) -> Any:
+async def _with_redis_retry(what: str, fn: Any, *args: Any, app: faust.App | None = None) -> Any:
+    """Call ``fn`` until Redis answers; after a few failures pause the partitions.
+
+    Nothing is acked meanwhile, so no record is lost or skipped: the agent
+    resumes exactly where it stopped once Redis is back.
+    """
     delay = 0.05
-    while True:
-        try:
-            return await fn(*args)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as err:
-            metrics.REDIS_RETRIES.inc()
-            log.warning("redis unavailable during %s, retrying in %.2fs: %s", what, delay, err)
-            await asyncio.sleep(delay)
-            delay = min(_RETRY_MAX_S, delay * 2)
+    failures = 0
+    paused: set[Any] = set()
+    try:
+        while True:
+            try:
+                return await fn(*args)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as err:
+                failures += 1
+                metrics.REDIS_RETRIES.inc()
+                log.warning("redis unavailable during %s (attempt %d), retrying in %.2fs: %s",
+                            what, failures, delay, err)
+                if failures == _PAUSE_AFTER and app is not None and not paused:
+                    paused = set(app.consumer.assignment())
+                    app.consumer.pause_partitions(paused)
+                    metrics.PAUSED.set(1)
+                    log.warning("partitions paused until Redis answers count=%d", len(paused))
+                await asyncio.sleep(delay)
+                delay = min(_RETRY_MAX_S, delay * 2)
+    finally:
+        if paused:
+            app.consumer.resume_partitions(paused)  # type: ignore[union-attr]
+            metrics.PAUSED.set(0)
+            log.info("partitions resumed count=%d", len(paused))
 
 
-def register_agents(app: faust.App, settings: Settings, *, redis_url: str) -> None:
+def register_agents(app: faust.App, settings: Settings, *, redis_url: str, registry: str | None = None) -> None:
     """Register topics, agents and background tasks on ``app``."""
     events_topic = app.topic(
         settings.events_topic, key_type=bytes, value_type=bytes,
@@ -118,9 +178,11 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str) -> No
     async def worker_state() -> WorkerState:
         ws = state.get("ws")
         if ws is None:
-            ws = state["ws"] = WorkerState(settings, redis_url)
+            ws = state["ws"] = WorkerState(settings, redis_url, registry=registry)
             n = await _with_redis_retry("catalog load", ws.catalog_store.load_into, ws.catalog)
             log.info("catalog loaded items=%d", n)
+            await ws.models.start()
+            log.info("model version=%s", ws.models.version)
             ws.ready.set()
         else:
             await ws.ready.wait()
@@ -147,6 +209,7 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str) -> No
             processor_box["p"] = BatchProcessor(
                 settings, ws.store, ws.catalog, trending=ws.trending,
                 dead_letter=lambda letters: send_dead_letters(letters, settings.events_topic),
+                fold_in_model=lambda: ws.fold_model,
             )
         return processor_box["p"]
 
@@ -156,11 +219,29 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str) -> No
             records = [Record(e.message.partition, e.message.offset, e.message.key, e.value) for e in batch]
             await _apply(records)
 
+    in_flight: set[asyncio.Task[None]] = set()
+
     async def _apply(records: Sequence[Record]) -> None:
+        # shielded: a shutdown finishes the batch in hand instead of abandoning it
+        task = asyncio.ensure_future(_apply_batch(records))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        await asyncio.shield(task)
+
+    @app.on_before_shutdown.connect
+    async def _finish_in_flight(app: faust.App, **kwargs: Any) -> None:
+        if in_flight:
+            log.info("finishing %d batch(es) in hand before shutdown", len(in_flight))
+            await asyncio.wait(list(in_flight), timeout=30)
+        ws = state.get("ws")
+        if ws is not None:
+            await ws.models.stop()
+
+    async def _apply_batch(records: Sequence[Record]) -> None:
         t0 = time.perf_counter()
         try:
             proc = await processor()
-            stats = await _with_redis_retry("batch", proc.process, records)
+            stats = await _with_redis_retry("batch", proc.process, records, app=app)
         except Exception as err:  # a bug: keep every record, keep the agent alive
             log.exception("batch failed; sending %d records to the DLQ", len(records))
             letters = [DeadLetter(r, "internal_error", f"{type(err).__name__}: {err}") for r in records]
@@ -197,11 +278,41 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str) -> No
                 if letters:
                     await send_dead_letters(letters, settings.catalog_topic)
                 ws = await worker_state()
-                changed = await _with_redis_retry("catalog upsert", ws.catalog_store.upsert, items)
+                changed = await _with_redis_retry("catalog upsert", ws.catalog_store.upsert, items, app=app)
                 await ws.catalog_store.refresh(ws.catalog, changed)
-                log.info("catalog batch items=%d changed=%d invalid=%d", len(items), len(changed), len(letters))
+                gone = [i for i in changed if not ws.catalog.in_stock(i)]
+                unlisted = await _with_redis_retry("unlist", ws.store.unlist, gone, app=app) if gone else 0
+                log.info("catalog batch items=%d changed=%d out_of_stock=%d lists_changed=%d invalid=%d",
+                         len(items), len(changed), len(gone), unlisted, len(letters))
             except Exception:
                 log.exception("catalog batch failed")
+
+    @app.task
+    async def model_backfill() -> None:
+        ws = await worker_state()
+        while True:
+            await ws.swapped.wait()
+            ws.swapped.clear()
+            try:
+                await ws.backfill()
+            except Exception:
+                log.exception("backfill failed; vectors are refolded on each user's next event")
+
+    @app.timer(interval=5.0)
+    async def consumer_lag() -> None:
+        ws = state.get("ws")
+        if ws is None:
+            return
+        try:
+            applied = await ws.store.applied_offsets()
+        except redis.RedisError:
+            return
+        for tp in app.consumer.assignment():
+            if tp.topic != settings.events_topic:
+                continue
+            hw = app.consumer.highwater(tp)
+            if hw is not None:
+                metrics.LAG.labels(partition=str(tp.partition)).set(max(0, hw - 1 - applied.get(tp.partition, -1)))
 
     @app.task
     async def catalog_listener() -> None:

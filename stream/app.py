@@ -80,6 +80,7 @@ def create_app(
     redis_url: str,
     session_timeout_s: float,
     web_port: int | None = None,
+    registry: str | None = None,
 ) -> faust.App:
     """Build the Faust app with its topics and agents registered.
 
@@ -95,6 +96,8 @@ def create_app(
         Consumer-group session timeout (see module docstring).
     web_port : int, optional
         Port of Faust's web server (health); ``None`` disables it.
+    registry : str, optional
+        Model registry folder (default ``settings.registry_dir``).
     """
     from stream.agents import register_agents
 
@@ -120,5 +123,5 @@ def create_app(
         TableManager=TablelessManager,
     )
     app.transport = _transport_class(settings.fetch_max_wait_ms)(app.conf.broker_consumer, app)
-    register_agents(app, settings, redis_url=redis_url)
+    register_agents(app, settings, redis_url=redis_url, registry=registry)
     return app

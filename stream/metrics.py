@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["BATCH_SECONDS", "DLQ", "EVENTS", "REDIS_RETRIES"]
+__all__ = ["BATCH_SECONDS", "DLQ", "EVENTS", "LAG", "PAUSED", "REDIS_RETRIES"]
 
 EVENTS = Counter("liftrec_stream_events_total", "Consumed events by result", ["result"])
 DLQ = Counter("liftrec_stream_dlq_total", "Records sent to the dead-letter topic", ["reason"])
@@ -14,3 +14,5 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 REDIS_RETRIES = Counter("liftrec_stream_redis_retries_total", "Redis calls retried after an error")
+LAG = Gauge("liftrec_stream_consumer_lag", "Records in the partition not yet applied to Redis", ["partition"])
+PAUSED = Gauge("liftrec_stream_paused", "1 while the worker's partitions are paused (Redis unavailable)")

@@ -12,9 +12,11 @@ driven from tests, benchmarks and replays as well. Per batch it
    after a crash) and events whose ``event_id`` was already seen,
 4. appends to each user's capped history, advances sessions (30 min gap),
    records purchases, adds time-decayed trending counts (global and per
-   category),
-5. refreshes the precomputed list of every touched user once, and
-6. commits all of it together with the batch's offsets (MULTI/EXEC).
+   category) and co-visitation of items seen in the same session, counts
+   impressions for frequency capping,
+5. folds every touched user into the current model (one batched solve),
+6. refreshes the precomputed list of every touched user once, and
+7. commits all of it together with the batch's offsets (MULTI/EXEC).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import orjson
 from features.catalog import CatalogCache
 from features.errors import InvalidEvent
 from features.events import Event, EventValidator, now_ms
+from features.online import FoldInModel
 from features.settings import Settings
 from features.store import BatchWrite, UserStateStore, trending_increment
 from serving.trending import TrendingRecommender, TrendingSnapshot
@@ -37,6 +40,12 @@ from serving.trending import TrendingRecommender, TrendingSnapshot
 __all__ = ["BatchStats", "DeadLetter", "Record", "BatchProcessor", "encode_recs"]
 
 log = logging.getLogger(__name__)
+
+#: Events that end an item's frequency cap (the shopper engaged with it).
+_ENGAGED = frozenset({"click", "add_to_cart", "purchase"})
+#: Session items an event is paired with, and the largest gap between them.
+_COVIS_LOOKBACK = 5
+_COVIS_WINDOW_MS = 3_600_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,6 +121,7 @@ class BatchProcessor:
         trending: Callable[[], Awaitable[TrendingSnapshot]],
         dead_letter: Callable[[list[DeadLetter]], Awaitable[None]],
         recommender: TrendingRecommender | None = None,
+        fold_in_model: Callable[[], FoldInModel | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -119,10 +129,28 @@ class BatchProcessor:
         self.trending = trending
         self.dead_letter = dead_letter
         self.recommender = recommender or TrendingRecommender()
+        self.fold_in_model = fold_in_model
         self.validator = EventValidator.from_settings(settings)
         self.weights = settings.event_weights
         self.gap_ms = settings.session_gap_s * 1000
         self.half_life_ms = settings.trending_half_life_s * 1000.0
+
+    @staticmethod
+    def _session_items(user: object, sid: str | None, start: int) -> list[tuple[str, int]]:
+        """Items of the user's stored history inside the current session, oldest first."""
+        if sid is None or getattr(user, "session_id", None) != sid:
+            return []
+        return [(item, ts) for item, _t, ts in reversed(user.history) if ts >= start][-_COVIS_LOOKBACK:]  # type: ignore[attr-defined]
+
+    def _covisit(self, w: BatchWrite, items: list[tuple[str, int]], ev: Event, weight: float) -> None:
+        """Pair the event's item with the session's recent items (both directions)."""
+        for other, ts in items[-_COVIS_LOOKBACK:]:
+            if other == ev.item_id or ev.ts - ts > _COVIS_WINDOW_MS:
+                continue
+            inc = weight / (1.0 + (ev.ts - ts) / 600_000.0)
+            w.covis[(ev.item_id, other)] = w.covis.get((ev.item_id, other), 0.0) + inc
+            w.covis[(other, ev.item_id)] = w.covis.get((other, ev.item_id), 0.0) + inc
+        items.append((ev.item_id, ev.ts))
 
     async def process(self, records: Sequence[Record]) -> BatchStats:
         """Apply one batch; returns counts. Redis errors propagate (the caller retries)."""
@@ -151,6 +179,7 @@ class BatchProcessor:
         seen_now: set[str] = set()
         duplicates = 0
         sessions: dict[str, tuple[str, int, int, int]] = {}
+        session_items: dict[str, list[tuple[str, int]]] = {}
         applied = 0
         for rec, ev in valid:
             if not fresh(rec):
@@ -169,11 +198,21 @@ class BatchProcessor:
             if ev.session_id:
                 if ev.session_id != sid:
                     sid, start, n = ev.session_id, ev.ts, 0
+                    session_items[uid] = []
             elif sid is None or ev.ts - last > self.gap_ms:
                 sid, start, n = f"{uid}:{ev.ts}", ev.ts, 0
+                session_items[uid] = []
             sessions[uid] = (sid, start, max(last, ev.ts), n + 1)  # type: ignore[assignment]
             if ev.type == "purchase":
                 w.bought.setdefault(uid, {})[ev.item_id] = ev.ts
+            if ev.type == "impression":
+                incr = w.shown_incr.setdefault(uid, {})
+                incr[ev.item_id] = incr.get(ev.item_id, 0) + 1
+            elif ev.type in _ENGAGED:
+                w.shown_reset.setdefault(uid, set()).add(ev.item_id)
+                w.shown_incr.get(uid, {}).pop(ev.item_id, None)
+            if w.active.get(uid, 0) < ev.ts:
+                w.active[uid] = ev.ts
             weight = self.weights.get(ev.type, 0.0)
             if weight > 0:
                 inc = trending_increment(weight, ev.ts, w.batch_ts, self.half_life_ms)
@@ -181,26 +220,39 @@ class BatchProcessor:
                 cat = self.catalog.category(ev.item_id)
                 if cat:
                     w.trending[(cat, ev.item_id)] = w.trending.get((cat, ev.item_id), 0.0) + inc
+                if uid not in session_items:
+                    session_items[uid] = self._session_items(user, sid, start)
+                self._covisit(w, session_items[uid], ev, weight)
         w.sessions = sessions  # type: ignore[assignment]
         w.seen = list(seen_now)
+
+        merged: dict[str, list[tuple[str, str, int]]] = {}
+        for uid, new in w.history.items():
+            merged[uid] = (list(reversed(new)) + snap.users[uid].history)[: self.settings.history_cap]
+        model = self.fold_in_model()
+        if model is not None and merged:
+            uids = list(merged)
+            vectors, has = model.fold_in_histories([merged[u] for u in uids], w.batch_ts)
+            w.model_version = model.version
+            w.vectors = {u: vectors[i].astype("<f4").tobytes() for i, u in enumerate(uids) if has[i]}
 
         if w.history:
             trending = (await self.trending()).with_increments(
                 w.trending, at_ms=w.batch_ts, half_life_ms=self.half_life_ms
             )
             k = self.settings.recs_k
-            for uid, new in w.history.items():
+            for uid in w.history:
                 user = snap.users[uid]
-                history = list(reversed(new)) + user.history
                 bought = {**user.bought, **w.bought.get(uid, {})}
                 items = self.recommender.recommend(
-                    history=history[: self.settings.history_cap],
+                    history=merged[uid],
                     bought=bought,
                     trending=trending,
                     catalog=self.catalog,
                     k=k,
                 )
-                w.recs[uid] = encode_recs(uid, items, model=None, source=self.recommender.name, ts=now)
+                w.recs[uid] = encode_recs(uid, items, model=w.model_version, source=self.recommender.name, ts=now)
+                w.listed[uid] = [i.item_id for i in items]
 
         for rec in records:
             if rec.offset > w.offsets.get(rec.partition, -1):

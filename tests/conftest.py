@@ -67,3 +67,29 @@ def redis_client(endpoints: Endpoints, settings: Settings) -> Iterator[redis.Red
     for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def small_shop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic shop written as JSONL (catalog.jsonl, events.jsonl)."""
+    from training.synthetic import SyntheticShop
+
+    out = tmp_path_factory.mktemp("small_shop")
+    SyntheticShop(n_users=300, n_items=150, days=14, seed=11).write_jsonl(out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_registry(tmp_path_factory: pytest.TempPathFactory, small_shop_dir: Path) -> Path:
+    """A registry with one bundle (ALS, rules, co-visitation, fallback content, ONNX ranker)
+    trained on :func:`small_shop_dir`; its ``CURRENT`` names the bundle."""
+    from training.als import AlsParams
+    from training.pipeline import TrainConfig, run_training
+
+    registry = tmp_path_factory.mktemp("registry")
+    run_training(TrainConfig(
+        events=small_shop_dir / "events.jsonl", catalog=small_shop_dir / "catalog.jsonl",
+        registry=registry, als=AlsParams(factors=16, iterations=8, random_state=3),
+        content="fallback", ranker=True,
+    ))
+    return registry

@@ -122,3 +122,102 @@ def test_dead_letter_record_keeps_original_bytes() -> None:
     rec = decode_dead_letter(encode_dead_letter(b"\x00raw", reason="bad_json", message="m", source="worker",
                                                 key=b"u1", topic="t", partition=1, offset=7))
     assert (rec["raw"], rec["key"], rec["reason"], rec["partition"], rec["offset"]) == (b"\x00raw", b"u1", "bad_json", 1, 7)
+
+
+def _model(n_items: int = 6, f: int = 4, version: str = "20260101T000000Z-0000000a"):  # noqa: ANN202
+    import numpy as np
+
+    from features.ids import IdMap
+    from features.online import FoldInModel
+    from features.settings import EVENT_WEIGHTS
+    from features.vectors import gram
+
+    y = np.random.default_rng(0).normal(size=(n_items, f)).astype(np.float32)
+    return FoldInModel(version=version, items=IdMap([f"i{j}" for j in range(n_items)]), item_factors=y,
+                       YtY=gram(y), regularization=0.1, alpha=1.0, weights=dict(EVENT_WEIGHTS), half_life_ms=None)
+
+
+async def test_user_vectors_are_folded_in_with_the_model(proc, redis_client) -> None:
+    import numpy as np
+
+    from features.vectors import fold_in
+
+    model = _model()
+    proc.fold_in_model = lambda: model
+    await proc.process(records([ev(0, "u1", "i0"), ev(1, "u1", "i1", "click"), ev(2, "u1", "i0", "add_to_cart"),
+                                ev(3, "u2", "unknown-item")]))
+    stored = redis_client.hgetall(proc.ws.keys.user_vector("u1"))
+    assert stored[b"model"] == model.version.encode()
+    vec = np.frombuffer(stored[b"vec"], dtype="<f4")
+    expected = fold_in(model.item_factors, model.YtY, [0, 1], [1.0 + 4.0, 2.0], 0.1)
+    np.testing.assert_allclose(vec, expected, atol=1e-5)
+    # an event on an item the model does not know: kept in history, no vector
+    assert redis_client.llen(proc.ws.keys.history("u2")) == 1
+    assert not redis_client.exists(proc.ws.keys.user_vector("u2"))
+    recs = orjson.loads(redis_client.get(proc.ws.keys.recs("u1")))
+    assert recs["model"] == model.version
+    # the vector follows the history: a new event changes it
+    await proc.process(records([ev(4, "u1", "i5", "purchase", price=1.0)], start=4))
+    vec2 = np.frombuffer(redis_client.hget(proc.ws.keys.user_vector("u1"), "vec"), dtype="<f4")
+    assert not np.allclose(vec, vec2)
+
+
+async def test_backfill_folds_active_users_into_a_new_model(proc, redis_client) -> None:
+    import numpy as np
+
+    old = _model(version="20260101T000000Z-0000000a")
+    proc.fold_in_model = lambda: old
+    await proc.process(records([ev(0, "u1", "i0"), ev(1, "u2", "i1")]))
+    new = _model(version="20260102T000000Z-0000000b")
+    new = type(new)(**{**{f: getattr(new, f) for f in new.__slots__}, "item_factors": new.item_factors * 2})
+    proc.ws.fold_model = new
+    assert await proc.ws.backfill(window_ms=10 * 86_400_000) == 2
+    for u in ("u1", "u2"):
+        assert redis_client.hget(proc.ws.keys.user_vector(u), "model") == new.version.encode()
+    # a vector already folded into the new model is not overwritten by a backfill
+    proc.fold_in_model = lambda: new
+    await proc.process(records([ev(2, "u1", "i2")], start=2))
+    fresh = redis_client.hget(proc.ws.keys.user_vector("u1"), "vec")
+    assert await proc.ws.backfill(window_ms=10 * 86_400_000) == 0
+    assert redis_client.hget(proc.ws.keys.user_vector("u1"), "vec") == fresh
+    assert np.frombuffer(fresh, dtype="<f4").shape == (4,)
+
+
+async def test_session_covisitation_and_frequency_caps(proc, redis_client) -> None:
+    k = proc.ws.keys
+    await proc.process(records([ev(0, "u1", "i0"), ev(1, "u1", "i1"), ev(2, "u1", "i2", "impression"),
+                                ev(3, "u1", "i2", "impression"), ev(4, "u1", "i3", "impression")]))
+    assert redis_client.zscore(k.covis("i0"), "i1") > 0 and redis_client.zscore(k.covis("i1"), "i0") > 0
+    assert redis_client.hgetall(k.shown("u1")) == {b"i2": b"2", b"i3": b"1"}
+    # next batch, same session: pairs with the stored session items; a click ends the cap
+    await proc.process(records([ev(5, "u1", "i2", "click")], start=5))
+    assert redis_client.zscore(k.covis("i2"), "i1") > 0
+    assert redis_client.hgetall(k.shown("u1")) == {b"i3": b"1"}
+    # another user's session never pairs with u1's items
+    await proc.process(records([ev(6, "u2", "i4")], start=6))
+    assert redis_client.zscore(k.covis("i4"), "i0") is None
+
+
+async def test_unlist_removes_an_item_from_every_list(proc, redis_client) -> None:
+    k = proc.ws.keys
+    await proc.process(records([ev(j, f"u{j % 4}", f"i{j % 5}", "click") for j in range(20)]))
+    holders = [u for u in ("u0", "u1", "u2", "u3")
+               if "i1" in [r["item_id"] for r in orjson.loads(redis_client.get(k.recs(u)))["items"]]]
+    assert holders, "test needs lists holding i1"
+    ttl_before = redis_client.ttl(k.recs(holders[0]))
+    assert await proc.ws.store.unlist(["i1"]) == len(holders)
+    for u in ("u0", "u1", "u2", "u3"):
+        rec = orjson.loads(redis_client.get(k.recs(u)))
+        assert "i1" not in [r["item_id"] for r in rec["items"]] and rec["rec_id"]
+    assert redis_client.ttl(k.recs(holders[0])) > ttl_before - 5
+    assert not redis_client.exists(k.listed("i1"))
+
+
+async def test_unlist_last_item_leaves_an_empty_json_list(proc, redis_client) -> None:
+    k = proc.ws.keys
+    redis_client.set(k.recs("solo"), orjson.dumps({"rec_id": "r", "user_id": "solo", "model": None, "ts": 1_750_000_000_123,
+                                                    "items": [{"item_id": "x", "score": 0.5, "reason": "r"}]}), ex=100)
+    redis_client.sadd(k.listed("x"), "solo")
+    assert await proc.ws.store.unlist(["x"]) == 1
+    rec = orjson.loads(redis_client.get(k.recs("solo")))
+    assert rec["items"] == [] and rec["model"] is None and rec["ts"] == 1_750_000_000_123

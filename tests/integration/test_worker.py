@@ -65,9 +65,12 @@ def user_state_hash(r: redis.Redis, keys: KeySchema, users: int) -> str:
     h = hashlib.sha256()
     for u in range(users):
         h.update(b"|".join(r.lrange(keys.history(f"u{u}"), 0, -1)))
-        h.update(repr(sorted(r.hgetall(keys.session(f"u{u}")).items())).encode())
-    # float sums depend on batch composition in the last bits only
-    h.update(repr([(m, f"{s:.9g}") for m, s in r.zrange(keys.trending(), 0, -1, withscores=True)]).encode())
+        for key in (keys.session(f"u{u}"), keys.bought(f"u{u}"), keys.shown(f"u{u}"), keys.user_vector(f"u{u}")):
+            h.update(repr(sorted((k, v) for k, v in r.hgetall(key).items() if k != b"ts")).encode())
+    # float sums depend on batch composition in the last bits only (which can
+    # also flip the order of near-equal scores): compare members with rounded scores
+    for key in [keys.trending()] + [keys.covis(f"i{item}") for item in range(30)]:
+        h.update(repr(sorted((m, f"{s:.9g}") for m, s in r.zrange(key, 0, -1, withscores=True))).encode())
     return h.hexdigest()
 
 
@@ -148,3 +151,64 @@ def test_restart_continues_without_double_apply(settings: Settings, redis_client
     assert user_state_hash(redis_client, keys, 7) == user_state_hash(redis_client, ref_keys, 7)
     for key in redis_client.scan_iter(match=f"{ref.key_prefix}:*"):
         redis_client.delete(key)
+
+
+def test_vectors_and_lists_follow_events_with_a_published_model(
+    settings: Settings, redis_client, start_worker, trained_registry  # noqa: ANN001
+) -> None:
+    from features.bundle import Bundle
+    from training.registry import current
+
+    keys = KeySchema(settings.key_prefix)
+    bundle = Bundle.load(trained_registry / current(trained_registry))
+    items = list(bundle.items.ids[:6])
+    t0 = now_ms() - 60_000
+    first = [{"event_id": f"a{i}", "ts": t0 + i, "user_id": "shopper", "item_id": it, "type": "view"}
+             for i, it in enumerate(items[:3])]
+    asyncio.run(produce(settings, first))
+    start_worker("--registry", str(trained_registry))
+    wait_until(lambda: redis_client.exists(keys.user_vector("shopper")), what="user vector")
+    vec1 = redis_client.hget(keys.user_vector("shopper"), "vec")
+    assert redis_client.hget(keys.user_vector("shopper"), "model") == bundle.version.encode()
+    recs1 = orjson.loads(redis_client.get(keys.recs("shopper")))
+    assert recs1["model"] == bundle.version
+    second = [{"event_id": f"b{i}", "ts": t0 + 100 + i, "user_id": "shopper", "item_id": it, "type": "add_to_cart"}
+              for i, it in enumerate(items[3:])]
+    asyncio.run(produce(settings, second))
+    wait_until(lambda: redis_client.hget(keys.user_vector("shopper"), "vec") != vec1, what="vector change")
+    wait_until(lambda: orjson.loads(redis_client.get(keys.recs("shopper")))["rec_id"] != recs1["rec_id"],
+               what="list refresh")
+
+
+def test_out_of_stock_update_removes_item_from_lists(settings: Settings, redis_client, start_worker) -> None:  # noqa: ANN001
+    keys = KeySchema(settings.key_prefix)
+    events = make_events(40, users=4, items=5)
+    asyncio.run(produce(settings, events))
+    start_worker()
+    wait_until(lambda: applied(redis_client, keys) == 40, what="40 events")
+
+    def holders(item: str) -> list[str]:
+        out = []
+        for u in range(4):
+            raw = redis_client.get(keys.recs(f"u{u}"))
+            if raw and item in [r["item_id"] for r in orjson.loads(raw)["items"]]:
+                out.append(f"u{u}")
+        return out
+
+    target = next(f"i{j}" for j in range(5) if holders(f"i{j}"))
+
+    async def send_stock_update() -> None:
+        p = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+        await p.start()
+        try:
+            rec = {"item_id": target, "ts": now_ms(), "category": "c", "in_stock": False}
+            await p.send_and_wait(settings.catalog_topic, orjson.dumps(rec), key=target.encode())
+        finally:
+            await p.stop()
+
+    asyncio.run(send_stock_update())
+    wait_until(lambda: not holders(target), timeout_s=15, what=f"{target} to leave every list")
+    # and new lists written after the update never hold it
+    asyncio.run(produce(settings, make_events(10, users=4, items=5, start=40)))
+    wait_until(lambda: applied(redis_client, keys) == 50, what="10 more events")
+    assert not holders(target)

@@ -1,0 +1,96 @@
+"""Online user vectors: fold a user's recent history into the current model.
+
+The stream worker keeps no per-user model state besides the capped history:
+a user's vector is recomputed from that history on every touch, with the
+bundle's item factors and the **same** confidence weights, decay, ``alpha``
+and regularization training used (read from the bundle's manifest). A model
+switch therefore needs no migration: the next touch folds the user into the
+new model, and a background backfill does it for recently active users.
+
+Events on items the bundle does not know are kept in the history but carry no
+weight until a bundle that knows them is published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from features.bundle import Bundle
+from features.ids import IdMap
+from features.settings import EVENT_WEIGHTS
+from features.vectors import aggregate_confidences, fold_in_batch, gram
+
+__all__ = ["FoldInModel"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FoldInModel:
+    """Everything the fold-in needs from one bundle, prepared once per bundle.
+
+    Build it with :meth:`from_bundle`; it is immutable, so a worker swaps it
+    together with the bundle.
+    """
+
+    version: str
+    items: IdMap
+    item_factors: np.ndarray
+    YtY: np.ndarray  # noqa: N815 - the conventional name of the Gram matrix
+    regularization: float
+    alpha: float
+    weights: Mapping[str, float]
+    half_life_ms: float | None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> FoldInModel:
+        """Read the model's training parameters from the bundle's manifest."""
+        params = bundle.manifest.get("params", {}) or {}
+        als = params.get("als", {}) or {}
+        weights = {**EVENT_WEIGHTS, **(params.get("event_weights") or {})}
+        half_life_days = params.get("half_life_days")
+        return cls(
+            version=bundle.version,
+            items=bundle.items,
+            item_factors=bundle.item_factors,
+            YtY=gram(bundle.item_factors),
+            regularization=float(als.get("regularization", 0.05)),
+            alpha=float(als.get("alpha", 1.0)),
+            weights=weights,
+            half_life_ms=None if half_life_days is None else float(half_life_days) * 86_400_000.0,
+        )
+
+    def confidences(self, history: Sequence[tuple[str, str, int]], now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct known items and their summed confidences for one history."""
+        idx: list[int] = []
+        w: list[float] = []
+        get = self.items.get
+        weights = self.weights
+        for item_id, type_, ts in history:
+            i = get(item_id)
+            wt = weights.get(type_, 0.0)
+            if i < 0 or wt <= 0:
+                continue
+            if self.half_life_ms is not None:
+                wt *= 2.0 ** (-max(0, now_ms - int(ts)) / self.half_life_ms)
+            idx.append(i)
+            w.append(wt)
+        return aggregate_confidences(idx, w)
+
+    def fold_in_histories(
+        self, histories: Sequence[Sequence[tuple[str, str, int]]], now_ms: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """User vectors for many histories in one batched solve.
+
+        Returns
+        -------
+        vectors : ndarray of shape (n, factors), float32
+        has_items : ndarray of bool
+            False for histories with no item the model knows (their vector is
+            zeros and should not be stored).
+        """
+        rows = [self.confidences(h, now_ms) for h in histories]
+        has = np.array([r[0].size > 0 for r in rows], dtype=bool)
+        vectors = fold_in_batch(self.item_factors, self.YtY, rows, self.regularization, alpha=self.alpha)
+        return vectors, has
