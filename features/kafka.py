@@ -6,6 +6,7 @@ The clients are aiokafka's; nothing here imports Faust.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -52,10 +53,8 @@ async def ensure_topics(
         existing = set(await admin.list_topics())
         new = [NewTopic(n, p, replication) for n, p in specs.items() if n not in existing]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won
                 await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
             log.info("topics created names=%s", ",".join(t.name for t in new))
         return [t.name for t in new]
     finally:
