@@ -155,13 +155,13 @@ def table_from_events(events: Iterable[Event | dict[str, Any]], *, session_gap_s
     return derive_sessions(table, gap_s=session_gap_s)
 
 
-def _as_table(events: Any) -> InteractionTable:
+def _as_table(events: Any, show_progress: bool) -> InteractionTable:
     if isinstance(events, InteractionTable):
         return events
     if isinstance(events, str | Path):
         from training.loaders import load_interactions
 
-        result = load_interactions(events)
+        result = load_interactions(events, show_progress=show_progress)
         if result.report.fmt == "online_retail":
             log.warning("%s is Online Retail data: it has no impressions, clicks or rec_ids", events)
         return result.table
@@ -358,7 +358,7 @@ def experiment_report(events: Any, experiment: Experiment, *, seed: int, n_boot:
         raise ValueError(f"primary must be one of {', '.join(METRICS)}; got {primary!r}")
     if n_boot < 100:
         raise ValueError(f"n_boot must be >= 100 for a percentile interval, got {n_boot}")
-    table = _as_table(events)
+    table = _as_table(events, show_progress)
     inside = (table.ts >= experiment.start_ts) & (
         table.ts < experiment.stop_ts if experiment.stop_ts is not None else True)
     n_all, n_in = len(table), int(np.count_nonzero(inside))
