@@ -307,7 +307,7 @@ def _verdict(variant: str, control: str, metric: str, est: dict[str, Any], mde: 
              confidence: float) -> str:
     label = METRICS[metric][2]
     if est["ci_low"] is None:
-        return f"{variant}: {label} cannot be compared (the control has none)."
+        return f"{variant}: {label} cannot be compared with {control} (no data for it in one of the arms)."
     ci = f"{_pct(est['ci_low'])} to {_pct(est['ci_high'])}"
     level = f"{confidence:.0%}"
     if est["call"] == "win":
