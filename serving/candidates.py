@@ -1,0 +1,427 @@
+"""Candidate sources: named, chained, so nobody gets an empty list.
+
+Every source proposes ``item_idx`` rows of the current bundle with a score of
+its own; :func:`gather` runs them in chain order (:data:`SOURCES`), each up to
+its quota, and merges them into one :class:`CandidateSet` that remembers every
+source's score for every candidate (the explanations and ``explain=true``
+read them). Like gorse's ``RecommendSequential``, the chain falls through:
+personal sources first, then trending and popularity fill the set up to
+``n_candidates``, so a user nothing is known about still gets candidates.
+
+======================  ===============================================================
+source                  proposes
+======================  ===============================================================
+``context``             neighbours of the request's context item: co-visitation,
+                        bought-together rules, ALS factor cosine, content cosine
+``session``             co-visitation neighbours of the session and recent items
+``bought_together``     consequents of association rules whose antecedent is an anchor
+``als``                 inner-product top-N of the user vector (batched, :mod:`serving.index`)
+``category``            with a category filter: ALS (or popularity) inside the category
+``content``             content-embedding neighbours of the anchors (users without a vector)
+``trending``            trending now, globally and in the user's recent categories
+``popularity``          the training window's most popular items
+======================  ===============================================================
+
+:class:`BundleAux` holds what is derived once per bundle (index, popularity
+order, per-category item lists, factor norms, ``YtY`` for fold-in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from features.bundle import Bundle
+from features.vectors import gram
+from serving.index import ExactIndex, ItemIndex, build_index, top_k
+
+__all__ = [
+    "QUOTAS",
+    "SOURCES",
+    "BundleAux",
+    "CandidateInput",
+    "CandidateSet",
+    "TrendingArrays",
+    "context_neighbours",
+    "csr_neighbours",
+    "gather",
+]
+
+log = logging.getLogger(__name__)
+
+#: Candidate sources in chain order.
+SOURCES: tuple[str, ...] = ("context", "session", "bought_together", "als", "category", "content",
+                            "trending", "popularity")
+SOURCE_INDEX = {name: i for i, name in enumerate(SOURCES)}
+#: Share of ``n_candidates`` each source may propose (trending and popularity also
+#: fill whatever the others left).
+QUOTAS: Mapping[str, float] = {"context": 0.2, "session": 0.2, "bought_together": 0.15, "als": 0.5,
+                               "category": 0.35, "content": 0.2, "trending": 0.15, "popularity": 0.15}
+#: Newest distinct history items used as anchors (as :func:`features.ranking.build_features`).
+N_RECENT_ANCHORS = 10
+N_SESSION_ANCHORS = 20
+_POP_TOP = 5000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrendingArrays:
+    """A trending snapshot mapped onto one bundle's item rows (scores decayed to now)."""
+
+    overall: tuple[np.ndarray, np.ndarray]
+    by_category: Mapping[int, tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def empty(cls) -> TrendingArrays:
+        """No trending data."""
+        return cls(overall=(np.zeros(0, np.int64), np.zeros(0, np.float32)), by_category={})
+
+
+class BundleAux:
+    """What serving derives once from a bundle.
+
+    Parameters
+    ----------
+    bundle : Bundle
+        The model.
+    index : ItemIndex, optional
+        ALS retrieval index; exact when omitted.
+    content_index : ItemIndex, optional
+        Content retrieval index; exact when omitted (and content exists).
+    """
+
+    def __init__(self, bundle: Bundle, *, index: ItemIndex | None = None,
+                 content_index: ItemIndex | None = None) -> None:
+        self.bundle = bundle
+        self.version = bundle.version
+        y = bundle.item_factors
+        self.index = index or ExactIndex(y)
+        self.content_index = content_index or (ExactIndex(bundle.content) if bundle.content is not None else None)
+        self.factor_norms = np.linalg.norm(np.asarray(y, dtype=np.float32), axis=1)
+        self.YtY = gram(y)
+        params = bundle.manifest.get("params") or {}
+        als = params.get("als") or {}
+        self.regularization = float(als.get("regularization", 0.05))
+        self.alpha = float(als.get("alpha", 1.0))
+        self.event_weights: Mapping[str, float] | None = params.get("event_weights")
+        pop = np.asarray(bundle.popularity, dtype=np.float64)
+        self.pop_order = top_k(pop, min(_POP_TOP, len(pop)))
+        self.pop_max = float(pop.max()) if len(pop) else 0.0
+        cat = np.asarray(bundle.item_meta.category)
+        names = bundle.item_meta.category_names
+        self.category_code = {name: i for i, name in enumerate(names)}
+        self.category_items: dict[int, np.ndarray] = {}
+        if len(cat):
+            order = np.argsort(cat, kind="stable")
+            sc = cat[order]
+            for code in range(len(names)):
+                lo, hi = np.searchsorted(sc, code), np.searchsorted(sc, code, side="right")
+                items = order[lo:hi]
+                self.category_items[code] = items[np.lexsort((items, -pop[items]))]
+        self.category_names = names
+
+    @classmethod
+    def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 200_000,
+              nprobe: int = 32) -> BundleAux:
+        """Aux with the retrieval indexes chosen by catalog size (may take seconds: IVF)."""
+        index = build_index(bundle.item_factors, kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
+        content_index = None
+        if bundle.content is not None:
+            content_index = build_index(bundle.content, kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
+        return cls(bundle, index=index, content_index=content_index)
+
+    def category_name(self, idx: int) -> str | None:
+        """Training-time category of an item row."""
+        return self.bundle.item_meta.category_name(int(idx))
+
+    def similar_by_factors(self, item: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items of highest ALS factor cosine with ``item`` (itself excluded)."""
+        y = self.bundle.item_factors
+        q = np.asarray(y[item], dtype=np.float32)
+        qn = float(self.factor_norms[item])
+        if qn == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if isinstance(self.index, ExactIndex):
+            cos = (y @ q) / (np.maximum(self.factor_norms, 1e-12) * qn)
+            cos[item] = -np.inf
+            top = top_k(cos, n)
+            return top, cos[top].astype(np.float32)
+        idx, _ = self.index.search(q[None], n * 3 + 1)
+        idx = idx[0][(idx[0] >= 0) & (idx[0] != item)]
+        cos = (np.asarray(y[idx], dtype=np.float32) @ q) / (np.maximum(self.factor_norms[idx], 1e-12) * qn)
+        order = top_k(cos, n)
+        return idx[order], cos[order].astype(np.float32)
+
+    def similar_by_content(self, query: np.ndarray, n: int, *, exclude: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Items of highest content cosine with a (normalised) query vector."""
+        if self.content_index is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        extra = 0 if exclude is None else len(exclude)
+        idx, sc = self.content_index.search(np.asarray(query, dtype=np.float32)[None], n + extra)
+        idx, sc = idx[0], sc[0]
+        keep = idx >= 0
+        if exclude is not None and len(exclude):
+            keep &= ~np.isin(idx, exclude)
+        return idx[keep][:n], sc[keep][:n]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CandidateInput:
+    """One user's request, resolved to item rows of the bundle.
+
+    Parameters
+    ----------
+    recent : numpy.ndarray
+        Newest distinct history items (anchors), newest first.
+    session : numpy.ndarray
+        Session items (anchors).
+    context : int
+        Context item row, -1 when none.
+    has_vector : bool
+        Whether the user has an ALS vector (its results are in ``als``).
+    als : (numpy.ndarray, numpy.ndarray), optional
+        ALS retrieval result (items, scores) of this user.
+    user_vector : numpy.ndarray, optional
+        The vector, for the ``category`` source.
+    categories : sequence of int
+        Category codes of the request's category filter (empty: none).
+    affinity : mapping of int to float
+        Category code -> the user's affinity in [0, 1] (trending per category).
+    """
+
+    recent: np.ndarray
+    session: np.ndarray
+    context: int = -1
+    has_vector: bool = False
+    als: tuple[np.ndarray, np.ndarray] | None = None
+    user_vector: np.ndarray | None = None
+    categories: Sequence[int] = ()
+    affinity: Mapping[int, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def anchors(self) -> np.ndarray:
+        """Recent + session (+ context) items whose neighbours are candidates."""
+        parts = [self.recent[:N_RECENT_ANCHORS], self.session[-N_SESSION_ANCHORS:]]
+        if self.context >= 0:
+            parts.append(np.array([self.context], dtype=np.int64))
+        return np.unique(np.concatenate(parts).astype(np.int64))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CandidateSet:
+    """Distinct candidates of one user with every source's score.
+
+    Attributes
+    ----------
+    items : numpy.ndarray
+        int64 item rows, in chain order of first proposal.
+    scores : numpy.ndarray
+        float32 (n, len(SOURCES)): each source's score (0 = not proposed by it).
+    first : numpy.ndarray
+        int8 index into :data:`SOURCES` of the source that proposed it first.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    first: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def take(self, mask_or_pos: np.ndarray) -> CandidateSet:
+        """The subset at a mask or positions."""
+        return CandidateSet(self.items[mask_or_pos], self.scores[mask_or_pos], self.first[mask_or_pos])
+
+    def sources_used(self) -> list[str]:
+        """Names of the sources that proposed at least one candidate, in chain order."""
+        return [SOURCES[i] for i in sorted(set(self.first.tolist()))]
+
+
+def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, rows: np.ndarray, *,
+                   how: str = "sum") -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours of several CSR rows, aggregated per neighbour (``sum`` or ``max``).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Distinct neighbour rows (int64) and their aggregated values (float32).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0 or len(indices) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    nb = indices[pos].astype(np.int64)
+    val = values[pos].astype(np.float32)
+    uniq, inv = np.unique(nb, return_inverse=True)
+    if how == "sum":
+        agg = np.bincount(inv, weights=val, minlength=len(uniq)).astype(np.float32)
+    else:
+        agg = np.full(len(uniq), -np.inf, dtype=np.float32)
+        np.maximum.at(agg, inv, val)
+    return uniq, agg
+
+
+def _best(items: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((items, -scores)) if len(items) <= n else top_k(scores, n)
+    return items[order], scores[order]
+
+
+def context_neighbours(aux: BundleAux, c: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours of item row ``c``: co-visitation (scored 1-2), rules (1 + confidence),
+    ALS factor cosine and content cosine (0-1); the best ``n`` by score."""
+    if c < 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    t = aux.bundle.tables
+    one = np.array([c], dtype=np.int64)
+    parts_i, parts_s = [], []
+    cv_i, cv_s = csr_neighbours(t.covis_indptr, t.covis_indices, t.covis_scores, one)
+    if len(cv_s):
+        parts_i.append(cv_i)
+        parts_s.append(1.0 + cv_s / cv_s.max())   # co-visitation first, scaled to (1, 2]
+    ru_i, ru_s = csr_neighbours(t.rules_indptr, t.rules_consequent, t.rules_confidence, one, how="max")
+    parts_i.append(ru_i)
+    parts_s.append(1.0 + ru_s)
+    f_i, f_s = aux.similar_by_factors(c, n)
+    parts_i.append(f_i)
+    parts_s.append(np.maximum(f_s, 0))
+    if aux.bundle.content is not None:
+        q = np.asarray(aux.bundle.content[c], dtype=np.float32)
+        c_i, c_s = aux.similar_by_content(q, n // 2, exclude=one)
+        parts_i.append(c_i)
+        parts_s.append(np.maximum(c_s, 0) * 0.9)
+    items = np.concatenate(parts_i)
+    scores = np.concatenate(parts_s).astype(np.float32)
+    keep = items != c
+    items, scores = items[keep], scores[keep]
+    uniq, inv = np.unique(items, return_inverse=True)
+    agg = np.zeros(len(uniq), dtype=np.float32)
+    np.maximum.at(agg, inv, scores)
+    return _best(uniq, agg, n)
+
+
+def _category(inp: CandidateInput, aux: BundleAux, n: int) -> tuple[np.ndarray, np.ndarray]:
+    parts_i, parts_s = [], []
+    per = max(1, n // max(1, len(inp.categories)))
+    for code in inp.categories:
+        items = aux.category_items.get(code)
+        if items is None or len(items) == 0:
+            continue
+        if inp.user_vector is not None:
+            s = np.asarray(aux.bundle.item_factors[items], dtype=np.float32) @ inp.user_vector
+            top = top_k(s, per)
+            parts_i.append(items[top])
+            parts_s.append(s[top])
+        else:
+            head = items[:per]
+            parts_i.append(head)
+            parts_s.append(np.log1p(np.maximum(aux.bundle.popularity[head], 0)).astype(np.float32))
+    if not parts_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_s).astype(np.float32)
+
+
+def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarray, np.ndarray]:
+    items, scores = tr.overall
+    top = float(scores.max()) if len(scores) else 0.0
+    parts_i = [items[:n]]
+    parts_s = [scores[:n] / top if top > 0 else scores[:n]]
+    for code, aff in sorted(inp.affinity.items(), key=lambda kv: -kv[1])[:3]:
+        ci, cs = tr.by_category.get(code, (None, None))
+        if ci is None or len(ci) == 0:
+            continue
+        m = float(cs.max()) or 1.0
+        parts_i.append(ci[: max(1, n // 3)])
+        parts_s.append(2.0 * aff * cs[: max(1, n // 3)] / m)
+    if inp.categories:
+        for code in inp.categories:
+            ci, cs = tr.by_category.get(code, (None, None))
+            if ci is not None and len(ci):
+                parts_i.append(ci[:n])
+                parts_s.append(cs[:n] / (float(cs.max()) or 1.0))
+    items = np.concatenate(parts_i).astype(np.int64)
+    scores = np.concatenate(parts_s).astype(np.float32)
+    if len(items) == 0:
+        return items, scores
+    uniq, inv = np.unique(items, return_inverse=True)
+    agg = np.zeros(len(uniq), dtype=np.float32)
+    np.add.at(agg, inv, scores)
+    return _best(uniq, agg, n)
+
+
+def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_candidates: int
+           ) -> CandidateSet:
+    """Run every source in chain order and merge their proposals.
+
+    Parameters
+    ----------
+    inp : CandidateInput
+        The user's resolved request.
+    aux : BundleAux
+        Per-bundle data.
+    trending : TrendingArrays
+        Current trending items on this bundle's rows.
+    n_candidates : int
+        Candidates wanted; trending and popularity fill up to it.
+
+    Returns
+    -------
+    CandidateSet
+    """
+    t = aux.bundle.tables
+    quota = {name: max(1, math.ceil(share * n_candidates)) for name, share in QUOTAS.items()}
+    proposals: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def add(name: str, items: np.ndarray, scores: np.ndarray) -> None:
+        if len(items):
+            proposals.append((SOURCE_INDEX[name], np.asarray(items, np.int64), np.asarray(scores, np.float32)))
+
+    add("context", *context_neighbours(aux, inp.context, quota["context"]))
+    anchors = inp.anchors
+    if len(anchors):
+        add("session", *_best(*csr_neighbours(t.covis_indptr, t.covis_indices, t.covis_scores, anchors),
+                              quota["session"]))
+        add("bought_together", *_best(*csr_neighbours(t.rules_indptr, t.rules_consequent,
+                                                      t.rules_confidence, anchors, how="max"),
+                                      quota["bought_together"]))
+    if inp.als is not None:
+        ai, asc = inp.als
+        ok = ai >= 0
+        add("als", ai[ok][: quota["als"]], asc[ok][: quota["als"]])
+    if inp.categories:
+        add("category", *_category(inp, aux, quota["category"]))
+    if not inp.has_vector and len(anchors) and aux.bundle.content is not None:
+        q = np.asarray(aux.bundle.content[anchors], dtype=np.float32).mean(axis=0)
+        norm = float(np.linalg.norm(q))
+        if norm > 0:
+            add("content", *aux.similar_by_content(q / norm, quota["content"], exclude=anchors))
+    so_far = sum(len(p[1]) for p in proposals)
+    fill = max(0, n_candidates - so_far)
+    add("trending", *_trending(inp, trending, max(quota["trending"], fill // 2)))
+    so_far = sum(len(p[1]) for p in proposals)
+    n_pop = max(quota["popularity"], n_candidates - so_far)
+    head = aux.pop_order[:n_pop]
+    add("popularity", head, (np.log1p(np.maximum(aux.bundle.popularity[head], 0))).astype(np.float32))
+    return _merge(proposals, n_candidates)
+
+
+def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: int) -> CandidateSet:
+    if not proposals:
+        return CandidateSet(np.zeros(0, np.int64), np.zeros((0, len(SOURCES)), np.float32),
+                            np.zeros(0, np.int8))
+    src = np.concatenate([np.full(len(i), s, dtype=np.int8) for s, i, _ in proposals])
+    items = np.concatenate([i for _, i, _ in proposals])
+    scores = np.concatenate([s for _, _, s in proposals])
+    uniq, first_pos, inv = np.unique(items, return_index=True, return_inverse=True)
+    table = np.zeros((len(uniq), len(SOURCES)), dtype=np.float32)
+    np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
+    order = np.argsort(first_pos, kind="stable")[:n_candidates]
+    return CandidateSet(items=uniq[order], scores=table[order], first=src[first_pos[order]])

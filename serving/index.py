@@ -1,0 +1,229 @@
+"""Inner-product retrieval over the ALS item factors: exact numpy or a faiss IVF index.
+
+Both indexes answer ``search(queries, k) -> (item_idx, scores)`` for a batch
+of user vectors at once, best first, so a micro-batch of users costs one
+matrix product (exact) or one faiss call (IVF).
+
+* :class:`ExactIndex` multiplies the float32 factor matrix (memory-mapped from
+  the bundle, never copied) with the queries and selects the top ``k`` with
+  :func:`top_k`, which first thresholds on a strided sample of the scores and
+  only partitions the few items above it (exact: the threshold is checked and
+  the full partition is the fallback). 100k items x 64 factors: about 0.6 ms
+  per user, mostly the matrix product.
+* :class:`IvfIndex` is faiss' ``IndexIVFFlat`` with the inner-product metric
+  (k-means coarse lists, exact scores inside the probed lists). Measured on
+  clustered 64-factor data against exact search (``benchmarks/bench_serving_latency.py``):
+  1M items, nprobe 32: recall@100 >= 0.99 at about 0.2 ms per query, where HNSW
+  graphs (faiss, usearch) with inner product reached only 0.75-0.88 recall at
+  higher latency; the MIPS-to-L2 augmentation did not close the gap. Building
+  takes about 18 s for 1M items on 2 cores, so it is built off the request path.
+
+:func:`build_index` picks one by catalog size (``Settings.ann_index`` /
+``ann_min_items``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["ExactIndex", "ItemIndex", "IvfIndex", "build_index", "top_k"]
+
+log = logging.getLogger(__name__)
+
+#: Queries per block of the exact batched product (bounds the score matrix in memory).
+_BLOCK = 32
+#: Below this many scores a plain argpartition is as fast as the sampled threshold.
+_SAMPLE_MIN_N = 16_384
+_STRIDE = 16
+
+
+class ItemIndex(Protocol):
+    """What the recommender needs from a retrieval index."""
+
+    kind: str
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item rows and scores per query row, best first (-1 pads)."""
+        ...
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` highest ``scores``, best first (ties: lower position first).
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        1-D scores.
+    k : int
+        How many to return (fewer when ``scores`` is shorter).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 positions.
+    """
+    s = np.asarray(scores)
+    n = s.shape[0]
+    k = min(int(k), n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k == n:
+        return np.argsort(-s, kind="stable").astype(np.int64, copy=False)
+    cand: np.ndarray | None = None
+    if n >= _SAMPLE_MIN_N and k * 4 * _STRIDE < n:
+        sample = s[::_STRIDE]
+        rank = min(len(sample) - 1, 2 * (k // _STRIDE) + 8)
+        threshold = np.partition(sample, len(sample) - 1 - rank)[len(sample) - 1 - rank]
+        above = np.flatnonzero(s >= threshold)
+        if len(above) >= k:  # every top-k item is above the threshold: exact
+            cand = above
+    if cand is None:
+        part = np.argpartition(s, n - k)[n - k:]
+    else:
+        sub = s[cand]
+        part = cand[np.argpartition(sub, len(sub) - k)[len(sub) - k:]] if len(sub) > k else cand
+    order = np.lexsort((part, -s[part]))
+    return part[order].astype(np.int64, copy=False)
+
+
+class ExactIndex:
+    """Exact inner-product search by matrix product.
+
+    Parameters
+    ----------
+    item_factors : numpy.ndarray
+        (n_items, factors) float32; referenced, not copied.
+    """
+
+    kind = "exact"
+
+    def __init__(self, item_factors: np.ndarray) -> None:
+        if item_factors.ndim != 2:
+            raise ValueError(f"item_factors must be 2-D (n_items, factors); got shape {item_factors.shape}")
+        self.item_factors = item_factors
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items per query.
+
+        Parameters
+        ----------
+        queries : numpy.ndarray
+            (m, factors) user vectors.
+        k : int
+            Results per query.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            ``(m, k')`` int64 item rows and float32 scores, ``k' = min(k, n_items)``.
+        """
+        q = _queries(queries, self.item_factors.shape[1])
+        m, n = len(q), self.item_factors.shape[0]
+        kk = min(int(k), n)
+        idx = np.full((m, kk), -1, dtype=np.int64)
+        out = np.zeros((m, kk), dtype=np.float32)
+        for start in range(0, m, _BLOCK):
+            block = q[start:start + _BLOCK]
+            scores = block @ self.item_factors.T if len(block) > 1 else (self.item_factors @ block[0])[None]
+            for j, row in enumerate(scores):
+                top = top_k(row, kk)
+                idx[start + j] = top
+                out[start + j] = row[top]
+        return idx, out
+
+
+class IvfIndex:
+    """faiss ``IndexIVFFlat`` with the inner-product metric.
+
+    Parameters
+    ----------
+    item_factors : numpy.ndarray
+        (n_items, factors) float32.
+    nlist : int, optional
+        Coarse lists; default ``4 * sqrt(n_items)``.
+    nprobe : int, optional
+        Lists probed per query.
+    train_size : int, optional
+        Items sampled for k-means (default ``40 * nlist``).
+    threads : int, optional
+        faiss OpenMP threads while building (searches use one; see :meth:`search`).
+    seed : int, optional
+        Sampling seed (the same factors give the same index).
+    """
+
+    kind = "ivf"
+
+    def __init__(self, item_factors: np.ndarray, *, nlist: int | None = None, nprobe: int = 32,
+                 train_size: int | None = None, threads: int = 2, seed: int = 0) -> None:
+        import faiss
+
+        y = np.ascontiguousarray(item_factors, dtype=np.float32)
+        if y.ndim != 2 or len(y) == 0:
+            raise ValueError(f"item_factors must be a non-empty 2-D array; got shape {y.shape}")
+        n, f = y.shape
+        self.nlist = int(nlist or max(1, min(n // 8, round(4 * math.sqrt(n)))))
+        self.nprobe = int(min(nprobe, self.nlist))
+        t0 = time.perf_counter()
+        faiss.omp_set_num_threads(max(1, threads))
+        try:
+            quantizer = faiss.IndexFlatIP(f)
+            index = faiss.IndexIVFFlat(quantizer, f, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            m = min(n, train_size or 40 * self.nlist)
+            sample = y if m == n else y[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
+            index.train(sample)
+            index.add(y)
+        finally:
+            faiss.omp_set_num_threads(1)
+        index.nprobe = self.nprobe
+        self._quantizer = quantizer  # the IVF index keeps a pointer to it
+        self._index = index
+        self.factors = f
+        self.build_seconds = time.perf_counter() - t0
+        log.info("ivf index built items=%d nlist=%d nprobe=%d seconds=%.2f", n, self.nlist, self.nprobe,
+                 self.build_seconds)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-``k`` items per query (``-1`` pads short results)."""
+        q = _queries(queries, self.factors)
+        scores, idx = self._index.search(q, int(k))
+        return idx.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
+
+
+def _queries(queries: np.ndarray, factors: int) -> np.ndarray:
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None]
+    if q.ndim != 2 or q.shape[1] != factors:
+        raise ValueError(f"queries must have shape (m, {factors}); got {q.shape}")
+    return q
+
+
+def build_index(item_factors: np.ndarray, *, kind: str = "auto", ann_min_items: int = 200_000,
+                nprobe: int = 32) -> ItemIndex:
+    """The retrieval index for a factor matrix.
+
+    Parameters
+    ----------
+    item_factors : numpy.ndarray
+        (n_items, factors).
+    kind : {"auto", "exact", "ivf"}
+        ``auto``: IVF from ``ann_min_items`` items on, exact below.
+    ann_min_items : int
+        Threshold of ``auto``.
+    nprobe : int
+        IVF lists probed per query.
+
+    Returns
+    -------
+    ItemIndex
+    """
+    if kind not in ("auto", "exact", "ivf"):
+        raise ValueError(f"index kind must be 'auto', 'exact' or 'ivf'; got {kind!r}")
+    if kind == "exact" or (kind == "auto" and item_factors.shape[0] < ann_min_items):
+        return ExactIndex(item_factors)
+    return IvfIndex(item_factors, nprobe=nprobe)

@@ -1,0 +1,514 @@
+"""The recommender: candidates -> shared features -> ONNX ranking -> business rules -> explanations.
+
+One :class:`Recommender` serves the HTTP API, the stream worker (precomputed
+lists) and training's evaluation, so all three run the same code. Inputs are
+plain data — :class:`~serving.state.UserState` per user, a
+:class:`RecRequest`, the current :class:`~features.bundle.Bundle` (or
+``None``), a :class:`~serving.trending.TrendingSnapshot` and the live
+:class:`~features.catalog.CatalogCache` — and the output is a
+:class:`RecList` with ``rec_id``, model version and the source chain that
+served it.
+
+:meth:`Recommender.recommend_many` is the batched path: user vectors that must
+be folded in are solved in one batched solve, ALS retrieval is one index call
+for all users, and the features of every user's candidates are scored by ONE
+ONNX call. :meth:`Recommender.recommend` is the same for one user.
+
+Without a bundle (a new shop, or before the first training) every list comes
+from trending items (global and the user's categories) and then the catalog,
+through the same business rules: nobody gets an empty list while the catalog
+has an item in stock.
+
+Without a ranker in the bundle, candidates are ordered by :data:`HEURISTIC_WEIGHTS`
+applied to the same features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from features.bundle import Bundle
+from features.catalog import CatalogCache
+from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features
+from features.settings import EVENT_WEIGHTS
+from features.vectors import aggregate_confidences, fold_in_batch
+from serving.candidates import (
+    SOURCES,
+    BundleAux,
+    CandidateInput,
+    CandidateSet,
+    TrendingArrays,
+    gather,
+)
+from serving.explain import explain_items, source_scores, strongest_sources
+from serving.item_lists import fallback_list, item_list
+from serving.rules import (
+    RequestFilters,
+    RuleConfig,
+    apply_boosts,
+    blocked_items,
+    diversify,
+    eligible,
+    item_attrs,
+)
+from serving.state import UserState
+from serving.trending import TrendingSnapshot
+
+__all__ = ["HEURISTIC_WEIGHTS", "RecList", "RecRequest", "Recommendation", "Recommender"]
+
+log = logging.getLogger(__name__)
+
+#: Feature weights that order candidates when the bundle has no ranker.
+HEURISTIC_WEIGHTS: Mapping[str, float] = {
+    "als_score": 1.0, "covis_score": 0.5, "rules_confidence": 1.0, "content_sim": 0.3,
+    "trending": 0.2, "log_popularity": 0.1, "category_match": 0.3, "session_category_match": 0.2,
+}
+_HW = np.array([HEURISTIC_WEIGHTS.get(f, 0.0) for f in FEATURE_NAMES], dtype=np.float32)
+_COVIS = FEATURE_NAMES.index("covis_score")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecRequest:
+    """What one list should look like.
+
+    Parameters
+    ----------
+    k : int
+        List length (>= 1).
+    context_item : str, optional
+        The item the user is looking at (its neighbours become candidates).
+    filters : RequestFilters
+        Exclusions, category / price filters, category boosts.
+    explain : bool
+        Attach feature values and source scores to every item.
+    """
+
+    k: int = 20
+    context_item: str | None = None
+    filters: RequestFilters = dataclasses.field(default_factory=RequestFilters)
+    explain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1; got {self.k}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recommendation:
+    """One item of a list."""
+
+    item_id: str
+    score: float
+    reason: str
+    source: str
+    """Candidate source behind the reason (one of :data:`~serving.candidates.SOURCES`,
+    or ``trending`` / ``catalog`` in the bundle-less fallback)."""
+    reason_item: str | None = None
+    features: Mapping[str, float] | None = None
+    source_scores: Mapping[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; explain fields only when set."""
+        out: dict[str, Any] = {"item_id": self.item_id, "score": self.score, "reason": self.reason,
+                               "source": self.source}
+        if self.reason_item is not None:
+            out["reason_item"] = self.reason_item
+        if self.features is not None:
+            out["features"] = dict(self.features)
+        if self.source_scores is not None:
+            out["source_scores"] = dict(self.source_scores)
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecList:
+    """A served list: attributable by ``rec_id``, reproducible by ``model``."""
+
+    rec_id: str
+    user_id: str
+    model: str | None
+    source: str
+    """The source chain that served it, e.g. ``als+session+popularity``."""
+    items: tuple[Recommendation, ...]
+    ts: int
+    ranked: bool = False
+    """True when the bundle's ONNX ranker ordered the candidates."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (the API answer and the ``recs`` key value)."""
+        return {"rec_id": self.rec_id, "user_id": self.user_id, "model": self.model, "source": self.source,
+                "ts": self.ts, "ranked": self.ranked, "items": [i.to_dict() for i in self.items]}
+
+    def encode(self) -> bytes:
+        """orjson bytes of :meth:`to_dict`, the value of the ``recs`` key."""
+        return orjson.dumps(self.to_dict())
+
+
+@dataclasses.dataclass(slots=True)
+class _User:
+    """One user's request resolved to bundle rows (internal)."""
+
+    state: UserState
+    request: RecRequest
+    hist_items: np.ndarray
+    hist_types: np.ndarray
+    hist_ts: np.ndarray
+    recent: np.ndarray
+    session: np.ndarray
+    context: int
+    blocked: set[str]
+    vector: np.ndarray | None = None
+    user_categories: set[str] = dataclasses.field(default_factory=set)
+    affinity: dict[int, float] = dataclasses.field(default_factory=dict)
+
+
+class Recommender:
+    """Turns user state + request into a ranked, filtered, explained list.
+
+    Parameters
+    ----------
+    rules : RuleConfig
+        The shop's business rules.
+    n_candidates : int
+        Candidates gathered per list before ranking.
+    event_weights : mapping, optional
+        Fold-in confidence per event type (the bundle's training weights win).
+    trending_half_life_s : float
+        Half-life of the trending counts (to decay them to now for the features).
+    index_kind : {"auto", "exact", "ivf"}
+        Retrieval index built by :meth:`prepare`.
+    ann_min_items, nprobe : int
+        See :func:`serving.index.build_index`.
+    """
+
+    def __init__(self, *, rules: RuleConfig | None = None, n_candidates: int = 300,
+                 event_weights: Mapping[str, float] | None = None, trending_half_life_s: float = 6 * 3600.0,
+                 index_kind: str = "auto", ann_min_items: int = 200_000, nprobe: int = 32) -> None:
+        if n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1; got {n_candidates}")
+        self.rules = rules or RuleConfig()
+        self.n_candidates = n_candidates
+        self.event_weights = dict(event_weights or EVENT_WEIGHTS)
+        self.half_life_ms = trending_half_life_s * 1000.0
+        self.index_kind = index_kind
+        self.ann_min_items = ann_min_items
+        self.nprobe = nprobe
+        self._aux: dict[str, BundleAux] = {}
+        self._trend_cache: tuple[TrendingSnapshot, str, TrendingArrays] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Recommender:
+        """A recommender configured from :class:`~features.settings.Settings`."""
+        return cls(rules=RuleConfig.from_settings(settings), n_candidates=settings.n_candidates,
+                   event_weights=settings.event_weights, trending_half_life_s=settings.trending_half_life_s,
+                   index_kind=settings.ann_index, ann_min_items=settings.ann_min_items,
+                   nprobe=settings.ann_nprobe)
+
+    # -- per-bundle data -------------------------------------------------------------
+
+    def prepare(self, bundle: Bundle) -> BundleAux:
+        """Build the bundle's retrieval indexes now (call off the request path after a swap)."""
+        aux = BundleAux.build(bundle, kind=self.index_kind, ann_min_items=self.ann_min_items,
+                              nprobe=self.nprobe)
+        self._remember(aux)
+        return aux
+
+    def aux(self, bundle: Bundle) -> BundleAux:
+        """The bundle's derived data; exact retrieval until :meth:`prepare` built the index."""
+        aux = self._aux.get(bundle.version)
+        if aux is None or aux.bundle is not bundle:
+            aux = BundleAux(bundle)
+            self._remember(aux)
+        return aux
+
+    def _remember(self, aux: BundleAux) -> None:
+        cache = dict(self._aux)
+        cache[aux.version] = aux
+        while len(cache) > 2:
+            cache.pop(next(iter(cache)))
+        self._aux = cache  # one assignment: readers on other threads see old or new
+
+    def trending_arrays(self, trending: TrendingSnapshot, aux: BundleAux) -> TrendingArrays:
+        """The snapshot on the bundle's rows (raw stored scores; cached per snapshot)."""
+        cached = self._trend_cache
+        if cached is not None and cached[0] is trending and cached[1] == aux.version:
+            return cached[2]
+        items = aux.bundle.items
+
+        def mapped(rows: Sequence[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+            idx = items.indices(i for i, _ in rows)
+            sc = np.fromiter((s for _, s in rows), dtype=np.float32, count=len(rows))
+            keep = idx >= 0
+            return idx[keep], sc[keep]
+
+        arrays = TrendingArrays(
+            overall=mapped(trending.overall),
+            by_category={aux.category_code[c]: mapped(r) for c, r in trending.by_category.items()
+                         if c in aux.category_code})
+        self._trend_cache = (trending, aux.version, arrays)
+        return arrays
+
+    # -- entry points ------------------------------------------------------------------
+
+    def recommend(self, state: UserState, request: RecRequest | None = None, *, bundle: Bundle | None,
+                  trending: TrendingSnapshot, catalog: CatalogCache, now_ms: int | None = None) -> RecList:
+        """One user's list; see :meth:`recommend_many`."""
+        return self.recommend_many([state], [request or RecRequest()], bundle=bundle, trending=trending,
+                                   catalog=catalog, now_ms=now_ms)[0]
+
+    def recommend_many(self, states: Sequence[UserState], requests: Sequence[RecRequest] | RecRequest,
+                       *, bundle: Bundle | None, trending: TrendingSnapshot, catalog: CatalogCache,
+                       now_ms: int | None = None) -> list[RecList]:
+        """Lists for many users with one fold-in solve, one retrieval call and one ONNX call.
+
+        Parameters
+        ----------
+        states : sequence of UserState
+            The users.
+        requests : RecRequest or sequence of RecRequest
+            One request for all, or one per user.
+        bundle : Bundle or None
+            The model; ``None`` serves trending / catalog fallbacks.
+        trending : TrendingSnapshot
+            Current trending lists.
+        catalog : CatalogCache
+            Live catalog (stock, category, price).
+        now_ms : int, optional
+            Current time (default: the clock).
+
+        Returns
+        -------
+        list of RecList
+            One per user, in order.
+        """
+        reqs = [requests] * len(states) if isinstance(requests, RecRequest) else list(requests)
+        if len(reqs) != len(states):
+            raise ValueError(f"requests must be one RecRequest or one per state; got {len(reqs)} for "
+                             f"{len(states)} states")
+        now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        if bundle is None:
+            return [self._fallback(s, r, trending, catalog, now) for s, r in zip(states, reqs, strict=True)]
+        aux = self.aux(bundle)
+        tr = self.trending_arrays(trending, aux)
+        users = [self._resolve(s, r, aux, now) for s, r in zip(states, reqs, strict=True)]
+        self._vectors(users, aux)
+        als = self._retrieve(users, aux)
+        cands: list[CandidateSet] = []
+        for u, a in zip(users, als, strict=True):
+            inp = CandidateInput(recent=u.recent, session=u.session, context=u.context,
+                                 has_vector=u.vector is not None, als=a, user_vector=u.vector,
+                                 categories=self._category_codes(u.request.filters, aux), affinity=u.affinity)
+            cands.append(self._eligible(gather(inp, aux, tr, n_candidates=self.n_candidates), u, aux, catalog))
+        decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
+        feats = [build_features(self._context_of(u, tr, decay, now), c.items, bundle.tables)
+                 for u, c in zip(users, cands, strict=True)]
+        scores = self._score(feats, bundle)
+        return [self._finish(u, c, x, s, aux, catalog, now, ranked=bundle.ranker is not None)
+                for u, c, x, s in zip(users, cands, feats, scores, strict=True)]
+
+    def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
+                      catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
+        """Items similar to ``item_id`` (co-visitation, ALS and content neighbours)."""
+        aux = None if bundle is None else self.aux(bundle)
+        return item_list("similar", item_id, k=k, aux=aux, trending=trending, catalog=catalog,
+                         exclude=exclude, now_ms=now_ms)
+
+    def bought_together(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
+                        catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
+        """Items frequently bought with ``item_id`` (association rules, then co-visitation)."""
+        aux = None if bundle is None else self.aux(bundle)
+        return item_list("bought_together", item_id, k=k, aux=aux, trending=trending, catalog=catalog,
+                         exclude=exclude, now_ms=now_ms)
+
+    # -- stages ------------------------------------------------------------------------
+
+    def _fallback(self, state: UserState, req: RecRequest, trending: TrendingSnapshot, catalog: CatalogCache,
+                  now: int) -> RecList:
+        blocked = blocked_items(bought=state.bought, shown=state.shown, exclude=req.filters.exclude,
+                                config=self.rules, now_ms=now)
+        if req.context_item:
+            blocked.add(req.context_item)
+        return fallback_list(state.user_id, state.history, k=req.k, filters=req.filters, blocked=blocked,
+                             trending=trending, catalog=catalog, rules=self.rules, now_ms=now)
+
+    def _resolve(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
+        items = aux.bundle.items
+        hist = [(items.get(i), TYPE_CODES.get(t, -1), ts) for i, t, ts in state.history]
+        hist = [h for h in hist if h[0] >= 0 and h[1] >= 0]
+        hi = np.fromiter((h[0] for h in hist), dtype=np.int64, count=len(hist))
+        _, first = np.unique(hi, return_index=True)
+        recent = hi[np.sort(first)]
+        sess = items.indices(state.session_items)
+        context = items.get(req.context_item) if req.context_item else -1
+        blocked = blocked_items(bought=state.bought, shown=state.shown, exclude=req.filters.exclude,
+                                config=self.rules, now_ms=now)
+        if req.context_item:
+            blocked.add(req.context_item)
+        u = _User(state=state, request=req, hist_items=hi,
+                  hist_types=np.fromiter((h[1] for h in hist), dtype=np.int8, count=len(hist)),
+                  hist_ts=np.fromiter((h[2] for h in hist), dtype=np.int64, count=len(hist)),
+                  recent=recent, session=sess[sess >= 0], context=context, blocked=blocked)
+        cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
+        for rank, code in enumerate(cats.tolist()):
+            if code >= 0:
+                u.affinity[code] = u.affinity.get(code, 0.0) + float(np.exp(-rank / 10.0))
+                u.user_categories.add(aux.category_names[code])
+        top = max(u.affinity.values(), default=0.0)
+        u.affinity = {c: a / top for c, a in u.affinity.items()} if top else {}
+        return u
+
+    def _vectors(self, users: list[_User], aux: BundleAux) -> None:
+        """Stored vectors of this model; else one batched fold-in; else the trained row."""
+        f = aux.bundle.item_factors.shape[1]
+        weights = aux.event_weights or self.event_weights
+        code_weight = np.zeros(len(TYPE_CODES), dtype=np.float64)
+        for t, c in TYPE_CODES.items():
+            code_weight[c] = float(weights.get(t, 0.0))
+        fold: list[tuple[int, tuple[np.ndarray, np.ndarray]]] = []
+        for j, u in enumerate(users):
+            v = u.state.vector
+            if v is not None and u.state.vector_model == aux.version and v.shape == (f,) and np.isfinite(v).all():
+                u.vector = np.asarray(v, dtype=np.float32)
+                continue
+            w = code_weight[u.hist_types.astype(np.int64)] if len(u.hist_types) else np.zeros(0)
+            if (w > 0).any():
+                fold.append((j, aggregate_confidences(u.hist_items[w > 0], w[w > 0])))
+            else:
+                row = aux.bundle.users.get(u.state.user_id) if u.state.user_id else -1
+                if row >= 0:
+                    u.vector = np.asarray(aux.bundle.user_factors[row], dtype=np.float32)
+        if fold:
+            vecs = fold_in_batch(aux.bundle.item_factors, aux.YtY, [p for _, p in fold], aux.regularization,
+                                 alpha=aux.alpha)
+            for (j, _), v in zip(fold, vecs, strict=True):
+                users[j].vector = v
+
+    def _retrieve(self, users: list[_User], aux: BundleAux) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(users)
+        with_vec = [j for j, u in enumerate(users) if u.vector is not None]
+        if with_vec:
+            n = max(1, int(self.n_candidates * 0.5))
+            idx, sc = aux.index.search(np.stack([users[j].vector for j in with_vec]), n)  # type: ignore[misc]
+            for r, j in enumerate(with_vec):
+                out[j] = (idx[r], sc[r])
+        return out
+
+    @staticmethod
+    def _category_codes(filters: RequestFilters, aux: BundleAux) -> list[int]:
+        if filters.categories is None:
+            return []
+        return [aux.category_code[c] for c in filters.categories if c in aux.category_code]
+
+    def _eligible(self, cands: CandidateSet, u: _User, aux: BundleAux, catalog: CatalogCache) -> CandidateSet:
+        ids = aux.bundle.items.to_ids(cands.items)
+        meta = aux.bundle.item_meta
+        attrs = item_attrs(ids, catalog, bundle_category=_names(aux, cands.items),
+                           bundle_price=meta.price[cands.items], bundle_in_stock=meta.in_stock[cands.items])
+        ok = eligible(ids, attrs, blocked=u.blocked, filters=u.request.filters)
+        return cands.take(ok)
+
+    @staticmethod
+    def _context_of(u: _User, tr: TrendingArrays, decay: float, now: int) -> RankingContext:
+        session = u.session if u.context < 0 else np.append(u.session, u.context)
+        return RankingContext(user_vector=u.vector, history_items=u.hist_items, history_types=u.hist_types,
+                              history_ts=u.hist_ts, session_items=session, now_ms=now,
+                              trending_items=tr.overall[0], trending_scores=tr.overall[1] * np.float32(decay))
+
+    @staticmethod
+    def _score(feats: list[np.ndarray], bundle: Bundle) -> list[np.ndarray]:
+        sizes = [len(x) for x in feats]
+        if sum(sizes) == 0:
+            return [np.zeros(0, np.float32) for _ in feats]
+        X = np.concatenate(feats)
+        if bundle.ranker is not None:
+            s = bundle.ranker.predict(X)
+        else:
+            Xh = X.copy()
+            Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
+            s = Xh @ _HW
+        return np.split(s, np.cumsum(sizes)[:-1])
+
+    def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, scores: np.ndarray, aux: BundleAux,
+                catalog: CatalogCache, now: int, *, ranked: bool) -> RecList:
+        req = u.request
+        k = req.k
+        cats = _live_categories(aux, cands.items, catalog)
+        s = apply_boosts(scores, cats, req.filters.boost_categories)
+        order = np.lexsort((np.arange(len(s)), -s))
+        vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
+        pos = diversify(order, cats, k, self.rules, scores=s, vectors=vectors)
+        strongest = strongest_sources(cands)
+
+        def name(idx: int) -> str:
+            item_id = aux.bundle.items.id(idx)
+            info = catalog.get(item_id)
+            return info.title if info is not None and info.title else item_id
+
+        reasons = explain_items(cands, pos, aux=aux, anchors=np.unique(np.concatenate([u.recent[:10], u.session])),
+                                context=u.context, recent=u.recent, name=name, categories=cats,
+                                user_categories=u.user_categories)
+        recs: list[Recommendation] = []
+        for p, reason in zip(pos.tolist(), reasons, strict=True):
+            extra: dict[str, Any] = {}
+            if req.explain:
+                extra = {"features": {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
+                         "source_scores": source_scores(cands, p)}
+            recs.append(Recommendation(item_id=aux.bundle.items.id(int(cands.items[p])), score=round(float(s[p]), 6),
+                                       reason=reason.text, source=reason.source, reason_item=reason.item_id,
+                                       **extra))
+        chain = [SOURCES[i] for i in sorted({int(strongest[p]) for p in pos.tolist()})]
+        if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
+            taken = u.blocked | {r.item_id for r in recs}
+            more = self._backfill(u, aux, catalog, taken, k - len(recs), now)
+            recs.extend(more)
+            chain.extend(dict.fromkeys(r.source for r in more if r.source not in chain))
+        return RecList(rec_id=uuid.uuid4().hex, user_id=u.state.user_id, model=aux.version,
+                       source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked)
+
+    def _backfill(self, u: _User, aux: BundleAux, catalog: CatalogCache, taken: set[str], n: int,
+                  now: int) -> list[Recommendation]:
+        out: list[Recommendation] = []
+        order = aux.pop_order
+        ids_all = aux.bundle.items
+        for start in range(0, len(order), 1000):
+            chunk = order[start:start + 1000]
+            ids = ids_all.to_ids(chunk)
+            meta = aux.bundle.item_meta
+            attrs = item_attrs(ids, catalog, bundle_category=_names(aux, chunk), bundle_price=meta.price[chunk],
+                               bundle_in_stock=meta.in_stock[chunk])
+            ok = eligible(ids, attrs, blocked=taken, filters=u.request.filters)
+            for j in np.flatnonzero(ok).tolist():
+                cat = attrs.category[j]
+                out.append(Recommendation(item_id=ids[j], score=0.0, source="popularity",
+                                          reason=f"popular in {cat}" if cat else "popular now"))
+                taken.add(ids[j])
+                if len(out) == n:
+                    return out
+        rest = fallback_list(u.state.user_id, u.state.history, k=n, filters=u.request.filters, blocked=taken,
+                             trending=None, catalog=catalog, rules=self.rules, now_ms=now)
+        out.extend(rest.items)
+        return out
+
+
+def _names(aux: BundleAux, items: np.ndarray) -> list[str | None]:
+    names = aux.category_names
+    return [names[c] if c >= 0 else None for c in aux.bundle.item_meta.category[items].tolist()]
+
+
+def _live_categories(aux: BundleAux, items: np.ndarray, catalog: CatalogCache) -> np.ndarray:
+    cats = np.empty(len(items), dtype=object)
+    cats[:] = _names(aux, items)
+    if len(catalog):
+        for j, item_id in enumerate(aux.bundle.items.to_ids(items)):
+            live = catalog.category(item_id)
+            if live:
+                cats[j] = live
+    return cats
