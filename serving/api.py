@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 #: Route-group modules; each defines ``router: fastapi.APIRouter``.
 ROUTER_MODULES: tuple[str, ...] = (
     "serving.collector",
+    "serving.routes_recs",
+    "serving.routes_profile",
+    "serving.routes_metrics",
 )
 
 #: Most events in one ``POST /v1/events`` request (default of :func:`create_app`).

@@ -1,0 +1,72 @@
+"""Prometheus metrics of the HTTP API, in a registry per app (no process-global state).
+
+``GET /metrics`` (:mod:`serving.routes_metrics`) exposes them:
+
+=====================================  =========  ===========================================
+metric                                 type       labels / meaning
+=====================================  =========  ===========================================
+``liftrec_api_requests_total``         counter    ``route``, ``status``
+``liftrec_api_request_seconds``        histogram  ``route``: handler time
+``liftrec_api_lists_total``            counter    ``route``, ``source``: first source of the
+                                                  chain that served the list
+``liftrec_api_fallback_total``         counter    ``reason``: ``no_model`` (no bundle),
+                                                  ``short`` (list shorter than k)
+``liftrec_api_model_swaps_total``      counter    bundles swapped in
+``liftrec_api_model_info``             gauge      ``version`` of the bundle in use (1)
+``liftrec_api_catalog_items``          gauge      items in the API's catalog cache
+=====================================  =========  ===========================================
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["ApiMetrics"]
+
+_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+
+
+class ApiMetrics:
+    """The API's metrics and their registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("liftrec_api_requests_total", "API requests by route and status",
+                                ["route", "status"], registry=r)
+        self.seconds = Histogram("liftrec_api_request_seconds", "Handler time per route", ["route"],
+                                 buckets=_BUCKETS, registry=r)
+        self.lists = Counter("liftrec_api_lists_total", "Served lists by the first source of their chain",
+                             ["route", "source"], registry=r)
+        self.fallback = Counter("liftrec_api_fallback_total", "Lists served by a fallback", ["reason"],
+                                registry=r)
+        self.swaps = Counter("liftrec_api_model_swaps_total", "Model bundles swapped in", registry=r)
+        self.model_info = Gauge("liftrec_api_model_info", "Version of the bundle in use", ["version"],
+                                registry=r)
+        self.catalog_items = Gauge("liftrec_api_catalog_items", "Items in the catalog cache", registry=r)
+        self._version: str | None = None
+
+    def model_swapped(self, version: str) -> None:
+        """Record a swap to ``version``."""
+        self.swaps.inc()
+        if self._version is not None:
+            self.model_info.remove(self._version)
+        self.model_info.labels(version=version).set(1)
+        self._version = version
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """Count one request."""
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.seconds.labels(route=route).observe(seconds)
+
+    def served(self, route: str, source: str, *, short: bool, model: str | None) -> None:
+        """Count one served list."""
+        self.lists.labels(route=route, source=source.split("+", 1)[0]).inc()
+        if model is None:
+            self.fallback.labels(reason="no_model").inc()
+        if short:
+            self.fallback.labels(reason="short").inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,196 @@
+"""Recommendation routes: a user's list, similar items, items bought together.
+
+The router's lifespan opens the :class:`~serving.runtime.ServingRuntime`
+(model holder, catalog cache, trending, state reader) in
+``app.state.serving``; it runs inside the app's own lifespan, so
+``app.state.redis`` already exists.
+
+Every list answer carries ``rec_id`` (attribution: send it back with the
+events of the items clicked from the list) and ``model`` (the bundle version;
+``null`` when no model is loaded and trending served). Unknown users and
+items get cold-start lists, never 404. Bad parameters are 422 with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from serving.api import ErrorBody, JsonResponse, error_response
+from serving.recommender import RecList, RecRequest
+from serving.rules import RequestFilters
+from serving.runtime import ServingRuntime
+
+__all__ = ["RecItemBody", "RecListBody", "router"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+    runtime = ServingRuntime(state.settings, state.redis, redis_url=state.endpoints.redis_url)
+    await runtime.start()
+    state.serving = runtime
+    log.info("recommendation routes ready model=%s", runtime.models.version)
+    try:
+        yield
+    finally:
+        await runtime.stop()
+
+
+router = APIRouter(tags=["recommendations"], lifespan=_lifespan)
+
+
+class RecItemBody(BaseModel):
+    """One recommended item."""
+
+    item_id: str
+    score: float = Field(description="Ranker score (or source score for item lists); higher is better.")
+    reason: str = Field(description='Why it is recommended, e.g. "viewed together with X", "popular in Z".')
+    source: str = Field(description="Candidate source behind the reason: context, session, bought_together, "
+                        "als, category, content, trending, popularity.")
+    reason_item: str | None = Field(default=None, description="The item the reason names, if any.")
+    features: dict[str, float] | None = Field(default=None, description="Ranker features (explain=true).")
+    source_scores: dict[str, float] | None = Field(default=None,
+                                                   description="Every source's score (explain=true).")
+
+
+class RecListBody(BaseModel):
+    """A served list."""
+
+    rec_id: str = Field(description="Id of this list; send it back as `rec_id` on events it caused.")
+    user_id: str = Field(description="The user (empty for item lists).")
+    model: str | None = Field(description="Model bundle version; null when no model is loaded.")
+    source: str = Field(description="Source chain that served the list, e.g. `als+session+popularity`.")
+    ts: int = Field(description="When the list was made, epoch ms.")
+    ranked: bool = Field(default=False, description="True when the ONNX ranker ordered the candidates.")
+    items: list[RecItemBody]
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {422: {"model": ErrorBody, "description": "Bad parameter."}}
+
+
+def _runtime(request: Request) -> ServingRuntime:
+    return request.app.state.serving  # type: ignore[no-any-return]
+
+
+def _csv(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated query values, flattened, blanks dropped."""
+    out: list[str] = []
+    for v in values or ():
+        out.extend(p.strip() for p in v.split(","))
+    return [p for p in out if p]
+
+
+def _bad(message: str) -> JsonResponse:
+    return error_response(422, "RequestValidationError", message)
+
+
+def _check_common(rt: ServingRuntime, *, k: int, ids: dict[str, str | None]) -> JsonResponse | None:
+    if k > rt.settings.max_k:
+        return _bad(f"query.k: must be <= {rt.settings.max_k} (got {k})")
+    for where, value in ids.items():
+        if value is not None and (not value.strip() or len(value) > rt.settings.max_id_len):
+            return _bad(f"{where}: must be a non-blank id of at most {rt.settings.max_id_len} characters")
+    return None
+
+
+def _answer(rt: ServingRuntime, route: str, recs: RecList, k: int, t0: float) -> JsonResponse:
+    rt.metrics.served(route, recs.source, short=len(recs.items) < k, model=recs.model)
+    rt.metrics.observe(route, 200, time.perf_counter() - t0)
+    return JsonResponse(recs.to_dict())
+
+
+K = Annotated[int, Query(ge=1, le=1000, description="List length; at most `Settings.max_k` (default 100).")]
+Exclude = Annotated[list[str] | None, Query(description="Item ids to leave out (repeat or comma-separate).")]
+
+
+@router.get(
+    "/v1/users/{user_id}/recommendations",
+    summary="A user's ranked, filtered, explained list",
+    description=(
+        "Candidates from the ALS index, the session's co-visitation, bought-together rules, the context "
+        "item's neighbours, trending and popularity; ranked by the model's ONNX ranker; purchased (within "
+        "the shop's repurchase window), out-of-stock, excluded and over-shown items removed; diversified "
+        "by category. Unknown users get a cold-start list. Each item carries its strongest reason; "
+        "`explain=true` adds feature values and source scores."
+    ),
+    response_model=RecListBody,
+    responses=_RESPONSES,
+)
+async def user_recommendations(
+    request: Request,
+    user_id: Annotated[str, Path(description="The user's id.")],
+    k: K = 20,
+    context_item: Annotated[str | None, Query(description="Item being viewed; its neighbours come first.")] = None,
+    category: Annotated[list[str] | None, Query(description="Only these categories.")] = None,
+    exclude: Exclude = None,
+    min_price: Annotated[float | None, Query(ge=0, description="Lowest price (inclusive).")] = None,
+    max_price: Annotated[float | None, Query(ge=0, description="Highest price (inclusive).")] = None,
+    boost_category: Annotated[list[str] | None, Query(description="Categories to lift.")] = None,
+    boost: Annotated[float, Query(ge=0, le=10, description="Lift of boosted categories, in units of the "
+                                  "list's score spread.")] = 0.5,
+    explain: Annotated[bool, Query(description="Add feature values and source scores.")] = False,
+) -> JsonResponse:
+    t0 = time.perf_counter()
+    rt = _runtime(request)
+    bad = _check_common(rt, k=k, ids={"path.user_id": user_id, "query.context_item": context_item})
+    if bad is not None:
+        return bad
+    if min_price is not None and max_price is not None and min_price > max_price:
+        return _bad(f"query.min_price: must be <= max_price (got {min_price} > {max_price})")
+    cats = _csv(category)
+    filters = RequestFilters(exclude=frozenset(_csv(exclude)), categories=frozenset(cats) if cats else None,
+                             min_price=min_price, max_price=max_price,
+                             boost_categories={c: boost for c in _csv(boost_category)})
+    req = RecRequest(k=k, context_item=context_item, filters=filters, explain=explain)
+    state = await rt.reader.read(user_id)
+    trending = await rt.trending()
+    recs = rt.recommender.recommend(state, req, bundle=rt.bundle, trending=trending, catalog=rt.catalog)
+    return _answer(rt, "user_recommendations", recs, k, t0)
+
+
+async def _item_list(request: Request, kind: str, item_id: str, k: int, exclude: list[str] | None
+                     ) -> JsonResponse:
+    t0 = time.perf_counter()
+    rt = _runtime(request)
+    bad = _check_common(rt, k=k, ids={"path.item_id": item_id})
+    if bad is not None:
+        return bad
+    trending = await rt.trending()
+    fn = rt.recommender.similar_items if kind == "similar" else rt.recommender.bought_together
+    recs = fn(item_id, k=k, bundle=rt.bundle, trending=trending, catalog=rt.catalog, exclude=_csv(exclude))
+    return _answer(rt, kind, recs, k, t0)
+
+
+@router.get(
+    "/v1/items/{item_id}/similar",
+    summary="Items similar to an item",
+    description="Co-visitation, ALS factor cosine and content neighbours of the item, in stock only; "
+    "unknown items get their category's popular items and trending items.",
+    response_model=RecListBody,
+    responses=_RESPONSES,
+)
+async def similar_items(request: Request, item_id: Annotated[str, Path(description="The anchor item.")],
+                        k: K = 20, exclude: Exclude = None) -> JsonResponse:
+    return await _item_list(request, "similar", item_id, k, exclude)
+
+
+@router.get(
+    "/v1/items/{item_id}/bought-together",
+    summary="Items frequently bought with an item",
+    description="Association-rule consequents of the item (most confident first), then its co-visitation "
+    "neighbours, then its category's popular items.",
+    response_model=RecListBody,
+    responses=_RESPONSES,
+)
+async def bought_together(request: Request, item_id: Annotated[str, Path(description="The anchor item.")],
+                          k: K = 20, exclude: Exclude = None) -> JsonResponse:
+    return await _item_list(request, "bought_together", item_id, k, exclude)

@@ -1,0 +1,193 @@
+"""What the API's recommendation routes share per process: model, catalog, trending, state reader.
+
+:class:`ServingRuntime` is opened by the lifespan of :mod:`serving.routes_recs`
+and lives in ``app.state.serving``:
+
+* a :class:`~features.reload.ModelHolder` (hot reload on the Redis
+  announcement or a changed ``CURRENT``; a request keeps the bundle it took
+  for its whole life, so a swap never breaks a request); after each swap the
+  recommender's retrieval index is built in a background thread (exact search
+  serves meanwhile);
+* a :class:`~features.catalog.CatalogCache` filled from Redis at start and
+  kept fresh by a subscriber on the catalog change channel (the same protocol
+  the stream worker uses), so a stock change leaves API lists at once;
+* trending lists read from Redis at most once a second;
+* a :class:`~serving.state.UserStateReader` and the :class:`~serving.recommender.Recommender`;
+* the Prometheus registry of the API (:mod:`serving.api_metrics`).
+
+Redis being down never stops the API from starting: the catalog and trending
+stay empty (or stale) and are retried in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from features.bundle import Bundle
+from features.catalog import CatalogCache, CatalogStore
+from features.keys import KeySchema
+from features.reload import ModelHolder
+from features.settings import Settings
+from serving.api_metrics import ApiMetrics
+from serving.profile import ProfileModel
+from serving.recommender import Recommender
+from serving.state import UserStateReader
+from serving.trending import TrendingSnapshot
+
+__all__ = ["ServingRuntime", "read_trending"]
+
+log = logging.getLogger(__name__)
+
+#: Trending lists are re-read at most this often (seconds).
+TRENDING_TTL_S = 1.0
+_RETRY_S = 1.0
+
+
+async def read_trending(client: aioredis.Redis, keys: KeySchema, categories: list[str], *,
+                        top: int = 200, top_per_category: int = 50) -> TrendingSnapshot:
+    """The trending lists (global and per category) in one pipelined round trip."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.trending_meta(), "ref_ms")
+    pipe.zrevrange(keys.trending(), 0, top - 1, withscores=True)
+    for c in categories:
+        pipe.zrevrange(keys.trending(c), 0, top_per_category - 1, withscores=True)
+    res = await pipe.execute()
+
+    def rows(raw: list[tuple[bytes, float]]) -> list[tuple[str, float]]:
+        return [(m.decode(), float(s)) for m, s in raw]
+
+    by_cat = {c: rows(r) for c, r in zip(categories, res[2:], strict=True) if r}
+    return TrendingSnapshot(overall=rows(res[1]), by_category=by_cat,
+                            ref_ms=int(float(res[0])) if res[0] is not None else None)
+
+
+class ServingRuntime:
+    """Per-process serving resources of the API.
+
+    Parameters
+    ----------
+    settings : Settings
+        Registry, key prefix, serving knobs.
+    client : redis.asyncio.Redis
+        The API's Redis client.
+    redis_url : str, optional
+        For the model-announcement subscriber (own connection).
+    poll_interval_s : float, optional
+        Registry poll interval of the model holder.
+    """
+
+    def __init__(self, settings: Settings, client: aioredis.Redis, *, redis_url: str | None = None,
+                 poll_interval_s: float = 5.0) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = KeySchema(settings.key_prefix)
+        self.catalog = CatalogCache()
+        self.catalog_store = CatalogStore(client, self.keys)
+        self.reader = UserStateReader(client, self.keys, history_cap=settings.history_cap)
+        self.recommender = Recommender.from_settings(settings)
+        self.metrics = ApiMetrics()
+        self.models = ModelHolder(settings.registry_dir, redis_url=redis_url, key_prefix=settings.key_prefix,
+                                  poll_interval_s=poll_interval_s,
+                                  intra_op_threads=settings.onnx_intra_op_threads, on_swap=self._on_swap)
+        self._trending = TrendingSnapshot(overall=(), by_category={})
+        self._trending_at = -1e9
+        self._trending_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._profile: tuple[str, tuple[float, float, float] | None, ProfileModel | None] | None = None
+
+    @property
+    def bundle(self) -> Bundle | None:
+        """The model bundle in use (take it once per request)."""
+        return self.models.bundle
+
+    def _on_swap(self, bundle: Bundle) -> None:
+        self.metrics.model_swapped(bundle.version)
+        threading.Thread(target=self._prepare, args=(bundle,), name="liftrec-index", daemon=True).start()
+
+    def _prepare(self, bundle: Bundle) -> None:
+        try:
+            aux = self.recommender.prepare(bundle)
+            log.info("retrieval index ready version=%s kind=%s", bundle.version, aux.index.kind)
+        except Exception:
+            log.exception("building the retrieval index failed version=%s; exact search serves",
+                          bundle.version)
+
+    def profile_inputs(self, bundle: Bundle | None) -> tuple[tuple[float, float, float] | None,
+                                                              ProfileModel | None]:
+        """The catalog's price quartiles and the P(buy) model of a bundle (cached per version)."""
+        if bundle is None:
+            return None, None
+        cached = self._profile
+        if cached is None or cached[0] != bundle.version:
+            p = np.asarray(bundle.item_meta.price, dtype=np.float64)
+            p = p[p > 0]
+            q = tuple(float(v) for v in np.quantile(p, [0.25, 0.5, 0.75])) if len(p) else None
+            cached = (bundle.version, q, ProfileModel.load(bundle.path))  # type: ignore[assignment]
+            self._profile = cached
+        return cached[1], cached[2]  # type: ignore[return-value]
+
+    async def start(self) -> None:
+        """Load the model and the catalog, start the background tasks."""
+        await self.models.start()
+        try:
+            n = await self.catalog_store.load_into(self.catalog)
+            log.info("api catalog loaded items=%d", n)
+        except (RedisError, OSError) as err:
+            log.warning("api started without the catalog (Redis: %s); retrying in the background", err)
+        self._tasks.append(asyncio.create_task(self._catalog_listener(), name="liftrec-api-catalog"))
+
+    async def stop(self) -> None:
+        """Stop the background tasks and the model holder."""
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.models.stop()
+
+    async def trending(self) -> TrendingSnapshot:
+        """Current trending lists (cached for :data:`TRENDING_TTL_S`; the last good on Redis errors)."""
+        if time.monotonic() - self._trending_at < TRENDING_TTL_S:
+            return self._trending
+        async with self._trending_lock:
+            if time.monotonic() - self._trending_at >= TRENDING_TTL_S:
+                try:
+                    self._trending = await read_trending(self.client, self.keys, sorted(self.catalog.categories()))
+                except (RedisError, OSError) as err:
+                    log.debug("trending read failed, keeping the last lists: %s", err)
+                self._trending_at = time.monotonic()
+        return self._trending
+
+    async def _catalog_listener(self) -> None:
+        loaded = len(self.catalog) > 0
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.catalog_store.channel)
+                if not loaded:  # Redis was down at start, or the catalog was empty: (re)load once
+                    await self.catalog_store.load_into(self.catalog)
+                    loaded = True
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        await self.catalog_store.refresh(self.catalog, orjson.loads(msg["data"]))
+                        self.metrics.catalog_items.set(len(self.catalog))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - keep listening whatever broke
+                log.warning("api catalog listener reconnecting in %.0f s: %s", _RETRY_S, err)
+                await asyncio.sleep(_RETRY_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
