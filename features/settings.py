@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     app_id: str = "liftrec-worker"
     """Kafka consumer group of the stream workers."""
 
-    batch_size: int = Field(default=500, ge=1, le=100_000)
+    batch_size: int = Field(default=500, ge=1, le=5_000)
     """Largest micro-batch an agent takes from the stream."""
 
     batch_window_s: float = Field(default=0.05, gt=0, le=10)

@@ -2,14 +2,21 @@
 
 A stream worker touches Redis twice per micro-batch:
 
-1. :meth:`UserStateStore.snapshot` — one pipelined round trip that reads the
+1. :meth:`UserStateStore.snapshot` — one Lua call that reads the
    applied offsets of the batch's partitions, which event ids were already
    seen, and each touched user's history, session and purchases.
-2. :meth:`UserStateStore.commit` — one ``MULTI/EXEC`` transaction that writes
+2. :meth:`UserStateStore.commit` — one Lua call (atomic, like ``MULTI/EXEC``) that writes
    everything the batch produced (history, sessions, purchases, trending,
    dedup markers, precomputed lists, metrics) **together with the offset of
    every partition it consumed**. Replaying a partition after a crash skips
    offsets at or below the stored one, so no event is applied twice.
+
+Both are Lua scripts because a script is one command: the client's
+per-command cost (tens of microseconds in redis-py's asyncio client) is paid
+once per batch instead of for each of the thousands of writes a batch makes.
+Key names are still built by :class:`~features.keys.KeySchema` and passed in.
+The scripts touch keys they are not given in ``KEYS``, so they need a single
+Redis (or one Redis Cluster hash slot per environment), not a sharded cluster.
 
 Trending scores are time-decayed counts kept in sorted sets. An increment of
 weight ``w`` at time ``ts`` adds ``w * 2 ** ((ts - ref) / half_life)``, where
@@ -39,33 +46,94 @@ _RESCALE_HALF_LIVES = 64.0
 #: event time only (replays of the same events give the same scores).
 _REF_GRID_HALF_LIVES = 32.0
 
-# KEYS[1] = trend:meta, KEYS[2] = set of trending keys
-# ARGV = half_life_ms, batch_ts, n, then n x (key, member, weight)  (weights at batch_ts)
-_TRENDING_LUA = """
-local meta, keyset = KEYS[1], KEYS[2]
-local hl, ts, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local grid = hl * __GRID__
-local ref = tonumber(redis.call('HGET', meta, 'ref_ms'))
-if not ref then
-  ref = math.floor(ts / grid) * grid
-  redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
+# One call reads everything a batch needs (a Lua script is one command, so the
+# client's per-command overhead is paid once, not a few thousand times).
+# ARGV[1] = orjson {"offsets": key, "cap": n, "seen": [keys], "users": [[hist, sess, bought, shown]]}
+_SNAPSHOT_LUA = """
+local a = cjson.decode(ARGV[1])
+local out = {redis.call('HGETALL', a['offsets'])}
+local seen = {}
+for i, key in ipairs(a['seen']) do seen[i] = redis.call('EXISTS', key) end
+out[2] = seen
+for i, u in ipairs(a['users']) do
+  out[2 + i] = {
+    redis.call('LRANGE', u[1], 0, a['cap'] - 1),
+    redis.call('HMGET', u[2], 'id', 'start', 'last', 'n'),
+    redis.call('HGETALL', u[3]),
+    redis.call('HGETALL', u[4]),
+  }
 end
-if (ts - ref) / hl > __LIMIT__ then
-  local new_ref = math.floor(ts / grid) * grid
-  local factor = 2 ^ (-(new_ref - ref) / hl)
-  for _, k in ipairs(redis.call('SMEMBERS', keyset)) do
-    redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', factor)
+return out
+"""
+
+# One call writes a whole batch atomically (a Lua script runs without interleaving),
+# offsets included. ARGV[1] = orjson payload built by UserStateStore.commit;
+# ARGV[2..] = float32 user-vector bytes, in the order of payload["vecs"].
+# Integers that must stay exact (ts, offsets) travel as strings.
+_COMMIT_LUA = """
+local a = cjson.decode(ARGV[1])
+local ttl, cap = a['ttl'], a['cap']
+for _, h in ipairs(a['hist']) do
+  redis.call('LPUSH', h[1], unpack(h[2]))
+  redis.call('LTRIM', h[1], 0, cap - 1)
+  redis.call('EXPIRE', h[1], ttl)
+end
+for _, x in ipairs(a['sess']) do
+  redis.call('HSET', x[1], 'id', x[2], 'start', x[3], 'last', x[4], 'n', x[5])
+  redis.call('EXPIRE', x[1], ttl)
+end
+for _, x in ipairs(a['bought']) do
+  redis.call('HSET', x[1], unpack(x[2]))
+  redis.call('EXPIRE', x[1], ttl)
+end
+for _, x in ipairs(a['shown_incr']) do
+  for j = 1, #x[2], 2 do redis.call('HINCRBY', x[1], x[2][j], x[2][j + 1]) end
+  redis.call('EXPIRE', x[1], ttl)
+end
+for _, x in ipairs(a['shown_reset']) do redis.call('HDEL', x[1], unpack(x[2])) end
+for i, key in ipairs(a['vecs']) do
+  redis.call('HSET', key, 'vec', ARGV[1 + i], 'model', a['model'], 'ts', a['batch_ts'])
+  redis.call('EXPIRE', key, ttl)
+end
+if #a['trend'] > 0 then
+  local meta, keyset, hl, ts = a['trend_meta'], a['trend_keys'], a['hl'], tonumber(a['batch_ts'])
+  local grid = hl * __GRID__
+  local ref = tonumber(redis.call('HGET', meta, 'ref_ms'))
+  if not ref then
+    ref = math.floor(ts / grid) * grid
+    redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
   end
-  ref = new_ref
-  redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
+  if (ts - ref) / hl > __LIMIT__ then
+    local new_ref = math.floor(ts / grid) * grid
+    local factor = 2 ^ (-(new_ref - ref) / hl)
+    for _, k in ipairs(redis.call('SMEMBERS', keyset)) do
+      redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', factor)
+    end
+    ref = new_ref
+    redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
+  end
+  local scale = 2 ^ ((ts - ref) / hl)
+  for _, t in ipairs(a['trend']) do
+    redis.call('ZINCRBY', t[1], t[3] * scale, t[2])
+    redis.call('SADD', keyset, t[1])
+  end
 end
-local scale = 2 ^ ((ts - ref) / hl)
-for i = 0, n - 1 do
-  local k, m, w = ARGV[4 + 3 * i], ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i])
-  redis.call('ZINCRBY', k, w * scale, m)
-  redis.call('SADD', keyset, k)
+for _, c in ipairs(a['covis']) do
+  for j = 1, #c[2], 2 do redis.call('ZINCRBY', c[1], c[2][j + 1], c[2][j]) end
+  redis.call('ZREMRANGEBYRANK', c[1], 0, -(a['covis_cap'] + 1))
 end
-return tostring(ref)
+if #a['active'] > 0 then redis.call('ZADD', a['active_key'], 'GT', unpack(a['active'])) end
+for _, key in ipairs(a['seen']) do redis.call('SET', key, 1, 'EX', a['dedup_ttl']) end
+for _, r in ipairs(a['recs']) do
+  redis.call('SET', r[1], r[2], 'EX', ttl)
+  for _, lk in ipairs(r[3]) do
+    redis.call('SADD', lk, r[4])
+    redis.call('EXPIRE', lk, ttl)
+  end
+end
+for j = 1, #a['metrics'], 2 do redis.call('HINCRBY', a['metrics_key'], a['metrics'][j], a['metrics'][j + 1]) end
+if #a['offsets'] > 0 then redis.call('HSET', a['offsets_key'], unpack(a['offsets'])) end
+return 1
 """.replace("__LIMIT__", repr(_RESCALE_HALF_LIVES)).replace("__GRID__", repr(_REF_GRID_HALF_LIVES))
 
 
@@ -205,7 +273,8 @@ class UserStateStore:
         self.dedup_ttl_s = dedup_ttl_s
         self.half_life_ms = half_life_s * 1000.0
         self._offsets_key = keys.offsets(group, topic)
-        self._trending = client.register_script(_TRENDING_LUA)
+        self._snapshot = client.register_script(_SNAPSHOT_LUA)
+        self._commit = client.register_script(_COMMIT_LUA)
         self._unlist = client.register_script(_UNLIST_LUA)
         self._backfill = client.register_script(_BACKFILL_LUA)
 
@@ -215,99 +284,70 @@ class UserStateStore:
         return {int(k): int(v) for k, v in raw.items()}
 
     async def snapshot(self, user_ids: Iterable[str], event_ids: Sequence[str]) -> Snapshot:
-        """Read offsets, dedup markers and the users' state in one round trip."""
+        """Read offsets, dedup markers and the users' state in one call."""
         users = list(dict.fromkeys(user_ids))
         k = self.keys
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self._offsets_key)
-        for eid in event_ids:
-            pipe.exists(k.seen(eid))
-        for uid in users:
-            pipe.lrange(k.history(uid), 0, self.history_cap - 1)
-            pipe.hmget(k.session(uid), "id", "start", "last", "n")
-            pipe.hgetall(k.bought(uid))
-            pipe.hgetall(k.shown(uid))
-        res = await pipe.execute()
-        offsets = {int(p): int(o) for p, o in res[0].items()}
-        n_ev = len(event_ids)
-        seen = frozenset(eid for eid, hit in zip(event_ids, res[1 : 1 + n_ev], strict=True) if hit)
+        payload = orjson.dumps({
+            "offsets": self._offsets_key,
+            "cap": self.history_cap,
+            "seen": [k.seen(e) for e in event_ids],
+            "users": [[k.history(u), k.session(u), k.bought(u), k.shown(u)] for u in users],
+        })
+        res = await self._snapshot(args=[payload])
+        flat = res[0]
+        offsets = {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        seen = frozenset(eid for eid, hit in zip(event_ids, res[1], strict=True) if hit)
         out: dict[str, UserSnapshot] = {}
-        pos = 1 + n_ev
-        for uid in users:
-            hist_raw, sess, bought, shown = res[pos], res[pos + 1], res[pos + 2], res[pos + 3]
-            pos += 4
-            history = [tuple(orjson.loads(h)) for h in hist_raw]
+        for uid, (hist_raw, sess, bought, shown) in zip(users, res[2:], strict=True):
             out[uid] = UserSnapshot(
-                history=history,  # type: ignore[arg-type]
+                history=[tuple(orjson.loads(h)) for h in hist_raw],  # type: ignore[misc]
                 session_id=sess[0].decode() if sess[0] else None,
                 session_start=int(sess[1] or 0),
                 session_last=int(sess[2] or 0),
                 session_n=int(sess[3] or 0),
-                bought={i.decode(): int(t) for i, t in bought.items()},
-                shown={i.decode(): int(n) for i, n in shown.items()},
+                bought={bought[i].decode(): int(bought[i + 1]) for i in range(0, len(bought), 2)},
+                shown={shown[i].decode(): int(shown[i + 1]) for i in range(0, len(shown), 2)},
             )
         return Snapshot(offsets=offsets, seen=seen, users=out)
 
     async def commit(self, w: BatchWrite) -> None:
-        """Write one batch's effects and its offsets atomically (MULTI/EXEC)."""
+        """Write one batch's effects and its offsets atomically (one Lua call)."""
         k = self.keys
-        ttl = self.ttl_s
-        pipe = self.client.pipeline(transaction=True)
-        for uid, entries in w.history.items():
-            key = k.history(uid)
-            pipe.lpush(key, *(orjson.dumps(e) for e in entries))
-            pipe.ltrim(key, 0, self.history_cap - 1)
-            pipe.expire(key, ttl)
-        for uid, (sid, start, last, n) in w.sessions.items():
-            key = k.session(uid)
-            pipe.hset(key, mapping={"id": sid, "start": start, "last": last, "n": n})
-            pipe.expire(key, ttl)
-        for uid, items in w.bought.items():
-            key = k.bought(uid)
-            pipe.hset(key, mapping=items)
-            pipe.expire(key, ttl)
-        if w.trending:
-            args: list[object] = [self.half_life_ms, w.batch_ts, len(w.trending)]
-            for (scope, item), weight in w.trending.items():
-                args.extend((k.trending(scope or None), item, repr(weight)))
-            await self._trending(
-                keys=[k.trending_meta(), k.trending_meta() + ":keys"], args=args, client=pipe
-            )
-        for uid, incr in w.shown_incr.items():
-            key = k.shown(uid)
-            for item, n in incr.items():
-                pipe.hincrby(key, item, n)
-            pipe.expire(key, ttl)
-        for uid, items in w.shown_reset.items():
-            pipe.hdel(k.shown(uid), *items)
-        if w.model_version is not None:
-            for uid, vec in w.vectors.items():
-                key = k.user_vector(uid)
-                pipe.hset(key, mapping={"vec": vec, "model": w.model_version, "ts": w.batch_ts})
-                pipe.expire(key, ttl)
-        touched: set[str] = set()
+        covis: dict[str, list[object]] = {}
         for (a, b), weight in w.covis.items():
-            pipe.zincrby(k.covis(a), weight, b)
-            touched.add(a)
-        for a in touched:
-            pipe.zremrangebyrank(k.covis(a), 0, -(COVIS_CAP + 1))
-        if w.active:
-            pipe.zadd(k.active(), w.active, gt=True)
-        for eid in w.seen:
-            pipe.set(k.seen(eid), 1, ex=self.dedup_ttl_s)
-        for uid, value in w.recs.items():
-            pipe.set(k.recs(uid), value, ex=ttl)
-        for uid, items in w.listed.items():
-            for item in items:
-                pipe.sadd(k.listed(item), uid)
-                pipe.expire(k.listed(item), ttl)
-        if w.metrics:
-            for name, n in w.metrics.items():
-                if n:
-                    pipe.hincrby(k.metrics(), name, n)
-        if w.offsets:
-            pipe.hset(self._offsets_key, mapping={str(p): o for p, o in w.offsets.items()})
-        await pipe.execute()
+            covis.setdefault(a, []).extend((b, weight))
+        vec_users = list(w.vectors) if w.model_version is not None else []
+        payload = {
+            "ttl": self.ttl_s,
+            "cap": self.history_cap,
+            "dedup_ttl": self.dedup_ttl_s,
+            "hist": [[k.history(u), [orjson.dumps(e).decode() for e in entries]] for u, entries in w.history.items()],
+            "sess": [[k.session(u), sid, str(start), str(last), n] for u, (sid, start, last, n) in w.sessions.items()],
+            "bought": [[k.bought(u), [x for item, ts in items.items() for x in (item, str(ts))]]
+                       for u, items in w.bought.items()],
+            "shown_incr": [[k.shown(u), [x for item, n in incr.items() for x in (item, n)]]
+                           for u, incr in w.shown_incr.items() if incr],
+            "shown_reset": [[k.shown(u), sorted(items)] for u, items in w.shown_reset.items() if items],
+            "vecs": [k.user_vector(u) for u in vec_users],
+            "model": w.model_version or "",
+            "batch_ts": str(w.batch_ts),
+            "hl": self.half_life_ms,
+            "trend_meta": k.trending_meta(),
+            "trend_keys": k.trending_meta() + ":keys",
+            "trend": [[k.trending(scope or None), item, weight] for (scope, item), weight in w.trending.items()],
+            "covis": [[k.covis(a), pairs] for a, pairs in covis.items()],
+            "covis_cap": COVIS_CAP,
+            "active_key": k.active(),
+            "active": [x for u, ts in w.active.items() for x in (str(ts), u)],
+            "seen": [k.seen(e) for e in w.seen],
+            "recs": [[k.recs(u), value.decode(), [k.listed(i) for i in w.listed.get(u, ())], u]
+                     for u, value in w.recs.items()],
+            "metrics_key": k.metrics(),
+            "metrics": [x for name, n in w.metrics.items() if n for x in (name, n)],
+            "offsets_key": self._offsets_key,
+            "offsets": [x for p, o in w.offsets.items() for x in (str(p), str(o))],
+        }
+        await self._commit(args=[orjson.dumps(payload), *(w.vectors[u] for u in vec_users)])
 
     async def unlist(self, item_ids: Iterable[str]) -> int:
         """Remove items from every stored list that holds them; returns lists changed."""

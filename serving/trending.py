@@ -108,16 +108,43 @@ class TrendingRecommender:
         k: int,
     ) -> list[RecItem]:
         """Top-``k`` items for one user (newest-first ``history`` of (item, type, ts))."""
-        scores: dict[str, float] = {}
-        reasons: dict[str, str] = {}
-        for item, s in _normalised(trending.overall).items():
-            scores[item] = s
-            reasons[item] = "trending now"
+        return self.recommend_many([(history, bought)], trending=trending, catalog=catalog, k=k)[0]
+
+    def recommend_many(
+        self,
+        users: Sequence[tuple[Sequence[tuple[str, str, int]], Mapping[str, int]]],
+        *,
+        trending: TrendingSnapshot,
+        catalog: CatalogCache,
+        k: int,
+    ) -> list[list[RecItem]]:
+        """Top-``k`` lists for many ``(history, bought)`` pairs; the trending
+        lists are normalised once for all of them."""
+        overall = _normalised(trending.overall)
+        by_cat: dict[str, dict[str, float]] = {}
+        out = []
+        for history, bought in users:
+            out.append(self._one(history, bought, overall, by_cat, trending, catalog, k))
+        return out
+
+    def _one(
+        self,
+        history: Sequence[tuple[str, str, int]],
+        bought: Mapping[str, int],
+        overall: dict[str, float],
+        by_cat: dict[str, dict[str, float]],
+        trending: TrendingSnapshot,
+        catalog: CatalogCache,
+        k: int,
+    ) -> list[RecItem]:
+        scores = dict(overall)
+        reasons = dict.fromkeys(overall, "trending now")
         for cat, aff in self.category_affinity(history, catalog).items():
-            rows = trending.by_category.get(cat)
-            if not rows:
-                continue
-            for item, s in _normalised(rows).items():
+            norm = by_cat.get(cat)
+            if norm is None:
+                rows = trending.by_category.get(cat)
+                norm = by_cat[cat] = _normalised(rows) if rows else {}
+            for item, s in norm.items():
                 boost = self.category_weight * aff * s
                 if boost > 0:
                     scores[item] = scores.get(item, 0.0) + boost

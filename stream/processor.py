@@ -89,7 +89,7 @@ def encode_recs(user_id: str, items: Sequence[object], *, model: str | None, sou
             "model": model,
             "source": source,
             "ts": ts,
-            "items": [dataclasses.asdict(i) for i in items],  # type: ignore[call-overload]
+            "items": [{"item_id": i.item_id, "score": i.score, "reason": i.reason} for i in items],  # type: ignore[attr-defined]
         }
     )
 
@@ -240,17 +240,12 @@ class BatchProcessor:
             trending = (await self.trending()).with_increments(
                 w.trending, at_ms=w.batch_ts, half_life_ms=self.half_life_ms
             )
-            k = self.settings.recs_k
-            for uid in w.history:
-                user = snap.users[uid]
-                bought = {**user.bought, **w.bought.get(uid, {})}
-                items = self.recommender.recommend(
-                    history=merged[uid],
-                    bought=bought,
-                    trending=trending,
-                    catalog=self.catalog,
-                    k=k,
-                )
+            uids = list(w.history)
+            lists = self.recommender.recommend_many(
+                [(merged[u], {**snap.users[u].bought, **w.bought.get(u, {})}) for u in uids],
+                trending=trending, catalog=self.catalog, k=self.settings.recs_k,
+            )
+            for uid, items in zip(uids, lists, strict=True):
                 w.recs[uid] = encode_recs(uid, items, model=w.model_version, source=self.recommender.name, ts=now)
                 w.listed[uid] = [i.item_id for i in items]
 
