@@ -212,3 +212,51 @@ def test_out_of_stock_update_removes_item_from_lists(settings: Settings, redis_c
     asyncio.run(produce(settings, make_events(10, users=4, items=5, start=40)))
     wait_until(lambda: applied(redis_client, keys) == 50, what="10 more events")
     assert not holders(target)
+
+
+def test_worker_hot_reloads_a_published_bundle_and_refuses_a_broken_one(
+    settings: Settings, redis_client, start_worker, trained_registry, small_shop_dir, tmp_path  # noqa: ANN001
+) -> None:
+    import shutil
+
+    import numpy as np
+
+    from features.bundle import Bundle
+    from training.als import AlsParams
+    from training.pipeline import TrainConfig, run_training
+    from training.registry import announce, current
+
+    registry = tmp_path / "registry"
+    shutil.copytree(trained_registry, registry)
+    v1 = current(registry)
+    keys = KeySchema(settings.key_prefix)
+    items = list(Bundle.load(registry / v1).items.ids[:4])
+    t0 = now_ms() - 60_000
+    asyncio.run(produce(settings, [{"event_id": f"h{i}", "ts": t0 + i, "user_id": "shopper", "item_id": it,
+                                    "type": "click"} for i, it in enumerate(items)]))
+    w = start_worker("--registry", str(registry))
+    wait_until(lambda: redis_client.hget(keys.user_vector("shopper"), "model") == v1.encode(), what="v1 vector")
+
+    # a new model, published and announced while the worker runs: the active user is backfilled
+    result = run_training(TrainConfig(
+        events=small_shop_dir / "events.jsonl", catalog=small_shop_dir / "catalog.jsonl", registry=registry,
+        als=AlsParams(factors=8, iterations=4, random_state=9), content="off", ranker=False,
+        redis_url=settings.redis_url, key_prefix=settings.key_prefix))
+    v2 = current(registry)
+    assert v2 != v1 and result is not None
+    wait_until(lambda: redis_client.hget(keys.user_vector("shopper"), "model") == v2.encode(), what="v2 backfill")
+    assert np.frombuffer(redis_client.hget(keys.user_vector("shopper"), "vec"), dtype="<f4").shape == (8,)
+
+    # a broken bundle (an artifact edited after publishing) is refused; v2 keeps serving
+    broken = "20991231T000000Z-deadbeef"
+    shutil.copytree(registry / v2, registry / broken)
+    arr = np.load(registry / broken / "item_factors.npy")
+    arr[0, 0] = np.nan
+    np.save(registry / broken / "item_factors.npy", arr)
+    (registry / "CURRENT").write_text(broken)
+    announce(settings.redis_url or "", key_prefix=settings.key_prefix, version=broken, path=registry / broken)
+    w.wait_for_log(f"model refused version={broken}")
+    asyncio.run(produce(settings, [{"event_id": "h9", "ts": t0 + 99, "user_id": "shopper", "item_id": items[0],
+                                    "type": "view"}]))
+    wait_until(lambda: applied(redis_client, keys) == 5, what="event after the refusal")
+    assert redis_client.hget(keys.user_vector("shopper"), "model") == v2.encode()
