@@ -65,6 +65,8 @@ QUOTAS: Mapping[str, float] = {"context": 0.2, "session": 0.2, "bought_together"
 N_RECENT_ANCHORS = 10
 N_SESSION_ANCHORS = 20
 _POP_TOP = 5000
+#: Factor / content neighbours of a context item below this cosine are not proposed.
+MIN_COSINE = 0.1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -291,13 +293,15 @@ def context_neighbours(aux: BundleAux, c: int, n: int) -> tuple[np.ndarray, np.n
     parts_i.append(ru_i)
     parts_s.append(1.0 + ru_s)
     f_i, f_s = aux.similar_by_factors(c, n)
-    parts_i.append(f_i)
-    parts_s.append(np.maximum(f_s, 0))
+    keep = f_s >= MIN_COSINE
+    parts_i.append(f_i[keep])
+    parts_s.append(f_s[keep])
     if aux.bundle.content is not None:
         q = np.asarray(aux.bundle.content[c], dtype=np.float32)
         c_i, c_s = aux.similar_by_content(q, n // 2, exclude=one)
-        parts_i.append(c_i)
-        parts_s.append(np.maximum(c_s, 0) * 0.9)
+        keep = c_s >= MIN_COSINE
+        parts_i.append(c_i[keep])
+        parts_s.append(c_s[keep] * 0.9)
     items = np.concatenate(parts_i)
     scores = np.concatenate(parts_s).astype(np.float32)
     keep = items != c

@@ -83,10 +83,15 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         if len(above) >= k:  # every top-k item is above the threshold: exact
             cand = above
     if cand is None:
-        part = np.argpartition(s, n - k)[n - k:]
+        cand = np.arange(n)
+    sub = s[cand]
+    if len(sub) > k:
+        kth = sub[np.argpartition(sub, len(sub) - k)[len(sub) - k]]
+        above = cand[sub > kth]
+        ties = cand[sub == kth][: k - len(above)]   # ties at the boundary: lowest positions win
+        part = np.concatenate([above, ties])
     else:
-        sub = s[cand]
-        part = cand[np.argpartition(sub, len(sub) - k)[len(sub) - k:]] if len(sub) > k else cand
+        part = cand
     order = np.lexsort((part, -s[part]))
     return part[order].astype(np.int64, copy=False)
 

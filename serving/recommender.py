@@ -73,6 +73,7 @@ HEURISTIC_WEIGHTS: Mapping[str, float] = {
 }
 _HW = np.array([HEURISTIC_WEIGHTS.get(f, 0.0) for f in FEATURE_NAMES], dtype=np.float32)
 _COVIS = FEATURE_NAMES.index("covis_score")
+_CONTEXT = SOURCES.index("context")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -332,7 +333,7 @@ class Recommender:
 
     def _fallback(self, state: UserState, req: RecRequest, trending: TrendingSnapshot, catalog: CatalogCache,
                   now: int) -> RecList:
-        blocked = blocked_items(bought=state.bought, shown=state.shown, exclude=req.filters.exclude,
+        blocked = blocked_items(bought=_bought(state), shown=state.shown, exclude=req.filters.exclude,
                                 config=self.rules, now_ms=now)
         if req.context_item:
             blocked.add(req.context_item)
@@ -348,7 +349,7 @@ class Recommender:
         recent = hi[np.sort(first)]
         sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
-        blocked = blocked_items(bought=state.bought, shown=state.shown, exclude=req.filters.exclude,
+        blocked = blocked_items(bought=_bought(state), shown=state.shown, exclude=req.filters.exclude,
                                 config=self.rules, now_ms=now)
         if req.context_item:
             blocked.add(req.context_item)
@@ -442,6 +443,10 @@ class Recommender:
         k = req.k
         cats = _live_categories(aux, cands.items, catalog)
         s = apply_boosts(scores, cats, req.filters.boost_categories)
+        if u.context >= 0 and len(s):  # a context request: the context item's neighbours lead the list
+            spread = float(s.max() - s.min()) or 1.0
+            ctx = cands.scores[:, _CONTEXT]
+            s = s + spread * ctx / (float(ctx.max()) or 1.0)
         order = np.lexsort((np.arange(len(s)), -s))
         vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
         pos = diversify(order, cats, k, self.rules, scores=s, vectors=vectors)
@@ -496,6 +501,15 @@ class Recommender:
                              trending=None, catalog=catalog, rules=self.rules, now_ms=now)
         out.extend(rest.items)
         return out
+
+
+def _bought(state: UserState) -> Mapping[str, int]:
+    """Purchases: the ``bought`` hash plus purchases still in the history (newest ts wins)."""
+    out = dict(state.bought)
+    for item, type_, ts in state.history:
+        if type_ == "purchase" and ts > out.get(item, -1):
+            out[item] = ts
+    return out
 
 
 def _names(aux: BundleAux, items: np.ndarray) -> list[str | None]:
