@@ -2,7 +2,8 @@
 
 1. start the embedded stack (tansu broker + redis-server on free ports);
 2. generate a synthetic shop (catalog + weeks of clickstream with hidden tastes);
-3. start a stream worker and the HTTP API as child processes;
+3. train the models on its history (ALS, rules, co-visitation, content, ONNX
+   ranker) and publish the bundle; start a stream worker and the HTTP API;
 4. stream the catalog and the shop's history through Kafka into Redis;
 5. send a few shoppers' next clicks **through the HTTP collector**, one at a
    time, and show their ready lists (the frontend's one Redis GET) changing
@@ -135,6 +136,20 @@ def run_demo(
                                         start_ms=now - days * DAY_MS - 3_600_000))
         summary = shop.write_jsonl(state_dir / "shop", progress=True)
         console.print(f"2. synthetic shop: {summary.line()}  -> {state_dir / 'shop'}")
+        console.print("3. training")
+
+        from liftrec.cmd_train import _RichReporter
+        from training.pipeline import TrainConfig, run_training
+
+        trained = run_training(
+            TrainConfig(events=state_dir / "shop" / "events.jsonl", catalog=state_dir / "shop" / "catalog.jsonl",
+                        registry=state_dir / "registry", content="auto", redis_url=ep.redis_url,
+                        key_prefix=settings.key_prefix),
+            reporter=_RichReporter(console), show_progress=True,
+        )
+        m = trained.metrics
+        console.print(f"   trained and published model [bold]{trained.version}[/]: ALS HR@10 "
+                      f"{m.get('als_hr@10', 0):.3f} vs popularity {m.get('pop_hr@10', 0):.3f} on a time split")
 
         events = list(shop.iter_event_dicts())
         # the shoppers we watch: real people (not bots) with a few events at the end of the log
@@ -155,6 +170,7 @@ def run_demo(
         history = [e for e in events if e["event_id"] not in live_ids]
 
         env = _child_env(settings, ep)
+        env["LIFTREC_REGISTRY_DIR"] = str(state_dir / "registry")  # the worker and the API hot-reload from here
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         with _child(["worker", "--loglevel", "warn"], env, logs / "worker.log") as worker, \
@@ -168,7 +184,7 @@ def run_demo(
                     return c.accepted, e.accepted
 
             n_cat, n_hist = asyncio.run(produce())
-            console.print(f"3. worker + API started; produced {n_cat:,} catalog items and {n_hist:,} events")
+            console.print(f"4. worker + API started; produced {n_cat:,} catalog items and {n_hist:,} events")
             from tqdm import tqdm
 
             with tqdm(total=n_hist, desc="worker applying history", unit="ev") as bar:
@@ -182,7 +198,7 @@ def run_demo(
             console.print(f"   history applied in {hist_s:.1f} s ({n_hist / hist_s:,.0f} events/s including start-up)")
             _wait(lambda: _api_up(api), 60, "the API", server)
 
-            console.print(f"4. live: {len(live)} clicks of {len(watched)} shoppers, sent one by one to "
+            console.print(f"5. live: {len(live)} clicks of {len(watched)} shoppers, sent one by one to "
                           f"POST {api}/v1/events; their lists are read with one Redis GET each")
             latencies: list[float] = []
             table_rows: dict[str, tuple[str, str, str]] = {}
@@ -225,11 +241,12 @@ def run_demo(
                     time.sleep(0.35)
 
             status, body = _post(api + "/v1/events", b'{"user_id": "u1", "type": "teleport"}')
-            console.print(f"5. an invalid event gets [bold]{status}[/]: {body.get('rejected') or body.get('message')}")
+            console.print(f"6. an invalid event gets [bold]{status}[/]: {body.get('rejected') or body.get('message')}")
             metrics = {k.decode(): int(float(v)) for k, v in r.hgetall(keys.metrics()).items()}
         r.close()
     lat_ms = sorted(x * 1000 for x in latencies)
     result = {
+        "model": trained.version,
         "events_applied": metrics.get("events", 0),
         "dead_lettered": metrics.get("dlq", 0),
         "history_seconds": round(hist_s, 2),
