@@ -130,20 +130,27 @@ def item_list(kind: str, item_id: str, *, k: int, aux: BundleAux | None, trendin
     out: list[Recommendation] = []
     chain: list[str] = []
     anchor = -1 if aux is None else aux.bundle.items.get(item_id)
-    if aux is not None and anchor >= 0:
+    if aux is not None:
         t = aux.bundle.tables
-        one = np.array([anchor], dtype=np.int64)
-        if kind == "similar":
+        one = np.array([anchor], dtype=np.int64) if anchor >= 0 else _EMPTY
+        steps: list[tuple[str, np.ndarray, np.ndarray]] = []
+        if anchor < 0:
+            pass
+        elif kind == "similar":
             cand, score = context_neighbours(aux, anchor, max(3 * k, 50))
             steps = [("context", cand, score)]
-        else:
+        else:  # bought_together
             ri, rs = csr_neighbours(t.rules_indptr, t.rules_consequent, t.rules_confidence, one, how="max")
             ci, cs = csr_neighbours(t.covis_indptr, t.covis_indices, t.covis_scores, one)
             steps = [("bought_together", ri, rs), ("session", ci, cs)]
-        cat_code = int(aux.bundle.item_meta.category[anchor])
+        cat_code = int(aux.bundle.item_meta.category[anchor]) if anchor >= 0 else -1
+        if cat_code < 0 and catalog.category(item_id) in aux.category_code:
+            cat_code = aux.category_code[catalog.category(item_id)]  # type: ignore[index]
         if cat_code >= 0:
             head = aux.category_items.get(cat_code, _EMPTY)[: 3 * k + 1]
             steps.append(("popularity", head, aux.bundle.popularity[head].astype(np.float32)))
+        head = aux.pop_order[: 3 * k + 1]
+        steps.append(("popularity", head, aux.bundle.popularity[head].astype(np.float32)))
 
         def name(idx: int) -> str:
             iid = aux.bundle.items.id(idx)

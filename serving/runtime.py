@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 #: Trending lists are re-read at most this often (seconds).
 TRENDING_TTL_S = 1.0
 _RETRY_S = 1.0
+_POLL_S = 1.0
 
 
 async def read_trending(client: aioredis.Redis, keys: KeySchema, categories: list[str], *,
@@ -103,6 +104,7 @@ class ServingRuntime:
         self._trending_at = -1e9
         self._trending_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._closing = False
         self._profile: tuple[str, tuple[float, float, float] | None, ProfileModel | None] | None = None
 
     @property
@@ -148,12 +150,14 @@ class ServingRuntime:
 
     async def stop(self) -> None:
         """Stop the background tasks and the model holder."""
+        self._closing = True
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if tasks:
+            # redis-py's get_message(timeout=...) can swallow a cancellation; the loop then
+            # sees _closing within its 1 s poll. Never wait longer than that.
+            await asyncio.wait(tasks, timeout=2.0 * _POLL_S)
         await self.models.stop()
 
     async def trending(self) -> TrendingSnapshot:
@@ -171,15 +175,15 @@ class ServingRuntime:
 
     async def _catalog_listener(self) -> None:
         loaded = len(self.catalog) > 0
-        while True:
+        while not self._closing:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.catalog_store.channel)
                 if not loaded:  # Redis was down at start, or the catalog was empty: (re)load once
                     await self.catalog_store.load_into(self.catalog)
                     loaded = True
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                while not self._closing:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL_S)
                     if msg is not None and msg.get("type") == "message":
                         await self.catalog_store.refresh(self.catalog, orjson.loads(msg["data"]))
                         self.metrics.catalog_items.set(len(self.catalog))

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from serving.profile import PROFILE_FEATURES, ProfileModel, build_profile, profile_features, rfm_segment
+from serving.profile import (
+    PROFILE_FEATURES,
+    ProfileModel,
+    build_profile,
+    profile_features,
+    rfm_segment,
+)
 from serving.state import UserStateReader, decode_state, session_of
 from training.profile_model import fit_logistic, profile_dataset, train_profile_model
 from training.synthetic import SyntheticShop
@@ -86,8 +92,8 @@ def test_fit_logistic_recovers_the_direction() -> None:
 
 
 def test_train_profile_model_on_the_synthetic_shop() -> None:
-    from training.interactions import InteractionTable
     from features.ids import IdMap
+    from training.interactions import InteractionTable
 
     shop = SyntheticShop(n_users=400, n_items=120, days=30, seed=3)
     ev = shop.events

@@ -7,14 +7,16 @@ Twelve items in three categories; category ``a`` items lie along factor 0,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from features.bundle import Bundle, ItemMeta
 from features.catalog import CatalogCache, ItemInfo
 from features.ids import IdMap
-from features.ranking import FEATURE_NAMES, RankingTables
-from serving.recommender import RecRequest, Recommender
+from features.ranking import FEATURE_NAMES, RankingTables, pairs_to_csr
+from serving.recommender import Recommender, RecRequest
 from serving.rules import RequestFilters, RuleConfig
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
@@ -37,11 +39,9 @@ def make_bundle(*, ranker: object = None, covis: list[tuple[int, int, float]] = 
                     price=np.asarray(price if price is not None else np.arange(1, N + 1) * 10.0, np.float32),
                     in_stock=np.ones(N, bool) if in_stock is None else in_stock)
     popularity = np.arange(N, 0, -1).astype(np.float32)   # i0 most popular
-    cv = np.array(covis or [(0, 0, 0.0)][:0], dtype=float).reshape(-1, 3)
-    from features.ranking import pairs_to_csr
-
+    cv = np.array(covis, dtype=float).reshape(-1, 3)
     covis_csr = pairs_to_csr(N, cv[:, 0].astype(int), cv[:, 1].astype(int), cv[:, 2])
-    r = np.array(rules or [], dtype=float).reshape(-1, 3)
+    r = np.array(rules, dtype=float).reshape(-1, 3)
     rules_npz = {"antecedent_idx": r[:, 0].astype(np.int32), "consequent_idx": r[:, 1].astype(np.int32),
                  "support": r[:, 2].astype(np.float32), "confidence": r[:, 2].astype(np.float32),
                  "lift": (r[:, 2] * 3).astype(np.float32)}
@@ -49,7 +49,7 @@ def make_bundle(*, ranker: object = None, covis: list[tuple[int, int, float]] = 
                                  covis=covis_csr, rules=(rules_npz["antecedent_idx"], rules_npz["consequent_idx"],
                                                          rules_npz["confidence"], rules_npz["lift"]))
     users = IdMap(["known"])
-    return Bundle(path=__import__("pathlib").Path("/nonexistent"), manifest={"version": version, "params": {}},
+    return Bundle(path=Path("/nonexistent"), manifest={"version": version, "params": {}},
                   users=users, items=IdMap(f"i{i}" for i in range(N)),
                   user_factors=np.array([[1, 0, 0, 0]], np.float32), item_factors=y, popularity=popularity,
                   item_meta=meta, rules=rules_npz, covis={"indptr": covis_csr[0], "indices": covis_csr[1],
