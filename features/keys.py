@@ -30,6 +30,9 @@ key                         type    value
                                     ``cat:{category}``
 ``trend:meta``              HASH    ``ref_ms``: reference time of the decayed scores
 ``covis:{item_id}``         ZSET    item_id -> decayed co-visitation weight
+``dirty``                   SET     users whose state changed but whose list is not yet
+                                    recomputed (cleared when the list is written; a
+                                    restarted worker refreshes whoever is left)
 ``active``                  ZSET    user_id -> ts (ms) of the user's newest event (the
                                     backfill after a model switch folds these in first)
 ``seen:{event_id}``         STRING  dedup marker with TTL ``dedup_window_s``
@@ -114,6 +117,9 @@ class KeySchema:
 
     def trending_meta(self) -> str:
         return f"{self._base}trend:meta"
+
+    def dirty(self) -> str:
+        return f"{self._base}dirty"
 
     def active(self) -> str:
         return f"{self._base}active"

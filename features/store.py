@@ -6,9 +6,9 @@ A stream worker touches Redis twice per micro-batch:
    applied offsets of the batch's partitions, which event ids were already
    seen, and each touched user's history, session and purchases.
 2. :meth:`UserStateStore.commit` — one Lua call (atomic, like ``MULTI/EXEC``) that writes
-   everything the batch produced (history, sessions, purchases, trending,
-   dedup markers, precomputed lists, metrics) **together with the offset of
-   every partition it consumed**. Replaying a partition after a crash skips
+   everything the batch produced (history, sessions, purchases, vectors,
+   trending, co-visitation, dedup markers, metrics, ``dirty`` marks)
+   **together with the offset of every partition it consumed**. Replaying a partition after a crash skips
    offsets at or below the stored one, so no event is applied twice.
 
 Both are Lua scripts because a script is one command: the client's
@@ -124,18 +124,26 @@ for _, c in ipairs(a['covis']) do
 end
 if #a['active'] > 0 then redis.call('ZADD', a['active_key'], 'GT', unpack(a['active'])) end
 for _, key in ipairs(a['seen']) do redis.call('SET', key, 1, 'EX', a['dedup_ttl']) end
-for _, r in ipairs(a['recs']) do
-  redis.call('SET', r[1], r[2], 'EX', ttl)
-  for _, lk in ipairs(r[3]) do
-    redis.call('SADD', lk, r[4])
-    redis.call('EXPIRE', lk, ttl)
-  end
-end
 for j = 1, #a['metrics'], 2 do redis.call('HINCRBY', a['metrics_key'], a['metrics'][j], a['metrics'][j + 1]) end
+if #a['dirty'] > 0 then redis.call('SADD', a['dirty_key'], unpack(a['dirty'])) end
 if #a['offsets'] > 0 then redis.call('HSET', a['offsets_key'], unpack(a['offsets'])) end
 return 1
 """.replace("__LIMIT__", repr(_RESCALE_HALF_LIVES)).replace("__GRID__", repr(_REF_GRID_HALF_LIVES))
 
+
+# ARGV[1] = orjson {"ttl", "dirty_key", "recs": [[recs key, value, [listed keys], user]]}
+_LISTS_LUA = """
+local a = cjson.decode(ARGV[1])
+for _, r in ipairs(a['recs']) do
+  redis.call('SET', r[1], r[2], 'EX', a['ttl'])
+  for _, lk in ipairs(r[3]) do
+    redis.call('SADD', lk, r[4])
+    redis.call('EXPIRE', lk, a['ttl'])
+  end
+  redis.call('SREM', a['dirty_key'], r[4])
+end
+return #a['recs']
+"""
 
 # KEYS[1] = listed:{item}; ARGV[1] = item_id, ARGV[2] = prefix of recs keys
 _UNLIST_LUA = """
@@ -219,12 +227,11 @@ class BatchWrite:
     """(trending key scope: "" for all or a category, item_id) -> weight at ``batch_ts``."""
     batch_ts: int = 0
     seen: list[str] = dataclasses.field(default_factory=list)
-    recs: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    listed: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    """user_id -> item ids on the list just written (reverse index for stock changes)."""
     vectors: dict[str, bytes] = dataclasses.field(default_factory=dict)
     """user_id -> float32 user vector bytes, folded into ``model_version``."""
     model_version: str | None = None
+    dirty: list[str] = dataclasses.field(default_factory=list)
+    """Users whose list must be recomputed from the new state."""
     active: dict[str, int] = dataclasses.field(default_factory=dict)
     """user_id -> ts of the user's newest event in the batch."""
     covis: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
@@ -275,6 +282,7 @@ class UserStateStore:
         self._offsets_key = keys.offsets(group, topic)
         self._snapshot = client.register_script(_SNAPSHOT_LUA)
         self._commit = client.register_script(_COMMIT_LUA)
+        self._lists = client.register_script(_LISTS_LUA)
         self._unlist = client.register_script(_UNLIST_LUA)
         self._backfill = client.register_script(_BACKFILL_LUA)
 
@@ -340,14 +348,31 @@ class UserStateStore:
             "active_key": k.active(),
             "active": [x for u, ts in w.active.items() for x in (str(ts), u)],
             "seen": [k.seen(e) for e in w.seen],
-            "recs": [[k.recs(u), value.decode(), [k.listed(i) for i in w.listed.get(u, ())], u]
-                     for u, value in w.recs.items()],
             "metrics_key": k.metrics(),
             "metrics": [x for name, n in w.metrics.items() if n for x in (name, n)],
             "offsets_key": self._offsets_key,
             "offsets": [x for p, o in w.offsets.items() for x in (str(p), str(o))],
+            "dirty_key": k.dirty(),
+            "dirty": w.dirty,
         }
         await self._commit(args=[orjson.dumps(payload), *(w.vectors[u] for u in vec_users)])
+
+    async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]]) -> None:
+        """Store precomputed lists (value, item ids) and clear the users' ``dirty`` marks (one call)."""
+        if not lists:
+            return
+        k = self.keys
+        payload = {
+            "ttl": self.ttl_s,
+            "dirty_key": k.dirty(),
+            "recs": [[k.recs(u), value.decode(), [k.listed(i) for i in items], u]
+                     for u, (value, items) in lists.items()],
+        }
+        await self._lists(args=[orjson.dumps(payload)])
+
+    async def dirty_users(self, limit: int = 10_000) -> list[str]:
+        """Users whose list was not refreshed after their last state change (e.g. after a crash)."""
+        return [u.decode() for u in await self.client.srandmember(self.keys.dirty(), limit)]
 
     async def unlist(self, item_ids: Iterable[str]) -> int:
         """Remove items from every stored list that holds them; returns lists changed."""

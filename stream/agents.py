@@ -13,6 +13,7 @@ No exception may escape an agent (Faust would ack the message and drop it):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from features.online import FoldInModel
 from features.reload import ModelHolder
 from features.settings import Settings
 from features.store import UserStateStore
+from serving.recommender import Recommender
+from serving.state import UserStateReader
 from serving.trending import TrendingSnapshot
 from stream import metrics
 from stream.processor import BatchProcessor, DeadLetter, Record
@@ -73,6 +76,7 @@ class WorkerState:
         self.fold_model: FoldInModel | None = None
         self.swapped = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self.recommender = Recommender.from_settings(settings)
         self.models = ModelHolder(
             registry or settings.registry_dir, redis_url=redis_url, key_prefix=settings.key_prefix,
             on_swap=self._on_swap,
@@ -81,6 +85,7 @@ class WorkerState:
     def _on_swap(self, bundle: Bundle) -> None:
         """Runs in the loader thread: prepare the fold-in, then wake the backfill."""
         self.fold_model = FoldInModel.from_bundle(bundle)
+        self.recommender.prepare(bundle)  # retrieval index built off the event loop
         self._loop.call_soon_threadsafe(self.swapped.set)
 
     async def backfill(self, *, window_ms: int = 24 * 3600 * 1000, limit: int = 20_000) -> int:
@@ -204,12 +209,14 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
     processor_box: dict[str, BatchProcessor] = {}
 
     async def processor() -> BatchProcessor:
-        if "p" not in processor_box:
-            ws = await worker_state()
+        ws = await worker_state()
+        if "p" not in processor_box:  # no await between the check and the assignment: one instance
             processor_box["p"] = BatchProcessor(
                 settings, ws.store, ws.catalog, trending=ws.trending,
                 dead_letter=lambda letters: send_dead_letters(letters, settings.events_topic),
                 fold_in_model=lambda: ws.fold_model,
+                bundle=lambda: ws.models.bundle,
+                recommender=ws.recommender,
             )
         return processor_box["p"]
 
@@ -237,11 +244,14 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
         if ws is not None:
             await ws.models.stop()
 
+    refresh_needed = asyncio.Event()
+
     async def _apply_batch(records: Sequence[Record]) -> None:
         t0 = time.perf_counter()
         try:
             proc = await processor()
-            stats = await _with_redis_retry("batch", proc.process, records, app=app)
+            stats = await _with_redis_retry("batch", functools.partial(proc.process, refresh=False), records, app=app)
+            refresh_needed.set()
         except Exception as err:  # a bug: keep every record, keep the agent alive
             log.exception("batch failed; sending %d records to the DLQ", len(records))
             letters = [DeadLetter(r, "internal_error", f"{type(err).__name__}: {err}") for r in records]
@@ -286,6 +296,39 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
                          len(items), len(changed), len(gone), unlisted, len(letters))
             except Exception:
                 log.exception("catalog batch failed")
+
+    @app.task
+    async def list_refresher() -> None:
+        """Recompute the lists of users touched since the last refresh, continuously.
+
+        A refresh covers every batch applied while the previous one ran, so a
+        hot user costs one list computation however many events they sent.
+        Users left ``dirty`` by a crashed worker are refreshed at start.
+        """
+        ws = await worker_state()
+        proc = await processor()
+        leftover = await _with_redis_retry("dirty users", ws.store.dirty_users, app=app)
+        if leftover:
+            reader = UserStateReader(ws.client, ws.keys, history_cap=settings.history_cap)
+            for state in await _with_redis_retry("read states", reader.read_many, leftover, app=app):
+                proc.pending.setdefault(state.user_id, state)
+            log.info("refreshing lists left dirty users=%d", len(leftover))
+            refresh_needed.set()
+        while True:
+            await refresh_needed.wait()
+            refresh_needed.clear()
+            t0 = time.perf_counter()
+            try:
+                n = await _with_redis_retry("list refresh", proc.refresh, app=app)
+            except Exception:
+                log.exception("list refresh failed; the users stay dirty and are retried")
+                await asyncio.sleep(1.0)
+                refresh_needed.set()
+                continue
+            if n:
+                metrics.REFRESHES.inc(n)
+                metrics.REFRESH_SECONDS.observe(time.perf_counter() - t0)
+                log.debug("lists refreshed users=%d ms=%.1f", n, (time.perf_counter() - t0) * 1000)
 
     @app.task
     async def model_backfill() -> None:

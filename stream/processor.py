@@ -15,8 +15,11 @@ driven from tests, benchmarks and replays as well. Per batch it
    category) and co-visitation of items seen in the same session, counts
    impressions for frequency capping,
 5. folds every touched user into the current model (one batched solve),
-6. refreshes the precomputed list of every touched user once, and
-7. commits all of it together with the batch's offsets (MULTI/EXEC).
+6. commits all of it together with the batch's offsets (one atomic Lua call),
+   marking the touched users ``dirty``, and
+7. refreshes their precomputed lists (:meth:`BatchProcessor.refresh`: inline,
+   or in the worker's refresher loop, batched across the batches that arrived
+   while the previous refresh ran), clearing the ``dirty`` marks.
 """
 
 from __future__ import annotations
@@ -24,20 +27,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
-import orjson
-
+from features.bundle import Bundle
 from features.catalog import CatalogCache
 from features.errors import InvalidEvent
 from features.events import Event, EventValidator, now_ms
 from features.online import FoldInModel
 from features.settings import Settings
 from features.store import BatchWrite, UserStateStore, trending_increment
-from serving.trending import TrendingRecommender, TrendingSnapshot
+from serving.recommender import Recommender, RecRequest
+from serving.state import UserState
+from serving.trending import TrendingSnapshot
 
-__all__ = ["BatchStats", "DeadLetter", "Record", "BatchProcessor", "encode_recs"]
+__all__ = ["BatchProcessor", "BatchStats", "DeadLetter", "Record"]
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +83,6 @@ class BatchStats:
     seconds: float
 
 
-def encode_recs(user_id: str, items: Sequence[object], *, model: str | None, source: str, ts: int) -> bytes:
-    """The value of a ``recs`` key (see :mod:`features.keys`)."""
-    return orjson.dumps(
-        {
-            "rec_id": uuid.uuid4().hex,
-            "user_id": user_id,
-            "model": model,
-            "source": source,
-            "ts": ts,
-            "items": [{"item_id": i.item_id, "score": i.score, "reason": i.reason} for i in items],  # type: ignore[attr-defined]
-        }
-    )
-
-
 class BatchProcessor:
     """Applies micro-batches of records to the online state.
 
@@ -120,16 +109,21 @@ class BatchProcessor:
         *,
         trending: Callable[[], Awaitable[TrendingSnapshot]],
         dead_letter: Callable[[list[DeadLetter]], Awaitable[None]],
-        recommender: TrendingRecommender | None = None,
+        recommender: Recommender | None = None,
         fold_in_model: Callable[[], FoldInModel | None] = lambda: None,
+        bundle: Callable[[], Bundle | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.catalog = catalog
         self.trending = trending
         self.dead_letter = dead_letter
-        self.recommender = recommender or TrendingRecommender()
+        self.recommender = recommender or Recommender.from_settings(settings)
         self.fold_in_model = fold_in_model
+        self.bundle = bundle
+        self.request = RecRequest(k=settings.recs_k)
+        self.pending: dict[str, UserState] = {}
+        self._trending_batch: tuple[dict[tuple[str, str], float], int] = ({}, 0)
         self.validator = EventValidator.from_settings(settings)
         self.weights = settings.event_weights
         self.gap_ms = settings.session_gap_s * 1000
@@ -152,8 +146,34 @@ class BatchProcessor:
             w.covis[(other, ev.item_id)] = w.covis.get((other, ev.item_id), 0.0) + inc
         items.append((ev.item_id, ev.ts))
 
-    async def process(self, records: Sequence[Record]) -> BatchStats:
-        """Apply one batch; returns counts. Redis errors propagate (the caller retries)."""
+    async def refresh(self) -> int:
+        """Recompute and write the lists of every user touched since the last refresh.
+
+        One batched :meth:`~serving.recommender.Recommender.recommend_many` for
+        all of them (one ONNX call), one Redis call to store the lists and clear
+        their ``dirty`` marks. Returns the number of lists written.
+        """
+        if not self.pending:
+            return 0
+        pending, self.pending = self.pending, {}
+        increments, at_ms = self._trending_batch
+        trending = (await self.trending()).with_increments(increments, at_ms=at_ms, half_life_ms=self.half_life_ms)
+        now = now_ms()
+        lists = self.recommender.recommend_many(
+            list(pending.values()), self.request, bundle=self.bundle(), trending=trending, catalog=self.catalog,
+            now_ms=now,
+        )
+        await self.store.write_lists({uid: (rl.encode(), [i.item_id for i in rl.items])
+                                      for uid, rl in zip(pending, lists, strict=True)})
+        return len(lists)
+
+    async def process(self, records: Sequence[Record], *, refresh: bool = True) -> BatchStats:
+        """Apply one batch; returns counts. Redis errors propagate (the caller retries).
+
+        With ``refresh=False`` the touched users' lists are left to a later
+        :meth:`refresh` (the worker runs one continuously, so a burst of batches
+        costs one list computation per user, not one per batch).
+        """
         t0 = time.perf_counter()
         now = now_ms()
         valid: list[tuple[Record, Event]] = []
@@ -230,24 +250,34 @@ class BatchProcessor:
         for uid, new in w.history.items():
             merged[uid] = (list(reversed(new)) + snap.users[uid].history)[: self.settings.history_cap]
         model = self.fold_in_model()
+        vectors: dict[str, object] = {}
         if model is not None and merged:
             uids = list(merged)
-            vectors, has = model.fold_in_histories([merged[u] for u in uids], w.batch_ts)
+            folded, has = model.fold_in_histories([merged[u] for u in uids], w.batch_ts)
             w.model_version = model.version
-            w.vectors = {u: vectors[i].astype("<f4").tobytes() for i, u in enumerate(uids) if has[i]}
+            vectors = {u: folded[i] for i, u in enumerate(uids) if has[i]}
+            w.vectors = {u: v.astype("<f4").tobytes() for u, v in vectors.items()}  # type: ignore[attr-defined]
 
-        if w.history:
-            trending = (await self.trending()).with_increments(
-                w.trending, at_ms=w.batch_ts, half_life_ms=self.half_life_ms
+        states: dict[str, UserState] = {}
+        for uid in w.history:
+            user = snap.users[uid]
+            shown = dict(user.shown)
+            for item in w.shown_reset.get(uid, ()):
+                shown.pop(item, None)
+            for item, n in w.shown_incr.get(uid, {}).items():
+                shown[item] = shown.get(item, 0) + n
+            sess = sessions[uid]
+            states[uid] = UserState(
+                user_id=uid,
+                history=merged[uid],
+                bought={**user.bought, **w.bought.get(uid, {})},
+                vector=vectors.get(uid),  # type: ignore[arg-type]
+                vector_model=w.model_version if uid in vectors else None,
+                shown=shown,
+                session_items=[i for i, _t, ts in reversed(merged[uid]) if ts >= sess[1]],
             )
-            uids = list(w.history)
-            lists = self.recommender.recommend_many(
-                [(merged[u], {**snap.users[u].bought, **w.bought.get(u, {})}) for u in uids],
-                trending=trending, catalog=self.catalog, k=self.settings.recs_k,
-            )
-            for uid, items in zip(uids, lists, strict=True):
-                w.recs[uid] = encode_recs(uid, items, model=w.model_version, source=self.recommender.name, ts=now)
-                w.listed[uid] = [i.item_id for i in items]
+        w.dirty = list(states)
+        self._trending_batch = (w.trending, w.batch_ts)
 
         for rec in records:
             if rec.offset > w.offsets.get(rec.partition, -1):
@@ -262,6 +292,11 @@ class BatchProcessor:
             **{f"dlq:{r}": sum(1 for d in invalid if d.reason == r) for r in {d.reason for d in invalid}},
         }
         await self.store.commit(w)
+        # the users' lists are derived state: refreshed after the commit, at most once
+        # per refresh for however many batches touched a user meanwhile (see refresh())
+        self.pending.update(states)
+        if refresh:
+            await self.refresh()
         stats = BatchStats(
             records=len(records),
             applied=applied,

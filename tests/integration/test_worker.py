@@ -86,6 +86,7 @@ def test_events_reach_redis_and_first_event_is_fast(settings: Settings, redis_cl
     assert first < 12.0, f"first batch only {first:.1f} s after start"
     hist = [orjson.loads(x) for x in redis_client.lrange(keys.history("u0"), 0, -1)]
     assert [h[2] for h in hist] == sorted((e["ts"] for e in events if e["user_id"] == "u0"), reverse=True)
+    wait_until(lambda: not redis_client.scard(keys.dirty()), what="every list refreshed")
     recs = orjson.loads(redis_client.get(keys.recs("u0")))
     assert recs["rec_id"] and recs["items"], recs
     assert w.stop() == 0  # graceful shutdown on SIGTERM
@@ -170,6 +171,7 @@ def test_vectors_and_lists_follow_events_with_a_published_model(
     wait_until(lambda: redis_client.exists(keys.user_vector("shopper")), what="user vector")
     vec1 = redis_client.hget(keys.user_vector("shopper"), "vec")
     assert redis_client.hget(keys.user_vector("shopper"), "model") == bundle.version.encode()
+    wait_until(lambda: redis_client.exists(keys.recs("shopper")), what="the list (written after the state)")
     recs1 = orjson.loads(redis_client.get(keys.recs("shopper")))
     assert recs1["model"] == bundle.version
     second = [{"event_id": f"b{i}", "ts": t0 + 100 + i, "user_id": "shopper", "item_id": it, "type": "add_to_cart"}
