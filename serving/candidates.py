@@ -126,8 +126,8 @@ class BundleAux:
         self.category_names = names
 
     @classmethod
-    def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 200_000,
-              nprobe: int = 32) -> BundleAux:
+    def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 50_000,
+              nprobe: int = 64) -> BundleAux:
         """Aux with the retrieval indexes chosen by catalog size (may take seconds: IVF)."""
         index = build_index(bundle.item_factors, kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
         content_index = None

@@ -80,7 +80,7 @@ def _anchor_max(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, anc
 
 def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.ndarray, context: int,
                       recent: np.ndarray, name: Callable[[int], str], category: str | None,
-                      user_categories: set[str]) -> Reason:
+                      user_categories: set[str], similar: Mapping[int, int] | None = None) -> Reason:
     """The reason text of one item for a given source.
 
     Parameters
@@ -101,6 +101,8 @@ def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.nda
         The item's category.
     user_categories : set of str
         Categories the user engaged with recently.
+    similar : mapping of int to int, optional
+        Precomputed most similar recent item per item (``-1``: none), see :func:`explain_items`.
 
     Returns
     -------
@@ -124,7 +126,8 @@ def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.nda
         if a >= 0:
             return Reason(source, f"often bought with {name(a)}", ids.id(a))
     if source in ("als", "content"):
-        a = _most_similar(aux, source, item, recent[:10])
+        a = similar[item] if similar is not None and item in similar else _most_similar(aux, source, item,
+                                                                                       recent[:10])
         if a >= 0:
             return Reason(source, f"similar to {name(a)}", ids.id(a))
         if source == "als":
@@ -165,9 +168,27 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
                   categories: np.ndarray, user_categories: set[str]) -> list[Reason]:
     """Reasons of the candidates at ``positions`` (the final list)."""
     strongest = strongest_sources(cands)
+    similar: dict[int, int] = {}
+    rec = recent[:10]
+    for src, floor in (("als", 0.2), ("content", 0.3)):
+        items = np.array([int(cands.items[p]) for p in positions.tolist() if SOURCES[int(strongest[p])] == src],
+                         dtype=np.int64)
+        if len(items) == 0 or len(rec) == 0 or (src == "content" and aux.bundle.content is None):
+            continue
+        if src == "content":
+            m = aux.bundle.content
+            sims = np.asarray(m[items], np.float32) @ np.asarray(m[rec], np.float32).T
+        else:
+            y = aux.bundle.item_factors
+            sims = (np.asarray(y[items], np.float32) @ np.asarray(y[rec], np.float32).T) / np.maximum(
+                aux.factor_norms[items][:, None] * aux.factor_norms[rec][None, :], 1e-12)
+        sims[items[:, None] == rec[None, :]] = -np.inf
+        best = np.argmax(sims, axis=1)
+        for i, item in enumerate(items.tolist()):
+            similar[item] = int(rec[best[i]]) if sims[i, best[i]] >= floor else -1
     return [reason_for_source(SOURCES[int(strongest[p])], int(cands.items[p]), aux=aux, anchors=anchors,
                               context=context, recent=recent, name=name, category=categories[p],
-                              user_categories=user_categories)
+                              user_categories=user_categories, similar=similar)
             for p in positions.tolist()]
 
 

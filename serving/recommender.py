@@ -192,7 +192,7 @@ class Recommender:
 
     def __init__(self, *, rules: RuleConfig | None = None, n_candidates: int = 300,
                  event_weights: Mapping[str, float] | None = None, trending_half_life_s: float = 6 * 3600.0,
-                 index_kind: str = "auto", ann_min_items: int = 200_000, nprobe: int = 32) -> None:
+                 index_kind: str = "auto", ann_min_items: int = 50_000, nprobe: int = 64) -> None:
         if n_candidates < 1:
             raise ValueError(f"n_candidates must be >= 1; got {n_candidates}")
         self.rules = rules or RuleConfig()

@@ -139,7 +139,15 @@ class ServingRuntime:
         return cached[1], cached[2]  # type: ignore[return-value]
 
     async def start(self) -> None:
-        """Load the model and the catalog, start the background tasks."""
+        """Load the model and the catalog, start the background tasks.
+
+        Also limits BLAS to one thread in this process: concurrent requests each
+        run small matrix products, and on 2 shared cores a 2-thread BLAS made
+        ``recommend`` p99 1.5x worse (``benchmarks/bench_serving_latency.py``).
+        """
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
         await self.models.start()
         try:
             n = await self.catalog_store.load_into(self.catalog)
