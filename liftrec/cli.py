@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "liftrec.cmd_demo",
     "liftrec.cmd_simulate",
     "liftrec.cmd_models",
+    "liftrec.cmd_evaluate",
     "liftrec.cmd_experiments",
 )
 

@@ -1,0 +1,338 @@
+"""The full liftrec pipeline in the replay: a model bundle served by ``serving``'s Recommender.
+
+:class:`LiftrecFull` fits what ``liftrec train`` fits on the training events
+(ALS, association rules, co-visitation, popularity, item attributes, the
+LambdaRank ranker exported to ONNX), writes a real bundle and loads it with
+:meth:`features.bundle.Bundle.load`, then answers every replay query through
+:meth:`serving.recommender.Recommender.recommend_many` — the code the API and
+the stream worker run: candidates -> shared features -> ONNX ranking ->
+business rules. Per query it builds the :class:`~serving.state.UserState` the
+Redis store would hold (newest-first capped history, current session) and a
+:class:`~serving.trending.TrendingSnapshot` of time-decayed, event-weighted
+counts (global and per category) kept up to date as the replay applies events.
+
+Variant R serves with the shop rule "repeat purchases welcome"
+(``repurchase_window_ms=0``); variant X with every earlier item of the user
+excluded (``RequestFilters.exclude``). The model does not know items first
+seen after training (they are not in the bundle), as in production.
+
+The ranker is trained "as it is served": the last ``ranker_days`` of the
+training events are replayed through a bundle fitted before them, the
+Recommender's own candidate sets and feature rows are collected
+(``RecRequest(explain=True)``), and each query's labels are the items of its
+group graded by event type (:data:`training.ranker.GRADES`). See
+:mod:`.ranker_data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.ids import IdMap
+from training.evaluation.methods import FitData, Lists, Method
+from training.evaluation.protocol import QueryBatch
+from training.interactions import TYPE_CODES, InteractionTable, type_weights
+
+__all__ = ["FALLBACK_SOURCES", "LiftrecFull", "PipelineModel", "TrendState", "build_bundle"]
+
+log = logging.getLogger(__name__)
+
+#: Recommendation sources counted as fallbacks (not personal).
+FALLBACK_SOURCES = frozenset({"trending", "popularity", "catalog"})
+_TYPE_NAMES = np.array(TYPE_CODES, dtype=object)
+
+
+class TrendState:
+    """Time-decayed, event-weighted item counts (global and per category), as the stream keeps them."""
+
+    def __init__(self, n_items: int, *, weights: Any, half_life_ms: float, category: np.ndarray | None,
+                 category_names: Sequence[str], ids: Sequence[str], top_n: int = 100) -> None:
+        self.w = type_weights(weights).astype(np.float64)
+        self.half_life_ms = half_life_ms
+        self.score = np.zeros(n_items)
+        self.ref: int | None = None
+        self.category = category if category is not None else np.full(n_items, -1, np.int32)
+        self.names = tuple(category_names)
+        self.ids = np.array(list(ids), dtype=object)
+        self.top_n = top_n
+
+    def observe(self, events: InteractionTable) -> None:
+        """Add events (any order) with weight ``w(type) * 2 ** ((ts - ref) / half_life)``."""
+        if len(events) == 0:
+            return
+        if self.ref is None:
+            self.ref = int(events.ts.max())
+        hi = int(events.ts.max())
+        if (hi - self.ref) / self.half_life_ms > 64:  # rescale, as the store does
+            new_ref = hi
+            self.score *= np.exp2(-(new_ref - self.ref) / self.half_life_ms)
+            self.ref = new_ref
+        w = self.w[events.type_code] * np.exp2((events.ts - self.ref) / self.half_life_ms)
+        np.add.at(self.score, events.item_idx, w)
+
+    def snapshot(self) -> Any:
+        """The current :class:`~serving.trending.TrendingSnapshot` (top ``top_n`` per scope)."""
+        from serving.trending import TrendingSnapshot
+
+        def top(mask: np.ndarray | None) -> list[tuple[str, float]]:
+            s = self.score if mask is None else np.where(mask, self.score, 0.0)
+            n = min(self.top_n, int((s > 0).sum()))
+            if n == 0:
+                return []
+            part = np.argpartition(-s, n - 1)[:n]
+            part = part[np.lexsort((part, -s[part]))]
+            return list(zip(self.ids[part].tolist(), s[part].tolist(), strict=True))
+
+        by_cat = {}
+        for code, name in enumerate(self.names):
+            rows = top(self.category == code)
+            if rows:
+                by_cat[name] = rows
+        return TrendingSnapshot(overall=top(None), by_category=by_cat, ref_ms=self.ref)
+
+
+def build_bundle(data: FitData, directory: Path, *, als_params: dict[str, Any], cache: dict[Any, Any] | None,
+                 min_support: float, covis_window_s: float, ranker: Any | None = None) -> Any:
+    """Fit ALS / rules / co-visitation on ``data.train``, write a bundle of its known items, load it.
+
+    Returns
+    -------
+    (features.bundle.Bundle, ndarray)
+        The loaded bundle and the table item index of each bundle item row.
+    """
+    from features.bundle import Bundle, BundleWriter
+    from training.covis import covisitation
+    from training.evaluation.baselines import cached_als
+    from training.rules import rules_from_table
+
+    train = data.train
+    known = np.flatnonzero(data.known_items)
+    to_bundle = np.full(data.n_items, -1, dtype=np.int64)
+    to_bundle[known] = np.arange(known.size)
+    model, matrix = cached_als(data, cache, **als_params)
+    items = IdMap(train.items.ids[i] for i in known.tolist())
+    w = BundleWriter()
+    w.set_ids(users=train.users, items=items)
+    w.set_factors(user_factors=model.user_factors, item_factors=model.item_factors[known])
+    w.set_popularity(np.asarray(matrix.sum(axis=0)).ravel()[known])
+    price = np.zeros(data.n_items, np.float32) if data.price is None else np.nan_to_num(data.price)
+    category = np.full(data.n_items, -1, np.int32) if data.category is None else data.category
+    in_stock = np.ones(data.n_items, bool) if data.in_stock is None else data.in_stock
+    w.set_item_meta(category=category[known], category_names=list(data.category_names), price=price[known],
+                    in_stock=in_stock[known])
+    key = ("bundle_rules", data.start, len(train), min_support)
+    if cache is not None and key in cache:
+        r = cache[key]
+    else:
+        r = rules_from_table(train, min_support=min_support, min_confidence=0.01)
+        if cache is not None:
+            cache[key] = r
+    w.set_rules(antecedent_idx=to_bundle[r.antecedent], consequent_idx=to_bundle[r.consequent], support=r.support,
+                confidence=r.confidence, lift=r.lift)
+    ckey = ("bundle_covis", data.start, len(train), covis_window_s)
+    if cache is not None and ckey in cache:
+        cv = cache[ckey]
+    else:
+        cv = covisitation(train, weights=data.weights, window_s=covis_window_s, top_n=50)
+        if cache is not None:
+            cache[ckey] = cv
+    src = np.repeat(np.arange(cv.n_items), np.diff(cv.indptr))
+    w.set_covis_pairs(n_items=known.size, src=to_bundle[src], dst=to_bundle[cv.indices], scores=cv.scores)
+    if ranker is not None:
+        from features.ranking import FEATURE_NAMES
+
+        w.set_ranker(ranker.onnx_model, features=FEATURE_NAMES, reference_X=ranker.reference_X,
+                     reference_scores=ranker.reference_scores)
+    hl = als_params.get("half_life_days")
+    w.set_info(data_window=(int(train.ts.min()), int(train.ts.max())),
+               params={"als": dataclasses.asdict(model.params), "event_weights": dict(data.weights),
+                       "half_life_days": hl})
+    w.write(directory)
+    bundle = Bundle.load(directory, mmap=False)
+    bundle.validate()
+    return bundle, known
+
+
+class PipelineModel:
+    """A loaded bundle + Recommenders (one per variant) + live trending, answering query batches."""
+
+    def __init__(self, bundle: Any, known: np.ndarray, data: FitData, *, n_candidates: int, diversity: str,
+                 trending_half_life_s: float = 6 * 3600.0) -> None:
+        from features.online import FoldInModel
+        from serving.recommender import Recommender
+        from serving.rules import RuleConfig
+
+        self.bundle = bundle
+        self.fold = FoldInModel.from_bundle(bundle)
+        self.ids = np.array(list(data.train.items.ids), dtype=object)
+        self.table_items = data.train.items
+        self.user_ids = data.train.users
+        self.cap = data.history_cap
+        self.gap = data.session_gap_ms
+        common = {"frequency_cap": 0, "diversity": diversity}
+        self.rec = {
+            "R": Recommender(rules=RuleConfig(repurchase_window_ms=0, **common), n_candidates=n_candidates,
+                             event_weights=data.weights, trending_half_life_s=trending_half_life_s),
+            "X": Recommender(rules=RuleConfig(repurchase_window_ms=None, **common), n_candidates=n_candidates,
+                             event_weights=data.weights, trending_half_life_s=trending_half_life_s),
+        }
+        cat = bundle.item_meta.category
+        full_cat = np.full(data.n_items, -1, np.int32)
+        full_cat[known] = cat
+        self.trend = TrendState(data.n_items, weights=data.weights, half_life_ms=trending_half_life_s * 1000.0,
+                                category=full_cat, category_names=bundle.item_meta.category_names,
+                                ids=data.train.items.ids)
+        from features.catalog import CatalogCache
+
+        self.catalog = CatalogCache()
+        recent = data.train.ts >= data.start - int(40 * trending_half_life_s * 1000)
+        self.trend.observe(data.train.take(recent))
+
+    def states(self, q: QueryBatch) -> list[Any]:
+        """The :class:`~serving.state.UserState` the store would hold for each query.
+
+        History (newest first, capped), current session, and the user vector the
+        stream worker stored after the user's last event: folded in by
+        :class:`features.online.FoldInModel` from the same capped history.
+        """
+        from serving.state import UserState
+
+        hists, sessions = [], []
+        for r in range(len(q)):
+            u, n, now = int(q.users[r]), int(q.hist_len[r]), int(q.now_ms[r])
+            items, types, ts, _ = q.history.recent(u, n, last=self.cap)
+            hists.append(tuple(zip(self.ids[items[::-1]].tolist(), _TYPE_NAMES[types[::-1]].tolist(),
+                                   ts[::-1].tolist(), strict=True)))
+            sessions.append(tuple(self.ids[q.history.session(u, n, now, gap_ms=self.gap)].tolist()))
+        vecs, has = (self.fold.fold_in_histories(hists, int(q.now_ms.max())) if hists
+                     else (np.zeros((0, 1), np.float32), np.zeros(0, bool)))
+        version = self.bundle.version
+        return [UserState(user_id=self.user_ids.id(int(q.users[r])), history=hists[r], session_items=sessions[r],
+                          vector=vecs[r] if has[r] else None, vector_model=version if has[r] else None)
+                for r in range(len(q))]
+
+    def recommend(self, q: QueryBatch, *, k: int, variant: str, explain: bool = False,
+                  states: list[Any] | None = None, snapshot: Any = None) -> list[Any]:
+        """RecLists of one variant for a batch of queries."""
+        from serving.recommender import RecRequest
+        from serving.rules import RequestFilters
+
+        states = states if states is not None else self.states(q)
+        snap = snapshot if snapshot is not None else self.trend.snapshot()
+        if variant == "X":
+            reqs = []
+            for r in range(len(q)):
+                seen = np.unique(q.history.recent(int(q.users[r]), int(q.hist_len[r]))[0])
+                reqs.append(RecRequest(k=k, explain=explain,
+                                       filters=RequestFilters(exclude=frozenset(self.ids[seen].tolist()))))
+        else:
+            reqs = [RecRequest(k=k, explain=explain)] * len(q)
+        now = int(q.now_ms.max()) if len(q) else 0
+        return self.rec[variant].recommend_many(states, reqs, bundle=self.bundle, trending=snap,
+                                               catalog=self.catalog, now_ms=now)
+
+    def lists(self, recs: list[Any], k: int) -> Lists:
+        """Item rows of the table (``-1`` pads) and fallback flags of served lists."""
+        items = np.full((len(recs), k), -1, dtype=np.int64)
+        fb = np.zeros((len(recs), k), dtype=bool)
+        get = self.table_items.get
+        for r, rl in enumerate(recs):
+            for j, it in enumerate(rl.items[:k]):
+                items[r, j] = get(it.item_id)
+                fb[r, j] = it.source in FALLBACK_SOURCES
+        return Lists(items=items, fallback=fb)
+
+
+class LiftrecFull(Method):
+    """The full pipeline (bundle + ranker served by ``serving.recommender.Recommender``).
+
+    Parameters
+    ----------
+    factors, regularization, alpha, iterations, half_life_days :
+        ALS hyper-parameters (inherited from the tuned ``liftrec_als``).
+    n_candidates : int
+        Candidates the Recommender gathers per list.
+    diversity : {"none", "cap", "mmr"}
+        The shop's diversity rule.
+    ranker : bool
+        Train and ship the ONNX ranker (False: the Recommender's heuristic order).
+    ranker_days : float
+        Training days replayed to build the ranker's queries.
+    ranker_queries : int
+        Queries sampled for the ranker.
+    min_support, covis_window_s :
+        Rules and co-visitation settings of the bundle.
+    """
+
+    name = "liftrec_full"
+
+    def __init__(self, *, factors: int = 64, regularization: float = 0.05, alpha: float = 1.0,
+                 iterations: int = 15, half_life_days: float | None = None, n_candidates: int = 300,
+                 diversity: str = "none", ranker: bool = True, ranker_days: float = 30.0,
+                 ranker_queries: int = 4000, min_support: float = 0.001, covis_window_s: float = 24 * 3600.0,
+                 cache: dict[Any, Any] | None = None, fallback: Any = None) -> None:
+        super().__init__(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
+                         half_life_days=half_life_days, n_candidates=n_candidates, diversity=diversity,
+                         ranker=ranker, ranker_days=ranker_days, ranker_queries=ranker_queries,
+                         min_support=min_support, covis_window_s=covis_window_s)
+        self._cache = cache
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def _als_params(self) -> dict[str, Any]:
+        return {k: self.params[k] for k in ("factors", "regularization", "alpha", "iterations", "half_life_days")}
+
+    def fit(self, data: FitData) -> None:
+        """Train (or reuse) the bundle with its ranker, then set up the Recommenders."""
+        from training.evaluation.ranker_data import train_pipeline_ranker
+
+        p = self.params
+        key = ("full_bundle", data.start, len(data.train),
+               tuple(sorted((k, repr(v)) for k, v in p.items() if k != "diversity")))
+        cache = self._cache if self._cache is not None else {}
+        if key not in cache:
+            tmp = tempfile.TemporaryDirectory(prefix="liftrec-eval-")
+            ranker = None
+            if p["ranker"]:
+                ranker = train_pipeline_ranker(data, als_params=self._als_params(), cache=cache, tmp=Path(tmp.name),
+                                               n_candidates=p["n_candidates"], days=p["ranker_days"],
+                                               max_queries=p["ranker_queries"], min_support=p["min_support"],
+                                               covis_window_s=p["covis_window_s"])
+            bundle, known = build_bundle(data, Path(tmp.name) / "final", als_params=self._als_params(), cache=cache,
+                                         min_support=p["min_support"], covis_window_s=p["covis_window_s"],
+                                         ranker=ranker)
+            cache[key] = (bundle, known, tmp, None if ranker is None else ranker.metrics)
+        bundle, known, self._tmp, self.ranker_metrics = cache[key]
+        self.model = PipelineModel(bundle, known, data, n_candidates=p["n_candidates"], diversity=p["diversity"])
+
+    def recommend(self, q: QueryBatch, *, k: int, variants: Sequence[str]) -> dict[str, Lists]:
+        """Lists served by the Recommender for each variant."""
+        states = self.model.states(q)
+        snap = self.model.trend.snapshot()
+        out = {}
+        for v in variants:
+            rows = np.arange(len(q))
+            if v == "X" and q.needs_x is not None:
+                rows = np.flatnonzero(q.needs_x)  # X lists of the other queries are never scored
+            if rows.size == 0:
+                out[v] = Lists(items=np.full((len(q), k), -1, dtype=np.int64), fallback=np.zeros((len(q), k), bool))
+                continue
+            sub = q if rows.size == len(q) else QueryBatch(users=q.users[rows], now_ms=q.now_ms[rows],
+                                                            hist_len=q.hist_len[rows], history=q.history)
+            got = self.model.lists(self.model.recommend(sub, k=k, variant=v, states=[states[r] for r in rows],
+                                                        snapshot=snap), k)
+            items = np.full((len(q), k), -1, dtype=np.int64)
+            fb = np.zeros((len(q), k), dtype=bool)
+            items[rows], fb[rows] = got.items, got.fallback
+            out[v] = Lists(items=items, fallback=fb)
+        return out
+
+    def observe(self, events: InteractionTable) -> None:
+        """Trending follows the stream."""
+        self.model.trend.observe(events)

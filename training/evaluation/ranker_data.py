@@ -1,0 +1,135 @@
+"""Ranker training data collected the way the ranker is used: replayed through the Recommender.
+
+:func:`train_pipeline_ranker` takes the last ``days`` of the training events
+as a ranker window, fits a bundle (no ranker) on the events before it, and
+replays the window with the evaluation protocol: for a seeded sample of
+queries the :class:`~serving.recommender.Recommender` gathers its candidates
+and returns their feature rows (``RecRequest(explain=True, k=n_candidates)``,
+heuristic order, no diversity). Half of the sampled queries are served with
+repeats allowed (variant R), half with the user's earlier items excluded
+(variant X), so one ranker learns both tasks. A candidate's label is the
+strongest event type of the query's group on it (:data:`training.ranker.GRADES`);
+queries without a positive candidate are dropped. The ranker is then trained
+and exported to ONNX by :func:`training.ranker.fit_ranker`.
+
+Compared with ``liftrec train``'s ranker (one query per user at a cutoff,
+candidates from :func:`training.ranker.default_candidates`), the training
+queries here have exactly the candidate sets and features serving produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.ranking import FEATURE_NAMES
+from training.evaluation.methods import FitData
+from training.evaluation.protocol import DAY_MS, QueryBatch, build_plan
+from training.interactions import TYPE_CODES
+
+__all__ = ["collect_ranker_data", "train_pipeline_ranker"]
+
+log = logging.getLogger(__name__)
+
+
+def _grades() -> np.ndarray:
+    from training.ranker import GRADES
+
+    g = np.zeros(len(TYPE_CODES), dtype=np.int32)
+    for t, v in GRADES.items():
+        g[TYPE_CODES.index(t)] = v
+    return g
+
+
+def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
+                          n_candidates: int, days: float, max_queries: int, min_support: float,
+                          covis_window_s: float) -> Any:
+    """A :class:`training.ranker.RankerResult` trained on the last ``days`` of ``data.train``.
+
+    Returns None when the window yields fewer than two usable queries.
+    """
+    from training.ranker import fit_ranker
+
+    rd = collect_ranker_data(data, als_params=als_params, cache=cache, tmp=tmp, n_candidates=n_candidates,
+                             days=days, max_queries=max_queries, min_support=min_support,
+                             covis_window_s=covis_window_s)
+    if len(rd.group) < 2:
+        log.warning("ranker skipped: %d usable queries", len(rd.group))
+        return None
+    result = fit_ranker(rd, seed=data.seed)
+    log.info("pipeline ranker trained queries=%d rows=%d metrics=%s", len(rd.group), len(rd.y), result.metrics)
+    return result
+
+
+def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
+                        n_candidates: int, days: float, max_queries: int, min_support: float,
+                        covis_window_s: float) -> Any:
+    """The replay-shaped :class:`training.ranker.RankerData` (see the module docstring)."""
+    from training.evaluation.pipeline_variant import PipelineModel, build_bundle
+    from training.ranker import RankerData
+
+    train = data.train
+    first = int(train.ts.min())
+    w_start = data.start - int(days * DAY_MS)
+    if w_start - first < (data.start - first) // 2:
+        w_start = first + (data.start - first) // 2
+    plan = build_plan(train, start=w_start, end=data.start, weights=data.weights)
+    pre = dataclasses.replace(data, train=plan.train, start=w_start, known_items=plan.known_items)
+    bundle, known = build_bundle(pre, tmp / "ranker-base", als_params=als_params, cache=cache,
+                                 min_support=min_support, covis_window_s=covis_window_s)
+    model = PipelineModel(bundle, known, pre, n_candidates=n_candidates, diversity="none")
+    rng = np.random.default_rng(data.seed + 7)
+    nq = plan.n_queries
+    chosen = np.zeros(nq, dtype=bool)
+    chosen[rng.choice(nq, min(nq, max_queries), replace=False)] = True
+    as_x = rng.random(nq) < 0.5
+    grade = _grades()
+    ev = plan.events
+    Xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    groups: list[int] = []
+    qusers: list[int] = []
+    covered = total = 0
+    for b in plan.batches():
+        rows = b.query_rows[chosen[b.query_rows]]
+        if rows.size:
+            snap = model.trend.snapshot()
+            for variant in ("R", "X"):
+                sel = rows[as_x[rows] == (variant == "X")]
+                if sel.size == 0:
+                    continue
+                q = QueryBatch(users=plan.query_user[sel], now_ms=plan.query_ts[sel],
+                               hist_len=plan.query_hist_len[sel], history=plan.history)
+                recs = model.recommend(q, k=n_candidates, variant=variant, explain=True, snapshot=snap)
+                for j, rl in enumerate(recs):
+                    g = int(plan.query_group[sel[j]])
+                    lo, hi = int(plan.group_start[g]), int(plan.group_start[g + 1])
+                    lab: dict[int, int] = {}
+                    for it, gr in zip(ev.item_idx[lo:hi].tolist(), grade[ev.type_code[lo:hi]].tolist(), strict=True):
+                        if gr > lab.get(it, 0):
+                            lab[it] = gr
+                    feats = [(model.table_items.get(r.item_id), r.features) for r in rl.items if r.features]
+                    if len(feats) < 2:
+                        continue
+                    y = np.array([lab.get(i, 0) for i, _ in feats], dtype=np.int32)
+                    total += sum(1 for v in lab.values() if v > 0)
+                    covered += int((y > 0).sum())
+                    if not (y > 0).any():
+                        continue
+                    Xs.append(np.array([[f[name] for name in FEATURE_NAMES] for _, f in feats], dtype=np.float32))
+                    ys.append(y)
+                    groups.append(len(y))
+                    qusers.append(int(plan.query_user[sel[j]]))
+        model.trend.observe(ev.take(b.events))  # type: ignore[arg-type]
+    width = len(FEATURE_NAMES)
+    stats = {"queries": float(len(groups)), "rows": float(sum(groups)), "sampled": float(chosen.sum()),
+             "candidate_recall": covered / total if total else 0.0}
+    log.info("ranker data window=[%d,%d) %s", w_start, data.start, stats)
+    return RankerData(X=np.concatenate(Xs) if Xs else np.zeros((0, width), np.float32),
+                      y=np.concatenate(ys) if ys else np.zeros(0, np.int32),
+                      group=np.asarray(groups, dtype=np.int32), query_user=np.asarray(qusers, dtype=np.int64),
+                      stats=stats)
