@@ -124,6 +124,8 @@ class BundleAux:
                 items = order[lo:hi]
                 self.category_items[code] = items[np.lexsort((items, -pop[items]))]
         self.category_names = names
+        #: object array of category names with ``None`` last, so ``[codes]`` maps -1 to ``None``
+        self.category_name_arr = np.array([*names, None], dtype=object)
 
     @classmethod
     def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 50_000,

@@ -512,14 +512,13 @@ def _bought(state: UserState) -> Mapping[str, int]:
     return out
 
 
-def _names(aux: BundleAux, items: np.ndarray) -> list[str | None]:
-    names = aux.category_names
-    return [names[c] if c >= 0 else None for c in aux.bundle.item_meta.category[items].tolist()]
+def _names(aux: BundleAux, items: np.ndarray) -> np.ndarray:
+    """Training-time category names of item rows (object array, ``None`` = unknown)."""
+    return aux.category_name_arr[aux.bundle.item_meta.category[items]]
 
 
 def _live_categories(aux: BundleAux, items: np.ndarray, catalog: CatalogCache) -> np.ndarray:
-    cats = np.empty(len(items), dtype=object)
-    cats[:] = _names(aux, items)
+    cats = _names(aux, items)
     if len(catalog):
         for j, item_id in enumerate(aux.bundle.items.to_ids(items)):
             live = catalog.category(item_id)

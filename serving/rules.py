@@ -193,7 +193,7 @@ def item_attrs(item_ids: Sequence[str], catalog: CatalogCache | None, *,
     n = len(item_ids)
     cats = np.empty(n, dtype=object)
     if bundle_category is not None:
-        cats[:] = list(bundle_category)
+        cats[:] = bundle_category
     price = np.full(n, np.nan)
     if bundle_price is not None:
         bp = np.asarray(bundle_price, dtype=np.float64)
