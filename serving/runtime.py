@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 TRENDING_TTL_S = 1.0
 _RETRY_S = 1.0
 _POLL_S = 1.0
+#: A bundle without ``profile_model.json`` is looked at again after this many seconds
+#: (training may write the sidecar just after publishing).
+PROFILE_RECHECK_S = 30.0
 
 
 async def read_trending(client: aioredis.Redis, keys: KeySchema, categories: list[str], *,
@@ -105,7 +108,7 @@ class ServingRuntime:
         self._trending_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
         self._closing = False
-        self._profile: tuple[str, tuple[float, float, float] | None, ProfileModel | None] | None = None
+        self._profile: tuple[str, tuple[float, float, float] | None, ProfileModel | None, float] | None = None
 
     @property
     def bundle(self) -> Bundle | None:
@@ -130,11 +133,12 @@ class ServingRuntime:
         if bundle is None:
             return None, None
         cached = self._profile
-        if cached is None or cached[0] != bundle.version:
+        stale = cached is not None and cached[2] is None and time.monotonic() - cached[3] > PROFILE_RECHECK_S
+        if cached is None or cached[0] != bundle.version or stale:
             p = np.asarray(bundle.item_meta.price, dtype=np.float64)
             p = p[p > 0]
             q = tuple(float(v) for v in np.quantile(p, [0.25, 0.5, 0.75])) if len(p) else None
-            cached = (bundle.version, q, ProfileModel.load(bundle.path))  # type: ignore[assignment]
+            cached = (bundle.version, q, ProfileModel.load(bundle.path), time.monotonic())  # type: ignore[assignment]
             self._profile = cached
         return cached[1], cached[2]  # type: ignore[return-value]
 
