@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from features.ids import IdMap
 from training.evaluation.run import TruthFn
 from training.interactions import InteractionTable
 from training.loaders import Format, load_catalog, load_interactions
 
-__all__ = ["EvalDataset", "load_dataset", "synthetic_truth"]
+__all__ = ["EvalDataset", "load_dataset", "shop_dataset", "synthetic_truth"]
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +123,29 @@ def load_dataset(path: str | Path, *, fmt: Format | None = None, catalog: str | 
             "items": table.n_items, "load": loaded.report.summary(), "catalog": str(cat_path) if cat_path.is_file()
             else None, "hidden_taste": truth is not None}
     return EvalDataset(table=table, item_meta=meta, truth=truth, info=info)
+
+
+def shop_dataset(shop: Any) -> EvalDataset:
+    """An in-memory :class:`EvalDataset` of a :class:`~training.synthetic.SyntheticShop` (no files).
+
+    Rows and ids follow the shop (``u000042`` / ``i000042``, row = number), sessions are the
+    shop's sessions, and the hidden taste is attached.
+    """
+    ev = shop.events
+    n_users, n_items = shop.config.n_users, shop.config.n_items
+    users = IdMap(f"u{u:06d}" for u in range(n_users))
+    items = IdMap(f"i{i:06d}" for i in range(n_items))
+    table = InteractionTable(
+        ts=ev.ts.astype(np.int64), user_idx=ev.user.astype(np.int32), item_idx=ev.item.astype(np.int32),
+        type_code=ev.type_code.astype(np.uint8), price=ev.price.astype(np.float32),
+        quantity=np.maximum(ev.quantity, 1).astype(np.int32),
+        basket=(ev.user.astype(np.int64) << 20) + ev.session.astype(np.int64), users=users, items=items)
+    cat = shop.catalog
+    meta: dict[str, Any] = {"price": np.asarray(cat.price, dtype=np.float32),
+                            "category": np.asarray(cat.category, dtype=np.int32),
+                            "category_names": tuple(c.name for c in cat.categories),
+                            "in_stock": np.asarray(cat.in_stock, dtype=bool)}
+    config = {f: getattr(shop.config, f) for f in shop.config.__slots__ if f != "funnel"}
+    info = {"path": f"synthetic shop {config}", "format": "synthetic", "events": len(table), "users": n_users,
+            "items": n_items, "hidden_taste": True}
+    return EvalDataset(table=table, item_meta=meta, truth=synthetic_truth(config, table), info=info)

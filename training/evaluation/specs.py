@@ -112,10 +112,10 @@ def method_specs(*, quick: bool = False, iterations: int = 15) -> list[MethodSpe
                    Grid({**_als_dims(quick), "half_life_days": Dim((None, 90.0) if not quick else (None,))},
                         fixed=als_fixed, mode="coordinate")),
         MethodSpec("liftrec_blend", False, named(LiftrecBlend, "liftrec_blend"), Grid(
-            {"w_covis": Dim((0.0, 0.25, 0.5, 1.0, 2.0), widen=2.0, lo=0.0, hi=64.0),
-             "w_repeat": Dim((0.0, 0.5, 1.0, 2.0, 4.0), widen=2.0, lo=0.0, hi=256.0),
-             "w_rules": Dim((0.0, 0.25, 0.5, 1.0), widen=2.0, lo=0.0, hi=64.0),
-             "w_trend": Dim((0.0, 0.1, 0.3), widen=3.0, lo=0.0, hi=30.0),
+            {"w_covis": Dim((0.0, 0.5, 1.0, 2.0), widen=2.0, lo=0.0, hi=64.0),
+             "w_repeat": Dim((0.0, 1.0, 2.0, 4.0), widen=2.0, lo=0.0, hi=256.0),
+             "w_rules": Dim((0.0, 0.5), widen=2.0, lo=0.0, hi=64.0),
+             "w_trend": Dim((0.0, 0.3), widen=3.0, lo=0.0, hi=30.0),
              "repeat_half_life_days": Dim((3.0, 30.0, 180.0), widen=4.0, lo=0.1, hi=5000.0)},
             mode="coordinate", max_widen=2), inherit="liftrec_als"),
         MethodSpec("liftrec_full", False, _full_make, Grid(
