@@ -290,6 +290,16 @@ def run_training(config: TrainConfig, *, reporter: StageReporter | None = None,
     if ranker is not None:
         metrics.update(ranker.metrics)
 
+    profile = None
+    with stage("profile"):
+        from training.profile_model import train_profile_model
+
+        try:
+            profile = train_profile_model(table, history_cap=cfg.history_cap)
+            detail[0] = "P(buy) logistic model for user profiles"
+        except ValueError as err:  # too little data for a label window: profiles go without P(buy)
+            detail[0] = f"skipped: {err}"
+
     with stage("publish"):
         from training.registry import publish
 
@@ -316,6 +326,10 @@ def run_training(config: TrainConfig, *, reporter: StageReporter | None = None,
         writer.set_info(data_window=(int(table.ts.min()), int(table.ts.max())), inputs=inputs,
                         params=_params(cfg), metrics=metrics)
         version = publish(writer, cfg.registry, redis_url=cfg.redis_url, key_prefix=cfg.key_prefix)
+        if profile is not None:  # a validated sidecar the API picks up with the bundle
+            from training.profile_model import write_profile_model
+
+            write_profile_model(profile, Path(cfg.registry) / version)
         detail[0] = f"version {version} -> {cfg.registry}" + (" (announced)" if cfg.redis_url else "")
 
     return TrainResult(version=version, bundle=Path(cfg.registry) / version, metrics=metrics,

@@ -53,6 +53,9 @@ def test_train_publishes_a_valid_bundle_and_announces_it(
 
     bundle = Bundle.load(registry / version)
     bundle.validate()
+    from serving.profile import ProfileModel
+
+    assert ProfileModel.load(registry / version) is not None  # the P(buy) sidecar for user profiles
     m = bundle.manifest
     assert m["inputs"]["events.jsonl"] == sha256_file(events)
     assert m["params"]["als"]["factors"] == 16 and m["params"]["als"]["random_state"] == 7
