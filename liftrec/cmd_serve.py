@@ -1,4 +1,4 @@
-"""``liftrec serve``: the HTTP API (event collector, health) under uvicorn."""
+"""``liftrec serve``: the HTTP API (recommendations, profiles, event collector, health, metrics) under uvicorn."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def serve(
     state_dir: str = typer.Option(None, help="State folder of the embedded stack."),
     log_level: str = typer.Option("info", help=f"One of {', '.join(LOG_LEVELS)}."),
 ) -> None:
-    """Serve the HTTP API: POST /v1/events, GET /health, docs at /docs."""
+    """Serve the HTTP API: recommendations, similar, bought-together, profiles, POST /v1/events, /health, /metrics; docs at /docs."""
     import uvicorn
 
     from serving.api import create_app
