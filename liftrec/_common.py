@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import NoReturn
 
 import typer
@@ -13,7 +14,7 @@ from features.errors import LiftrecError
 from features.settings import Settings
 from liftrec.stack import Endpoints, resolve_endpoints
 
-__all__ = ["endpoints_or_exit", "fail", "load_settings", "setup_logging"]
+__all__ = ["endpoints_or_exit", "fail", "load_settings", "parse_time", "setup_logging"]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -46,3 +47,18 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+
+
+def parse_time(value: str | None, flag: str, *, allow_ms: bool = True) -> int | None:
+    """An option's time as epoch ms: an ISO date/datetime (UTC when naive), or epoch ms
+    when ``allow_ms``; ``None`` stays ``None``; anything else exits with a one-line reason."""
+    if value is None:
+        return None
+    if allow_ms and value.isdigit():
+        return int(value)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{flag} must be an ISO date or datetime such as 2024-01-01 or 2024-01-01T08:00"
+             f"{' or epoch milliseconds' if allow_ms else ''}, got {value!r}")
+    return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp() * 1000)

@@ -21,25 +21,12 @@ from features.errors import LiftrecError
 from features.events import now_ms
 from features.experiments import Experiment, ExperimentStore
 from features.keys import KeySchema
-from liftrec._common import endpoints_or_exit, fail, load_settings, setup_logging
+from liftrec._common import endpoints_or_exit, fail, load_settings, parse_time, setup_logging
 
 experiments_app = typer.Typer(help="A/B experiments: define, assign, stop, and report lift.",
                               no_args_is_help=True)
 
 _STATE_DIR = typer.Option(None, "--state-dir", help="State folder of the embedded stack.")
-
-
-def _parse_time(value: str | None, flag: str) -> int | None:
-    """ISO date/datetime (UTC when naive) or epoch milliseconds."""
-    if value is None:
-        return None
-    if value.isdigit():
-        return int(value)
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"{flag} must be an ISO date/datetime (2024-01-01T08:00) or epoch ms, got {value!r}")
-    return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 def _iso(ms: int | None) -> str:
@@ -79,8 +66,8 @@ def create_cmd(
     """Define and start an experiment."""
     setup_logging("WARNING")
     try:
-        exp = Experiment.create(name, variants, salt=salt, start_ts=_parse_time(start, "--start") or now_ms(),
-                                stop_ts=_parse_time(stop, "--stop"), description=description)
+        exp = Experiment.create(name, variants, salt=salt, start_ts=parse_time(start, "--start") or now_ms(),
+                                stop_ts=parse_time(stop, "--stop"), description=description)
     except ValueError as err:
         fail(str(err))
     with _store(state_dir) as store:
@@ -165,8 +152,8 @@ def _definition(name: str, definition: str | None, variants: str | None, salt: s
         return exp
     if variants:
         try:
-            return Experiment.create(name, variants, salt=salt, start_ts=_parse_time(start, "--start") or 0,
-                                     stop_ts=_parse_time(stop, "--stop"))
+            return Experiment.create(name, variants, salt=salt, start_ts=parse_time(start, "--start") or 0,
+                                     stop_ts=parse_time(stop, "--stop"))
         except ValueError as err:
             fail(str(err))
     settings = load_settings(state_dir=state_dir)

@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from features.errors import LiftrecError
-from liftrec._common import endpoints_or_exit, fail, load_settings, setup_logging
+from liftrec._common import endpoints_or_exit, fail, load_settings, parse_time, setup_logging
 
 if TYPE_CHECKING:
     from training.synthetic import SyntheticShop
 
 #: Events per second of ``--realtime`` when ``--rate`` is not given.
 REALTIME_DEFAULT_RATE = 100.0
-
-
-def _parse_start(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--start must be an ISO date or datetime such as 2024-01-01 or 2024-01-01T08:00, got {value!r}")
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
 
 
 def simulate(
@@ -60,7 +47,7 @@ def simulate(
     setup_logging("WARNING")
     if realtime and not produce:
         fail("--realtime only makes sense with --produce")
-    start_ms = _parse_start(start)
+    start_ms = parse_time(start, "--start", allow_ms=False)
     try:
         config = ShopConfig(n_users=users, n_items=items, days=days, seed=seed, n_categories=categories,
                             bot_fraction=bots, impressions_per_view=impressions,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
 
 from features.errors import LiftrecError
-from liftrec._common import fail, load_settings, setup_logging
+from liftrec._common import fail, load_settings, parse_time, setup_logging
 
 CONTENT_MODES = ("auto", "minilm", "fallback", "off")
 
@@ -26,20 +25,6 @@ class _RichReporter:
         t = timing
         self.console.print(  # type: ignore[attr-defined]
             f"[green]✓[/green] [bold]{t.name:<9}[/bold] {t.seconds:7.2f} s  {t.detail}")  # type: ignore[attr-defined]
-
-
-def _parse_cutoff(value: str | None) -> int | None:
-    if value is None:
-        return None
-    if value.isdigit():
-        return int(value)
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--cutoff must be epoch milliseconds or an ISO date/time (2011-11-01T00:00), got {value!r}")
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
 
 
 def _redis_for_announce(settings: object, announce: bool | None) -> str | None:
@@ -107,7 +92,7 @@ def train(
         fail(str(err))
     config = TrainConfig(
         events=Path(events), registry=registry, catalog=Path(catalog) if catalog else None, als=als, weights=dict(settings.event_weights),
-        half_life_days=half_life_days, test_fraction=test_fraction, cutoff_ms=_parse_cutoff(cutoff), k=k,
+        half_life_days=half_life_days, test_fraction=test_fraction, cutoff_ms=parse_time(cutoff, "--cutoff"), k=k,
         min_support=min_support, min_confidence=min_confidence, min_lift=min_lift, covis_top_n=covis_top_n,
         content=content, ranker=ranker, ranker_max_queries=ranker_max_queries, refit=refit,  # type: ignore[arg-type]
         session_gap_s=float(settings.session_gap_s), history_cap=settings.history_cap,
