@@ -126,6 +126,8 @@ class BundleAux:
         self.category_names = names
         #: object array of category names with ``None`` last, so ``[codes]`` maps -1 to ``None``
         self.category_name_arr = np.array([*names, None], dtype=object)
+        #: object array of item ids by row: ``item_id_arr[rows].tolist()`` without a Python loop
+        self.item_id_arr = np.array(bundle.items.ids, dtype=object)
 
     @classmethod
     def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 50_000,

@@ -78,9 +78,38 @@ def _anchor_max(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, anc
     return best, best_v
 
 
+def _best_anchors(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, anchors: np.ndarray,
+                  items: np.ndarray) -> dict[int, int]:
+    """:func:`_anchor_max` for many items at once: item -> anchor (items without one are left out).
+
+    The anchor is the one whose largest positive value for the item is the
+    largest; on a tie the first in ``anchors`` order, as :func:`_anchor_max`.
+    """
+    anchors = np.asarray(anchors, dtype=np.int64)
+    if len(anchors) == 0 or len(items) == 0 or len(indices) == 0:
+        return {}
+    starts, ends = indptr[anchors], indptr[anchors + 1]
+    lengths = (ends - starts).astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return {}
+    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    nb = indices[pos]
+    keep = np.isin(nb, items) & (values[pos] > 0)
+    if not keep.any():
+        return {}
+    nb, v = nb[keep].astype(np.int64), values[pos[keep]]
+    rank = np.repeat(np.arange(len(anchors)), lengths)[keep]      # position of the anchor in ``anchors``
+    order = np.lexsort((rank, -v, nb))                            # per item: largest value, then first anchor
+    nb_o = nb[order]
+    first = order[np.r_[True, nb_o[1:] != nb_o[:-1]]]
+    return dict(zip(nb[first].tolist(), anchors[rank[first]].tolist(), strict=True))
+
+
 def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.ndarray, context: int,
                       recent: np.ndarray, name: Callable[[int], str], category: str | None,
-                      user_categories: set[str], similar: Mapping[int, int] | None = None) -> Reason:
+                      user_categories: set[str], similar: Mapping[int, int] | None = None,
+                      anchored: Mapping[str, Mapping[int, int]] | None = None) -> Reason:
     """The reason text of one item for a given source.
 
     Parameters
@@ -103,6 +132,11 @@ def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.nda
         Categories the user engaged with recently.
     similar : mapping of int to int, optional
         Precomputed most similar recent item per item (``-1``: none), see :func:`explain_items`.
+    anchored : mapping of str to mapping of int to int, optional
+        Precomputed anchors, see :func:`explain_items`: ``"session"`` / ``"bought_together"``:
+        item -> strongest anchor; ``"context_covis"`` / ``"context_rules"``: item -> the context
+        item when it is a co-visitation / rule neighbour of it. An item missing from a mapping
+        has no such anchor.
 
     Returns
     -------
@@ -110,19 +144,25 @@ def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.nda
     """
     t = aux.bundle.tables
     ids = aux.bundle.items
+    def anchor(kind: str, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+               among: np.ndarray) -> int:
+        if anchored is not None:
+            return anchored[kind].get(item, -1)
+        return _anchor_max(indptr, indices, values, among, item)[0]
+
     if source == "context" and context >= 0:
         one = np.array([context])
-        if _anchor_max(t.covis_indptr, t.covis_indices, t.covis_scores, one, item)[0] >= 0:
+        if anchor("context_covis", t.covis_indptr, t.covis_indices, t.covis_scores, one) >= 0:
             return Reason(source, f"viewed together with {name(context)}", ids.id(context))
-        if _anchor_max(t.rules_indptr, t.rules_consequent, t.rules_confidence, one, item)[0] >= 0:
+        if anchor("context_rules", t.rules_indptr, t.rules_consequent, t.rules_confidence, one) >= 0:
             return Reason(source, f"often bought with {name(context)}", ids.id(context))
         return Reason(source, f"similar to {name(context)}", ids.id(context))
     if source == "session":
-        a, _ = _anchor_max(t.covis_indptr, t.covis_indices, t.covis_scores, anchors, item)
+        a = anchor("session", t.covis_indptr, t.covis_indices, t.covis_scores, anchors)
         if a >= 0:
             return Reason(source, f"viewed together with {name(a)}", ids.id(a))
     if source == "bought_together":
-        a, _ = _anchor_max(t.rules_indptr, t.rules_consequent, t.rules_confidence, anchors, item)
+        a = anchor("bought_together", t.rules_indptr, t.rules_consequent, t.rules_confidence, anchors)
         if a >= 0:
             return Reason(source, f"often bought with {name(a)}", ids.id(a))
     if source in ("als", "content"):
@@ -165,14 +205,38 @@ def _most_similar(aux: BundleAux, source: str, item: int, recent: np.ndarray) ->
 
 def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux, anchors: np.ndarray,
                   context: int, recent: np.ndarray, name: Callable[[int], str],
-                  categories: np.ndarray, user_categories: set[str]) -> list[Reason]:
-    """Reasons of the candidates at ``positions`` (the final list)."""
-    strongest = strongest_sources(cands)
+                  categories: np.ndarray, user_categories: set[str],
+                  strongest: np.ndarray | None = None) -> list[Reason]:
+    """Reasons of the candidates at ``positions`` (the final list).
+
+    The anchors of all items are found in a few array operations per source
+    (co-visitation and rule neighbours of the anchors, factor / content
+    similarity to the recent items), then each item's text is worded.
+    ``strongest`` (from :func:`strongest_sources`) may be passed when known.
+    """
+    if strongest is None:
+        strongest = strongest_sources(cands)
+    positions = np.asarray(positions, dtype=np.int64)
+    chosen = np.asarray(cands.items[positions], dtype=np.int64)
+    src_of = strongest[positions]
+    t = aux.bundle.tables
+
+    def of(source: str) -> np.ndarray:
+        return chosen[src_of == SOURCES.index(source)]
+
+    one = np.array([context], dtype=np.int64) if context >= 0 else np.zeros(0, np.int64)
+    anchored = {
+        "session": _best_anchors(t.covis_indptr, t.covis_indices, t.covis_scores, anchors, of("session")),
+        "bought_together": _best_anchors(t.rules_indptr, t.rules_consequent, t.rules_confidence, anchors,
+                                         of("bought_together")),
+        "context_covis": _best_anchors(t.covis_indptr, t.covis_indices, t.covis_scores, one, of("context")),
+        "context_rules": _best_anchors(t.rules_indptr, t.rules_consequent, t.rules_confidence, one,
+                                       of("context")),
+    }
     similar: dict[int, int] = {}
     rec = recent[:10]
     for src, floor in (("als", 0.2), ("content", 0.3)):
-        items = np.array([int(cands.items[p]) for p in positions.tolist() if SOURCES[int(strongest[p])] == src],
-                         dtype=np.int64)
+        items = of(src)
         if len(items) == 0 or len(rec) == 0 or (src == "content" and aux.bundle.content is None):
             continue
         if src == "content":
@@ -186,10 +250,10 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
         best = np.argmax(sims, axis=1)
         for i, item in enumerate(items.tolist()):
             similar[item] = int(rec[best[i]]) if sims[i, best[i]] >= floor else -1
-    return [reason_for_source(SOURCES[int(strongest[p])], int(cands.items[p]), aux=aux, anchors=anchors,
-                              context=context, recent=recent, name=name, category=categories[p],
-                              user_categories=user_categories, similar=similar)
-            for p in positions.tolist()]
+    return [reason_for_source(SOURCES[s], item, aux=aux, anchors=anchors, context=context, recent=recent,
+                              name=name, category=categories[p], user_categories=user_categories,
+                              similar=similar, anchored=anchored)
+            for p, s, item in zip(positions.tolist(), src_of.tolist(), chosen.tolist(), strict=True)]
 
 
 def source_scores(cands: CandidateSet, pos: int) -> dict[str, float]:

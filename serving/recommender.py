@@ -50,10 +50,10 @@ from serving.candidates import (
 )
 from serving.explain import explain_items, source_scores, strongest_sources
 from serving.item_lists import fallback_list, item_list
+from serving.live import LiveAttrs
 from serving.rules import (
     RequestFilters,
     RuleConfig,
-    apply_boosts,
     blocked_items,
     diversify,
     eligible,
@@ -166,6 +166,7 @@ class _User:
     session: np.ndarray
     context: int
     blocked: set[str]
+    blocked_rows: np.ndarray
     vector: np.ndarray | None = None
     user_categories: set[str] = dataclasses.field(default_factory=set)
     affinity: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -302,17 +303,20 @@ class Recommender:
         users = [self._resolve(s, r, aux, now) for s, r in zip(states, reqs, strict=True)]
         self._vectors(users, aux)
         als = self._retrieve(users, aux)
-        cands: list[CandidateSet] = []
+        raw: list[CandidateSet] = []
         for u, a in zip(users, als, strict=True):
             inp = CandidateInput(recent=u.recent, session=u.session, context=u.context,
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity)
-            cands.append(self._eligible(gather(inp, aux, tr, n_candidates=self.n_candidates), u, aux, catalog))
+            raw.append(gather(inp, aux, tr, n_candidates=self.n_candidates))
+        # one catalog look-up per distinct candidate of the whole call (users share most of them)
+        live = LiveAttrs.build(aux, np.concatenate([c.items for c in raw]), catalog)
+        cands = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
         feats = [build_features(self._context_of(u, tr, decay, now), c.items, bundle.tables)
                  for u, c in zip(users, cands, strict=True)]
         scores = self._score(feats, bundle)
-        return [self._finish(u, c, x, s, aux, catalog, now, ranked=bundle.ranker is not None)
+        return [self._finish(u, c, x, s, aux, catalog, live, now, ranked=bundle.ranker is not None)
                 for u, c, x, s in zip(users, cands, feats, scores, strict=True)]
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
@@ -353,7 +357,8 @@ class Recommender:
                                 config=self.rules, now_ms=now)
         if req.context_item:
             blocked.add(req.context_item)
-        u = _User(state=state, request=req, hist_items=hi,
+        blocked_rows = items.indices(blocked) if blocked else np.zeros(0, np.int64)
+        u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows[blocked_rows >= 0],
                   hist_types=np.fromiter((h[1] for h in hist), dtype=np.int8, count=len(hist)),
                   hist_ts=np.fromiter((h[2] for h in hist), dtype=np.int64, count=len(hist)),
                   recent=recent, session=sess[sess >= 0], context=context, blocked=blocked)
@@ -408,12 +413,23 @@ class Recommender:
             return []
         return [aux.category_code[c] for c in filters.categories if c in aux.category_code]
 
-    def _eligible(self, cands: CandidateSet, u: _User, aux: BundleAux, catalog: CatalogCache) -> CandidateSet:
-        ids = aux.bundle.items.to_ids(cands.items)
-        meta = aux.bundle.item_meta
-        attrs = item_attrs(ids, catalog, bundle_category=_names(aux, cands.items),
-                           bundle_price=meta.price[cands.items], bundle_in_stock=meta.in_stock[cands.items])
-        ok = eligible(ids, attrs, blocked=u.blocked, filters=u.request.filters)
+    @staticmethod
+    def _eligible(cands: CandidateSet, u: _User, live: LiveAttrs) -> CandidateSet:
+        """:func:`serving.rules.eligible` on the call's :class:`~serving.live.LiveAttrs` (same mask)."""
+        at = live.at(cands.items)
+        ok = live.in_stock[at]
+        if len(u.blocked_rows):
+            ok &= ~np.isin(cands.items, u.blocked_rows)
+        filters = u.request.filters
+        if filters.categories is not None:
+            ok &= np.isin(live.code[at], live.codes_of(filters.categories))
+        if filters.has_price_filter:
+            p = live.price[at]
+            with np.errstate(invalid="ignore"):
+                if filters.min_price is not None:
+                    ok &= p >= filters.min_price
+                if filters.max_price is not None:
+                    ok &= p <= filters.max_price
         return cands.take(ok)
 
     @staticmethod
@@ -438,18 +454,23 @@ class Recommender:
         return np.split(s, np.cumsum(sizes)[:-1])
 
     def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, scores: np.ndarray, aux: BundleAux,
-                catalog: CatalogCache, now: int, *, ranked: bool) -> RecList:
+                catalog: CatalogCache, live: LiveAttrs, now: int, *, ranked: bool) -> RecList:
         req = u.request
         k = req.k
-        cats = _live_categories(aux, cands.items, catalog)
-        s = apply_boosts(scores, cats, req.filters.boost_categories)
+        codes = live.code[live.at(cands.items)]
+        cats = live.name_arr[codes]
+        s = np.asarray(scores, dtype=np.float64)   # boosts as serving.rules.apply_boosts, on codes
+        boosts = req.filters.boost_categories
+        if boosts and len(s):
+            spread = float(s.max() - s.min()) or 1.0
+            s = s + live.boost_per_code(boosts)[codes] * spread
         if u.context >= 0 and len(s):  # a context request: the context item's neighbours lead the list
             spread = float(s.max() - s.min()) or 1.0
             ctx = cands.scores[:, _CONTEXT]
             s = s + spread * ctx / (float(ctx.max()) or 1.0)
         order = np.lexsort((np.arange(len(s)), -s))
         vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
-        pos = diversify(order, cats, k, self.rules, scores=s, vectors=vectors)
+        pos = diversify(order, codes, k, self.rules, scores=s, vectors=vectors)
         strongest = strongest_sources(cands)
 
         def name(idx: int) -> str:
@@ -459,7 +480,7 @@ class Recommender:
 
         reasons = explain_items(cands, pos, aux=aux, anchors=np.unique(np.concatenate([u.recent[:10], u.session])),
                                 context=u.context, recent=u.recent, name=name, categories=cats,
-                                user_categories=u.user_categories)
+                                user_categories=u.user_categories, strongest=strongest)
         recs: list[Recommendation] = []
         for p, reason in zip(pos.tolist(), reasons, strict=True):
             extra: dict[str, Any] = {}
@@ -516,12 +537,3 @@ def _names(aux: BundleAux, items: np.ndarray) -> np.ndarray:
     """Training-time category names of item rows (object array, ``None`` = unknown)."""
     return aux.category_name_arr[aux.bundle.item_meta.category[items]]
 
-
-def _live_categories(aux: BundleAux, items: np.ndarray, catalog: CatalogCache) -> np.ndarray:
-    cats = _names(aux, items)
-    if len(catalog):
-        for j, item_id in enumerate(aux.bundle.items.to_ids(items)):
-            live = catalog.category(item_id)
-            if live:
-                cats[j] = live
-    return cats

@@ -259,7 +259,9 @@ def diversify(ranked: np.ndarray, categories: np.ndarray, k: int, config: RuleCo
     ranked : numpy.ndarray
         Candidate positions, best first.
     categories : numpy.ndarray
-        Category per candidate position (object, ``None`` = unknown: never capped).
+        Category per candidate position: object names (``None`` = unknown: never
+        capped), or integer codes (equal code = same category, negative = unknown),
+        which is faster and gives the same positions.
     k : int
         List length.
     config : RuleConfig
@@ -289,7 +291,13 @@ def diversify(ranked: np.ndarray, categories: np.ndarray, k: int, config: RuleCo
     return _mmr(ranked, categories, k, config.mmr_lambda, scores, vectors)
 
 
+def _is_codes(categories: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(categories).dtype, np.integer)
+
+
 def _cap(ranked: np.ndarray, categories: np.ndarray, k: int, cap: int) -> np.ndarray:
+    if _is_codes(categories):
+        return _cap_codes(ranked, np.asarray(categories, dtype=np.int64), k, cap)
     counts: dict[object, int] = {}
     chosen: list[int] = []
     skipped: list[int] = []
@@ -307,6 +315,27 @@ def _cap(ranked: np.ndarray, categories: np.ndarray, k: int, cap: int) -> np.nda
     return np.asarray(chosen, dtype=np.int64)
 
 
+def _cap_codes(ranked: np.ndarray, codes: np.ndarray, k: int, cap: int) -> np.ndarray:
+    """:func:`_cap` on integer codes without a Python loop (same positions).
+
+    An item is kept iff its category is unknown or fewer than ``cap`` items of
+    its category rank above it: the loop's counts only grow with kept items,
+    and the kept items of a category are its first ``cap`` in rank order.
+    """
+    c = codes[ranked]
+    n = len(c)
+    by_cat = np.argsort(c, kind="stable")          # rank order inside each category
+    sc = c[by_cat]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
+    occ = np.empty(n, dtype=np.int64)
+    occ[by_cat] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    ok = (c < 0) | (occ < cap)
+    chosen = ranked[ok][:k]
+    if len(chosen) < k:
+        chosen = np.concatenate([chosen, ranked[~ok][:k - len(chosen)]])
+    return chosen.astype(np.int64, copy=False)
+
+
 def _mmr(ranked: np.ndarray, categories: np.ndarray, k: int, lam: float, scores: np.ndarray | None,
          vectors: np.ndarray | None) -> np.ndarray:
     pool = ranked[:max(5 * k, 50)]
@@ -318,8 +347,12 @@ def _mmr(ranked: np.ndarray, categories: np.ndarray, k: int, lam: float, scores:
         span = s.max() - s.min()
         rel = (s - s.min()) / span if span > 0 else np.ones(m)
     cats = categories[pool]
-    codes = {c: i for i, c in enumerate(dict.fromkeys(c for c in cats if c is not None))}
-    code = np.array([codes.get(c, -1 - j) for j, c in enumerate(cats)], dtype=np.int64)
+    if _is_codes(cats):  # unknown categories are like nothing else: a code of their own
+        cats = np.asarray(cats, dtype=np.int64)
+        code = np.where(cats >= 0, cats, -1 - np.arange(m))
+    else:
+        codes = {c: i for i, c in enumerate(dict.fromkeys(c for c in cats if c is not None))}
+        code = np.array([codes.get(c, -1 - j) for j, c in enumerate(cats)], dtype=np.int64)
     sim = (code[:, None] == code[None, :]).astype(np.float64)
     if vectors is not None:
         v = np.asarray(vectors, dtype=np.float64)[pool]
