@@ -269,6 +269,10 @@ class LiftrecFull(Method):
         Queries sampled for the ranker.
     min_support, covis_window_s :
         Rules and co-visitation settings of the bundle.
+    trending_half_life_h : float
+        Half-life of the trending counts (the shop's ``Settings.trending_half_life_s`` / 3600).
+    history_cap : int, optional
+        Events kept per user (the shop's ``Settings.history_cap``); default: the run's setting.
     """
 
     name = "liftrec_full"
@@ -277,11 +281,14 @@ class LiftrecFull(Method):
                  iterations: int = 15, half_life_days: float | None = None, n_candidates: int = 300,
                  diversity: str = "none", ranker: bool = True, ranker_days: float = 30.0,
                  ranker_queries: int = 4000, min_support: float = 0.001, covis_window_s: float = 24 * 3600.0,
+                 history_cap: int | None = None, trending_half_life_h: float = 6.0,
                  cache: dict[Any, Any] | None = None, fallback: Any = None) -> None:
         super().__init__(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
                          half_life_days=half_life_days, n_candidates=n_candidates, diversity=diversity,
                          ranker=ranker, ranker_days=ranker_days, ranker_queries=ranker_queries,
-                         min_support=min_support, covis_window_s=covis_window_s)
+                         min_support=min_support, covis_window_s=covis_window_s,
+                         history_cap=history_cap,
+                         trending_half_life_h=trending_half_life_h)
         self._cache = cache
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -293,6 +300,8 @@ class LiftrecFull(Method):
         from training.evaluation.ranker_data import train_pipeline_ranker
 
         p = self.params
+        if p["history_cap"] is not None:
+            data = dataclasses.replace(data, history_cap=int(p["history_cap"]))
         key = ("full_bundle", data.start, len(data.train),
                tuple(sorted((k, repr(v)) for k, v in p.items() if k != "diversity")))
         cache = self._cache if self._cache is not None else {}
@@ -303,13 +312,15 @@ class LiftrecFull(Method):
                 ranker = train_pipeline_ranker(data, als_params=self._als_params(), cache=cache, tmp=Path(tmp.name),
                                                n_candidates=p["n_candidates"], days=p["ranker_days"],
                                                max_queries=p["ranker_queries"], min_support=p["min_support"],
-                                               covis_window_s=p["covis_window_s"])
+                                               covis_window_s=p["covis_window_s"],
+                                               trending_half_life_s=p["trending_half_life_h"] * 3600.0)
             bundle, known = build_bundle(data, Path(tmp.name) / "final", als_params=self._als_params(), cache=cache,
                                          min_support=p["min_support"], covis_window_s=p["covis_window_s"],
                                          ranker=ranker)
             cache[key] = (bundle, known, tmp, None if ranker is None else ranker.metrics)
         bundle, known, self._tmp, self.ranker_metrics = cache[key]
-        self.model = PipelineModel(bundle, known, data, n_candidates=p["n_candidates"], diversity=p["diversity"])
+        self.model = PipelineModel(bundle, known, data, n_candidates=p["n_candidates"], diversity=p["diversity"],
+                                   trending_half_life_s=p["trending_half_life_h"] * 3600.0)
 
     def recommend(self, q: QueryBatch, *, k: int, variants: Sequence[str]) -> dict[str, Lists]:
         """Lists served by the Recommender for each variant."""

@@ -47,7 +47,7 @@ def _grades() -> np.ndarray:
 
 def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
                           n_candidates: int, days: float, max_queries: int, min_support: float,
-                          covis_window_s: float) -> Any:
+                          covis_window_s: float, trending_half_life_s: float = 6 * 3600.0) -> Any:
     """A :class:`training.ranker.RankerResult` trained on the last ``days`` of ``data.train``.
 
     Returns None when the window yields fewer than two usable queries.
@@ -56,7 +56,7 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
 
     rd = collect_ranker_data(data, als_params=als_params, cache=cache, tmp=tmp, n_candidates=n_candidates,
                              days=days, max_queries=max_queries, min_support=min_support,
-                             covis_window_s=covis_window_s)
+                             covis_window_s=covis_window_s, trending_half_life_s=trending_half_life_s)
     if len(rd.group) < 2:
         log.warning("ranker skipped: %d usable queries", len(rd.group))
         return None
@@ -67,7 +67,7 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
 
 def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
                         n_candidates: int, days: float, max_queries: int, min_support: float,
-                        covis_window_s: float) -> Any:
+                        covis_window_s: float, trending_half_life_s: float = 6 * 3600.0) -> Any:
     """The replay-shaped :class:`training.ranker.RankerData` (see the module docstring)."""
     from training.evaluation.pipeline_variant import PipelineModel, build_bundle
     from training.ranker import RankerData
@@ -81,7 +81,8 @@ def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dic
     pre = dataclasses.replace(data, train=plan.train, start=w_start, known_items=plan.known_items)
     bundle, known = build_bundle(pre, tmp / "ranker-base", als_params=als_params, cache=cache,
                                  min_support=min_support, covis_window_s=covis_window_s)
-    model = PipelineModel(bundle, known, pre, n_candidates=n_candidates, diversity="none")
+    model = PipelineModel(bundle, known, pre, n_candidates=n_candidates, diversity="none",
+                          trending_half_life_s=trending_half_life_s)
     rng = np.random.default_rng(data.seed + 7)
     nq = plan.n_queries
     chosen = np.zeros(nq, dtype=bool)

@@ -119,9 +119,13 @@ def method_specs(*, quick: bool = False, iterations: int = 15) -> list[MethodSpe
              "repeat_half_life_days": Dim((3.0, 30.0, 180.0), widen=4.0, lo=0.1, hi=5000.0)},
             mode="coordinate", max_widen=2), inherit="liftrec_als"),
         MethodSpec("liftrec_full", False, _full_make, Grid(
-            {"diversity": Dim(("none", "cap"))},
-            fixed={"n_candidates": 300, "ranker": True, "ranker_days": 30.0,
-                   "ranker_queries": 1500 if quick else 6000}), inherit="liftrec_als"),
+            {"trending_half_life_h": Dim((6.0, 168.0) if quick else (6.0, 48.0, 168.0), widen=4.0, lo=0.25,
+                                         hi=24.0 * 365),
+             "history_cap": Dim((100,) if quick else (100, 500), widen=2.0, lo=10, hi=10_000, integer=True),
+             "diversity": Dim(("none",) if quick else ("none", "cap"))},
+            fixed={"n_candidates": 300, "ranker": True, "ranker_days": 60.0,
+                   "ranker_queries": 1500 if quick else 6000}, mode="coordinate", max_widen=2),
+            inherit="liftrec_als"),
     ]
     return specs
 
