@@ -24,14 +24,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import threading
 from collections.abc import Collection, Mapping
 
 import numpy as np
 
-from features.catalog import CatalogCache
+from features.catalog import CatalogCache, ItemInfo
 from serving.candidates import BundleAux
 
-__all__ = ["LiveAttrs"]
+__all__ = ["LiveAttrs", "LiveTable", "TrackedCatalogCache"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class LiveAttrs:
     """object array ``(*names, None)``: ``name_arr[code]`` maps -1 to ``None``."""
     code_of: Mapping[str, int]
     """Category name -> code."""
+    dense: bool = False
+    """``rows`` is every item row ``0 .. n - 1`` (positions are the rows themselves)."""
 
     @classmethod
     def build(cls, aux: BundleAux, rows: np.ndarray, catalog: CatalogCache | None) -> LiveAttrs:
@@ -113,6 +116,8 @@ class LiveAttrs:
 
     def at(self, items: np.ndarray) -> np.ndarray:
         """Positions of ``items`` (rows that :meth:`build` was given) in the arrays."""
+        if self.dense:
+            return np.asarray(items, dtype=np.int64)
         return np.searchsorted(self.rows, items)
 
     def codes_of(self, categories: Collection[str]) -> np.ndarray:
@@ -122,3 +127,111 @@ class LiveAttrs:
     def boost_per_code(self, boosts: Mapping[str, float]) -> np.ndarray:
         """Boost of every code, with a trailing 0 so that ``[code]`` maps -1 (unknown) to 0."""
         return np.array([*(float(boosts.get(c, 0.0)) for c in self.names), 0.0], dtype=np.float64)
+
+
+class TrackedCatalogCache(CatalogCache):
+    """A :class:`~features.catalog.CatalogCache` that remembers which items changed.
+
+    Every :meth:`put` bumps :attr:`version` and logs the item id, so a
+    :class:`LiveTable` can follow the catalog by re-reading only the changed
+    items instead of looking every candidate up on every call. The log keeps
+    the last ``log_cap`` changes; a reader further behind rebuilds.
+
+    Parameters
+    ----------
+    log_cap : int
+        Changes kept in the log (at least 1).
+    """
+
+    __slots__ = ("_base", "_cap", "_log")
+
+    def __init__(self, *, log_cap: int = 1 << 16) -> None:
+        if log_cap < 1:
+            raise ValueError(f"log_cap must be >= 1; got {log_cap}")
+        super().__init__()
+        self._log: list[str] = []
+        self._base = 0
+        self._cap = log_cap
+
+    @property
+    def version(self) -> int:
+        """Number of :meth:`put` calls so far."""
+        return self._base + len(self._log)
+
+    def put(self, item_id: str, info: ItemInfo) -> None:
+        """Store ``info`` and log the change."""
+        super().put(item_id, info)
+        self._log.append(item_id)
+        if len(self._log) > self._cap:
+            drop = len(self._log) // 2
+            self._log = self._log[drop:]
+            self._base += drop
+
+    def changed_since(self, version: int) -> list[str] | None:
+        """Ids put after ``version`` (repeats possible); ``None`` when the log no longer reaches back."""
+        if version < self._base:
+            return None
+        return self._log[version - self._base:]
+
+
+class LiveTable:
+    """Live attributes of every item of one bundle, kept in step with a :class:`TrackedCatalogCache`.
+
+    :meth:`attrs` re-reads the items changed since the last call (all of them
+    when the catalog's log no longer reaches back) and returns a dense
+    :class:`LiveAttrs` whose positions are the item rows: equal to
+    :meth:`LiveAttrs.build` over all rows, without a catalog look-up per candidate.
+
+    Parameters
+    ----------
+    aux : BundleAux
+        The bundle's derived data.
+    catalog : TrackedCatalogCache
+        The live catalog followed.
+    """
+
+    def __init__(self, aux: BundleAux, catalog: TrackedCatalogCache) -> None:
+        self.aux = aux
+        self.catalog = catalog
+        self._lock = threading.Lock()
+        version = catalog.version   # read first: changes made while building are re-read on the next call
+        self._attrs = LiveAttrs.build(aux, np.arange(len(aux.bundle.items), dtype=np.int64), catalog)
+        self._attrs = dataclasses.replace(self._attrs, dense=True)
+        self._version = version
+
+    def attrs(self) -> LiveAttrs:
+        """The current attributes (after applying the catalog's changes)."""
+        with self._lock:
+            if self.catalog.version != self._version:
+                self._sync()
+            return self._attrs
+
+    def _sync(self) -> None:
+        version = self.catalog.version
+        changed = self.catalog.changed_since(self._version)
+        if changed is None:
+            log.info("live table rebuilt version=%s items=%d", self.aux.version, len(self.aux.bundle.items))
+            rows = np.arange(len(self.aux.bundle.items), dtype=np.int64)
+            self._attrs = dataclasses.replace(LiveAttrs.build(self.aux, rows, self.catalog), dense=True)
+        else:
+            rows = self.aux.bundle.items.indices(dict.fromkeys(changed))
+            rows = rows[rows >= 0]
+            if len(rows):
+                self._apply(LiveAttrs.build(self.aux, rows, self.catalog))
+        self._version = version
+
+    def _apply(self, part: LiveAttrs) -> None:
+        """Write the rows of ``part`` into the dense arrays (in place; new category names extend the codes)."""
+        cur = self._attrs
+        names, code_of = cur.names, cur.code_of
+        new = [c for c in part.names if c not in code_of]
+        if new:
+            code_of = {**code_of, **{c: len(names) + n for n, c in enumerate(new)}}
+            names = (*names, *new)
+        remap = np.array([*(code_of[c] for c in part.names), -1], dtype=np.int64)
+        cur.code[part.rows] = remap[part.code]
+        cur.price[part.rows] = part.price
+        cur.in_stock[part.rows] = part.in_stock
+        if new:
+            self._attrs = dataclasses.replace(cur, names=names, code_of=code_of,
+                                              name_arr=np.array([*names, None], dtype=object))

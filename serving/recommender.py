@@ -33,7 +33,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import orjson
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache
@@ -50,7 +49,8 @@ from serving.candidates import (
 )
 from serving.explain import explain_items, source_scores, strongest_sources
 from serving.item_lists import fallback_list, item_list
-from serving.live import LiveAttrs
+from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
+from serving.reclist import RecList, Recommendation, RecRequest
 from serving.rules import (
     RequestFilters,
     RuleConfig,
@@ -74,83 +74,6 @@ HEURISTIC_WEIGHTS: Mapping[str, float] = {
 _HW = np.array([HEURISTIC_WEIGHTS.get(f, 0.0) for f in FEATURE_NAMES], dtype=np.float32)
 _COVIS = FEATURE_NAMES.index("covis_score")
 _CONTEXT = SOURCES.index("context")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RecRequest:
-    """What one list should look like.
-
-    Parameters
-    ----------
-    k : int
-        List length (>= 1).
-    context_item : str, optional
-        The item the user is looking at (its neighbours become candidates).
-    filters : RequestFilters
-        Exclusions, category / price filters, category boosts.
-    explain : bool
-        Attach feature values and source scores to every item.
-    """
-
-    k: int = 20
-    context_item: str | None = None
-    filters: RequestFilters = dataclasses.field(default_factory=RequestFilters)
-    explain: bool = False
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1; got {self.k}")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Recommendation:
-    """One item of a list."""
-
-    item_id: str
-    score: float
-    reason: str
-    source: str
-    """Candidate source behind the reason (one of :data:`~serving.candidates.SOURCES`,
-    or ``trending`` / ``catalog`` in the bundle-less fallback)."""
-    reason_item: str | None = None
-    features: Mapping[str, float] | None = None
-    source_scores: Mapping[str, float] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form; explain fields only when set."""
-        out: dict[str, Any] = {"item_id": self.item_id, "score": self.score, "reason": self.reason,
-                               "source": self.source}
-        if self.reason_item is not None:
-            out["reason_item"] = self.reason_item
-        if self.features is not None:
-            out["features"] = dict(self.features)
-        if self.source_scores is not None:
-            out["source_scores"] = dict(self.source_scores)
-        return out
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RecList:
-    """A served list: attributable by ``rec_id``, reproducible by ``model``."""
-
-    rec_id: str
-    user_id: str
-    model: str | None
-    source: str
-    """The source chain that served it, e.g. ``als+session+popularity``."""
-    items: tuple[Recommendation, ...]
-    ts: int
-    ranked: bool = False
-    """True when the bundle's ONNX ranker ordered the candidates."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (the API answer and the ``recs`` key value)."""
-        return {"rec_id": self.rec_id, "user_id": self.user_id, "model": self.model, "source": self.source,
-                "ts": self.ts, "ranked": self.ranked, "items": [i.to_dict() for i in self.items]}
-
-    def encode(self) -> bytes:
-        """orjson bytes of :meth:`to_dict`, the value of the ``recs`` key."""
-        return orjson.dumps(self.to_dict())
 
 
 @dataclasses.dataclass(slots=True)
@@ -204,6 +127,7 @@ class Recommender:
         self.ann_min_items = ann_min_items
         self.nprobe = nprobe
         self._aux: dict[str, BundleAux] = {}
+        self._tables: dict[str, LiveTable] = {}
         self._trend_cache: tuple[TrendingSnapshot, str, TrendingArrays] | None = None
 
     @classmethod
@@ -216,11 +140,17 @@ class Recommender:
 
     # -- per-bundle data -------------------------------------------------------------
 
-    def prepare(self, bundle: Bundle) -> BundleAux:
-        """Build the bundle's retrieval indexes now (call off the request path after a swap)."""
+    def prepare(self, bundle: Bundle, *, catalog: CatalogCache | None = None) -> BundleAux:
+        """Build the bundle's retrieval indexes now (call off the request path after a swap).
+
+        With a :class:`~serving.live.TrackedCatalogCache`, the bundle's
+        :class:`~serving.live.LiveTable` (live attributes of every item) is built too.
+        """
         aux = BundleAux.build(bundle, kind=self.index_kind, ann_min_items=self.ann_min_items,
                               nprobe=self.nprobe)
         self._remember(aux)
+        if isinstance(catalog, TrackedCatalogCache):
+            self._live_table(aux, catalog)
         return aux
 
     def aux(self, bundle: Bundle) -> BundleAux:
@@ -230,6 +160,24 @@ class Recommender:
             aux = BundleAux(bundle)
             self._remember(aux)
         return aux
+
+    def _live_table(self, aux: BundleAux, catalog: TrackedCatalogCache) -> LiveTable:
+        table = self._tables.get(aux.version)
+        if table is None or table.aux is not aux or table.catalog is not catalog:
+            table = LiveTable(aux, catalog)
+            tables = dict(self._tables)
+            tables[aux.version] = table
+            while len(tables) > 2:
+                tables.pop(next(iter(tables)))
+            self._tables = tables  # one assignment, as _remember
+        return table
+
+    def _live_attrs(self, aux: BundleAux, catalog: CatalogCache, cands: list[CandidateSet]) -> LiveAttrs:
+        """Live attributes of the call's candidates: the bundle's :class:`~serving.live.LiveTable` when the
+        catalog tracks its changes, else one look-up per distinct candidate (users share most of them)."""
+        if isinstance(catalog, TrackedCatalogCache):
+            return self._live_table(aux, catalog).attrs()
+        return LiveAttrs.build(aux, np.concatenate([c.items for c in cands]), catalog)
 
     def _remember(self, aux: BundleAux) -> None:
         cache = dict(self._aux)
@@ -309,8 +257,7 @@ class Recommender:
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity)
             raw.append(gather(inp, aux, tr, n_candidates=self.n_candidates))
-        # one catalog look-up per distinct candidate of the whole call (users share most of them)
-        live = LiveAttrs.build(aux, np.concatenate([c.items for c in raw]), catalog)
+        live = self._live_attrs(aux, catalog, raw)
         cands = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
         feats = [build_features(self._context_of(u, tr, decay, now), c.items, bundle.tables)

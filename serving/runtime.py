@@ -39,6 +39,7 @@ from features.keys import KeySchema
 from features.reload import ModelHolder
 from features.settings import Settings
 from serving.api_metrics import ApiMetrics
+from serving.live import TrackedCatalogCache
 from serving.profile import ProfileModel
 from serving.recommender import Recommender
 from serving.state import UserStateReader
@@ -95,7 +96,7 @@ class ServingRuntime:
         self.settings = settings
         self.client = client
         self.keys = KeySchema(settings.key_prefix)
-        self.catalog = CatalogCache()
+        self.catalog: CatalogCache = TrackedCatalogCache()   # the recommender follows its changes
         self.catalog_store = CatalogStore(client, self.keys)
         self.reader = UserStateReader(client, self.keys, history_cap=settings.history_cap)
         self.recommender = Recommender.from_settings(settings)
@@ -121,7 +122,7 @@ class ServingRuntime:
 
     def _prepare(self, bundle: Bundle) -> None:
         try:
-            aux = self.recommender.prepare(bundle)
+            aux = self.recommender.prepare(bundle, catalog=self.catalog)
             log.info("retrieval index ready version=%s kind=%s", bundle.version, aux.index.kind)
         except Exception:
             log.exception("building the retrieval index failed version=%s; exact search serves",

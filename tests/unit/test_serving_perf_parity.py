@@ -19,9 +19,15 @@ from features.bundle import Bundle, ItemMeta
 from features.catalog import CatalogCache, ItemInfo
 from features.ids import IdMap
 from features.ranking import RankingTables, pairs_to_csr
-from serving.candidates import BundleAux, CandidateSet
-from serving.explain import _anchor_max, _best_anchors, explain_items, reason_for_source, strongest_sources
-from serving.live import LiveAttrs
+from serving.candidates import SOURCES, BundleAux, CandidateSet
+from serving.explain import (
+    _anchor_max,
+    _best_anchors,
+    explain_items,
+    reason_for_source,
+    strongest_sources,
+)
+from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
 from serving.recommender import Recommender, RecRequest
 from serving.rules import RequestFilters, RuleConfig, diversify, eligible, item_attrs
 from serving.state import UserState
@@ -172,8 +178,6 @@ def test_explanations_equal_the_one_item_reasons() -> None:
         got = explain_items(cands, positions, aux=aux, anchors=anchors, context=context, recent=recent,
                             name=lambda i: f"name{i}", categories=cats, user_categories={"c1"})
         strongest = strongest_sources(cands)
-        from serving.candidates import SOURCES
-
         want = [reason_for_source(SOURCES[int(strongest[p])], int(rows[p]), aux=aux, anchors=anchors,
                                   context=context, recent=recent, name=lambda i: f"name{i}", category=cats[p],
                                   user_categories={"c1"}) for p in positions.tolist()]
@@ -212,3 +216,43 @@ def test_batched_lists_equal_one_user_lists_with_a_live_catalog() -> None:
                 assert got.source == one.source
                 live_ok = [catalog.in_stock(i.item_id) for i in got.items]
                 assert all(live_ok) and len(got.items) == request.k
+
+
+def test_live_table_follows_a_tracked_catalog() -> None:
+    aux = BundleAux(random_bundle())
+    catalog = TrackedCatalogCache(log_cap=8)
+    for item_id in ("i1", "i2", "i3"):
+        catalog.put(item_id, ItemInfo(category="c1", price=3.0, in_stock=True))
+    table = LiveTable(aux, catalog)
+    every = np.arange(N_ITEMS)
+
+    def same_as_a_fresh_look_up() -> None:
+        got, want = table.attrs(), LiveAttrs.build(aux, every, catalog)
+        assert list(got.name_arr[got.code[got.at(every)]]) == list(want.name_arr[want.code[want.at(every)]])
+        np.testing.assert_array_equal(got.price[got.at(every)], want.price[want.at(every)])
+        np.testing.assert_array_equal(got.in_stock[got.at(every)], want.in_stock[want.at(every)])
+
+    same_as_a_fresh_look_up()
+    catalog.put("i2", ItemInfo(category="brand-new", price=None, in_stock=False))   # a name the table never saw
+    catalog.put("i7", ItemInfo(category="", price=9.0, in_stock=False))
+    catalog.put("elsewhere", ItemInfo(category="x", price=1.0, in_stock=True))
+    assert catalog.changed_since(3) == ["i2", "i7", "elsewhere"]
+    same_as_a_fresh_look_up()
+    assert table.attrs().in_stock[2] == False and table.attrs().name_arr[table.attrs().code[2]] == "brand-new"  # noqa: E712
+    # 40 more changes: the log (8) no longer reaches back, so the table rebuilds
+    for i in range(40):
+        catalog.put(f"i{i}", ItemInfo(category=f"live{i % 3}", price=float(i), in_stock=i % 2 == 0))
+    assert catalog.changed_since(3) is None
+    same_as_a_fresh_look_up()
+    rec = Recommender(rules=RuleConfig(diversity="cap"), n_candidates=60)
+    state = UserState(user_id="u", vector=np.ones(F, np.float32), vector_model=VERSION)
+    empty = TrendingSnapshot(overall=(), by_category={})
+    plain = CatalogCache()
+    for item_id in [f"i{i}" for i in range(N_ITEMS)]:
+        info = catalog.get(item_id)
+        if info is not None:
+            plain.put(item_id, info)
+    for request in (RecRequest(k=15), RecRequest(k=5, filters=RequestFilters(categories={"live1"}))):
+        tracked = rec.recommend(state, request, bundle=aux.bundle, trending=empty, catalog=catalog, now_ms=NOW)
+        untracked = rec.recommend(state, request, bundle=aux.bundle, trending=empty, catalog=plain, now_ms=NOW)
+        assert tracked.items == untracked.items and tracked.source == untracked.source

@@ -1,0 +1,94 @@
+"""The values the recommender takes and returns: :class:`RecRequest`, :class:`Recommendation`, :class:`RecList`.
+
+Plain frozen data, re-exported by :mod:`serving.recommender`. ``RecList.encode()``
+is the value of a user's precomputed ``recs`` key and the API's answer body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from serving.rules import RequestFilters
+
+__all__ = ["RecList", "RecRequest", "Recommendation"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecRequest:
+    """What one list should look like.
+
+    Parameters
+    ----------
+    k : int
+        List length (>= 1).
+    context_item : str, optional
+        The item the user is looking at (its neighbours become candidates).
+    filters : RequestFilters
+        Exclusions, category / price filters, category boosts.
+    explain : bool
+        Attach feature values and source scores to every item.
+    """
+
+    k: int = 20
+    context_item: str | None = None
+    filters: RequestFilters = dataclasses.field(default_factory=RequestFilters)
+    explain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1; got {self.k}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recommendation:
+    """One item of a list."""
+
+    item_id: str
+    score: float
+    reason: str
+    source: str
+    """Candidate source behind the reason (one of :data:`~serving.candidates.SOURCES`,
+    or ``trending`` / ``catalog`` in the bundle-less fallback)."""
+    reason_item: str | None = None
+    features: Mapping[str, float] | None = None
+    source_scores: Mapping[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; explain fields only when set."""
+        out: dict[str, Any] = {"item_id": self.item_id, "score": self.score, "reason": self.reason,
+                               "source": self.source}
+        if self.reason_item is not None:
+            out["reason_item"] = self.reason_item
+        if self.features is not None:
+            out["features"] = dict(self.features)
+        if self.source_scores is not None:
+            out["source_scores"] = dict(self.source_scores)
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecList:
+    """A served list: attributable by ``rec_id``, reproducible by ``model``."""
+
+    rec_id: str
+    user_id: str
+    model: str | None
+    source: str
+    """The source chain that served it, e.g. ``als+session+popularity``."""
+    items: tuple[Recommendation, ...]
+    ts: int
+    ranked: bool = False
+    """True when the bundle's ONNX ranker ordered the candidates."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (the API answer and the ``recs`` key value)."""
+        return {"rec_id": self.rec_id, "user_id": self.user_id, "model": self.model, "source": self.source,
+                "ts": self.ts, "ranked": self.ranked, "items": [i.to_dict() for i in self.items]}
+
+    def encode(self) -> bytes:
+        """orjson bytes of :meth:`to_dict`, the value of the ``recs`` key."""
+        return orjson.dumps(self.to_dict())
