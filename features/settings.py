@@ -165,6 +165,14 @@ class Settings(BaseSettings):
     """Cost of serving one customer (same currency as prices) in the profile's
     customer value = P(buy) x expected order value / cost_to_serve."""
 
+    api_precomputed_max_age_s: float = Field(default=60.0, ge=0)
+    """The HTTP API answers a plain list request (no context item, filters,
+    boosts or ``explain``) with the user's precomputed ``recs`` list when it is
+    at most this old, of the current model and still has ``k`` in-stock items
+    (``source`` then reads ``precomputed:<chain>``); otherwise it computes the
+    list. The stream worker refreshes a user's list after their events. ``0``
+    always computes."""
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_ok(cls, v: str) -> str:

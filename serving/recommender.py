@@ -163,7 +163,7 @@ class Recommender:
 
     def _live_table(self, aux: BundleAux, catalog: TrackedCatalogCache) -> LiveTable:
         table = self._tables.get(aux.version)
-        if table is None or table.aux is not aux or table.catalog is not catalog:
+        if table is None or table.aux.bundle is not aux.bundle or table.catalog is not catalog:
             table = LiveTable(aux, catalog)
             tables = dict(self._tables)
             tables[aux.version] = table

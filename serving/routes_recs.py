@@ -21,8 +21,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from serving.api import ErrorBody, JsonResponse, error_response
+from serving.precomputed import precomputed_answer
 from serving.recommender import RecList, RecRequest
 from serving.rules import RequestFilters
 from serving.runtime import ServingRuntime
@@ -108,6 +110,21 @@ def _answer(rt: ServingRuntime, route: str, recs: RecList, k: int, t0: float) ->
     return JsonResponse(recs.to_dict())
 
 
+async def _precomputed(rt: ServingRuntime, user_id: str, k: int) -> dict[str, Any] | None:
+    """The user's fresh precomputed list as an answer body (see :mod:`serving.precomputed`), else ``None``."""
+    max_age = rt.settings.api_precomputed_max_age_s
+    bundle = rt.bundle
+    if max_age <= 0 or bundle is None:
+        return None
+    try:
+        raw = await rt.client.get(rt.keys.recs(user_id))
+    except (RedisError, OSError) as err:
+        log.debug("recs read failed, computing the list: %s", err)
+        return None
+    return precomputed_answer(raw, user_id=user_id, k=k, model=bundle.version, now_ms=int(time.time() * 1000),
+                              max_age_s=max_age, catalog=rt.catalog)
+
+
 K = Annotated[int, Query(ge=1, le=1000, description="List length; at most `Settings.max_k` (default 100).")]
 Exclude = Annotated[list[str] | None, Query(description="Item ids to leave out (repeat or comma-separate).")]
 
@@ -120,7 +137,10 @@ Exclude = Annotated[list[str] | None, Query(description="Item ids to leave out (
         "item's neighbours, trending and popularity; ranked by the model's ONNX ranker; purchased (within "
         "the shop's repurchase window), out-of-stock, excluded and over-shown items removed; diversified "
         "by category. Unknown users get a cold-start list. Each item carries its strongest reason; "
-        "`explain=true` adds feature values and source scores."
+        "`explain=true` adds feature values and source scores. A plain request (no context item, filters, "
+        "boosts or explain) is answered with the user's precomputed list when it is fresh "
+        "(`Settings.api_precomputed_max_age_s`, of the current model, k items in stock); its `source` then "
+        "starts with `precomputed:`."
     ),
     response_model=RecListBody,
     responses=_RESPONSES,
@@ -147,6 +167,14 @@ async def user_recommendations(
     if min_price is not None and max_price is not None and min_price > max_price:
         return _bad(f"query.min_price: must be <= max_price (got {min_price} > {max_price})")
     cats = _csv(category)
+    plain = not (context_item or cats or _csv(exclude) or _csv(boost_category) or explain
+                 or min_price is not None or max_price is not None)
+    if plain:
+        body = await _precomputed(rt, user_id, k)
+        if body is not None:
+            rt.metrics.served("user_recommendations", body["source"], short=False, model=body["model"])
+            rt.metrics.observe("user_recommendations", 200, time.perf_counter() - t0)
+            return JsonResponse(body)
     filters = RequestFilters(exclude=frozenset(_csv(exclude)), categories=frozenset(cats) if cats else None,
                              min_price=min_price, max_price=max_price,
                              boost_categories={c: boost for c in _csv(boost_category)})

@@ -5,7 +5,8 @@ inputs with a fixed seed: live attributes of many items at once
 (:class:`serving.live.LiveAttrs`) against :func:`serving.rules.item_attrs`,
 category caps and MMR on integer codes against the same on names, batched
 explanation anchors against the one-item search, and whole lists of the
-batched recommender against one-user calls with the live catalog.
+batched recommender against one-user calls with the live catalog. Also the
+API's use of a fresh precomputed list (:mod:`serving.precomputed`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from serving.explain import (
     strongest_sources,
 )
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
-from serving.recommender import Recommender, RecRequest
+from serving.precomputed import precomputed_answer
+from serving.recommender import RecList, Recommendation, Recommender, RecRequest
 from serving.rules import RequestFilters, RuleConfig, diversify, eligible, item_attrs
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
@@ -256,3 +258,29 @@ def test_live_table_follows_a_tracked_catalog() -> None:
         tracked = rec.recommend(state, request, bundle=aux.bundle, trending=empty, catalog=catalog, now_ms=NOW)
         untracked = rec.recommend(state, request, bundle=aux.bundle, trending=empty, catalog=plain, now_ms=NOW)
         assert tracked.items == untracked.items and tracked.source == untracked.source
+
+
+def _stored_list(n: int, *, ts: int = NOW, model: str = VERSION, user_id: str = "u1") -> bytes:
+    items = tuple(Recommendation(item_id=f"i{j}", score=float(n - j), reason="popular now", source="popularity")
+                  for j in range(n))
+    return RecList(rec_id="r" * 32, user_id=user_id, model=model, source="als+popularity", items=items, ts=ts,
+                   ranked=True).encode()
+
+
+def test_a_fresh_precomputed_list_answers_a_plain_request() -> None:
+    catalog = CatalogCache()
+    catalog.put("i1", ItemInfo(category="c1", price=1.0, in_stock=False))     # went out of stock since
+    kw = {"user_id": "u1", "model": VERSION, "now_ms": NOW + 5_000, "max_age_s": 10.0, "catalog": catalog}
+    body = precomputed_answer(_stored_list(20), k=5, **kw)
+    assert body is not None
+    assert [i["item_id"] for i in body["items"]] == ["i0", "i2", "i3", "i4", "i5"]
+    assert body["source"] == "precomputed:als+popularity" and body["rec_id"] == "r" * 32 and body["ts"] == NOW
+    assert precomputed_answer(_stored_list(20), k=19, **kw) is not None
+    assert precomputed_answer(_stored_list(20), k=20, **kw) is None                 # one left the list: compute
+    assert precomputed_answer(_stored_list(20, ts=NOW - 6_000), k=5, **kw) is None  # 11 s old
+    assert precomputed_answer(_stored_list(20, model="older-model"), k=5, **kw) is None
+    assert precomputed_answer(_stored_list(20, user_id="u2"), k=5, **kw) is None
+    assert precomputed_answer(None, k=5, **kw) is None
+    assert precomputed_answer(b"{not json", k=5, **kw) is None
+    assert precomputed_answer(_stored_list(20), k=5, **{**kw, "max_age_s": 0.0}) is None
+    assert precomputed_answer(_stored_list(20), k=5, **{**kw, "model": None}) is None
