@@ -17,7 +17,15 @@ Each offered rate runs ``--seconds``; the sweep stops after the first rate
 whose p99 passes 200 ms. Reported per rate: achieved throughput, p50/p90/p99/max,
 errors; and the highest offered rate whose p99 stayed <= 20 ms.
 
-    python benchmarks/bench_http_load.py [--quick] [--items N] [--workers W] [--rates 100,200,...]
+``--precomputed SHARE`` (default 0) gives that share of the users a fresh
+precomputed ``recs`` list before the sweep, made by the same
+:class:`~serving.recommender.Recommender` the stream worker runs, as the worker
+would after their events; the API answers their plain requests from it
+(``Settings.api_precomputed_max_age_s``, raised to an hour for the sweep so the
+lists stay fresh). With 0, every user request computes its list (after one
+Redis GET that finds no list).
+
+    python benchmarks/bench_http_load.py [--quick] [--items N] [--workers W] [--rates 100,200,...] [--precomputed 0.5]
 """
 
 from __future__ import annotations
@@ -75,9 +83,24 @@ def publish_bundle(registry: Path, n_items: int, onnx: bytes, booster: Any) -> s
     return publish(w, registry)
 
 
-def seed_users(client: redis.Redis, keys: KeySchema, bundle_dir: Path, n_users: int) -> list[str]:
+def seed_users(client: redis.Redis, keys: KeySchema, bundle_dir: Path, n_users: int, *,
+               precomputed: float = 0.0) -> list[str]:
+    """Seed users' state; the first ``precomputed`` share also gets a fresh ``recs`` list."""
     b = Bundle.load(bundle_dir)
     users = synthetic_users(b, n_users)
+    n_pre = int(round(precomputed * len(users)))
+    if n_pre:
+        from features.catalog import CatalogCache
+        from serving.recommender import Recommender, RecRequest
+        from serving.trending import TrendingSnapshot
+
+        rec = Recommender.from_settings(Settings())
+        lists = rec.recommend_many(users[:n_pre], RecRequest(k=Settings().recs_k), bundle=b,
+                                   trending=TrendingSnapshot(overall=(), by_category={}), catalog=CatalogCache())
+        pipe = client.pipeline(transaction=False)
+        for lst in lists:
+            pipe.set(keys.recs(lst.user_id), lst.encode())
+        pipe.execute()
     pipe = client.pipeline(transaction=False)
     for u in users:
         pipe.rpush(keys.history(u.user_id), *(orjson.dumps(h) for h in u.history))
@@ -146,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="uvicorn worker processes (default 1: measured better than 2 with the load generator on the same 2 cores)")
     parser.add_argument("--rates", default=None, help="offered rates, comma-separated (default 100..900)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per rate (default 10; 3 quick)")
+    parser.add_argument("--precomputed", type=float, default=0.0,
+                        help="share of users with a fresh precomputed list (default 0: every list computed)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.precomputed <= 1.0:
+        parser.error(f"--precomputed must be in [0, 1]; got {args.precomputed}")
     n_items = args.items or (5000 if args.quick else 20_000)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rates = [float(r) for r in (args.rates or ("100,300,500" if args.quick else
@@ -161,10 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         version = publish_bundle(reg, n_items, onnx, booster)
         prefix = "benchhttp"
         client = redis.Redis.from_url(ep.redis_url)
-        user_ids = seed_users(client, KeySchema(prefix), reg / version, 2000)
+        user_ids = seed_users(client, KeySchema(prefix), reg / version, 2000, precomputed=args.precomputed)
         port = free_port()
         env = {**os.environ, "KAFKA_BOOTSTRAP": ep.kafka_bootstrap, "REDIS_URL": ep.redis_url,
                "LIFTREC_KEY_PREFIX": prefix, "LIFTREC_REGISTRY_DIR": str(reg), "PYTHONUNBUFFERED": "1"}
+        if args.precomputed > 0:
+            env["LIFTREC_API_PRECOMPUTED_MAX_AGE_S"] = "3600"
         log = Path(tmp) / "serve.log"
         proc = subprocess.Popen([sys.executable, "-m", "liftrec", "serve", "--port", str(port), "--workers",
                                  str(args.workers), "--log-level", "warning"], cwd=ROOT, env=env,
@@ -202,12 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             client.close()
     ok = [c for c in curve if c["p99_ms"] <= GOAL_P99_MS and c["errors"] == 0]
     best = max(ok, key=lambda c: c["offered_rps"]) if ok else None
-    summary = (f"{args.workers} workers, {n_items // 1000}k items: "
+    summary = (f"{args.workers} workers, {n_items // 1000}k items, {args.precomputed:.0%} precomputed: "
                + (f"{best['achieved_rps']:.0f} req/s at p99 {best['p99_ms']:.1f} ms (offered {best['offered_rps']:.0f})"
                   if best else "no rate kept p99 <= 20 ms")
                + "; curve p99 " + ", ".join(f"{c['offered_rps']:.0f}:{c['p99_ms']:.0f}ms" for c in curve))
-    write_result(NAME, {"curve": curve, "best_rate_within_goal": best},
+    name = NAME if args.precomputed == 0 else f"{NAME}_precomputed"
+    write_result(name, {"curve": curve, "best_rate_within_goal": best},
                  params={"quick": args.quick, "items": n_items, "workers": args.workers, "seconds": seconds,
+                         "precomputed": args.precomputed,
                          "concurrency": CONCURRENCY, "rates": rates, "goal_p99_ms": GOAL_P99_MS},
                  summary=summary, out_dir=args.out_dir)
     print(summary)

@@ -14,6 +14,14 @@ ONNX scoring of 300 rows alone; and the batched path (`recommend_many`,
 64 users per call) per user. Retrieval recall@100 of the IVF index is taken
 against exact search on 300 user vectors.
 
+The main series use an empty live catalog (the bundle's stock and categories
+serve). The ``ivf_<n>_catalog_*`` series repeat the IVF run with a live catalog
+holding every item (2 % out of stock, 5 % in another category, titles), as the
+API and the worker have: ``plain`` is a :class:`~features.catalog.CatalogCache`
+(one look-up per distinct candidate of a call), ``tracked`` a
+:class:`~serving.live.TrackedCatalogCache` (the API's; per-bundle arrays
+re-read only for changed items).
+
     python benchmarks/bench_serving_latency.py [--quick] [--items N] [--large N] [--calls N]
 """
 
@@ -29,7 +37,7 @@ from _common import base_parser, summarize, write_result
 from tqdm import tqdm
 
 from features.bundle import Bundle, ItemMeta
-from features.catalog import CatalogCache
+from features.catalog import CatalogCache, ItemInfo
 from features.ids import IdMap
 from features.ranking import (
     FEATURE_NAMES,
@@ -40,6 +48,7 @@ from features.ranking import (
     pairs_to_csr,
 )
 from serving.index import ExactIndex, IvfIndex, top_k
+from serving.live import TrackedCatalogCache
 from serving.recommender import Recommender, RecRequest
 from serving.rules import RuleConfig
 from serving.state import UserState
@@ -162,11 +171,27 @@ def stats(ms: Sequence[float]) -> dict[str, float]:
     return s
 
 
-def measure(bundle: Bundle, users: list[UserState], calls: int, *, label: str, index: str) -> dict[str, Any]:
+def full_catalog(bundle: Bundle, catalog: CatalogCache, seed: int = 4) -> CatalogCache:
+    """Fill ``catalog`` with every item of the bundle (2 % out of stock, 5 % moved category, titles)."""
+    rng = np.random.default_rng(seed)
+    meta = bundle.item_meta
+    names = meta.category_names
+    moved = rng.random(len(bundle.items)) < 0.05
+    stock = rng.random(len(bundle.items)) > 0.02
+    for i, item_id in enumerate(bundle.items.ids):
+        code = int(meta.category[i])
+        cat = names[(code + 7) % len(names)] if moved[i] else names[code]
+        catalog.put(item_id, ItemInfo(category=cat, price=float(meta.price[i]), in_stock=bool(stock[i]),
+                                      title=f"Item {i}"))
+    return catalog
+
+
+def measure(bundle: Bundle, users: list[UserState], calls: int, *, label: str, index: str,
+            catalog: CatalogCache | None = None) -> dict[str, Any]:
     rec = Recommender(rules=RuleConfig(diversity="cap"), n_candidates=300, index_kind=index, nprobe=64)
-    aux = rec.prepare(bundle)
+    catalog = CatalogCache() if catalog is None else catalog
+    aux = rec.prepare(bundle, catalog=catalog)
     trending = trending_of(bundle)
-    catalog = CatalogCache()
     req = RecRequest(k=20)
     it = iter(range(10**9))
 
@@ -269,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["recall@100"] = recall_at_100(bundle.item_factors, aux.index, q)  # type: ignore[arg-type]
         res["nprobe_sweep"] = nprobe_sweep(bundle.item_factors, aux.index, q)  # type: ignore[arg-type]
         results[f"ivf_{n_items}"] = res
+        for kind, empty in (("plain", CatalogCache()), ("tracked", TrackedCatalogCache())):
+            results[f"ivf_{n_items}_catalog_{kind}"] = measure(
+                bundle, users, calls, label=f"{n_items} ivf catalog {kind}", index="ivf",
+                catalog=full_catalog(bundle, empty))
     summary = ""
     if large:
         big = synthetic_bundle(large, onnx=onnx, seed=5)
@@ -292,7 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"{r1.get('onnx_300_ms', {}).get('p50', float('nan')):.2f} ms), batched "
                f"{r1['recommend_many_per_user_ms']['p50']:.2f} ms/user; IVF p99 "
                f"{results[f'ivf_{n_items}']['recommend_ms']['p99']:.2f} ms recall@100 "
-               f"{results[f'ivf_{n_items}']['recall@100']:.3f}" + summary)
+               f"{results[f'ivf_{n_items}']['recall@100']:.3f}; IVF + full live catalog (tracked) p50 "
+               f"{results[f'ivf_{n_items}_catalog_tracked']['recommend_ms']['p50']:.2f} ms, batched "
+               f"{results[f'ivf_{n_items}_catalog_tracked']['recommend_many_per_user_ms']['p50']:.2f} ms/user "
+               f"(plain catalog {results[f'ivf_{n_items}_catalog_plain']['recommend_many_per_user_ms']['p50']:.2f})"
+               + summary)
     write_result(NAME, results, params={"quick": args.quick, "items": n_items, "large": large, "calls": calls,
                                         "factors": 64, "n_candidates": 300, "k": 20},
                  summary=summary, out_dir=args.out_dir)
