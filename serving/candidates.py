@@ -49,6 +49,7 @@ __all__ = [
     "context_neighbours",
     "csr_neighbours",
     "gather",
+    "isin_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,15 @@ class CandidateSet:
     def sources_used(self) -> list[str]:
         """Names of the sources that proposed at least one candidate, in chain order."""
         return [SOURCES[i] for i in sorted(set(self.first.tolist()))]
+
+
+def isin_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``np.isin(values, rows)``, by broadcast comparison when ``rows`` is short (no sort: faster there)."""
+    if len(rows) <= 16:
+        if len(rows) == 0:
+            return np.zeros(len(values), dtype=bool)
+        return (np.asarray(values)[:, None] == np.asarray(rows)[None, :]).any(axis=1)
+    return np.isin(values, rows)
 
 
 def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, rows: np.ndarray, *,

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from serving.candidates import SOURCES, BundleAux, CandidateSet
+from serving.candidates import SOURCES, BundleAux, CandidateSet, isin_rows
 
 __all__ = ["SOURCE_WEIGHTS", "Reason", "explain_items", "reason_for_source", "source_scores",
            "strongest_sources"]
@@ -95,7 +95,7 @@ def _best_anchors(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, a
         return {}
     pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
     nb = indices[pos]
-    keep = np.isin(nb, items) & (values[pos] > 0)
+    keep = isin_rows(nb, items) & (values[pos] > 0)
     if not keep.any():
         return {}
     nb, v = nb[keep].astype(np.int64), values[pos[keep]]

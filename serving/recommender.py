@@ -46,6 +46,7 @@ from serving.candidates import (
     CandidateSet,
     TrendingArrays,
     gather,
+    isin_rows,
 )
 from serving.explain import explain_items, source_scores, strongest_sources
 from serving.item_lists import fallback_list, item_list
@@ -258,13 +259,14 @@ class Recommender:
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity)
             raw.append(gather(inp, aux, tr, n_candidates=self.n_candidates))
         live = self._live_attrs(aux, catalog, raw)
-        cands = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
+        kept = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
+        cands = [c for c, _ in kept]
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
         feats = [build_features(self._context_of(u, tr, decay, now), c.items, bundle.tables)
                  for u, c in zip(users, cands, strict=True)]
         scores = self._score(feats, bundle)
-        return [self._finish(u, c, x, s, aux, catalog, live, now, ranked=bundle.ranker is not None)
-                for u, c, x, s in zip(users, cands, feats, scores, strict=True)]
+        return [self._finish(u, c, x, s, aux, catalog, live, live.code[at], now, ranked=bundle.ranker is not None)
+                for u, (c, at), x, s in zip(users, kept, feats, scores, strict=True)]
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -361,15 +363,18 @@ class Recommender:
         return [aux.category_code[c] for c in filters.categories if c in aux.category_code]
 
     @staticmethod
-    def _eligible(cands: CandidateSet, u: _User, live: LiveAttrs) -> CandidateSet:
-        """:func:`serving.rules.eligible` on the call's :class:`~serving.live.LiveAttrs` (same mask)."""
+    def _eligible(cands: CandidateSet, u: _User, live: LiveAttrs) -> tuple[CandidateSet, np.ndarray]:
+        """:func:`serving.rules.eligible` on the call's :class:`~serving.live.LiveAttrs` (same mask).
+
+        Returns the eligible candidates and their positions in ``live``.
+        """
         at = live.at(cands.items)
         ok = live.in_stock[at]
         if len(u.blocked_rows):
-            ok &= ~np.isin(cands.items, u.blocked_rows)
+            ok &= ~isin_rows(cands.items, u.blocked_rows)
         filters = u.request.filters
         if filters.categories is not None:
-            ok &= np.isin(live.code[at], live.codes_of(filters.categories))
+            ok &= isin_rows(live.code[at], live.codes_of(filters.categories))
         if filters.has_price_filter:
             p = live.price[at]
             with np.errstate(invalid="ignore"):
@@ -377,7 +382,7 @@ class Recommender:
                     ok &= p >= filters.min_price
                 if filters.max_price is not None:
                     ok &= p <= filters.max_price
-        return cands.take(ok)
+        return cands.take(ok), at[ok]
 
     @staticmethod
     def _context_of(u: _User, tr: TrendingArrays, decay: float, now: int) -> RankingContext:
@@ -401,10 +406,10 @@ class Recommender:
         return np.split(s, np.cumsum(sizes)[:-1])
 
     def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, scores: np.ndarray, aux: BundleAux,
-                catalog: CatalogCache, live: LiveAttrs, now: int, *, ranked: bool) -> RecList:
+                catalog: CatalogCache, live: LiveAttrs, codes: np.ndarray, now: int, *, ranked: bool) -> RecList:
+        """Boosts, diversity, reasons and the list; ``codes`` are the candidates' live category codes."""
         req = u.request
         k = req.k
-        codes = live.code[live.at(cands.items)]
         cats = live.name_arr[codes]
         s = np.asarray(scores, dtype=np.float64)   # boosts as serving.rules.apply_boosts, on codes
         boosts = req.filters.boost_categories
