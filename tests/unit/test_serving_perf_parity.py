@@ -117,8 +117,9 @@ def test_eligibility_on_codes_equals_eligible_on_names() -> None:
         state = UserState(user_id="u", shown={b: 99 for b in blocked})
         user = Recommender(rules=RuleConfig(frequency_cap=5))._resolve(state, RecRequest(filters=filters), aux, NOW)
         cands = CandidateSet(rows.astype(np.int64), np.zeros((len(rows), 8), np.float32), np.zeros(len(rows), np.int8))
-        got = Recommender._eligible(cands, user, live)
+        got, at = Recommender._eligible(cands, user, live)
         assert got.items.tolist() == rows[want].tolist()
+        assert live.rows[at].tolist() == rows[want].tolist()
 
 
 @pytest.mark.parametrize("seed", range(30))
