@@ -97,6 +97,8 @@ class Method(ABC):
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = dict(params)
+        #: What the method wants in the report besides metrics (e.g. its ranker's training stats).
+        self.info: dict[str, Any] = {}
 
     @abstractmethod
     def fit(self, data: FitData) -> None:

@@ -269,6 +269,8 @@ class LiftrecFull(Method):
         Queries sampled for the ranker.
     min_support, covis_window_s :
         Rules and co-visitation settings of the bundle.
+    ranker_x_share : float
+        Share of the ranker's training queries served as variant X (0.5: both tasks).
     trending_half_life_h : float
         Half-life of the trending counts (the shop's ``Settings.trending_half_life_s`` / 3600).
     history_cap : int, optional
@@ -281,14 +283,14 @@ class LiftrecFull(Method):
                  iterations: int = 15, half_life_days: float | None = None, n_candidates: int = 300,
                  diversity: str = "none", ranker: bool = True, ranker_days: float = 30.0,
                  ranker_queries: int = 4000, min_support: float = 0.001, covis_window_s: float = 24 * 3600.0,
-                 history_cap: int | None = None, trending_half_life_h: float = 6.0,
+                 history_cap: int | None = None, trending_half_life_h: float = 6.0, ranker_x_share: float = 0.5,
                  cache: dict[Any, Any] | None = None, fallback: Any = None) -> None:
         super().__init__(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
                          half_life_days=half_life_days, n_candidates=n_candidates, diversity=diversity,
                          ranker=ranker, ranker_days=ranker_days, ranker_queries=ranker_queries,
                          min_support=min_support, covis_window_s=covis_window_s,
                          history_cap=history_cap,
-                         trending_half_life_h=trending_half_life_h)
+                         trending_half_life_h=trending_half_life_h, ranker_x_share=ranker_x_share)
         self._cache = cache
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -313,12 +315,15 @@ class LiftrecFull(Method):
                                                n_candidates=p["n_candidates"], days=p["ranker_days"],
                                                max_queries=p["ranker_queries"], min_support=p["min_support"],
                                                covis_window_s=p["covis_window_s"],
-                                               trending_half_life_s=p["trending_half_life_h"] * 3600.0)
+                                               trending_half_life_s=p["trending_half_life_h"] * 3600.0,
+                                               x_share=p["ranker_x_share"])
             bundle, known = build_bundle(data, Path(tmp.name) / "final", als_params=self._als_params(), cache=cache,
                                          min_support=p["min_support"], covis_window_s=p["covis_window_s"],
                                          ranker=ranker)
             cache[key] = (bundle, known, tmp, None if ranker is None else ranker.metrics)
         bundle, known, self._tmp, self.ranker_metrics = cache[key]
+        self.info = {"bundle_version": bundle.version, "bundle_items": len(bundle.items),
+                     "ranker": self.ranker_metrics or {}}
         self.model = PipelineModel(bundle, known, data, n_candidates=p["n_candidates"], diversity=p["diversity"],
                                    trending_half_life_s=p["trending_half_life_h"] * 3600.0)
 

@@ -5,9 +5,10 @@ as a ranker window, fits a bundle (no ranker) on the events before it, and
 replays the window with the evaluation protocol: for a seeded sample of
 queries the :class:`~serving.recommender.Recommender` gathers its candidates
 and returns their feature rows (``RecRequest(explain=True, k=n_candidates)``,
-heuristic order, no diversity). Half of the sampled queries are served with
-repeats allowed (variant R), half with the user's earlier items excluded
-(variant X), so one ranker learns both tasks. A candidate's label is the
+heuristic order, no diversity). A share ``x_share`` of the sampled queries is
+served with the user's earlier items excluded (variant X), the rest with
+repeats allowed (variant R): 0.5 learns both tasks, 1.0 trains a ranker for a
+shop that never recommends earlier items. A candidate's label is the
 strongest event type of the query's group on it (:data:`training.ranker.GRADES`);
 queries without a positive candidate are dropped. The ranker is then trained
 and exported to ONNX by :func:`training.ranker.fit_ranker`.
@@ -47,7 +48,8 @@ def _grades() -> np.ndarray:
 
 def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
                           n_candidates: int, days: float, max_queries: int, min_support: float,
-                          covis_window_s: float, trending_half_life_s: float = 6 * 3600.0) -> Any:
+                          covis_window_s: float, trending_half_life_s: float = 6 * 3600.0,
+                          x_share: float = 0.5) -> Any:
     """A :class:`training.ranker.RankerResult` trained on the last ``days`` of ``data.train``.
 
     Returns None when the window yields fewer than two usable queries.
@@ -56,7 +58,8 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
 
     rd = collect_ranker_data(data, als_params=als_params, cache=cache, tmp=tmp, n_candidates=n_candidates,
                              days=days, max_queries=max_queries, min_support=min_support,
-                             covis_window_s=covis_window_s, trending_half_life_s=trending_half_life_s)
+                             covis_window_s=covis_window_s, trending_half_life_s=trending_half_life_s,
+                             x_share=x_share)
     if len(rd.group) < 2:
         log.warning("ranker skipped: %d usable queries", len(rd.group))
         return None
@@ -67,7 +70,8 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
 
 def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
                         n_candidates: int, days: float, max_queries: int, min_support: float,
-                        covis_window_s: float, trending_half_life_s: float = 6 * 3600.0) -> Any:
+                        covis_window_s: float, trending_half_life_s: float = 6 * 3600.0,
+                        x_share: float = 0.5) -> Any:
     """The replay-shaped :class:`training.ranker.RankerData` (see the module docstring)."""
     from training.evaluation.pipeline_variant import PipelineModel, build_bundle
     from training.ranker import RankerData
@@ -87,7 +91,7 @@ def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dic
     nq = plan.n_queries
     chosen = np.zeros(nq, dtype=bool)
     chosen[rng.choice(nq, min(nq, max_queries), replace=False)] = True
-    as_x = rng.random(nq) < 0.5
+    as_x = rng.random(nq) < x_share
     grade = _grades()
     ev = plan.events
     Xs: list[np.ndarray] = []

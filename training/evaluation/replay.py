@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -46,6 +46,8 @@ class ReplayResult:
     batch_seconds, batch_queries, batch_events : ndarray
         Wall time, queries and events of every step (recommend + observe).
     fit_seconds, replay_seconds : float
+    info : dict
+        The method's own report data (:attr:`Method.info`).
     """
 
     method: str
@@ -60,6 +62,7 @@ class ReplayResult:
     batch_events: np.ndarray
     fit_seconds: float
     replay_seconds: float
+    info: dict = field(default_factory=dict)
 
 
 def fit_data(plan: ReplayPlan, **options: object) -> FitData:
@@ -158,7 +161,7 @@ def replay(
         method=method.name, params=dict(method.params), ranks=ranks, lists=lists, fallback_slots=fb,
         filled_slots=filled, scored_queries=scored, batch_seconds=np.asarray(secs),
         batch_queries=np.asarray(nqs, dtype=np.int64), batch_events=np.asarray(nev, dtype=np.int64),
-        fit_seconds=fit_s, replay_seconds=replay_s,
+        fit_seconds=fit_s, replay_seconds=replay_s, info=dict(method.info),
     )
 
 

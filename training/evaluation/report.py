@@ -86,7 +86,7 @@ def outcome_dict(out: EvalOutcome) -> dict[str, Any]:
             "baseline": m.baseline, "params": m.params, "metrics": m.metrics, "purchase_metrics": m.purchase_metrics,
             "coverage": m.coverage, "fallback_share": m.fallback_share, "latency_ms": m.latency_ms,
             "throughput": m.throughput, "hidden_taste_recall@20": m.taste_recall, "hr_curve": m.curves,
-            "hr@20_per_day": m.daily, "tuning": tuning,
+            "hr@20_per_day": m.daily, "tuning": tuning, "info": m.info,
         }
     return _clean({
         "dataset": out.dataset,
@@ -205,6 +205,15 @@ def _markdown(out: EvalOutcome, data: dict[str, Any], plots: dict[str, str], tit
         t = m.throughput
         lines.append(f"| {name} | {t['events_per_s']:,.0f} | {t['targets_per_s']:,.0f} | {t['queries_per_s']:,.0f} | "
                      f"{t['replay_seconds']:.1f} | {t['fit_seconds']:.1f} |")
+    rankers = [(name, v, i["ranker"]) for name, m in out.methods.items() for v, i in m.info.items() if i.get("ranker")]
+    if rankers:
+        lines += ["", "## Full pipeline rankers (trained on replayed training queries)", "",
+                  "| method | variant | queries | rows | candidate recall | held-out NDCG@10 | ALS score alone |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, v, r in rankers:
+            lines.append(f"| {name} | {v} | {r.get('ranker_queries', 0):,.0f} | {r.get('ranker_rows', 0):,.0f} | "
+                         f"{_fmt(r.get('ranker_candidate_recall'), 3)} | {_fmt(r.get('ranker_ndcg@10'))} | "
+                         f"{_fmt(r.get('ranker_ndcg@10_als'))} |")
     v = data["versions"]
     lines += ["", f"Versions: {', '.join(f'{k} {x}' for k, x in v.items())}. Run took {out.seconds:.0f} s.", ""]
     return "\n".join(lines)

@@ -115,6 +115,7 @@ class MethodOutcome:
     latency_ms: dict[str, float]
     throughput: dict[str, float]
     taste_recall: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +319,8 @@ def _outcome(spec: MethodSpec, tuning: dict[str, TuneResult], params: dict[str, 
             recall[v] = _taste_recall(res, plan, truth, v, cfg.k)
     return MethodOutcome(name=spec.name, baseline=spec.baseline, tuning=tuning, params=params, results=results,
                          metrics=metrics, purchase_metrics=purchase, curves=curves, daily=daily, coverage=coverage,
-                         fallback_share=fb, latency_ms=lat, throughput=thr, taste_recall=recall)
+                         fallback_share=fb, latency_ms=lat, throughput=thr, taste_recall=recall,
+                         info={v: results[v].info for v in cfg.variants if results[v].info})
 
 
 def _taste_recall(res: ReplayResult, plan: ReplayPlan, truth: TruthFn, v: str, k: int) -> float:
