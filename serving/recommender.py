@@ -11,8 +11,10 @@ served it.
 
 :meth:`Recommender.recommend_many` is the batched path: user vectors that must
 be folded in are solved in one batched solve, ALS retrieval is one index call
-for all users, and the features of every user's candidates are scored by ONE
-ONNX call. :meth:`Recommender.recommend` is the same for one user.
+for all users, the live catalog is read once per distinct candidate of the call
+(or not at all with a :class:`~serving.live.TrackedCatalogCache`, see
+:mod:`serving.live`), and the features of every user's candidates are scored by
+ONE ONNX call. :meth:`Recommender.recommend` is the same for one user.
 
 Without a bundle (a new shop, or before the first training) every list comes
 from trending items (global and the user's categories) and then the catalog,

@@ -8,9 +8,10 @@ and lives in ``app.state.serving``:
   for its whole life, so a swap never breaks a request); after each swap the
   recommender's retrieval index is built in a background thread (exact search
   serves meanwhile);
-* a :class:`~features.catalog.CatalogCache` filled from Redis at start and
+* a :class:`~serving.live.TrackedCatalogCache` filled from Redis at start and
   kept fresh by a subscriber on the catalog change channel (the same protocol
-  the stream worker uses), so a stock change leaves API lists at once;
+  the stream worker uses), so a stock change leaves API lists at once; the
+  recommender follows its changes in per-bundle arrays (:class:`~serving.live.LiveTable`);
 * trending lists read from Redis at most once a second;
 * a :class:`~serving.state.UserStateReader` and the :class:`~serving.recommender.Recommender`;
 * the Prometheus registry of the API (:mod:`serving.api_metrics`).
