@@ -64,6 +64,10 @@ async def test_swaps_and_rollback_under_load_drop_no_request(settings: Settings,
             await wait_model(v2)
             await asyncio.to_thread(registry.rollback, v1, reg, **announce)
             await wait_model(v1)
+            for _ in range(3000):  # keep the load on until 100+ requests, however slow the machine
+                if len(statuses) > 100:
+                    break
+                await asyncio.sleep(0.02)
             stop.set()
             await asyncio.gather(*tasks)
 
