@@ -34,6 +34,7 @@ from features.online import FoldInModel
 from features.reload import ModelHolder
 from features.settings import Settings
 from features.store import UserStateStore
+from serving.live import TrackedCatalogCache
 from serving.recommender import Recommender
 from serving.state import UserStateReader
 from serving.trending import TrendingSnapshot
@@ -58,7 +59,7 @@ class WorkerState:
         self.settings = settings
         self.keys = KeySchema(settings.key_prefix)
         self.client = aioredis.Redis.from_url(redis_url, health_check_interval=30)
-        self.catalog = CatalogCache()
+        self.catalog: CatalogCache = TrackedCatalogCache()  # lets the recommender follow changes only
         self.catalog_store = CatalogStore(self.client, self.keys)
         self.store = UserStateStore(
             self.client,
