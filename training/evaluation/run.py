@@ -372,7 +372,3 @@ def _compare(outcomes: dict[str, MethodOutcome], plan: ReplayPlan, variants: tup
 def _day(ms: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ms / 1000))
 
-
-def with_overrides(cfg: EvalConfig, **kw: Any) -> EvalConfig:
-    """A copy of ``cfg`` with fields replaced."""
-    return replace(cfg, **kw)
