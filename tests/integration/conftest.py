@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,8 +12,35 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from features.settings import Settings
+
+
+async def read_topic(bootstrap: str, topic: str, n: int, *, timeout_s: float = 15.0,
+                     drain_ms: int | None = None) -> list:
+    """Read the records of ``topic`` from its start until ``n`` arrived (or ``timeout_s``).
+
+    Then waits ``drain_ms`` more for records beyond ``n`` (default: 500 ms when
+    ``n`` is 0, else none) and asserts exactly ``n`` were read.
+    """
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    out: list = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(out) < n and asyncio.get_running_loop().time() < deadline:
+            for msgs in (await consumer.getmany(timeout_ms=300)).values():
+                out.extend(msgs)
+        drain = (500 if n == 0 else 0) if drain_ms is None else drain_ms
+        if drain:
+            for msgs in (await consumer.getmany(timeout_ms=drain)).values():
+                out.extend(msgs)
+    finally:
+        await consumer.stop()
+    assert len(out) == n, f"expected {n} records on {topic}, read {len(out)}"
+    return out
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
@@ -24,6 +23,7 @@ from features.settings import Settings
 from liftrec.cli import app as cli_app
 from liftrec.stack import Endpoints
 from serving.api import create_app
+from tests.integration.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -41,26 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def read_topic(bootstrap: str, topic: str, n: int, *, timeout_s: float = 10.0) -> list:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-    )
-    await consumer.start()
-    out: list = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(out) < n and asyncio.get_running_loop().time() < deadline:
-            for msgs in (await consumer.getmany(timeout_ms=300)).values():
-                out.extend(msgs)
-        if n == 0:   # make sure nothing is there
-            for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(msgs)
-    finally:
-        await consumer.stop()
-    assert len(out) == n, f"expected {n} records on {topic}, read {len(out)}"
-    return out
 
 
 async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:

@@ -8,13 +8,13 @@ from collections import defaultdict
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from features.dlq import decode_dead_letter
 from features.errors import StackUnavailable
 from features.events import Event, EventValidator, now_ms
 from features.producer import EventProducer, produce_catalog, produce_events
 from features.settings import Settings
+from tests.integration.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -26,24 +26,6 @@ def event(i: int, **over: object) -> dict[str, object]:
     }
     ev.update(over)
     return ev
-
-
-async def read_topic(bootstrap: str, topic: str, n: int, *, timeout_s: float = 15.0) -> list:
-    """Read ``n`` records from the start of ``topic`` (fails if fewer arrive in time)."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-    )
-    await consumer.start()
-    out: list = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(out) < n and asyncio.get_running_loop().time() < deadline:
-            for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(msgs)
-    finally:
-        await consumer.stop()
-    assert len(out) == n, f"expected {n} records on {topic}, read {len(out)}"
-    return out
 
 
 async def test_events_arrive_keyed_by_user_and_ordered_per_partition(settings: Settings) -> None:

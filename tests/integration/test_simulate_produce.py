@@ -8,12 +8,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from typer.testing import CliRunner
 
 from features.events import EventValidator, now_ms
 from features.settings import Settings
 from liftrec.cli import app
+from tests.integration.conftest import read_topic as read_topic_async
 from tests.integration.conftest import settings_env
 from training.synthetic import SyntheticShop
 
@@ -23,27 +23,8 @@ SMALL = ["--users", "40", "--items", "50", "--days", "3", "--seed", "9", "-q"]
 
 
 def read_topic(bootstrap: str, topic: str, n: int, *, timeout_s: float = 20.0) -> list:
-    """Read ``n`` records from the start of ``topic`` with a plain consumer; fail on more or fewer."""
-
-    async def run() -> list:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                    enable_auto_commit=False)
-        await consumer.start()
-        out: list = []
-        try:
-            deadline = asyncio.get_running_loop().time() + timeout_s
-            while len(out) < n and asyncio.get_running_loop().time() < deadline:
-                for msgs in (await consumer.getmany(timeout_ms=300)).values():
-                    out.extend(msgs)
-            for msgs in (await consumer.getmany(timeout_ms=500)).values():  # nothing extra
-                out.extend(msgs)
-        finally:
-            await consumer.stop()
-        return out
-
-    records = asyncio.run(run())
-    assert len(records) == n, f"expected {n} records on {topic}, read {len(records)}"
-    return records
+    """Read exactly ``n`` records from the start of ``topic`` (and nothing more within 500 ms)."""
+    return asyncio.run(read_topic_async(bootstrap, topic, n, timeout_s=timeout_s, drain_ms=500))
 
 
 def test_out_writes_the_same_bytes_as_the_library(tmp_path: Path) -> None:
