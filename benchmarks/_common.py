@@ -23,7 +23,8 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "git_commit",
     "machine_info",
     "summarize",
+    "time_calls",
     "write_result",
 ]
 
@@ -281,3 +283,15 @@ def write_result(
     tmp.replace(path)
     log.info("benchmark result written name=%s path=%s", name, path)
     return path
+
+
+def time_calls(fn: Callable[[], object], calls: int, *, warmup: int = 20) -> list[float]:
+    """Milliseconds of each of ``calls`` calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out

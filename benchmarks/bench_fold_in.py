@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         users = np.flatnonzero(np.diff(matrix.indptr) > 0)[:n_users]
         user_rows = [matrix[int(u)] for u in users]  # slicing is not part of the fold-in
         t0 = time.perf_counter()
-        ref = np.stack([np.asarray(model.recalculate_user(int(u), r)).ravel() for u, r in zip(users, user_rows)])
+        ref = np.stack([np.asarray(model.recalculate_user(int(u), r)).ravel() for u, r in zip(users, user_rows, strict=True)])
         t_implicit = time.perf_counter() - t0
         yty = gram(y)
         rows = [(matrix.indices[matrix.indptr[u]:matrix.indptr[u + 1]],

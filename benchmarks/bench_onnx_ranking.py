@@ -14,29 +14,17 @@ call on 64 x 300 rows (the batched ``recommend_many`` path) per list.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from _common import base_parser, summarize, write_result
+from _common import base_parser, summarize, time_calls, write_result
 from bench_serving_latency import train_ranker
 from tqdm import tqdm
 
 from features.ranking import FEATURE_NAMES, OnnxRanker
 
 NAME = "onnx_ranking"
-
-
-def timed(fn: Callable[[], object], calls: int) -> list[float]:
-    for _ in range(20):
-        fn()
-    out = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
 
 
 def stats(ms: list[float]) -> dict[str, float]:
@@ -73,10 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=rounds * len(series), desc="onnx ranking", unit="series") as bar:
         for _ in range(rounds):
             for name, fn in series.items():
-                samples[name].extend(timed(fn, calls))
+                samples[name].extend(time_calls(fn, calls))
                 bar.update()
     big = np.concatenate(mats)
-    batched = [t / len(mats) for t in timed(lambda: rankers[1].predict(big), max(10, calls // 20))]
+    batched = [t / len(mats) for t in time_calls(lambda: rankers[1].predict(big), max(10, calls // 20))]
     diff = max(float(np.max(np.abs(rankers[1].predict(m) - booster.predict(m)))) for m in mats[:8])
     results: dict[str, Any] = {name: stats(v) for name, v in samples.items()}
     results["onnx_1thread_batched_64x_per_list"] = stats(batched)

@@ -12,7 +12,6 @@ with the synchronous client (hiredis parser), alternating rounds.
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 import redis
-from _common import base_parser, summarize, write_result
+from _common import base_parser, summarize, time_calls, write_result
 from tqdm import tqdm
 
 from features.keys import KeySchema
@@ -37,17 +36,6 @@ def sample_list(k: int) -> bytes:
                                  reason_item=f"i{j:06d}") for j in range(k))
     return RecList(rec_id="0" * 32, user_id="u000042", model="20261125T171500Z-1a2b3c4d", source="als+session",
                    items=items, ts=1_800_000_000_000, ranked=True).encode()
-
-
-def timed(fn: Callable[[], object], calls: int) -> list[float]:
-    for _ in range(50):
-        fn()
-    out = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tqdm(total=rounds * len(series), desc="recs get", unit="series") as bar:
             for _ in range(rounds):
                 for name, fn in series.items():
-                    samples[name].extend(timed(fn, calls))
+                    samples[name].extend(time_calls(fn, calls, warmup=50))
                     bar.update()
         client.delete(keys.recs("u1"), "benchrecs:bare")
         client.close()
