@@ -36,6 +36,7 @@ from features.settings import Settings
 from features.store import UserStateStore
 from serving.live import TrackedCatalogCache
 from serving.recommender import Recommender
+from serving.runtime import read_trending
 from serving.state import UserStateReader
 from serving.trending import TrendingSnapshot
 from stream import metrics
@@ -113,22 +114,7 @@ class WorkerState:
     async def trending(self) -> TrendingSnapshot:
         """Trending lists, re-read from Redis at most once a second."""
         if self._trending is None or time.monotonic() - self._trending_at > 1.0:
-            cats = sorted(self.catalog.categories())
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hget(self.keys.trending_meta(), "ref_ms")
-            pipe.zrevrange(self.keys.trending(), 0, 199, withscores=True)
-            for c in cats:
-                pipe.zrevrange(self.keys.trending(c), 0, 49, withscores=True)
-            res = await pipe.execute()
-
-            def rows(raw: list[tuple[bytes, float]]) -> list[tuple[str, float]]:
-                return [(m.decode(), float(s)) for m, s in raw]
-
-            self._trending = TrendingSnapshot(
-                overall=rows(res[1]),
-                by_category={c: rows(r) for c, r in zip(cats, res[2:], strict=True)},
-                ref_ms=int(float(res[0])) if res[0] is not None else None,
-            )
+            self._trending = await read_trending(self.client, self.keys, sorted(self.catalog.categories()))
             self._trending_at = time.monotonic()
         return self._trending
 
