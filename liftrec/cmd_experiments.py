@@ -185,7 +185,8 @@ def report_cmd(
     state_dir: str = _STATE_DIR,
 ) -> None:
     """Per-variant metrics and lift over the control with 95 % bootstrap intervals."""
-    from training.abtest import METRICS, experiment_report, write_report
+    from training.abtest import METRICS, experiment_report
+    from training.abtest_report import write_report
 
     setup_logging("WARNING")
     if primary not in METRICS:

@@ -11,10 +11,10 @@ from features.experiments import Experiment, assign
 from training.abtest import (
     bootstrap_ratio_lift,
     experiment_report,
-    render_markdown,
     table_from_events,
     user_counts,
 )
+from training.abtest_report import render_markdown
 from training.synthetic import SyntheticShop, user_id_for
 from training.synthetic_catalog import item_id_for
 
