@@ -25,6 +25,9 @@ read, kept and dropped and why. Unusable input (missing file, corrupt gzip,
 empty file, unknown columns, nothing left after filtering) raises
 :class:`~features.errors.InvalidData` naming the file, and the row where one is
 to blame.
+
+The Online Retail reader lives in :mod:`training.loaders_retail`; the table
+builder and report all readers share in :mod:`training.load_builder`.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
@@ -50,10 +51,18 @@ from features.ids import IdMap
 from training.interactions import (
     NO_BASKET,
     TYPE_CODES,
-    InteractionTable,
     ItemCatalog,
     derive_sessions,
 )
+from training.load_builder import (
+    FIRST_BAD_KEPT,
+    LoadReport,
+    LoadResult,
+    TableBuilder,
+    open_text_bytes,
+    progress_bar,
+)
+from training.loaders_retail import NON_PRODUCT_CODES, ONLINE_RETAIL_COLUMNS, read_online_retail
 
 __all__ = [
     "NON_PRODUCT_CODES",
@@ -70,67 +79,11 @@ log = logging.getLogger(__name__)
 
 Format = Literal["jsonl", "parquet", "online_retail"]
 
-ONLINE_RETAIL_COLUMNS: tuple[str, ...] = (
-    "InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country",
-)
-#: Online Retail stock codes that are not products: postage, carriage, discounts, manual
-#: adjustments, bank and marketplace fees, charity, samples, bad-debt and test lines.
-NON_PRODUCT_CODES: frozenset[str] = frozenset({
-    "POST", "DOT", "C2", "D", "M", "S", "B", "BANK CHARGES", "AMAZONFEE", "CRUK", "PADS",
-    "ADJUST", "ADJUST2", "TEST001", "TEST002",
-})
-#: Prefixes of non-product codes (gift vouchers).
-NON_PRODUCT_PREFIXES: tuple[str, ...] = ("GIFT_",)
-
 _EVENT_REQUIRED = ("event_id", "ts", "user_id", "item_id", "type")
 _EVENT_OPTIONAL = ("session_id", "rec_id", "price", "quantity")
 _MIN_TS_MS = 100_000_000_000
-_FIRST_BAD_KEPT = 5
 _CHUNK_ROWS = 100_000
 
-
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """What a loader read, kept and dropped.
-
-    Attributes
-    ----------
-    path : str
-    fmt : str
-        Detected format.
-    rows_read, rows_kept : int
-        Data rows (lines) seen and turned into events.
-    dropped : dict of reason -> count
-    first_bad : dict of reason -> first line/row numbers (1-based, header = line 1 for CSV)
-    seconds : float
-    """
-
-    path: str
-    fmt: str
-    rows_read: int
-    rows_kept: int
-    dropped: dict[str, int]
-    first_bad: dict[str, tuple[int, ...]]
-    seconds: float
-
-    def summary(self) -> str:
-        """One line: kept / read and every drop reason with its first bad lines."""
-        parts = [f"{self.path} ({self.fmt}): kept {self.rows_kept:,} of {self.rows_read:,} rows "
-                 f"in {self.seconds:.1f} s"]
-        for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
-            lines = self.first_bad.get(reason, ())
-            where = f" (first at line {', '.join(map(str, lines))})" if lines else ""
-            parts.append(f"{reason}={n:,}{where}")
-        return "; dropped ".join(parts[:1] + [", ".join(parts[1:])]) if len(parts) > 1 else parts[0]
-
-
-@dataclass(frozen=True, slots=True)
-class LoadResult:
-    """A loaded table, the catalog found beside it (if any) and the report."""
-
-    table: InteractionTable
-    report: LoadReport
-    catalog: ItemCatalog | None = None
 
 
 def detect_format(path: str | Path) -> Format:
@@ -151,7 +104,7 @@ def detect_format(path: str | Path) -> Format:
     if magic == b"PAR1" or p.suffix == ".parquet":
         return "parquet"
     try:
-        with _open_text_bytes(p) as f:
+        with open_text_bytes(p) as f:
             head = f.read(64 * 1024)
     except (OSError, EOFError, zlib.error) as err:
         raise InvalidData(f"{p}: cannot read ({err})") from None
@@ -206,7 +159,7 @@ def load_interactions(
     p = Path(path)
     fmt = fmt or detect_format(p)
     t0 = time.perf_counter()
-    b = _Builder(p, fmt)
+    b = TableBuilder(p, fmt)
     v = validator or EventValidator()
     try:
         if fmt == "jsonl":
@@ -214,7 +167,7 @@ def load_interactions(
         elif fmt == "parquet":
             _read_parquet(p, b, v, show_progress)
         elif fmt == "online_retail":
-            _read_online_retail(p, b, show_progress)
+            read_online_retail(p, b, show_progress)
         else:
             raise ValueError(f"fmt must be one of jsonl, parquet, online_retail; got {fmt!r}")
     except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
@@ -246,7 +199,7 @@ def load_catalog(
     v = validator or EventValidator()
     records, bad, first_bad = [], Counter[str](), []
     try:
-        with _open_text_bytes(p) as f:
+        with open_text_bytes(p) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -254,7 +207,7 @@ def load_catalog(
                     records.append(v.decode_catalog(line.rstrip(b"\r\n")))
                 except InvalidEvent as err:
                     bad[err.reason] += 1
-                    if len(first_bad) < _FIRST_BAD_KEPT:
+                    if len(first_bad) < FIRST_BAD_KEPT:
                         first_bad.append(lineno)
     except (OSError, EOFError, zlib.error) as err:
         raise InvalidData(f"{p}: cannot read catalog ({err})") from None
@@ -269,96 +222,10 @@ def load_catalog(
 # -- the shared column builder -------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Builder:
-    path: Path
-    fmt: str
-    users: IdMap = field(default_factory=IdMap)
-    items: IdMap = field(default_factory=IdMap)
-    baskets: IdMap = field(default_factory=IdMap)
-    chunks: list[tuple[np.ndarray, ...]] = field(default_factory=list)
-    dropped: Counter[str] = field(default_factory=Counter)
-    first_bad: dict[str, list[int]] = field(default_factory=dict)
-    rows_read: int = 0
-    titles: dict[int, str] = field(default_factory=dict)
-    prices: dict[int, float] = field(default_factory=dict)
-    seen_event_ids: set[str] = field(default_factory=set)
-
-    def drop(self, reason: str, line_numbers: np.ndarray | list[int]) -> None:
-        n = len(line_numbers)
-        if n:
-            self.dropped[reason] += n
-            kept = self.first_bad.setdefault(reason, [])
-            if len(kept) < _FIRST_BAD_KEPT:
-                kept.extend(int(x) for x in line_numbers[: _FIRST_BAD_KEPT - len(kept)])
-
-    def encode(self, idmap: IdMap, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """Map a string column (no nulls) through ``idmap`` via its dictionary."""
-        enc = pc.dictionary_encode(values)
-        if isinstance(enc, pa.ChunkedArray):
-            enc = enc.combine_chunks()
-        lookup = np.fromiter((idmap.add(s) for s in enc.dictionary.to_pylist()), dtype=np.int64,
-                             count=len(enc.dictionary))
-        return lookup[enc.indices.to_numpy(zero_copy_only=False)]
-
-    def add(self, ts: np.ndarray, user: np.ndarray, item: np.ndarray, code: np.ndarray, price: np.ndarray,
-            qty: np.ndarray, basket: np.ndarray, attributed: np.ndarray | None) -> None:
-        n = ts.shape[0]
-        if n:
-            self.chunks.append((
-                ts.astype(np.int64), user.astype(np.int32), item.astype(np.int32), code.astype(np.uint8),
-                price.astype(np.float32), qty.astype(np.int32), basket.astype(np.int64),
-                np.zeros(n, bool) if attributed is None else attributed.astype(bool),
-            ))
-
-    def finish(self, seconds: float) -> LoadResult:
-        kept = sum(c[0].shape[0] for c in self.chunks)
-        report = LoadReport(
-            path=str(self.path), fmt=self.fmt, rows_read=self.rows_read, rows_kept=kept,
-            dropped=dict(self.dropped), first_bad={k: tuple(v) for k, v in self.first_bad.items()},
-            seconds=seconds,
-        )
-        if self.rows_read == 0:
-            raise InvalidData(f"{self.path}: no data rows (the file is empty or holds only a header)")
-        if kept == 0:
-            raise InvalidData(f"{self.path}: every row was filtered out; {report.summary()}")
-        cols = [np.concatenate(parts) for parts in zip(*self.chunks, strict=True)]
-        attributed = cols[7] if self.fmt != "online_retail" else None
-        table = InteractionTable(
-            ts=cols[0], user_idx=cols[1], item_idx=cols[2], type_code=cols[3], price=cols[4],
-            quantity=cols[5], basket=cols[6], users=self.users, items=self.items, attributed=attributed,
-        )
-        catalog = None
-        if self.titles or self.prices:
-            ids = tuple(self.items.ids)
-            catalog = ItemCatalog(
-                item_ids=ids,
-                titles=tuple(self.titles.get(i, "") for i in range(len(ids))),
-                prices=np.array([self.prices.get(i, np.nan) for i in range(len(ids))], dtype=np.float32),
-                categories=("",) * len(ids),
-                in_stock=np.ones(len(ids), dtype=bool),
-            )
-        return LoadResult(table=table, report=report, catalog=catalog)
-
-
-def _open_text_bytes(p: Path) -> IO[bytes]:
-    f = p.open("rb")
-    if f.read(2) == b"\x1f\x8b":
-        f.seek(0)
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
-    f.seek(0)
-    return f
-
-
-def _progress(p: Path, show: bool, unit: str = "B") -> tqdm:
-    return tqdm(total=p.stat().st_size, unit=unit, unit_scale=True, desc=f"load {p.name}",
-                disable=not show, leave=False)
-
-
 # -- JSONL ---------------------------------------------------------------------------------
 
 
-def _read_jsonl(p: Path, b: _Builder, v: EventValidator, show: bool) -> None:
+def _read_jsonl(p: Path, b: TableBuilder, v: EventValidator, show: bool) -> None:
     raw = p.open("rb")
     is_gz = raw.read(2) == b"\x1f\x8b"
     raw.seek(0)
@@ -366,7 +233,7 @@ def _read_jsonl(p: Path, b: _Builder, v: EventValidator, show: bool) -> None:
     now = now_ms()
     cols: dict[str, list] = {k: [] for k in ("ts", "user", "item", "code", "price", "qty", "basket", "rec")}
     codes = {t: i for i, t in enumerate(TYPE_CODES)}
-    with raw, stream, _progress(p, show) as bar:
+    with raw, stream, progress_bar(p, show) as bar:
         last_pos = 0
         for lineno, line in enumerate(stream, start=1):
             if not line.strip():
@@ -398,7 +265,7 @@ def _read_jsonl(p: Path, b: _Builder, v: EventValidator, show: bool) -> None:
         bar.update(raw.tell() - last_pos)
 
 
-def _flush_jsonl(b: _Builder, cols: dict[str, list]) -> None:
+def _flush_jsonl(b: TableBuilder, cols: dict[str, list]) -> None:
     arrays = {k: np.asarray(vals) for k, vals in cols.items()}
     if arrays["ts"].size:
         b.add(arrays["ts"], arrays["user"], arrays["item"], arrays["code"], arrays["price"],
@@ -410,7 +277,7 @@ def _flush_jsonl(b: _Builder, cols: dict[str, list]) -> None:
 # -- Parquet -------------------------------------------------------------------------------
 
 
-def _read_parquet(p: Path, b: _Builder, v: EventValidator, show: bool) -> None:
+def _read_parquet(p: Path, b: TableBuilder, v: EventValidator, show: bool) -> None:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(p)
@@ -441,7 +308,7 @@ def _col(p: Path, batch: pa.RecordBatch, name: str, typ: pa.DataType, row0: int)
                           f"{typ}, got {batch.column(idx).type} ({err})") from None
 
 
-def _add_event_batch(p: Path, b: _Builder, v: EventValidator, batch: pa.RecordBatch, row0: int,
+def _add_event_batch(p: Path, b: TableBuilder, v: EventValidator, batch: pa.RecordBatch, row0: int,
                      now: int) -> None:
     n = batch.num_rows
     b.rows_read += n
@@ -499,126 +366,3 @@ def _add_event_batch(p: Path, b: _Builder, v: EventValidator, batch: pa.RecordBa
     b.add(ts[ok], b.encode(b.users, pc.filter(c["user_id"], keep)), b.encode(b.items, pc.filter(c["item_id"], keep)),
           np.array([codes[t] for t in types[ok]], dtype=np.uint8), price[ok], qty[ok], basket,
           arr(pc.greater(pc.utf8_length(rec), 0), False))
-
-
-# -- Online Retail CSV ---------------------------------------------------------------------
-
-
-def _read_online_retail(p: Path, b: _Builder, show: bool) -> None:
-    import pyarrow.csv as pcsv
-
-    raw = pa.OSFile(str(p), "rb")
-    is_gz = raw.read(2) == b"\x1f\x8b"
-    raw.seek(0)
-    stream = pa.CompressedInputStream(raw, "gzip") if is_gz else raw
-    reader = pcsv.open_csv(
-        stream,
-        read_options=pcsv.ReadOptions(block_size=4 << 20),
-        convert_options=pcsv.ConvertOptions(
-            column_types={c: pa.string() for c in ONLINE_RETAIL_COLUMNS}, strings_can_be_null=True,
-        ),
-    )
-    names = reader.schema.names
-    missing = [c for c in ONLINE_RETAIL_COLUMNS if c not in names and c != "Country"]
-    if missing:
-        raise InvalidData(f"{p}: CSV columns {names} lack {missing}; expected the Online Retail "
-                          f"columns {list(ONLINE_RETAIL_COLUMNS)}")
-    row0 = 0
-    with raw, _progress(p, show) as bar:
-        last = 0
-        for batch in _batches(reader):
-            _add_retail_batch(p, b, batch, row0)
-            row0 += batch.num_rows
-            pos = raw.tell()
-            bar.update(pos - last)
-            last = pos
-
-
-def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
-    while True:
-        try:
-            yield reader.read_next_batch()
-        except StopIteration:
-            return
-
-
-def _parse_numbers(p: Path, col: pa.Array, name: str, typ: pa.DataType, row0: int) -> np.ndarray:
-    try:
-        return pc.cast(pc.utf8_trim_whitespace(col), typ).to_numpy(zero_copy_only=False)
-    except pa.ArrowInvalid:
-        return _first_bad(p, col, name, row0, lambda s: float(s) if typ == pa.float64() else int(s))
-
-
-def _first_bad(p: Path, col: pa.Array, name: str, row0: int, parse: Callable[[str], object]) -> np.ndarray:
-    for i, s in enumerate(col.to_pylist()):
-        try:
-            if s is not None:
-                parse(s.strip())
-        except ValueError:
-            raise InvalidData(f"{p}: line {row0 + i + 2}: {name} {s!r} is not a valid value") from None
-    raise InvalidData(f"{p}: column {name} (lines {row0 + 2}..{row0 + len(col) + 1}) cannot be parsed")
-
-
-def _parse_dates(p: Path, col: pa.Array, lineno: np.ndarray) -> np.ndarray:
-    """InvoiceDate (naive, taken as UTC) -> epoch ms; ISO and the original ``M/D/YYYY H:MM`` forms."""
-    s = pc.utf8_trim_whitespace(col)
-    out = pc.strptime(s, format="%Y-%m-%d %H:%M:%S", unit="ms", error_is_null=True)
-    for fmt in ("%Y-%m-%d %H:%M", "%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S"):
-        if out.null_count == s.null_count:
-            break
-        out = pc.coalesce(out, pc.strptime(s, format=fmt, unit="ms", error_is_null=True))
-    bad = (pc.is_null(out).to_numpy(zero_copy_only=False) & pc.is_valid(s).to_numpy(zero_copy_only=False))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise InvalidData(f"{p}: line {lineno[i]}: InvoiceDate {s[i].as_py()!r} is not a date; "
-                          f"expected 'YYYY-MM-DD HH:MM:SS' or 'M/D/YYYY H:MM'")
-    return pc.fill_null(pc.cast(out, pa.int64()), 0).to_numpy(zero_copy_only=False)
-
-
-def _add_retail_batch(p: Path, b: _Builder, batch: pa.RecordBatch, row0: int) -> None:
-    n = batch.num_rows
-    b.rows_read += n
-    col = {name: batch.column(batch.schema.get_field_index(name)) for name in ONLINE_RETAIL_COLUMNS
-           if batch.schema.get_field_index(name) >= 0}
-    lineno = np.arange(row0 + 2, row0 + n + 2)  # line 1 is the header
-    bad = np.zeros(n, dtype=bool)
-
-    def check(reason: str, mask: np.ndarray) -> None:
-        new = mask & ~bad
-        b.drop(reason, lineno[new])
-        bad[:] |= new
-
-    def filled(a: pa.Array, fill: object) -> np.ndarray:
-        return pc.fill_null(a, fill).to_numpy(zero_copy_only=False)
-
-    invoice = pc.utf8_trim_whitespace(pc.fill_null(col["InvoiceNo"], ""))
-    code = pc.utf8_upper(pc.utf8_trim_whitespace(pc.fill_null(col["StockCode"], "")))
-    customer = pc.replace_substring_regex(pc.utf8_trim_whitespace(pc.fill_null(col["CustomerID"], "")),
-                                          pattern=r"\.0+$", replacement="")
-    qty = _parse_numbers(p, pc.fill_null(col["Quantity"], "0"), "Quantity", pa.int64(), row0)
-    price = _parse_numbers(p, pc.fill_null(col["UnitPrice"], "0"), "UnitPrice", pa.float64(), row0)
-    check("missing_invoice_or_code", (filled(pc.equal(invoice, ""), True)) | filled(pc.equal(code, ""), True))
-    check("cancellation", filled(pc.starts_with(invoice, "C"), False))
-    nonprod = filled(pc.is_in(code, value_set=pa.array(sorted(NON_PRODUCT_CODES))), False)
-    for prefix in NON_PRODUCT_PREFIXES:
-        nonprod |= filled(pc.starts_with(code, prefix), False)
-    check("non_product_code", nonprod)
-    check("no_customer", filled(pc.equal(customer, ""), True))
-    check("non_positive_quantity", qty <= 0)
-    check("non_positive_price", ~(price > 0))
-    ok = ~bad
-    if not ok.any():
-        return
-    keep = pa.array(ok)
-    ts = _parse_dates(p, pc.filter(col["InvoiceDate"], keep), lineno[ok])
-    items = b.encode(b.items, pc.filter(code, keep))
-    users = b.encode(b.users, pc.filter(customer, keep))
-    baskets = b.encode(b.baskets, pc.filter(invoice, keep))
-    b.add(ts, users, items, np.full(items.size, TYPE_CODES.index("purchase"), np.uint8), price[ok],
-          qty[ok], baskets, None)
-    # catalog: the first non-empty description and the last price of each item
-    desc = pc.filter(col["Description"], keep).to_pylist()
-    for it, d, pr in zip(items.tolist(), desc, price[ok].tolist(), strict=True):
-        if d and it not in b.titles:
-            b.titles[it] = d.strip()
-        b.prices[it] = pr
