@@ -42,7 +42,8 @@ key                         type    value
 ``offsets:{group}:{topic}`` HASH    partition -> last applied offset (written in the same
                                     MULTI/EXEC as the state it produced)
 ``metrics``                 HASH    counters: ``events``, ``dlq``, ``dlq:{reason}``,
-                                    ``batches``, ``duplicates``, ``replayed``
+                                    ``batches``, ``duplicates``, ``replayed``,
+                                    ``lists`` (lists written)
 ``model:current``           STRING  version of the model bundle in use
 ``model:announce``          PUBSUB  channel announcing a newly published bundle
 ``experiment:defs``         HASH    experiment name -> orjson definition (variants and

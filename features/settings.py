@@ -194,6 +194,11 @@ class Settings(BaseSettings):
     """Claims of users held longer than this by a refresher are given back to
     ``dirty`` (the refresher died); a live refresher's cycle is far shorter."""
 
+    refresh_nice: int = Field(default=5, ge=0, le=19)
+    """Niceness of list refresher processes: on a busy machine state application
+    (the exactly-once path) gets the CPU first and lists catch up with what is
+    left; the API computes a list on read when the stored one is stale."""
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_ok(cls, v: str) -> str:

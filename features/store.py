@@ -131,7 +131,7 @@ return 1
 """.replace("__LIMIT__", repr(_RESCALE_HALF_LIVES)).replace("__GRID__", repr(_REF_GRID_HALF_LIVES))
 
 
-# ARGV[1] = orjson {"ttl", "dirty_key", "claims_key", "recs": [[recs key, value, [listed keys], user]]}.
+# ARGV[1] = orjson {"ttl", "dirty_key", "claims_key", "metrics_key", "recs": [[recs key, value, [listed keys], user]]}.
 # A list computed from a claim (see _CLAIM_LUA) releases the claim and leaves ``dirty``
 # alone: the user may have been marked dirty again by a batch committed since the claim.
 _LISTS_LUA = """
@@ -148,6 +148,7 @@ for _, r in ipairs(a['recs']) do
     redis.call('SREM', a['dirty_key'], r[4])
   end
 end
+if #a['recs'] > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists', #a['recs']) end
 return #a['recs']
 """
 
@@ -403,6 +404,7 @@ class UserStateStore:
             "ttl": self.ttl_s,
             "dirty_key": k.dirty(),
             "claims_key": k.refreshing() if claimed else "",
+            "metrics_key": k.metrics(),
             "recs": [[k.recs(u), value.decode(), [k.listed(i) for i in items], u]
                      for u, (value, items) in lists.items()],
         }

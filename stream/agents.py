@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -113,6 +114,7 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
             log.info("catalog loaded items=%d", n)
             await ws.models.start()
             log.info("model version=%s", ws.models.version)
+            gc.freeze()  # catalog and bundle live as long as the process: keep them out of full GC passes
             ws.ready.set()
         else:
             await ws.ready.wait()
@@ -214,8 +216,9 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
                 if letters:
                     await send_dead_letters(letters, settings.catalog_topic)
                 ws = await worker_state()
+                ws.expect_own_changes(i.item_id for i in items)
                 changed = await _with_redis_retry("catalog upsert", ws.catalog_store.upsert, items, app=app)
-                await ws.catalog_store.refresh(ws.catalog, changed)
+                ws.apply_own_changes(items, changed)
                 gone = [i for i in changed if not ws.catalog.in_stock(i)]
                 unlisted = await _with_redis_retry("unlist", ws.store.unlist, gone, app=app) if gone else 0
                 log.info("catalog batch items=%d changed=%d out_of_stock=%d lists_changed=%d invalid=%d",

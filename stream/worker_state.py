@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable, Sequence
 
 import orjson
 import redis.asyncio as aioredis
 
 from features.bundle import Bundle
-from features.catalog import CatalogCache, CatalogStore
+from features.catalog import CatalogCache, CatalogStore, ItemInfo
+from features.events import CatalogItem
 from features.keys import KeySchema
 from features.online import FoldInModel
 from features.reload import ModelHolder
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Users folded in per chunk by the backfill after a model switch.
 _BACKFILL_CHUNK = 500
+#: Seconds during which an announced catalog change is taken as this process's own.
+_OWN_CHANGE_S = 10.0
 
 
 class WorkerState:
@@ -54,6 +58,8 @@ class WorkerState:
             dedup_ttl_s=settings.dedup_window_s,
             half_life_s=settings.trending_half_life_s,
         )
+        self._own_changes: dict[str, float] = {}
+        """item_id -> monotonic time this process upserted it (its announcement needs no re-read)."""
         self._trending: TrendingSnapshot | None = None
         self._trending_at = 0.0
         self.ready = asyncio.Event()
@@ -93,6 +99,39 @@ class WorkerState:
                  time.perf_counter() - t0)
         return written
 
+    def expect_own_changes(self, item_ids: Iterable[str]) -> None:
+        """Note items this process is about to upsert (their announcement is not re-read)."""
+        now = time.monotonic()
+        if len(self._own_changes) > 50_000:
+            self._own_changes = {i: t for i, t in self._own_changes.items() if now - t < _OWN_CHANGE_S}
+        for i in item_ids:
+            self._own_changes[i] = now
+
+    def apply_own_changes(self, items: Sequence[CatalogItem], changed: Sequence[str]) -> None:
+        """Put the items an upsert wrote into the local catalog (no read back from Redis)."""
+        newest: dict[str, CatalogItem] = {}
+        for it in items:
+            prev = newest.get(it.item_id)
+            if prev is None or it.ts >= prev.ts:
+                newest[it.item_id] = it
+        written = set(changed)
+        for i, it in newest.items():
+            if i in written:
+                self.catalog.put(i, ItemInfo(category=it.category, price=it.price, in_stock=it.in_stock,
+                                             title=it.title))
+            else:
+                self._own_changes.pop(i, None)  # not announced: a newer version was stored already
+
+    def foreign_changes(self, item_ids: Sequence[str]) -> list[str]:
+        """The announced items not upserted by this process in the last few seconds."""
+        now = time.monotonic()
+        out = []
+        for i in item_ids:
+            t = self._own_changes.pop(i, None)
+            if t is None or now - t > _OWN_CHANGE_S:
+                out.append(i)
+        return out
+
     async def trending(self) -> TrendingSnapshot:
         """Trending lists, re-read from Redis at most once a second."""
         if self._trending is None or time.monotonic() - self._trending_at > 1.0:
@@ -109,7 +148,9 @@ async def follow_catalog(ws: WorkerState) -> None:
             await pubsub.subscribe(ws.catalog_store.channel)
             async for msg in pubsub.listen():
                 if msg.get("type") == "message":
-                    await ws.catalog_store.refresh(ws.catalog, orjson.loads(msg["data"]))
+                    ids = ws.foreign_changes(orjson.loads(msg["data"]))
+                    if ids:
+                        await ws.catalog_store.refresh(ws.catalog, ids)
         except asyncio.CancelledError:
             raise
         except Exception as err:
