@@ -15,6 +15,7 @@ the background rate actually achieved. Goal (Real-time path issue): p99 <=
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,10 +45,9 @@ def _tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
+        for task in Path(f"/proc/{p}/task").glob("*"):  # children belong to the thread that started them
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
     return out
 
 

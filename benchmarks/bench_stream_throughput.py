@@ -34,6 +34,7 @@ the no-op Faust floor, and two workers >= 1.7x one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -78,10 +79,9 @@ def _tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
+        for task in Path(f"/proc/{p}/task").glob("*"):  # children belong to the thread that started them
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
     return out
 
 

@@ -11,50 +11,82 @@ users the batches mark ``dirty`` (:mod:`stream.refresher`), so list refresh
 never competes with state application on a worker's event loop. ``0`` refreshes
 inside the worker process. Children are started with ``--role state`` (a
 worker without list refresh) or ``--role refresher``; they stop when their
-parent dies (``PR_SET_PDEATHSIG`` on Linux, and a parent-pid check).
+parent dies (``PR_SET_PDEATHSIG`` on Linux, and a parent-pid check); a refresher
+that dies is restarted (its claimed users return to ``dirty`` after
+``LIFTREC_REFRESH_CLAIM_TIMEOUT_S``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import typer
 
 from liftrec._common import endpoints_or_exit, load_settings, setup_logging
 
+log = logging.getLogger(__name__)
+
 
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the parent dies (Linux; no-op elsewhere)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "liftrec", "worker", *argv], preexec_fn=_die_with_parent)
 
 
-def _supervise(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Forward SIGTERM/SIGINT to ``procs``; return when all have exited."""
+class _Refreshers:
+    """The refresher children of this process, restarted when one dies."""
+
+    def __init__(self, n: int, argv: list[str]) -> None:
+        self.argv = argv
+        self.procs = [_spawn(argv) for _ in range(n)]
+        self.stopping = threading.Event()
+
+    def restart_dead(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None and not self.stopping.is_set():
+                log.warning("list refresher pid=%d exited with %s; starting another", p.pid, p.returncode)
+                self.procs[i] = _spawn(self.argv)
+
+    def watch(self) -> None:
+        """Restart dead refreshers until :meth:`stop` (run in a daemon thread)."""
+        while not self.stopping.wait(1.0):
+            self.restart_dead()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        _stop_children(self.procs)
+
+
+def _supervise(workers: list[subprocess.Popen[bytes]], refreshers: _Refreshers) -> int:
+    """Forward SIGTERM/SIGINT to all children; restart dead refreshers; return when the workers have exited."""
 
     def forward(signum: int, _frame: object) -> None:
-        for p in procs:
+        refreshers.stopping.set()
+        for p in [*workers, *refreshers.procs]:
             if p.poll() is None:
                 p.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    while any(p.poll() is None for p in procs):
+    while any(p.poll() is None for p in workers):
+        refreshers.restart_dead()
         time.sleep(0.2)
-    return max((p.returncode or 0) for p in procs)
+    refreshers.stop()
+    return max((p.returncode or 0) for p in workers)
 
 
 def _stop_children(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -104,15 +136,16 @@ def worker(
     for flag, value in (("--registry", registry), ("--batch-size", batch_size), ("--batch-window", batch_window)):
         if value is not None:
             common += [flag, str(value)]
-    children: list[subprocess.Popen[bytes]] = []
     if role == "all":
-        children = [_spawn([*common, "--role", "refresher"]) for _ in range(n_refreshers)]
+        refreshers_ = _Refreshers(n_refreshers, [*common, "--role", "refresher"])
         if concurrency > 1:
             worker_role = "state" if n_refreshers else "all"
-            children += [_spawn([*common, "--role", worker_role, "--refreshers", "0", "--concurrency", "1"])
-                         for _ in range(concurrency)]
-            raise typer.Exit(_supervise(children))
-        atexit.register(_stop_children, children)
+            workers = [_spawn([*common, "--role", worker_role, "--refreshers", "0", "--concurrency", "1"])
+                       for _ in range(concurrency)]
+            raise typer.Exit(_supervise(workers, refreshers_))
+        if n_refreshers:
+            threading.Thread(target=refreshers_.watch, name="refresher-watch", daemon=True).start()
+            atexit.register(refreshers_.stop)
     setup_logging({"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel))
     from threadpoolctl import threadpool_limits
 
@@ -120,6 +153,8 @@ def worker(
     # worker process is several times faster than two (measured); scale with processes
     threadpool_limits(1, "blas")
     if role == "refresher":
+        if settings.refresh_nice:
+            os.nice(settings.refresh_nice)
         _run_refresher(settings, ep.redis_url, registry)
         return
     if metrics_port:
