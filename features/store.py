@@ -113,10 +113,8 @@ if #a['trend'] > 0 then
     redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
   end
   local scale = 2 ^ ((ts - ref) / hl)
-  for _, t in ipairs(a['trend']) do
-    redis.call('ZINCRBY', t[1], t[3] * scale, t[2])
-    redis.call('SADD', keyset, t[1])
-  end
+  for _, t in ipairs(a['trend']) do redis.call('ZINCRBY', t[1], t[3] * scale, t[2]) end
+  redis.call('SADD', keyset, unpack(a['trend_sets']))
 end
 for _, c in ipairs(a['covis']) do
   for j = 1, #c[2], 2 do redis.call('ZINCRBY', c[1], c[2][j + 1], c[2][j]) end
@@ -370,6 +368,7 @@ class UserStateStore:
             "trend_meta": k.trending_meta(),
             "trend_keys": k.trending_meta() + ":keys",
             "trend": [[k.trending(scope or None), item, weight] for (scope, item), weight in w.trending.items()],
+            "trend_sets": [k.trending(scope or None) for scope in {scope for scope, _ in w.trending}],
             "covis": [[k.covis(a), pairs] for a, pairs in covis.items()],
             "covis_cap": COVIS_CAP,
             "active_key": k.active(),
