@@ -333,7 +333,8 @@ class UserStateStore:
         out: dict[str, UserSnapshot] = {}
         for uid, (hist_raw, sess, bought, shown) in zip(users, res[2:], strict=True):
             out[uid] = UserSnapshot(
-                history=[tuple(orjson.loads(h)) for h in hist_raw],  # type: ignore[misc]
+                # one parse per user: "[" + entries + "]" (each entry is an orjson array)
+                history=[tuple(e) for e in orjson.loads(b"[" + b",".join(hist_raw) + b"]")],  # type: ignore[misc]
                 session_id=sess[0].decode() if sess[0] else None,
                 session_start=int(sess[1] or 0),
                 session_last=int(sess[2] or 0),
