@@ -166,8 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def catalog() -> None:
                 async with EventProducer(ep.kafka_bootstrap, s, source="bench") as p:
-                    await p.send_catalog(shop.catalog_items())
+                    await p.send_catalog(catalog_items)
 
+            catalog_items = list(shop.catalog_items())
+            catalog_ids = [c.item_id for c in catalog_items]
             asyncio.run(catalog())
             env = {**os.environ, "KAFKA_BOOTSTRAP": ep.kafka_bootstrap, "REDIS_URL": ep.redis_url,
                    "LIFTREC_KEY_PREFIX": s.key_prefix, "LIFTREC_EVENTS_TOPIC": s.events_topic,
@@ -185,6 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 while int(r.hget(keys.metrics(), "lists") or 0) == 0 and time.monotonic() < deadline:
                     asyncio.run(_one(s))
                     time.sleep(0.5)
+                # ... and took in the whole catalog (its topic is one partition, applied in order)
+                last_item = keys.item(catalog_ids[-1])
+                with tqdm(desc="catalog loaded by the worker", unit="check", leave=False) as bar:
+                    while not r.exists(last_item) and time.monotonic() < deadline + 240:
+                        time.sleep(0.2)
+                        bar.update(1)
                 items = [f"i{j:06d}" for j in range(0, n_items, max(1, n_items // 500))]
                 lat, state_lat, achieved, cpu_share = asyncio.run(drive(
                     s, events, items, rate=args.rate, seconds=seconds, probe_every=args.probe_every, keys=keys,

@@ -43,23 +43,35 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "liftrec", "worker", *argv], preexec_fn=_die_with_parent)
+def _spawn(argv: list[str], *, nice: int = 0) -> subprocess.Popen[bytes]:
+    """Start a ``liftrec worker`` child that dies with this process, at niceness ``nice``.
+
+    The niceness is set before the child's interpreter starts, so its imports
+    and model loading do not slow down the worker's own start.
+    """
+
+    def prepare() -> None:
+        _die_with_parent()
+        if nice:
+            os.nice(nice)
+
+    return subprocess.Popen([sys.executable, "-m", "liftrec", "worker", *argv], preexec_fn=prepare)
 
 
 class _Refreshers:
     """The refresher children of this process, restarted when one dies."""
 
-    def __init__(self, n: int, argv: list[str]) -> None:
+    def __init__(self, n: int, argv: list[str], *, nice: int) -> None:
         self.argv = argv
-        self.procs = [_spawn(argv) for _ in range(n)]
+        self.nice = nice
+        self.procs = [_spawn(argv, nice=nice) for _ in range(n)]
         self.stopping = threading.Event()
 
     def restart_dead(self) -> None:
         for i, p in enumerate(self.procs):
             if p.poll() is not None and not self.stopping.is_set():
                 log.warning("list refresher pid=%d exited with %s; starting another", p.pid, p.returncode)
-                self.procs[i] = _spawn(self.argv)
+                self.procs[i] = _spawn(self.argv, nice=self.nice)
 
     def watch(self) -> None:
         """Restart dead refreshers until :meth:`stop` (run in a daemon thread)."""
@@ -137,7 +149,7 @@ def worker(
         if value is not None:
             common += [flag, str(value)]
     if role == "all":
-        refreshers_ = _Refreshers(n_refreshers, [*common, "--role", "refresher"])
+        refreshers_ = _Refreshers(n_refreshers, [*common, "--role", "refresher"], nice=settings.refresh_nice)
         if concurrency > 1:
             worker_role = "state" if n_refreshers else "all"
             workers = [_spawn([*common, "--role", worker_role, "--refreshers", "0", "--concurrency", "1"])
@@ -153,8 +165,9 @@ def worker(
     # worker process is several times faster than two (measured); scale with processes
     threadpool_limits(1, "blas")
     if role == "refresher":
-        if settings.refresh_nice:
-            os.nice(settings.refresh_nice)
+        current = os.nice(0)
+        if settings.refresh_nice > current:  # started directly, not by a parent that set it already
+            os.nice(settings.refresh_nice - current)
         _run_refresher(settings, ep.redis_url, registry)
         return
     if metrics_port:
