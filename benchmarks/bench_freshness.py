@@ -15,6 +15,7 @@ the background rate actually achieved. Goal (Real-time path issue): p99 <=
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,19 +40,50 @@ from liftrec.stack import EmbeddedStack
 NAME = "freshness"
 
 
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):  # children belong to the thread that started them
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds used so far by this benchmark's broker, Redis, worker and refresher (``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for p in _tree(os.getpid())[1:]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        name = ("refresher" if b"--role refresher" in cmd else "worker" if b"liftrec worker" in cmd
+                else "broker" if b"tansu" in cmd else "redis" if b"redis" in cmd else "other")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 async def drive(s: Settings, shop_events: list[dict], items: list[str], *, rate: float, seconds: float,
-                probe_every: float, keys: KeySchema) -> tuple[list[float], float]:
+                probe_every: float, keys: KeySchema, warmup: float) -> tuple[list[float], list[float], float, dict]:
     r = redis.Redis.from_url(s.redis_url or "")
     p = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=1)
     await p.start()
     latencies: list[float] = []
+    state_ms: list[float] = []
     sent = 0
     t_start = time.perf_counter()
-    next_probe = t_start + 1.0
     probe_n = 0
-    bar = tqdm(total=int(seconds), desc="freshness", unit="s")
+    bar = tqdm(total=int(seconds + warmup), desc="freshness", unit="s")
+    next_probe = t_start + warmup
+    cpu0: dict[str, float] = {}
     try:
-        while time.perf_counter() - t_start < seconds:
+        while time.perf_counter() - t_start < seconds + warmup:
+            if not cpu0 and time.perf_counter() >= next_probe:
+                cpu0, t_cpu = cpu_by_process(), time.perf_counter()
             # background load: keep `sent` on the rate line
             due = int((time.perf_counter() - t_start) * rate)
             while sent < due:
@@ -68,13 +100,22 @@ async def drive(s: Settings, shop_events: list[dict], items: list[str], *, rate:
                       "item_id": items[probe_n % len(items)], "type": "click"}
                 t0 = time.perf_counter()
                 await p.send(s.events_topic, orjson.dumps(ev), key=user.encode())
+                marker = f'"{ev["item_id"]}","click",{ev["ts"]}'.encode()
+                t_state = None
                 while True:
+                    if t_state is None:
+                        head = r.lindex(keys.history(user), 0)
+                        if head and marker in head:
+                            t_state = time.perf_counter()
                     raw = r.get(keys.recs(user))
                     if raw and orjson.loads(raw)["rec_id"] != before_id:
-                        latencies.append((time.perf_counter() - t0) * 1000)
+                        now = time.perf_counter()
+                        latencies.append((now - t0) * 1000)
+                        state_ms.append(((t_state or now) - t0) * 1000)
                         break
                     if time.perf_counter() - t0 > 10:
                         latencies.append(10_000.0)
+                        state_ms.append(((t_state or time.perf_counter()) - t0) * 1000)
                         break
                     await asyncio.sleep(0.001)
                 probe_n += 1
@@ -86,7 +127,9 @@ async def drive(s: Settings, shop_events: list[dict], items: list[str], *, rate:
         bar.close()
         await p.stop()
         r.close()
-    return latencies, sent / (time.perf_counter() - t_start)
+    cpu1, t_end = cpu_by_process(), time.perf_counter()
+    cpu_share = {name: (cpu1.get(name, 0.0) - cpu0.get(name, 0.0)) / (t_end - t_cpu) for name in cpu1}  # type: ignore[possibly-undefined]
+    return latencies, state_ms, sent / (time.perf_counter() - t_start), cpu_share
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="background events/s offered")
     parser.add_argument("--seconds", type=float, default=None, help="measurement time (default 30; 10 quick)")
     parser.add_argument("--probe-every", type=float, default=0.2, help="seconds between probes")
+    parser.add_argument("--warmup", type=float, default=3.0,
+                        help="seconds of background load before the first probe (the first lists of a burst of "
+                             "new shoppers are a backlog, not the steady state measured here)")
     parser.add_argument("--items", type=int, default=None, help="catalog size (default 100000; 10000 quick)")
+    parser.add_argument("--name", default=None, help="result name (default freshness)")
     args = parser.parse_args(argv)
     seconds = args.seconds or (10.0 if args.quick else 30.0)
     n_items = args.items or (10_000 if args.quick else 100_000)
@@ -119,8 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def catalog() -> None:
                 async with EventProducer(ep.kafka_bootstrap, s, source="bench") as p:
-                    await p.send_catalog(shop.catalog_items())
+                    await p.send_catalog(catalog_items)
 
+            catalog_items = list(shop.catalog_items())
+            catalog_ids = [c.item_id for c in catalog_items]
             asyncio.run(catalog())
             env = {**os.environ, "KAFKA_BOOTSTRAP": ep.kafka_bootstrap, "REDIS_URL": ep.redis_url,
                    "LIFTREC_KEY_PREFIX": s.key_prefix, "LIFTREC_EVENTS_TOPIC": s.events_topic,
@@ -133,23 +182,48 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keys = KeySchema(s.key_prefix)
                 r = redis.Redis.from_url(ep.redis_url)
                 deadline = time.monotonic() + 60
-                while int(r.hget(keys.metrics(), "batches") or 0) == 0 and time.monotonic() < deadline:
+                # ready = the worker applied a batch and the list refresher wrote its list (start-up
+                # is bench_worker_start.py's business, not this one's)
+                while int(r.hget(keys.metrics(), "lists") or 0) == 0 and time.monotonic() < deadline:
                     asyncio.run(_one(s))
                     time.sleep(0.5)
+                # ... and took in the whole catalog (its topic is one partition, applied in order)
+                last_item = keys.item(catalog_ids[-1])
+                with tqdm(desc="catalog loaded by the worker", unit="check", leave=False) as bar:
+                    while not r.exists(last_item) and time.monotonic() < deadline + 240:
+                        time.sleep(0.2)
+                        bar.update(1)
                 items = [f"i{j:06d}" for j in range(0, n_items, max(1, n_items // 500))]
-                lat, achieved = asyncio.run(drive(s, events, items, rate=args.rate, seconds=seconds,
-                                                  probe_every=args.probe_every, keys=keys))
+                lat, state_lat, achieved, cpu_share = asyncio.run(drive(
+                    s, events, items, rate=args.rate, seconds=seconds, probe_every=args.probe_every, keys=keys,
+                    warmup=args.warmup))
             finally:
                 worker.terminate()
                 worker.wait(30)
     st = summarize(lat)
     p99 = sorted(lat)[max(0, int(round(0.99 * len(lat))) - 1)]
+    def p99_of(xs: list[float]) -> float:
+        return sorted(xs)[max(0, int(round(0.99 * len(xs))) - 1)]
+
+    to_list = [a - b for a, b in zip(lat, state_lat, strict=True)]
     results = {"offered_rate": args.rate, "achieved_rate": achieved, "probes": len(lat),
-               "latency_ms": {**st, "p99": p99}, "goal_p99_ms": 100.0, "goal_met": p99 <= 100.0,
-               "catalog_items": n_items, "samples_ms": lat}
+               "latency_ms": {**st, "p99": p99},
+               "produce_to_state_ms": {**summarize(state_lat), "p99": p99_of(state_lat)},
+               "state_to_list_ms": {**summarize(to_list), "p99": p99_of(to_list)},
+               "settings": {"batch_window_s": Settings().batch_window_s, "fetch_max_wait_ms": Settings().fetch_max_wait_ms,
+                            "refresh_idle_poll_ms": Settings().refresh_idle_poll_ms}, "goal_p99_ms": 100.0, "goal_met": p99 <= 100.0,
+               "catalog_items": n_items, "warmup_s": args.warmup,
+               "cpu_cores_used": cpu_share,
+               "samples_ms": lat, "samples_state_ms": state_lat}
+    cores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu_share.items()))
     summary = (f"click -> list p50 {st['p50']:.0f} ms, p99 {p99:.0f} ms, max {st['max']:.0f} ms "
-               f"at {achieved:,.0f} events/s offered ({len(lat)} probes; goal p99 <= 100 ms)")
-    write_result(NAME, results, summary=summary, out_dir=args.out_dir,
+               f"(click -> state p50 {results['produce_to_state_ms']['p50']:.0f} / p99 "
+               f"{results['produce_to_state_ms']['p99']:.0f} ms; state -> list p50 "
+               f"{results['state_to_list_ms']['p50']:.0f} / p99 {results['state_to_list_ms']['p99']:.0f} ms) "
+               f"at {achieved:,.0f} events/s offered ({len(lat)} probes; goal p99 <= 100 ms; batch window "
+               f"{results['settings']['batch_window_s'] * 1000:.0f} ms, fetch wait "
+               f"{results['settings']['fetch_max_wait_ms']} ms; cores used: {cores})")
+    write_result(args.name or NAME, results, summary=summary, out_dir=args.out_dir,
                  params={"quick": args.quick, "rate": args.rate, "seconds": seconds, "items": n_items})
     print(summary)
     return 0

@@ -10,7 +10,20 @@ start-up is excluded. In the same run, on the same topic:
 * a **bare aiokafka consumer** that only counts records (~550k/s here);
 * a **no-op Faust agent** with liftrec's app settings that only counts
   (Faust's own per-event cost is the ceiling of any Faust worker);
-* **liftrec's worker**, one process, then two processes (``--concurrency 2``).
+* **liftrec's worker**, one process, then two processes (``--concurrency 2``),
+  each time with its list refresher process (``--refreshers 1``, niced);
+* the **no-op Faust agent with two processes**, the physical limit of the
+  two-worker scaling when the broker and Redis share the same cores.
+
+Wall-clock rates move with the machine's load (other jobs share the cores), so
+the CPU seconds each process used per event are reported too (``/proc``): they
+are what liftrec's own work costs. While liftrec runs, the backlog of users
+waiting for a list (``dirty`` + claimed) is sampled every 100 ms; the time the
+refresher needs after the last event to empty it and the lists written per
+second tell how far lists lag behind the state. Each liftrec run finds the
+catalog in Redis, as a running shop does (its catalog topic is empty): a
+backlog of 100k catalog upserts would otherwise compete with the events at
+start-up and is not what this benchmark measures.
 
 Goals (Real-time path issue): >= 10,000 events/s per worker, i.e. >= 75% of
 the no-op Faust floor, and two workers >= 1.7x one.
@@ -21,7 +34,9 @@ the no-op Faust floor, and two workers >= 1.7x one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,10 +46,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
 from _common import BENCH_DIR, base_parser, write_result
 from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
+from features.catalog import CatalogStore
+from features.events import CatalogItem
 from features.kafka import ensure_topics, topic_specs
 from features.keys import KeySchema
 from features.producer import EventProducer
@@ -55,15 +73,47 @@ def _env(s: Settings, registry: Path | None) -> dict[str, str]:
     return env
 
 
-def _timed(read: callable, total: int, proc: subprocess.Popen[bytes], desc: str) -> float:  # type: ignore[valid-type]
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):  # children belong to the thread that started them
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the process tree, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {"worker": 0.0, "refresher": 0.0}
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        role = "refresher" if b"--role refresher" in cmd else "worker"
+        out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _timed(read: callable, total: int, proc: subprocess.Popen[bytes], desc: str,  # type: ignore[valid-type]
+           sample: callable | None = None) -> tuple[float, dict[str, float]]:  # type: ignore[valid-type]
+    """Events/s from the first consumed event to the last, and CPU seconds used meanwhile by role."""
     first_t = None
     last = 0
+    cpu0: dict[str, float] = {}
     with tqdm(total=total, desc=desc, unit="ev", leave=False) as bar:
         deadline = time.monotonic() + 900
+        next_sample = 0.0
         while True:
             n = read()
             if n and first_t is None:
                 first_t, first_n = time.perf_counter(), n
+                cpu0 = _cpu_by_role(proc.pid)
             bar.update(n - last)
             last = n
             if n >= total:
@@ -72,39 +122,89 @@ def _timed(read: callable, total: int, proc: subprocess.Popen[bytes], desc: str)
                 raise RuntimeError(f"{desc}: process exited with {proc.returncode}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{desc}: timed out at {n}/{total}")
+            if sample is not None and first_t is not None and time.monotonic() >= next_sample:
+                sample()
+                next_sample = time.monotonic() + 0.1
             time.sleep(0.02)
     elapsed = time.perf_counter() - first_t  # type: ignore[operator]
-    return (total - first_n) / elapsed  # type: ignore[possibly-undefined]
+    cpu1 = _cpu_by_role(proc.pid)
+    return (total - first_n) / elapsed, {r: cpu1[r] - cpu0.get(r, 0.0) for r in cpu1}  # type: ignore[possibly-undefined]
 
 
-def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tmp: Path) -> float:
-    run = uuid.uuid4().hex[:6]
-    s = base.model_copy(update={"key_prefix": f"bench{run}", "app_id": f"bench-{run}", "state_dir": tmp / run})
-    r = redis.Redis.from_url(s.redis_url or "")
-    metrics = KeySchema(s.key_prefix).metrics()
-    proc = subprocess.Popen([sys.executable, "-m", "liftrec", "worker", "--loglevel", "warn",
-                             "--concurrency", str(concurrency)], env=_env(s, registry),
-                            stdout=subprocess.DEVNULL, stderr=(tmp / f"{run}.log").open("wb"))
+async def _preload_catalog(s: Settings, items: list[CatalogItem]) -> None:
+    """The catalog in Redis, as a running shop has it (no catalog backlog in the topic)."""
+    client = aioredis.Redis.from_url(s.redis_url or "")
     try:
-        return _timed(lambda: int(r.hget(metrics, "events") or 0), total, proc, f"liftrec x{concurrency}")
+        store = CatalogStore(client, KeySchema(s.key_prefix))
+        for start in range(0, len(items), 5000):
+            await store.upsert(items[start:start + 5000])
+        await ensure_topics(s.kafka_bootstrap or "", topic_specs(s))
+    finally:
+        await client.aclose()
+
+
+def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tmp: Path,
+                catalog: list[CatalogItem]) -> dict[str, float]:
+    run = uuid.uuid4().hex[:6]
+    s = base.model_copy(update={"key_prefix": f"bench{run}", "app_id": f"bench-{run}", "state_dir": tmp / run,
+                                "catalog_topic": f"bench.catalog.{run}"})
+    asyncio.run(_preload_catalog(s, catalog))
+    r = redis.Redis.from_url(s.redis_url or "")
+    keys = KeySchema(s.key_prefix)
+    proc = subprocess.Popen([sys.executable, "-m", "liftrec", "worker", "--loglevel", "warn",
+                             "--concurrency", str(concurrency), "--refreshers", "1"], env=_env(s, registry),
+                            stdout=subprocess.DEVNULL, stderr=(tmp / f"{run}.log").open("wb"))
+    backlog: list[int] = []
+
+    def waiting() -> int:
+        pipe = r.pipeline(transaction=False)
+        pipe.scard(keys.dirty())
+        pipe.zcard(keys.refreshing())
+        return sum(pipe.execute())
+
+    try:
+        lists0 = int(r.hget(keys.metrics(), "lists") or 0)
+        t0 = time.perf_counter()
+        rate, cpu = _timed(lambda: int(r.hget(keys.metrics(), "events") or 0), total, proc,
+                           f"liftrec x{concurrency}", sample=lambda: backlog.append(waiting()))
+        t_last = time.perf_counter()
+        while waiting() and time.perf_counter() - t_last < 120:
+            time.sleep(0.02)
+        drain = time.perf_counter() - t_last
+        lists = int(r.hget(keys.metrics(), "lists") or 0) - lists0
+        events = total
+        return {
+            "events_per_s": rate,
+            "worker_cpu_us_per_event": cpu["worker"] / events * 1e6,
+            "refresher_cpu_us_per_event": cpu["refresher"] / events * 1e6,
+            "lists_written": lists,
+            "lists_per_s": lists / (time.perf_counter() - t0),
+            "refresher_cpu_ms_per_list": cpu["refresher"] / max(1, lists) * 1e3,
+            "list_backlog_max": max(backlog, default=0),
+            "list_backlog_mean": statistics.fmean(backlog) if backlog else 0.0,
+            "list_drain_after_last_event_s": drain,
+        }
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def run_noop(s: Settings, total: int) -> float:
+def run_noop(s: Settings, total: int, processes: int = 1) -> dict[str, float]:
     group = f"noop-{uuid.uuid4().hex[:6]}"
     counter = f"bench:{group}"
     r = redis.Redis.from_url(s.redis_url or "")
-    proc = subprocess.Popen([sys.executable, str(BENCH_DIR / "_noop_faust.py"), "--bootstrap", s.kafka_bootstrap,
-                             "--redis", s.redis_url, "--topic", s.events_topic, "--group", group,
-                             "--counter", counter], env=_env(s, None),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [subprocess.Popen([sys.executable, str(BENCH_DIR / "_noop_faust.py"), "--bootstrap", s.kafka_bootstrap,
+                               "--redis", s.redis_url, "--topic", s.events_topic, "--group", group,
+                               "--counter", counter], env=_env(s, None),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(processes)]
     try:
-        return _timed(lambda: int(r.get(counter) or 0), total, proc, "no-op faust")
+        rate, cpu = _timed(lambda: int(r.get(counter) or 0), total, procs[0], f"no-op faust x{processes}")
+        return {"events_per_s": rate, "cpu_us_per_event_first_process": cpu["worker"] / total * 1e6}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
 
 
 async def run_bare(s: Settings, total: int) -> float:
@@ -157,25 +257,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def produce() -> int:
                 async with EventProducer(ep.kafka_bootstrap, s, source="bench") as p:
-                    await p.send_catalog(shop.catalog_items())
                     return (await p.send(shop.iter_event_dicts())).accepted
 
             total = asyncio.run(produce())
             bare = asyncio.run(run_bare(s, total))
             noop = run_noop(s, total)
-            one = run_liftrec(s, registry, total, 1, tmp)
-            two = run_liftrec(s, registry, total, 2, tmp)
+            noop2 = run_noop(s, total, processes=2)
+            catalog = list(shop.catalog_items())
+            one = run_liftrec(s, registry, total, 1, tmp, catalog)
+            two = run_liftrec(s, registry, total, 2, tmp, catalog)
+    r1, r2, f1, f2 = one["events_per_s"], two["events_per_s"], noop["events_per_s"], noop2["events_per_s"]
     results = {
         "events": total, "catalog_items": items, "users": users, "factors": args.factors,
-        "bare_aiokafka_events_per_s": bare, "noop_faust_events_per_s": noop,
-        "liftrec_1_worker_events_per_s": one, "liftrec_2_workers_events_per_s": two,
-        "ratio_1_worker_over_noop_faust": one / noop, "scaling_2_over_1": two / one,
+        "bare_aiokafka_events_per_s": bare, "noop_faust_events_per_s": f1, "noop_faust_2_processes_events_per_s": f2,
+        "noop_faust_cpu_us_per_event": noop["cpu_us_per_event_first_process"],
+        "liftrec_1_worker_events_per_s": r1, "liftrec_2_workers_events_per_s": r2,
+        "liftrec_1_worker": one, "liftrec_2_workers": two,
+        "ratio_1_worker_over_noop_faust": r1 / f1, "scaling_2_over_1": r2 / r1, "noop_faust_scaling_2_over_1": f2 / f1,
         "goals": {"events_per_s_per_worker": 10_000, "ratio_over_noop": 0.75, "scaling": 1.7},
-        "goals_met": {"events_per_s": one >= 10_000, "ratio": one / noop >= 0.75, "scaling": two / one >= 1.7},
+        "goals_met": {"events_per_s": r1 >= 10_000, "ratio": r1 / f1 >= 0.75, "scaling": r2 / r1 >= 1.7},
         "setup_seconds": {"generate": gen_s, "train": train_s},
     }
-    summary = (f"1 worker {one:,.0f} ev/s ({one / noop:.0%} of no-op Faust {noop:,.0f}); "
-               f"2 workers {two:,.0f} ev/s (x{two / one:.2f}); bare aiokafka {bare:,.0f} ev/s; {total:,} events")
+    summary = (f"1 worker {r1:,.0f} ev/s ({r1 / f1:.0%} of no-op Faust {f1:,.0f}; worker CPU "
+               f"{one['worker_cpu_us_per_event']:.0f} us/ev vs no-op {noop['cpu_us_per_event_first_process']:.0f}); "
+               f"2 workers {r2:,.0f} ev/s (x{r2 / r1:.2f}; no-op Faust x2 {f2:,.0f} = x{f2 / f1:.2f}); "
+               f"lists {one['lists_per_s']:,.0f}/s, {one['refresher_cpu_ms_per_list']:.2f} ms CPU each, "
+               f"drained {one['list_drain_after_last_event_s']:.1f} s after the last event; "
+               f"bare aiokafka {bare:,.0f} ev/s; {total:,} events")
     write_result(NAME, results, summary=summary, out_dir=args.out_dir,
                  params={"quick": args.quick, "items": items, "users": users, "days": days})
     print(summary)

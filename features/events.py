@@ -209,8 +209,13 @@ class EventValidator:
             ev = Event.model_validate(obj)
         except ValidationError as err:
             raise _reason_from(err, _EVENT_FIELDS) from None
-        for name in ("event_id", "user_id", "item_id", "session_id", "rec_id"):
-            self._check_id(name, getattr(ev, name), optional=name in ("session_id", "rec_id"))
+        limit = self.max_id_len
+        for name, value, optional in (("event_id", ev.event_id, False), ("user_id", ev.user_id, False),
+                                      ("item_id", ev.item_id, False), ("session_id", ev.session_id, True),
+                                      ("rec_id", ev.rec_id, True)):
+            # the common case (a short id without surrounding blanks) costs two comparisons
+            if value is not None and not (0 < len(value) <= limit and not value[0].isspace()):
+                self._check_id(name, value, optional=optional)
         self._check_ts(ev.ts, now)
         if ev.price is not None and not (ev.price >= 0 and ev.price < float("inf")):
             raise InvalidEvent("bad_value", f"price must be a finite number >= 0, got {ev.price!r}")

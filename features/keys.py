@@ -33,13 +33,17 @@ key                         type    value
 ``dirty``                   SET     users whose state changed but whose list is not yet
                                     recomputed (cleared when the list is written; a
                                     restarted worker refreshes whoever is left)
+``refreshing``              ZSET    user_id -> claim time (ms): users a list refresher took
+                                    off ``dirty`` and is refreshing; claims older than
+                                    ``refresh_claim_timeout_s`` go back to ``dirty``
 ``active``                  ZSET    user_id -> ts (ms) of the user's newest event (the
                                     backfill after a model switch folds these in first)
 ``seen:{event_id}``         STRING  dedup marker with TTL ``dedup_window_s``
 ``offsets:{group}:{topic}`` HASH    partition -> last applied offset (written in the same
                                     MULTI/EXEC as the state it produced)
 ``metrics``                 HASH    counters: ``events``, ``dlq``, ``dlq:{reason}``,
-                                    ``batches``, ``duplicates``, ``replayed``
+                                    ``batches``, ``duplicates``, ``replayed``,
+                                    ``lists`` (lists written)
 ``model:current``           STRING  version of the model bundle in use
 ``model:announce``          PUBSUB  channel announcing a newly published bundle
 ``experiment:defs``         HASH    experiment name -> orjson definition (variants and
@@ -120,6 +124,9 @@ class KeySchema:
 
     def dirty(self) -> str:
         return f"{self._base}dirty"
+
+    def refreshing(self) -> str:
+        return f"{self._base}refreshing"
 
     def active(self) -> str:
         return f"{self._base}active"

@@ -21,7 +21,7 @@ import numpy as np
 from features.bundle import Bundle
 from features.ids import IdMap
 from features.settings import EVENT_WEIGHTS
-from features.vectors import aggregate_confidences, fold_in_batch, gram
+from features.vectors import fold_in_batch, gram
 
 __all__ = ["FoldInModel"]
 
@@ -62,21 +62,29 @@ class FoldInModel:
         )
 
     def confidences(self, history: Sequence[tuple[str, str, int]], now_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct known items and their summed confidences for one history."""
-        idx: list[int] = []
-        w: list[float] = []
+        """Distinct known items and their summed confidences for one history.
+
+        The same result as :func:`~features.vectors.aggregate_confidences` (items
+        ascending, weights summed in event order, zero sums dropped), summed in a
+        dict: a history holds at most ``history_cap`` events, where numpy's
+        per-call overhead would dominate.
+        """
+        acc: dict[int, float] = {}
         get = self.items.get
         weights = self.weights
+        half_life = self.half_life_ms
         for item_id, type_, ts in history:
-            i = get(item_id)
             wt = weights.get(type_, 0.0)
-            if i < 0 or wt <= 0:
+            if wt <= 0:
                 continue
-            if self.half_life_ms is not None:
-                wt *= 2.0 ** (-max(0, now_ms - int(ts)) / self.half_life_ms)
-            idx.append(i)
-            w.append(wt)
-        return aggregate_confidences(idx, w)
+            i = get(item_id)
+            if i < 0:
+                continue
+            if half_life is not None:
+                wt *= 2.0 ** (-max(0, now_ms - int(ts)) / half_life)
+            acc[i] = acc.get(i, 0.0) + wt
+        items = sorted(i for i, c in acc.items() if c != 0)
+        return np.array(items, dtype=np.int64), np.array([acc[i] for i in items], dtype=np.float64)
 
     def fold_in_histories(
         self, histories: Sequence[Sequence[tuple[str, str, int]]], now_ms: int

@@ -173,6 +173,34 @@ class Settings(BaseSettings):
     list. The stream worker refreshes a user's list after their events. ``0``
     always computes."""
 
+    refreshers: int = Field(default=1, ge=0, le=64)
+    """List refresher processes ``liftrec worker`` runs beside its stream worker(s).
+    They take users off ``dirty``, recompute their lists in batches and write them,
+    so list refresh never competes with state application on the worker's event
+    loop. ``0`` refreshes inside the worker process after each batch (one process)."""
+
+    refresh_batch_users: int = Field(default=64, ge=1, le=10_000)
+    """Most users one refresher cycle recomputes (one batched recommender call). A
+    cycle's users all wait for its end, so this bounds the refresh part of
+    click-to-list latency (64 x ~1 ms) while keeping one ONNX call per cycle."""
+
+    refresh_debounce_ms: int = Field(default=250, ge=0, le=60_000)
+    """A user's list is recomputed at most once per this many ms; later events of a
+    hot user are folded into one refresh when the window ends (never dropped)."""
+
+    refresh_idle_poll_ms: int = Field(default=3, ge=1, le=1_000)
+    """How often an idle refresher looks for dirty users (ms): the wait it adds to
+    click-to-list latency at low load."""
+
+    refresh_claim_timeout_s: float = Field(default=15.0, gt=0)
+    """Claims of users held longer than this by a refresher are given back to
+    ``dirty`` (the refresher died); a live refresher's cycle is far shorter."""
+
+    refresh_nice: int = Field(default=5, ge=0, le=19)
+    """Niceness of list refresher processes: on a busy machine state application
+    (the exactly-once path) gets the CPU first and lists catch up with what is
+    left; the API computes a list on read when the stored one is stale."""
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_ok(cls, v: str) -> str:

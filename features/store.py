@@ -113,10 +113,8 @@ if #a['trend'] > 0 then
     redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
   end
   local scale = 2 ^ ((ts - ref) / hl)
-  for _, t in ipairs(a['trend']) do
-    redis.call('ZINCRBY', t[1], t[3] * scale, t[2])
-    redis.call('SADD', keyset, t[1])
-  end
+  for _, t in ipairs(a['trend']) do redis.call('ZINCRBY', t[1], t[3] * scale, t[2]) end
+  redis.call('SADD', keyset, unpack(a['trend_sets']))
 end
 for _, c in ipairs(a['covis']) do
   for j = 1, #c[2], 2 do redis.call('ZINCRBY', c[1], c[2][j + 1], c[2][j]) end
@@ -131,7 +129,9 @@ return 1
 """.replace("__LIMIT__", repr(_RESCALE_HALF_LIVES)).replace("__GRID__", repr(_REF_GRID_HALF_LIVES))
 
 
-# ARGV[1] = orjson {"ttl", "dirty_key", "recs": [[recs key, value, [listed keys], user]]}
+# ARGV[1] = orjson {"ttl", "dirty_key", "claims_key", "metrics_key", "recs": [[recs key, value, [listed keys], user]]}.
+# A list computed from a claim (see _CLAIM_LUA) releases the claim and leaves ``dirty``
+# alone: the user may have been marked dirty again by a batch committed since the claim.
 _LISTS_LUA = """
 local a = cjson.decode(ARGV[1])
 for _, r in ipairs(a['recs']) do
@@ -140,9 +140,32 @@ for _, r in ipairs(a['recs']) do
     redis.call('SADD', lk, r[4])
     redis.call('EXPIRE', lk, a['ttl'])
   end
-  redis.call('SREM', a['dirty_key'], r[4])
+  if a['claims_key'] ~= '' then
+    redis.call('ZREM', a['claims_key'], r[4])
+  else
+    redis.call('SREM', a['dirty_key'], r[4])
+  end
 end
+if #a['recs'] > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists', #a['recs']) end
 return #a['recs']
+"""
+
+# Moves up to ARGV[1] users from ``dirty`` (KEYS[1]) to the claims ZSET (KEYS[2], score =
+# claim time ARGV[2]) in one step, so a refresher that dies leaves them claimed, never lost.
+_CLAIM_LUA = """
+local users = redis.call('SPOP', KEYS[1], tonumber(ARGV[1]))
+for _, u in ipairs(users) do redis.call('ZADD', KEYS[2], ARGV[2], u) end
+return users
+"""
+
+# Claims (KEYS[2]) older than ARGV[1] go back to ``dirty`` (KEYS[1]): their refresher died.
+_REQUEUE_LUA = """
+local users = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, u in ipairs(users) do
+  redis.call('SADD', KEYS[1], u)
+  redis.call('ZREM', KEYS[2], u)
+end
+return #users
 """
 
 # KEYS[1] = listed:{item}; ARGV[1] = item_id, ARGV[2] = prefix of recs keys
@@ -285,6 +308,8 @@ class UserStateStore:
         self._lists = client.register_script(_LISTS_LUA)
         self._unlist = client.register_script(_UNLIST_LUA)
         self._backfill = client.register_script(_BACKFILL_LUA)
+        self._claim = client.register_script(_CLAIM_LUA)
+        self._requeue = client.register_script(_REQUEUE_LUA)
 
     async def applied_offsets(self) -> dict[int, int]:
         """Partition -> last applied offset."""
@@ -308,7 +333,8 @@ class UserStateStore:
         out: dict[str, UserSnapshot] = {}
         for uid, (hist_raw, sess, bought, shown) in zip(users, res[2:], strict=True):
             out[uid] = UserSnapshot(
-                history=[tuple(orjson.loads(h)) for h in hist_raw],  # type: ignore[misc]
+                # one parse per user: "[" + entries + "]" (each entry is an orjson array)
+                history=[tuple(e) for e in orjson.loads(b"[" + b",".join(hist_raw) + b"]")],  # type: ignore[misc]
                 session_id=sess[0].decode() if sess[0] else None,
                 session_start=int(sess[1] or 0),
                 session_last=int(sess[2] or 0),
@@ -343,6 +369,7 @@ class UserStateStore:
             "trend_meta": k.trending_meta(),
             "trend_keys": k.trending_meta() + ":keys",
             "trend": [[k.trending(scope or None), item, weight] for (scope, item), weight in w.trending.items()],
+            "trend_sets": [k.trending(scope or None) for scope in {scope for scope, _ in w.trending}],
             "covis": [[k.covis(a), pairs] for a, pairs in covis.items()],
             "covis_cap": COVIS_CAP,
             "active_key": k.active(),
@@ -357,18 +384,56 @@ class UserStateStore:
         }
         await self._commit(args=[orjson.dumps(payload), *(w.vectors[u] for u in vec_users)])
 
-    async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]]) -> None:
-        """Store precomputed lists (value, item ids) and clear the users' ``dirty`` marks (one call)."""
+    async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]], *, claimed: bool = False) -> None:
+        """Store precomputed lists (value, item ids) in one call.
+
+        Parameters
+        ----------
+        lists : mapping of str to (bytes, sequence of str)
+            user_id -> (``recs`` value, item ids on the list).
+        claimed : bool, optional
+            ``False`` (inline refresh): clear the users' ``dirty`` marks.
+            ``True`` (lists of users taken with :meth:`claim_dirty`): release
+            their claims and leave ``dirty`` alone, so a batch committed after
+            the claim still gets its own refresh.
+        """
         if not lists:
             return
         k = self.keys
         payload = {
             "ttl": self.ttl_s,
             "dirty_key": k.dirty(),
+            "claims_key": k.refreshing() if claimed else "",
+            "metrics_key": k.metrics(),
             "recs": [[k.recs(u), value.decode(), [k.listed(i) for i in items], u]
                      for u, (value, items) in lists.items()],
         }
         await self._lists(args=[orjson.dumps(payload)])
+
+    async def claim_dirty(self, limit: int, *, now_ms: int) -> list[str]:
+        """Take up to ``limit`` users off ``dirty`` for a refresh (one atomic call).
+
+        They stay in the ``refreshing`` claims until :meth:`write_lists` with
+        ``claimed=True`` releases them; :meth:`requeue_claims` puts back the
+        claims of a refresher that died.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1; got {limit}")
+        users = await self._claim(keys=[self.keys.dirty(), self.keys.refreshing()], args=[limit, now_ms])
+        return [u.decode() for u in users]
+
+    async def release_claims(self, user_ids: Sequence[str]) -> None:
+        """Give claimed users back to ``dirty`` (their refresh failed; another try later)."""
+        if not user_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(self.keys.dirty(), *user_ids)
+        pipe.zrem(self.keys.refreshing(), *user_ids)
+        await pipe.execute()
+
+    async def requeue_claims(self, *, older_than_ms: int) -> int:
+        """Move claims made at or before ``older_than_ms`` back to ``dirty``; returns how many."""
+        return int(await self._requeue(keys=[self.keys.dirty(), self.keys.refreshing()], args=[older_than_ms]))
 
     async def dirty_users(self, limit: int = 10_000) -> list[str]:
         """Users whose list was not refreshed after their last state change (e.g. after a crash)."""

@@ -14,33 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import faust
-import orjson
 import redis
-import redis.asyncio as aioredis
 
-from features.bundle import Bundle
-from features.catalog import CatalogCache, CatalogStore
 from features.dlq import encode_dead_letter
 from features.errors import InvalidEvent
 from features.events import CatalogItem, EventValidator
-from features.keys import KeySchema
-from features.online import FoldInModel
-from features.reload import ModelHolder
 from features.settings import Settings
-from features.store import UserStateStore
-from serving.live import TrackedCatalogCache
-from serving.recommender import Recommender
-from serving.runtime import read_trending
 from serving.state import UserStateReader
-from serving.trending import TrendingSnapshot
 from stream import metrics
 from stream.processor import BatchProcessor, DeadLetter, Record
+from stream.worker_state import WorkerState, follow_catalog
 
 __all__ = ["WorkerState", "register_agents"]
 
@@ -49,74 +39,6 @@ log = logging.getLogger(__name__)
 _RETRY_MAX_S = 5.0
 #: Failed Redis attempts after which the worker pauses its partitions.
 _PAUSE_AFTER = 3
-#: Users folded in per chunk by the backfill after a model switch.
-_BACKFILL_CHUNK = 500
-
-
-class WorkerState:
-    """Per-process state shared by the agents (created on the worker's loop)."""
-
-    def __init__(self, settings: Settings, redis_url: str, *, registry: str | None = None) -> None:
-        self.settings = settings
-        self.keys = KeySchema(settings.key_prefix)
-        self.client = aioredis.Redis.from_url(redis_url, health_check_interval=30)
-        self.catalog: CatalogCache = TrackedCatalogCache()  # lets the recommender follow changes only
-        self.catalog_store = CatalogStore(self.client, self.keys)
-        self.store = UserStateStore(
-            self.client,
-            self.keys,
-            group=settings.app_id,
-            topic=settings.events_topic,
-            history_cap=settings.history_cap,
-            ttl_s=settings.recs_ttl_s,
-            dedup_ttl_s=settings.dedup_window_s,
-            half_life_s=settings.trending_half_life_s,
-        )
-        self._trending: TrendingSnapshot | None = None
-        self._trending_at = 0.0
-        self.ready = asyncio.Event()
-        self.fold_model: FoldInModel | None = None
-        self.swapped = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self.recommender = Recommender.from_settings(settings)
-        self.models = ModelHolder(
-            registry or settings.registry_dir, redis_url=redis_url, key_prefix=settings.key_prefix,
-            on_swap=self._on_swap,
-        )
-
-    def _on_swap(self, bundle: Bundle) -> None:
-        """Runs in the loader thread: prepare the fold-in, then wake the backfill."""
-        self.fold_model = FoldInModel.from_bundle(bundle)
-        self.recommender.prepare(bundle)  # retrieval index built off the event loop
-        self._loop.call_soon_threadsafe(self.swapped.set)
-
-    async def backfill(self, *, window_ms: int = 24 * 3600 * 1000, limit: int = 20_000) -> int:
-        """Fold recently active users into the current model (after a switch)."""
-        model = self.fold_model
-        if model is None:
-            return 0
-        t0 = time.perf_counter()
-        now = int(time.time() * 1000)
-        users = await self.store.active_users(since_ms=now - window_ms, limit=limit)
-        written = 0
-        for start in range(0, len(users), _BACKFILL_CHUNK):
-            chunk = users[start : start + _BACKFILL_CHUNK]
-            histories = await self.store.histories(chunk)
-            vectors, has = await asyncio.to_thread(model.fold_in_histories, histories, now)
-            written += await self.store.backfill_vectors(
-                {u: vectors[i].astype("<f4").tobytes() for i, u in enumerate(chunk) if has[i]},
-                model=model.version, ts=now,
-            )
-        log.info("backfill model=%s users=%d written=%d seconds=%.2f", model.version, len(users), written,
-                 time.perf_counter() - t0)
-        return written
-
-    async def trending(self) -> TrendingSnapshot:
-        """Trending lists, re-read from Redis at most once a second."""
-        if self._trending is None or time.monotonic() - self._trending_at > 1.0:
-            self._trending = await read_trending(self.client, self.keys, sorted(self.catalog.categories()))
-            self._trending_at = time.monotonic()
-        return self._trending
 
 
 async def _with_redis_retry(what: str, fn: Any, *args: Any, app: faust.App | None = None) -> Any:
@@ -151,8 +73,25 @@ async def _with_redis_retry(what: str, fn: Any, *args: Any, app: faust.App | Non
             log.info("partitions resumed count=%d", len(paused))
 
 
-def register_agents(app: faust.App, settings: Settings, *, redis_url: str, registry: str | None = None) -> None:
-    """Register topics, agents and background tasks on ``app``."""
+def register_agents(app: faust.App, settings: Settings, *, redis_url: str, registry: str | None = None,
+                    refresh_lists: bool = True) -> None:
+    """Register topics, agents and background tasks on ``app``.
+
+    Parameters
+    ----------
+    app : faust.App
+        The worker's app.
+    settings : Settings
+        Topics, batching, caps.
+    redis_url : str
+        Redis holding the online state.
+    registry : str, optional
+        Model registry folder (default ``settings.registry_dir``).
+    refresh_lists : bool, optional
+        ``True``: a task in this process recomputes the lists of touched users
+        (a single process). ``False``: batches only mark users ``dirty`` and
+        list refresher processes (:mod:`stream.refresher`) do the rest.
+    """
     events_topic = app.topic(
         settings.events_topic, key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw",
@@ -175,6 +114,7 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
             log.info("catalog loaded items=%d", n)
             await ws.models.start()
             log.info("model version=%s", ws.models.version)
+            gc.freeze()  # catalog and bundle live as long as the process: keep them out of full GC passes
             ws.ready.set()
         else:
             await ws.ready.wait()
@@ -204,6 +144,7 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
                 fold_in_model=lambda: ws.fold_model,
                 bundle=lambda: ws.models.bundle,
                 recommender=ws.recommender,
+                track_pending=refresh_lists,
             )
         return processor_box["p"]
 
@@ -275,8 +216,9 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
                 if letters:
                     await send_dead_letters(letters, settings.catalog_topic)
                 ws = await worker_state()
+                ws.expect_own_changes(i.item_id for i in items)
                 changed = await _with_redis_retry("catalog upsert", ws.catalog_store.upsert, items, app=app)
-                await ws.catalog_store.refresh(ws.catalog, changed)
+                ws.apply_own_changes(items, changed)
                 gone = [i for i in changed if not ws.catalog.in_stock(i)]
                 unlisted = await _with_redis_retry("unlist", ws.store.unlist, gone, app=app) if gone else 0
                 log.info("catalog batch items=%d changed=%d out_of_stock=%d lists_changed=%d invalid=%d",
@@ -284,7 +226,6 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
             except Exception:
                 log.exception("catalog batch failed")
 
-    @app.task
     async def list_refresher() -> None:
         """Recompute the lists of users touched since the last refresh, continuously.
 
@@ -317,6 +258,9 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
                 metrics.REFRESH_SECONDS.observe(time.perf_counter() - t0)
                 log.debug("lists refreshed users=%d ms=%.1f", n, (time.perf_counter() - t0) * 1000)
 
+    if refresh_lists:
+        app.task(list_refresher)
+
     @app.task
     async def model_backfill() -> None:
         ws = await worker_state()
@@ -346,17 +290,4 @@ def register_agents(app: faust.App, settings: Settings, *, redis_url: str, regis
 
     @app.task
     async def catalog_listener() -> None:
-        ws = await worker_state()
-        while True:
-            try:
-                pubsub = ws.client.pubsub()
-                await pubsub.subscribe(ws.catalog_store.channel)
-                async for msg in pubsub.listen():
-                    if msg.get("type") == "message":
-                        await ws.catalog_store.refresh(ws.catalog, orjson.loads(msg["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                log.warning("catalog listener reconnecting: %s", err)
-                await asyncio.sleep(1.0)
-
+        await follow_catalog(await worker_state())

@@ -81,6 +81,7 @@ def create_app(
     session_timeout_s: float,
     web_port: int | None = None,
     registry: str | None = None,
+    refresh_lists: bool = True,
 ) -> faust.App:
     """Build the Faust app with its topics and agents registered.
 
@@ -98,6 +99,8 @@ def create_app(
         Port of Faust's web server (health); ``None`` disables it.
     registry : str, optional
         Model registry folder (default ``settings.registry_dir``).
+    refresh_lists : bool, optional
+        Recompute lists in this process (``False``: list refresher processes do).
     """
     from stream.agents import register_agents
 
@@ -123,5 +126,5 @@ def create_app(
         TableManager=TablelessManager,
     )
     app.transport = _transport_class(settings.fetch_max_wait_ms)(app.conf.broker_consumer, app)
-    register_agents(app, settings, redis_url=redis_url, registry=registry)
+    register_agents(app, settings, redis_url=redis_url, registry=registry, refresh_lists=refresh_lists)
     return app

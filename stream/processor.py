@@ -99,6 +99,14 @@ class BatchProcessor:
     dead_letter : Callable[[list[DeadLetter]], Awaitable[None]]
         Sends rejected records to the dead-letter topic; must finish before
         the batch commits, so a record is never lost.
+    recommender : Recommender, optional
+        Computes lists in :meth:`refresh` (default: from ``settings``).
+    fold_in_model, bundle : callable, optional
+        Return the current fold-in model and bundle (``None``: none loaded).
+    track_pending : bool, optional
+        Keep the touched users' new states for :meth:`refresh` (default). A worker
+        whose lists are refreshed by separate processes passes ``False``: batches
+        then only mark users ``dirty`` and skip building list inputs.
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class BatchProcessor:
         recommender: Recommender | None = None,
         fold_in_model: Callable[[], FoldInModel | None] = lambda: None,
         bundle: Callable[[], Bundle | None] = lambda: None,
+        track_pending: bool = True,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -122,6 +131,7 @@ class BatchProcessor:
         self.fold_in_model = fold_in_model
         self.bundle = bundle
         self.request = RecRequest(k=settings.recs_k)
+        self.track_pending = track_pending
         self.pending: dict[str, UserState] = {}
         self._trending_batch: tuple[dict[tuple[str, str], float], int] = ({}, 0)
         self.validator = EventValidator.from_settings(settings)
@@ -259,7 +269,7 @@ class BatchProcessor:
             w.vectors = {u: v.astype("<f4").tobytes() for u, v in vectors.items()}  # type: ignore[attr-defined]
 
         states: dict[str, UserState] = {}
-        for uid in w.history:
+        for uid in (w.history if (self.track_pending or refresh) else ()):
             user = snap.users[uid]
             shown = dict(user.shown)
             for item in w.shown_reset.get(uid, ()):
@@ -276,7 +286,7 @@ class BatchProcessor:
                 shown=shown,
                 session_items=[i for i, _t, ts in reversed(merged[uid]) if ts >= sess[1]],
             )
-        w.dirty = list(states)
+        w.dirty = list(w.history)
         self._trending_batch = (w.trending, w.batch_ts)
 
         for rec in records:

@@ -262,3 +262,65 @@ def test_worker_hot_reloads_a_published_bundle_and_refuses_a_broken_one(
                                     "type": "view"}]))
     wait_until(lambda: applied(redis_client, keys) == 5, what="event after the refusal")
     assert redis_client.hget(keys.user_vector("shopper"), "model") == v2.encode()
+
+
+def refresher_pids(worker_pid: int) -> list[int]:
+    """Pids of the list refresher processes started by a worker process."""
+    from pathlib import Path
+
+    children: list[str] = []
+    for task in Path(f"/proc/{worker_pid}/task").glob("*"):  # a child belongs to the thread that started it
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue
+    out = []
+    for c in children:
+        try:
+            if b"--role\x00refresher" in Path(f"/proc/{c}/cmdline").read_bytes():
+                out.append(int(c))
+        except OSError:
+            continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_killed_refresher_is_replaced_and_lists_keep_coming(settings: Settings, redis_client,  # noqa: ANN001
+                                                             start_worker) -> None:  # noqa: ANN001
+    keys = KeySchema(settings.key_prefix)
+    asyncio.run(produce(settings, make_events(20, users=4)))
+    w = start_worker()
+    wait_until(lambda: applied(redis_client, keys) == 20 and int(redis_client.hget(keys.metrics(), "lists") or 0) > 0,
+               what="first lists")
+    wait_until(lambda: len(refresher_pids(w.proc.pid)) == 1, what="one refresher child")
+    (old,) = refresher_pids(w.proc.pid)
+    import os
+
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: refresher_pids(w.proc.pid) not in ([], [old]), what="a new refresher")
+    before = orjson.loads(redis_client.get(keys.recs("u0")))["rec_id"]
+    asyncio.run(produce(settings, make_events(8, users=4, start=20)))
+    wait_until(lambda: applied(redis_client, keys) == 28, what="8 more events")
+    wait_until(lambda: orjson.loads(redis_client.get(keys.recs("u0")))["rec_id"] != before,
+               what="u0's list refreshed by the new refresher")
+    wait_until(lambda: not redis_client.scard(keys.dirty()) and not redis_client.zcard(keys.refreshing()),
+               what="nothing left dirty")
+
+
+def test_refresher_stops_when_its_worker_is_killed(settings: Settings, redis_client, start_worker) -> None:  # noqa: ANN001
+    keys = KeySchema(settings.key_prefix)
+    asyncio.run(produce(settings, make_events(5)))
+    w = start_worker()
+    wait_until(lambda: applied(redis_client, keys) == 5, what="5 events")
+    wait_until(lambda: len(refresher_pids(w.proc.pid)) == 1, what="one refresher child")
+    (child,) = refresher_pids(w.proc.pid)
+    w.stop(signal.SIGKILL)
+    wait_until(lambda: not alive(child), timeout_s=10, what="the orphaned refresher to exit")

@@ -124,3 +124,31 @@ def test_pipeline_user_vectors_batch_by_length_and_match_fold_in() -> None:
     for row, u in zip(got, users, strict=True):
         want = fold_in(model.item_factors, model.YtY, m[u].indices, m[u].data, 0.2, alpha=0.5)
         np.testing.assert_allclose(row, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("half_life_ms", [None, 3_600_000.0])
+def test_online_confidences_equal_the_aggregate_of_the_history(half_life_ms: float | None) -> None:
+    from features.ids import IdMap
+    from features.online import FoldInModel
+
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(40, 8)).astype(np.float32)
+    weights = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "impression": 0.0}
+    model = FoldInModel(version="m", items=IdMap(f"i{j}" for j in range(40)), item_factors=y, YtY=gram(y),
+                        regularization=0.1, alpha=1.0, weights=weights, half_life_ms=half_life_ms)
+    now = 1_700_000_000_000
+    types = list(weights)
+    # repeats, unknown items and zero-weight events, newest first like a stored history
+    history = [(f"i{rng.integers(0, 50)}", types[rng.integers(0, len(types))], now - int(rng.integers(0, 10**7)))
+               for _ in range(100)]
+    items, conf = model.confidences(history, now)
+    idx, w = [], []
+    for item, type_, ts in history:
+        j = model.items.get(item)
+        if j >= 0 and weights[type_] > 0:
+            idx.append(j)
+            w.append(weights[type_] * (1.0 if half_life_ms is None else 2.0 ** (-(now - ts) / half_life_ms)))
+    want_items, want_conf = aggregate_confidences(idx, w)
+    np.testing.assert_array_equal(items, want_items)
+    np.testing.assert_array_equal(conf, want_conf)
+    assert items.dtype == np.int64 and conf.dtype == np.float64
