@@ -53,7 +53,8 @@ from training.evaluation.replay import ReplayResult, _ranks, fit_data, replay
 from training.evaluation.scoring import metrics_from_ranks
 from training.interactions import NO_BASKET, TYPE_CODES, InteractionTable
 
-__all__ = ["BrokerComparison", "BrokerReplayConfig", "compare_through_broker"]
+__all__ = ["BrokerComparison", "BrokerReplayConfig", "compare_through_broker", "encode_events", "state_differences",
+           "trending_differences"]
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def compare_through_broker(table: InteractionTable, *, endpoints: Any, config: B
 # -- the broker side -------------------------------------------------------------------------------
 
 
-def _encode(t: InteractionTable, prefix: str) -> tuple[list[bytes], list[bytes]]:
+def encode_events(t: InteractionTable, prefix: str) -> tuple[list[bytes], list[bytes]]:
     """Kafka keys (user ids) and orjson values of a table's rows, in row order."""
     users, items = t.users.ids, t.items.ids
     keys: list[bytes] = []
@@ -346,7 +347,7 @@ async def _wait_applied(client: Any, key: str, targets: Mapping[int, int], worke
         await asyncio.sleep(0.002)
 
 
-def _state_diff(mine: Any, redis_state: Any) -> list[str]:
+def state_differences(mine: Any, redis_state: Any) -> list[str]:
     """Fields of :data:`STATE_FIELDS` in which two :class:`~serving.state.UserState` differ."""
     out = []
     for name in ("history", "session_items"):
@@ -363,7 +364,7 @@ def _state_diff(mine: Any, redis_state: Any) -> list[str]:
     return out
 
 
-def _trend_diff(mine: Any, redis_snap: Any, half_life_ms: float) -> tuple[list[str], float]:
+def trending_differences(mine: Any, redis_snap: Any, half_life_ms: float) -> tuple[list[str], float]:
     """How two trending snapshots differ: item order (:data:`TRENDING_FIELDS`) and scores.
 
     Scores are compared at one reference time (the refs lie on a grid of 32
@@ -436,8 +437,8 @@ async def _broker_replay(plan: ReplayPlan, data: Any, method: Any, *, endpoints:
     keys = KeySchema(settings.key_prefix)
     offsets_key = keys.offsets(settings.app_id, settings.events_topic)
     version = publish(model.bundle.path, settings.registry_dir)
-    train_keys, train_values = _encode(plan.train, "t")
-    test_keys, test_values = _encode(plan.events, "e")
+    train_keys, train_values = encode_events(plan.train, "t")
+    test_keys, test_values = encode_events(plan.events, "e")
     client = aioredis.Redis.from_url(settings.redis_url)
     await ensure_topics(settings.kafka_bootstrap, topic_specs(settings))
     await CatalogStore(client, keys).upsert(_catalog_items(data, int(plan.train.ts.min())))
@@ -482,8 +483,8 @@ async def _broker_replay(plan: ReplayPlan, data: Any, method: Any, *, endpoints:
                             continue  # never scored (the in-process replay skips it too)
                         recs = live.recommend(q, k=k, variant=v, states=[state], snapshot=snap)
                         lists[v][qi] = live.lists(recs, k).items[0]
-                    tdiff, rel = _trend_diff(live.trend.snapshot(), snap, live.trend.half_life_ms)
-                    diff = _state_diff(live.states(q)[0], state) + tdiff
+                    tdiff, rel = trending_differences(live.trend.snapshot(), snap, live.trend.half_life_ms)
+                    diff = state_differences(live.states(q)[0], state) + tdiff
                     worst = max(worst, rel)
                     vectors += state.vector is not None and state.vector_model == version
                     for name in diff:
