@@ -62,7 +62,7 @@ _TYPES = TYPE_CODES
 _PURCHASE = TYPE_CODES.index("purchase")
 #: State fields compared per query, and the trending parts compared per query.
 STATE_FIELDS = ("history", "session_items", "bought", "vector", "vector_model")
-TRENDING_FIELDS = ("overall", "by_category", "scores", "ref_ms")
+TRENDING_FIELDS = ("overall", "by_category", "tie_order", "scores", "ref_ms")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,7 +83,8 @@ class BrokerReplayConfig:
     max_groups : int
         Refuse windows with more groups (each costs a broker round trip).
     wait_s : float
-        Longest wait for the worker to apply one produce (the first includes its start).
+        Longest the worker may apply nothing while the replay waits for it (60 s more
+        for the first wait, which includes the worker's start).
     batch_window_s, fetch_max_wait_ms : float, int
         The worker's micro-batch window and consumer fetch wait (small: latency per group).
     """
@@ -120,7 +121,8 @@ class BrokerComparison:
         Queries whose Redis state differed from the in-process state, per field
         (:data:`STATE_FIELDS` and :data:`TRENDING_FIELDS`).
     examples : list of dict
-        The first differing queries (both lists, and which state fields differed).
+        The first queries whose lists differ (else whose user state differs): both
+        lists, and which state fields differed.
     counts : dict
         Events produced and applied, dead letters, duplicates, worker batches (from the
         worker's metrics), and queries whose Redis state held a vector of the bundle.
@@ -188,7 +190,7 @@ def compare_through_broker(table: InteractionTable, *, endpoints: Any, config: B
         When the window is empty, has no training events before it, or has more
         than ``max_groups`` groups.
     LiftrecError
-        When the worker dies, rejects events or does not keep up within ``wait_s``.
+        When the worker dies, rejects events, or applies nothing for ``wait_s``.
     """
     from training.evaluation.pipeline_variant import LiftrecFull
 
@@ -220,22 +222,29 @@ def compare_through_broker(table: InteractionTable, *, endpoints: Any, config: B
         f"(fit {inproc.fit_seconds:.1f} s)")
     side = asyncio.run(_broker_replay(plan, data, method, endpoints=endpoints, cfg=cfg, work_dir=Path(work_dir),
                                       progress=progress))
-    lists, secs, examples = side.lists, side.seconds, side.examples
+    lists, secs = side.lists, side.seconds
     say(f"broker replay: {plan.n_queries:,} queries, {n_groups:,} groups in {secs['broker']:.1f} s "
         f"(preload of {len(plan.train):,} training events {secs['preload']:.1f} s)")
     ranks = {v: _ranks(plan, lists[v], inproc.scored_queries, only_new=(v == "X")) for v in cfg.variants}
     metrics = {"in_process": {v: metrics_from_ranks(inproc.ranks[v]) for v in cfg.variants},
                "broker": {v: metrics_from_ranks(ranks[v]) for v in cfg.variants}}
     equal, compared = {}, {}
+    differs = np.zeros(plan.n_queries, bool)
     for v in cfg.variants:
         rows = plan.query_has_new if v == "X" else np.ones(plan.n_queries, bool)
+        same = (inproc.lists[v] == lists[v]).all(axis=1)
         compared[v] = int(rows.sum())
-        equal[v] = int((inproc.lists[v][rows] == lists[v][rows]).all(axis=1).sum())
+        equal[v] = int((same & rows).sum())
+        differs |= ~same & rows
+    # examples: the first queries whose lists differ, else the first whose user state differs
+    picked = np.flatnonzero(differs)[:5].tolist() or [
+        q for q, d in sorted(side.query_diffs.items()) if set(d) & set(STATE_FIELDS)][:3]
     ids = np.array(list(plan.train.items.ids), dtype=object)
-    for ex in examples:
-        q = ex["query"]
-        ex["lists"] = {v: {"in_process": ids[inproc.lists[v][q][inproc.lists[v][q] >= 0]].tolist(),
-                           "broker": ids[lists[v][q][lists[v][q] >= 0]].tolist()} for v in cfg.variants}
+    examples = [{"query": q, "user_id": plan.train.users.id(int(plan.query_user[q])), "ts": int(plan.query_ts[q]),
+                 "state_differs": side.query_diffs.get(q, []),
+                 "lists": {v: {"in_process": ids[inproc.lists[v][q][inproc.lists[v][q] >= 0]].tolist(),
+                               "broker": ids[lists[v][q][lists[v][q] >= 0]].tolist()} for v in cfg.variants}}
+                for q in picked]
     seconds = {"fit": inproc.fit_seconds, "in_process": inproc.replay_seconds, **secs}
     return BrokerComparison(plan=plan, in_process=inproc, broker_lists=lists, broker_ranks=ranks, metrics=metrics,
                             equal_lists=equal, compared_lists=compared, state_mismatches=side.mismatches,
@@ -333,17 +342,24 @@ async def _produce(producer: Any, topic: str, keys: list[bytes], values: list[by
 
 
 async def _wait_applied(client: Any, key: str, targets: Mapping[int, int], worker: _Worker, timeout_s: float) -> None:
-    """Until the worker's applied offsets (written with the state they produced) reach ``targets``."""
+    """Until the worker's applied offsets (written with the state they produced) reach ``targets``.
+
+    Fails when the worker exits, or applies nothing new for ``timeout_s``.
+    """
     deadline = time.monotonic() + timeout_s
+    done = -1
     while True:
         raw = await client.hgetall(key)
         applied = {int(p): int(o) for p, o in raw.items()}
         if all(applied.get(p, -1) >= o for p, o in targets.items()):
             return
         worker.check()
-        if time.monotonic() > deadline:
-            raise LiftrecError(f"the stream worker did not apply offsets {dict(targets)} within {timeout_s:.0f} s "
-                               f"(applied {applied}); see {worker.log_path}")
+        progress = sum(applied.values())
+        if progress > done:
+            done, deadline = progress, time.monotonic() + timeout_s
+        elif time.monotonic() > deadline:
+            raise LiftrecError(f"the stream worker applied nothing for {timeout_s:.0f} s; waiting for offsets "
+                               f"{dict(targets)}, applied {applied}; see {worker.log_path}")
         await asyncio.sleep(0.002)
 
 
@@ -365,11 +381,13 @@ def state_differences(mine: Any, redis_state: Any) -> list[str]:
 
 
 def trending_differences(mine: Any, redis_snap: Any, half_life_ms: float) -> tuple[list[str], float]:
-    """How two trending snapshots differ: item order (:data:`TRENDING_FIELDS`) and scores.
+    """How two trending snapshots differ (:data:`TRENDING_FIELDS`), and the largest relative score difference.
 
     Scores are compared at one reference time (the refs lie on a grid of 32
-    half-lives, so moving a score between them multiplies it by an exact power of
-    two); returns the differing parts and the largest relative score difference.
+    half-lives, so moving a score between them multiplies it by an exact power
+    of two). ``tie_order``: the order differs only among scores equal to 12
+    significant digits (a tie in one, last-bit apart in the other);
+    ``overall`` / ``by_category``: the lists differ beyond that.
     """
     out = []
     if mine.ref_ms != redis_snap.ref_ms:
@@ -381,13 +399,17 @@ def trending_differences(mine: Any, redis_snap: Any, half_life_ms: float) -> tup
     cats = sorted(set(mine.by_category) | set(redis_snap.by_category))
     pairs += [("by_category", mine.by_category.get(c, ()), redis_snap.by_category.get(c, ())) for c in cats]
     for name, a, b in pairs:
+        a = [(i, x * factor) for i, x in a]
         if [i for i, _ in a] != [i for i, _ in b]:
-            if name not in out:
-                out.append(name)
-            continue
-        for (_, x), (_, y) in zip(a, b, strict=True):
-            x *= factor
-            if x != y:
+            def canon(rows: Any) -> list[str]:
+                return [i for i, _ in sorted(rows, key=lambda r: (float(f"{r[1]:.12g}"), r[0]), reverse=True)]
+            kind = "tie_order" if canon(a) == canon(b) else name
+            if kind not in out:
+                out.append(kind)
+        scores = dict(b)
+        for i, x in a:
+            y = scores.get(i)
+            if y is not None and x != y:
                 worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
     if worst > 0:
         out.append("scores")
@@ -398,7 +420,7 @@ def trending_differences(mine: Any, redis_snap: Any, half_life_ms: float) -> tup
 class _BrokerSide:
     lists: dict[str, np.ndarray]
     mismatches: dict[str, int]
-    examples: list[dict[str, Any]]
+    query_diffs: dict[int, list[str]]
     counts: dict[str, int]
     seconds: dict[str, float]
     trending_max_rel_diff: float
@@ -448,7 +470,7 @@ async def _broker_replay(plan: ReplayPlan, data: Any, method: Any, *, endpoints:
     k, variants = cfg.k, cfg.variants
     lists = {v: np.full((plan.n_queries, k), -1, dtype=np.int32) for v in variants}
     mism = dict.fromkeys((*STATE_FIELDS, *TRENDING_FIELDS), 0)
-    examples: list[dict[str, Any]] = []
+    query_diffs: dict[int, list[str]] = {}
     secs: dict[str, float] = {}
     worst, vectors = 0.0, 0
     try:
@@ -489,9 +511,8 @@ async def _broker_replay(plan: ReplayPlan, data: Any, method: Any, *, endpoints:
                     vectors += state.vector is not None and state.vector_model == version
                     for name in diff:
                         mism[name] += 1
-                    if diff and len(examples) < 5:
-                        examples.append({"query": qi, "user_id": state.user_id, "ts": int(plan.query_ts[qi]),
-                                         "state_differs": diff})
+                    if diff:
+                        query_diffs[qi] = diff
                 lo, hi = starts[g], starts[g + 1]
                 targets = await _produce(producer, settings.events_topic, test_keys[lo:hi], test_values[lo:hi])
                 live.trend.observe(plan.events.take(slice(lo, hi)))  # type: ignore[arg-type]
@@ -516,5 +537,5 @@ async def _broker_replay(plan: ReplayPlan, data: Any, method: Any, *, endpoints:
             async for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=2000):
                 await client.delete(key)
         await client.aclose()
-    return _BrokerSide(lists=lists, mismatches=mism, examples=examples, counts=counts, seconds=secs,
+    return _BrokerSide(lists=lists, mismatches=mism, query_diffs=query_diffs, counts=counts, seconds=secs,
                        trending_max_rel_diff=worst)
