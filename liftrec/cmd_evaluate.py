@@ -134,7 +134,7 @@ def _through_broker(ds: Any, settings: Any, console: Any, *, report: Path, test_
             cells += [fmt.format(a), fmt.format(b) + ("" if a == b else " [red]≠[/red]")]
         table.add_row(m, *cells)
     Console(highlight=False).print(table)
-    from training.evaluation.broker_replay import STATE_FIELDS
+    from training.evaluation.live_state import STATE_FIELDS
 
     n_q = out.plan.n_queries
     user = [f"{k} {n}" for k, n in out.state_mismatches.items() if n and k in STATE_FIELDS]

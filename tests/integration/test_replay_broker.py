@@ -29,15 +29,18 @@ from serving.state import UserStateReader
 from stream.agents import WorkerState
 from stream.processor import BatchProcessor, Record
 from training.evaluation.broker_replay import (
-    STATE_FIELDS,
     BrokerReplayConfig,
     compare_through_broker,
     encode_events,
-    state_differences,
-    trending_differences,
 )
 from training.evaluation.dataset import shop_dataset
-from training.evaluation.live_state import TrendState, user_states
+from training.evaluation.live_state import (
+    STATE_FIELDS,
+    TrendState,
+    state_differences,
+    trending_differences,
+    user_states,
+)
 from training.evaluation.protocol import History, QueryBatch
 from training.interactions import NO_BASKET, TYPE_CODES, InteractionTable
 from training.synthetic import SyntheticShop

@@ -48,21 +48,24 @@ import numpy as np
 import orjson
 
 from features.errors import LiftrecError
+from training.evaluation.live_state import (
+    STATE_FIELDS,
+    TRENDING_FIELDS,
+    state_differences,
+    trending_differences,
+)
 from training.evaluation.protocol import DAY_MS, VARIANTS, QueryBatch, ReplayPlan, build_plan
 from training.evaluation.replay import ReplayResult, _ranks, fit_data, replay
 from training.evaluation.scoring import metrics_from_ranks
 from training.interactions import NO_BASKET, TYPE_CODES, InteractionTable
 
-__all__ = ["BrokerComparison", "BrokerReplayConfig", "compare_through_broker", "encode_events", "state_differences",
-           "trending_differences"]
+__all__ = ["STATE_FIELDS", "TRENDING_FIELDS", "BrokerComparison", "BrokerReplayConfig", "compare_through_broker",
+           "encode_events"]
 
 log = logging.getLogger(__name__)
 
 _TYPES = TYPE_CODES
 _PURCHASE = TYPE_CODES.index("purchase")
-#: State fields compared per query, and the trending parts compared per query.
-STATE_FIELDS = ("history", "session_items", "bought", "vector", "vector_model")
-TRENDING_FIELDS = ("overall", "by_category", "tie_order", "scores", "ref_ms")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -363,59 +366,6 @@ async def _wait_applied(client: Any, key: str, targets: Mapping[int, int], worke
         await asyncio.sleep(0.002)
 
 
-def state_differences(mine: Any, redis_state: Any) -> list[str]:
-    """Fields of :data:`STATE_FIELDS` in which two :class:`~serving.state.UserState` differ."""
-    out = []
-    for name in ("history", "session_items"):
-        if tuple(tuple(x) if isinstance(x, list) else x for x in getattr(mine, name)) != \
-                tuple(tuple(x) if isinstance(x, list) else x for x in getattr(redis_state, name)):
-            out.append(name)
-    if dict(mine.bought) != dict(redis_state.bought):
-        out.append("bought")
-    a, b = mine.vector, redis_state.vector
-    if (a is None) != (b is None) or (a is not None and a.astype("<f4").tobytes() != b.astype("<f4").tobytes()):
-        out.append("vector")
-    if mine.vector_model != redis_state.vector_model:
-        out.append("vector_model")
-    return out
-
-
-def trending_differences(mine: Any, redis_snap: Any, half_life_ms: float) -> tuple[list[str], float]:
-    """How two trending snapshots differ (:data:`TRENDING_FIELDS`), and the largest relative score difference.
-
-    Scores are compared at one reference time (the refs lie on a grid of 32
-    half-lives, so moving a score between them multiplies it by an exact power
-    of two). ``tie_order``: the order differs only among scores equal to 12
-    significant digits (a tie in one, last-bit apart in the other);
-    ``overall`` / ``by_category``: the lists differ beyond that.
-    """
-    out = []
-    if mine.ref_ms != redis_snap.ref_ms:
-        out.append("ref_ms")
-    factor = 1.0 if mine.ref_ms is None or redis_snap.ref_ms is None else \
-        2.0 ** ((mine.ref_ms - redis_snap.ref_ms) / half_life_ms)
-    worst = 0.0
-    pairs = [("overall", mine.overall, redis_snap.overall)]
-    cats = sorted(set(mine.by_category) | set(redis_snap.by_category))
-    pairs += [("by_category", mine.by_category.get(c, ()), redis_snap.by_category.get(c, ())) for c in cats]
-    for name, a, b in pairs:
-        a = [(i, x * factor) for i, x in a]
-        if [i for i, _ in a] != [i for i, _ in b]:
-            def canon(rows: Any) -> list[str]:
-                return [i for i, _ in sorted(rows, key=lambda r: (float(f"{r[1]:.12g}"), r[0]), reverse=True)]
-            kind = "tie_order" if canon(a) == canon(b) else name
-            if kind not in out:
-                out.append(kind)
-        scores = dict(b)
-        for i, x in a:
-            y = scores.get(i)
-            if y is not None and x != y:
-                worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
-    if worst > 0:
-        out.append("scores")
-    return out, worst
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _BrokerSide:
     lists: dict[str, np.ndarray]
@@ -461,19 +411,20 @@ async def _broker_replay(plan: ReplayPlan, data: Any, method: Any, *, endpoints:
     version = publish(model.bundle.path, settings.registry_dir)
     train_keys, train_values = encode_events(plan.train, "t")
     test_keys, test_values = encode_events(plan.events, "e")
-    client = aioredis.Redis.from_url(settings.redis_url)
-    await ensure_topics(settings.kafka_bootstrap, topic_specs(settings))
-    await CatalogStore(client, keys).upsert(_catalog_items(data, int(plan.train.ts.min())))
-    worker = _Worker(settings, work_dir / "worker.log")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0)
-    await producer.start()
     k, variants = cfg.k, cfg.variants
     lists = {v: np.full((plan.n_queries, k), -1, dtype=np.int32) for v in variants}
     mism = dict.fromkeys((*STATE_FIELDS, *TRENDING_FIELDS), 0)
     query_diffs: dict[int, list[str]] = {}
     secs: dict[str, float] = {}
     worst, vectors = 0.0, 0
+    client = aioredis.Redis.from_url(settings.redis_url)
+    worker: _Worker | None = None
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0)
     try:
+        await ensure_topics(settings.kafka_bootstrap, topic_specs(settings))
+        await CatalogStore(client, keys).upsert(_catalog_items(data, int(plan.train.ts.min())))
+        worker = _Worker(settings, work_dir / "worker.log")
+        await producer.start()
         t0 = time.perf_counter()
         targets = await _produce(producer, settings.events_topic, train_keys, train_values)
         await _wait_applied(client, offsets_key, targets, worker, cfg.wait_s + 60.0)
@@ -532,7 +483,8 @@ async def _broker_replay(plan: ReplayPlan, data: Any, method: Any, *, endpoints:
     finally:
         with contextlib.suppress(Exception):
             await producer.stop()
-        worker.stop()
+        if worker is not None:
+            worker.stop()
         with contextlib.suppress(Exception):
             async for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=2000):
                 await client.delete(key)

@@ -31,6 +31,9 @@ serves with ``frequency_cap=0``), the worker's streaming co-visitation
 (``covis:*``: the Recommender reads the bundle's co-visitation only) and the
 precomputed ``recs`` list (the replay asks the Recommender itself).
 
+:func:`state_differences` and :func:`trending_differences` compare this mirror
+with what the live system holds, field by field.
+
 Trending (:class:`TrendState`) mirrors :mod:`features.store` to the bit for a
 given batch sequence: per batch, increments ``w * 2 ** ((ts - batch_ts) / hl)``
 summed per item in event order, added at ``2 ** ((batch_ts - ref) / hl)``;
@@ -55,12 +58,24 @@ from features.store import _REF_GRID_HALF_LIVES, _RESCALE_HALF_LIVES, trending_i
 from training.evaluation.protocol import QueryBatch
 from training.interactions import NO_BASKET, TYPE_CODES, InteractionTable
 
-__all__ = ["TrendState", "read_trending_limits", "session_start", "user_states"]
+__all__ = [
+    "STATE_FIELDS",
+    "TRENDING_FIELDS",
+    "TrendState",
+    "read_trending_limits",
+    "session_start",
+    "state_differences",
+    "trending_differences",
+    "user_states",
+]
 
 log = logging.getLogger(__name__)
 
 _TYPE_NAMES = np.array(TYPE_CODES, dtype=object)
 _PURCHASE = TYPE_CODES.index("purchase")
+#: Fields of a user's state compared between two replays, and the parts of the trending lists.
+STATE_FIELDS = ("history", "session_items", "bought", "vector", "vector_model")
+TRENDING_FIELDS = ("overall", "by_category", "tie_order", "scores", "ref_ms")
 
 
 def read_trending_limits() -> tuple[int, int]:
@@ -258,3 +273,82 @@ def _fold(fold: Any, hists: list[tuple[tuple[str, str, int], ...]], at_ms: np.nd
             v, h = fold.fold_in_histories([hists[i] for i in rows], int(t))
             vecs[rows], has[rows] = v, h
     return np.asarray(vecs).astype("<f4"), has
+
+
+def state_differences(mine: Any, redis_state: Any) -> list[str]:
+    """Fields of :data:`STATE_FIELDS` in which two user states differ (vectors compared bit for bit).
+
+    Parameters
+    ----------
+    mine, redis_state : serving.state.UserState
+        E.g. the in-process state and the one :class:`~serving.state.UserStateReader` read.
+
+    Returns
+    -------
+    list of str
+        Empty when they are equal.
+    """
+    out = []
+    for name in ("history", "session_items"):
+        if tuple(tuple(x) if isinstance(x, list) else x for x in getattr(mine, name)) != \
+                tuple(tuple(x) if isinstance(x, list) else x for x in getattr(redis_state, name)):
+            out.append(name)
+    if dict(mine.bought) != dict(redis_state.bought):
+        out.append("bought")
+    a, b = mine.vector, redis_state.vector
+    if (a is None) != (b is None) or (a is not None and a.astype("<f4").tobytes() != b.astype("<f4").tobytes()):
+        out.append("vector")
+    if mine.vector_model != redis_state.vector_model:
+        out.append("vector_model")
+    return out
+
+
+def trending_differences(mine: Any, redis_snap: Any, half_life_ms: float) -> tuple[list[str], float]:
+    """How two trending snapshots differ (:data:`TRENDING_FIELDS`), and the largest relative score difference.
+
+    Scores are compared at one reference time (the refs lie on a grid of 32
+    half-lives, so moving a score between them multiplies it by an exact power
+    of two). ``tie_order``: the order differs only among scores equal to 12
+    significant digits (a tie in one, last-bit apart in the other);
+    ``overall`` / ``by_category``: the lists differ beyond that.
+
+    Parameters
+    ----------
+    mine, redis_snap : serving.trending.TrendingSnapshot
+        E.g. :meth:`TrendState.snapshot` and :func:`serving.runtime.read_trending`.
+    half_life_ms : float
+        The trending half-life (to bring both to one reference time).
+
+    Returns
+    -------
+    (list of str, float)
+        The parts of :data:`TRENDING_FIELDS` that differ, and the largest relative score difference.
+    """
+    out = []
+    if mine.ref_ms != redis_snap.ref_ms:
+        out.append("ref_ms")
+    factor = 1.0 if mine.ref_ms is None or redis_snap.ref_ms is None else \
+        2.0 ** ((mine.ref_ms - redis_snap.ref_ms) / half_life_ms)
+    worst = 0.0
+    pairs = [("overall", mine.overall, redis_snap.overall)]
+    cats = sorted(set(mine.by_category) | set(redis_snap.by_category))
+    pairs += [("by_category", mine.by_category.get(c, ()), redis_snap.by_category.get(c, ())) for c in cats]
+    for name, a, b in pairs:
+        a = [(i, x * factor) for i, x in a]
+        if [i for i, _ in a] != [i for i, _ in b]:
+            kind = "tie_order" if _tie_canonical(a) == _tie_canonical(b) else name
+            if kind not in out:
+                out.append(kind)
+        scores = dict(b)
+        for i, x in a:
+            y = scores.get(i)
+            if y is not None and x != y:
+                worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
+    if worst > 0:
+        out.append("scores")
+    return out, worst
+
+
+def _tie_canonical(rows: Sequence[tuple[str, float]]) -> list[str]:
+    """Item order with scores rounded to 12 significant digits (ties by id, descending)."""
+    return [i for i, _ in sorted(rows, key=lambda r: (float(f"{r[1]:.12g}"), r[0]), reverse=True)]
