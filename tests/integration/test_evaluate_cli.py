@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,36 @@ def test_bad_input_fails_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "liftrec", "evaluate", "--events", str(short / "events.jsonl"),
                            "--report", str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "the protocol needs more than 60" in proc.stderr
+
+
+def test_through_broker_prints_both_replays_side_by_side(tmp_path: Path) -> None:
+    """`--through-broker` without a running stack starts an embedded one, replays twice, prints both."""
+    shop = tmp_path / "shop"
+    SyntheticShop(n_users=40, n_items=40, days=8, seed=2).write_jsonl(shop, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP", "REDIS_URL")
+           and not k.startswith("LIFTREC_")}
+    env["LIFTREC_STATE_DIR"] = str(tmp_path / "no-stack-here")
+    report = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "liftrec", "evaluate", "--events", str(shop / "events.jsonl"), "--report",
+         str(report), "--through-broker", "--test-days", "1.5", "--quick", "--no-progress"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "embedded stack" in proc.stderr
+    assert "R in-process" in proc.stdout and "X broker" in proc.stdout and "≠" not in proc.stdout
+    data = json.loads((report / "broker_comparison.json").read_text())
+    assert data["equal"] is True and data["equal_lists"] == data["compared_lists"]
+    assert data["metrics"]["broker"] == data["metrics"]["in_process"]
+    assert data["counts"]["applied"] == data["counts"]["produced"] > 1000
+    assert f"identical lists: R {data['compared_lists']['R']}/{data['compared_lists']['R']}" in proc.stdout
+    assert "user state (Redis vs in-process) identical" in proc.stdout
+
+
+def test_through_broker_refuses_large_windows(tmp_path: Path) -> None:
+    shop = tmp_path / "shop"
+    SyntheticShop(n_users=40, n_items=40, days=8, seed=2).write_jsonl(shop, progress=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "liftrec", "evaluate", "--events", str(shop / "events.jsonl"), "--report",
+         str(tmp_path / "r"), "--through-broker", "--test-days", "3", "--max-groups", "50", "--no-progress"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "at most 50 are expected" in proc.stderr, proc.stderr[-2000:]

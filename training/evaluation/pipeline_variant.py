@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from features.ids import IdMap
+from training.evaluation.live_state import TrendState, user_states
 from training.evaluation.methods import FitData, Lists, Method
 from training.evaluation.protocol import QueryBatch
-from training.interactions import TYPE_CODES, InteractionTable, type_weights
+from training.interactions import TYPE_CODES, InteractionTable
 
 __all__ = ["FALLBACK_SOURCES", "LiftrecFull", "PipelineModel", "TrendState", "build_bundle"]
 
@@ -47,55 +48,6 @@ log = logging.getLogger(__name__)
 #: Recommendation sources counted as fallbacks (not personal).
 FALLBACK_SOURCES = frozenset({"trending", "popularity", "catalog"})
 _TYPE_NAMES = np.array(TYPE_CODES, dtype=object)
-
-
-class TrendState:
-    """Time-decayed, event-weighted item counts (global and per category), as the stream keeps them."""
-
-    def __init__(self, n_items: int, *, weights: Any, half_life_ms: float, category: np.ndarray | None,
-                 category_names: Sequence[str], ids: Sequence[str], top_n: int = 100) -> None:
-        self.w = type_weights(weights).astype(np.float64)
-        self.half_life_ms = half_life_ms
-        self.score = np.zeros(n_items)
-        self.ref: int | None = None
-        self.category = category if category is not None else np.full(n_items, -1, np.int32)
-        self.names = tuple(category_names)
-        self.ids = np.array(list(ids), dtype=object)
-        self.top_n = top_n
-
-    def observe(self, events: InteractionTable) -> None:
-        """Add events (any order) with weight ``w(type) * 2 ** ((ts - ref) / half_life)``."""
-        if len(events) == 0:
-            return
-        if self.ref is None:
-            self.ref = int(events.ts.max())
-        hi = int(events.ts.max())
-        if (hi - self.ref) / self.half_life_ms > 64:  # rescale, as the store does
-            new_ref = hi
-            self.score *= np.exp2(-(new_ref - self.ref) / self.half_life_ms)
-            self.ref = new_ref
-        w = self.w[events.type_code] * np.exp2((events.ts - self.ref) / self.half_life_ms)
-        np.add.at(self.score, events.item_idx, w)
-
-    def snapshot(self) -> Any:
-        """The current :class:`~serving.trending.TrendingSnapshot` (top ``top_n`` per scope)."""
-        from serving.trending import TrendingSnapshot
-
-        def top(mask: np.ndarray | None) -> list[tuple[str, float]]:
-            s = self.score if mask is None else np.where(mask, self.score, 0.0)
-            n = min(self.top_n, int((s > 0).sum()))
-            if n == 0:
-                return []
-            part = np.argpartition(-s, n - 1)[:n]
-            part = part[np.lexsort((part, -s[part]))]
-            return list(zip(self.ids[part].tolist(), s[part].tolist(), strict=True))
-
-        by_cat = {}
-        for code, name in enumerate(self.names):
-            rows = top(self.category == code)
-            if rows:
-                by_cat[name] = rows
-        return TrendingSnapshot(overall=top(None), by_category=by_cat, ref_ms=self.ref)
 
 
 def build_bundle(data: FitData, directory: Path, *, als_params: dict[str, Any], cache: dict[Any, Any] | None,
@@ -198,25 +150,11 @@ class PipelineModel:
     def states(self, q: QueryBatch) -> list[Any]:
         """The :class:`~serving.state.UserState` the store would hold for each query.
 
-        History (newest first, capped), current session, and the user vector the
-        stream worker stored after the user's last event: folded in by
-        :class:`features.online.FoldInModel` from the same capped history.
+        Exactly what the stream worker writes and the reader reads back (history,
+        session, bought, fold-in vector): see :func:`training.evaluation.live_state.user_states`.
         """
-        from serving.state import UserState
-
-        hists, sessions = [], []
-        for r in range(len(q)):
-            u, n, now = int(q.users[r]), int(q.hist_len[r]), int(q.now_ms[r])
-            items, types, ts, _ = q.history.recent(u, n, last=self.cap)
-            hists.append(tuple(zip(self.ids[items[::-1]].tolist(), _TYPE_NAMES[types[::-1]].tolist(),
-                                   ts[::-1].tolist(), strict=True)))
-            sessions.append(tuple(self.ids[q.history.session(u, n, now, gap_ms=self.gap)].tolist()))
-        vecs, has = (self.fold.fold_in_histories(hists, int(q.now_ms.max())) if hists
-                     else (np.zeros((0, 1), np.float32), np.zeros(0, bool)))
-        version = self.bundle.version
-        return [UserState(user_id=self.user_ids.id(int(q.users[r])), history=hists[r], session_items=sessions[r],
-                          vector=vecs[r] if has[r] else None, vector_model=version if has[r] else None)
-                for r in range(len(q))]
+        return user_states(q, ids=self.ids, user_ids=self.user_ids, history_cap=self.cap,
+                           session_gap_ms=self.gap, fold=self.fold, version=self.bundle.version)
 
     def recommend(self, q: QueryBatch, *, k: int, variant: str, explain: bool = False,
                   states: list[Any] | None = None, snapshot: Any = None) -> list[Any]:
