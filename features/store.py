@@ -86,11 +86,12 @@ for _, x in ipairs(a['bought']) do
   redis.call('HSET', x[1], unpack(x[2]))
   redis.call('EXPIRE', x[1], ttl)
 end
+-- resets first: the increments left are the impressions after the item's last engagement
+for _, x in ipairs(a['shown_reset']) do redis.call('HDEL', x[1], unpack(x[2])) end
 for _, x in ipairs(a['shown_incr']) do
   for j = 1, #x[2], 2 do redis.call('HINCRBY', x[1], x[2][j], x[2][j + 1]) end
   redis.call('EXPIRE', x[1], ttl)
 end
-for _, x in ipairs(a['shown_reset']) do redis.call('HDEL', x[1], unpack(x[2])) end
 for i, key in ipairs(a['vecs']) do
   redis.call('HSET', key, 'vec', ARGV[1 + i], 'model', a['model'], 'ts', a['batch_ts'])
   redis.call('EXPIRE', key, ttl)

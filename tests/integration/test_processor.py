@@ -196,6 +196,15 @@ async def test_session_covisitation_and_frequency_caps(proc, redis_client) -> No
     assert redis_client.zscore(k.covis("i4"), "i0") is None
 
 
+async def test_impressions_after_a_click_in_one_batch_count_again(proc, redis_client) -> None:
+    k = proc.ws.keys
+    await proc.process(records([ev(0, "u1", "i0", "impression"), ev(1, "u1", "i0", "impression")]))
+    # one batch: the click rests the cap, the impression after it starts a new count
+    await proc.process(records([ev(2, "u1", "i0", "impression"), ev(3, "u1", "i0", "click"),
+                                ev(4, "u1", "i0", "impression")], start=2))
+    assert redis_client.hgetall(k.shown("u1")) == {b"i0": b"1"}
+
+
 async def test_unlist_removes_an_item_from_every_list(proc, redis_client) -> None:
     k = proc.ws.keys
     await proc.process(records([ev(j, f"u{j % 4}", f"i{j % 5}", "click") for j in range(20)]))
