@@ -38,7 +38,8 @@ import numpy as np
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache
-from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features
+from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext
+from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
 from features.vectors import aggregate_confidences, fold_in_batch
 from serving.candidates import (
@@ -264,9 +265,11 @@ class Recommender:
         kept = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
         cands = [c for c, _ in kept]
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
-        feats = [build_features(self._context_of(u, tr, decay, now), c.items, bundle.tables)
-                 for u, c in zip(users, cands, strict=True)]
-        scores = self._score(feats, bundle)
+        X = build_features_many([self._context_of(u, tr, decay, now) for u in users], [c.items for c in cands],
+                                bundle.tables)
+        sizes = np.cumsum([len(c) for c in cands])[:-1]
+        feats = np.split(X, sizes)
+        scores = np.split(self._score(X, bundle), sizes)
         return [self._finish(u, c, x, s, aux, catalog, live, live.code[at], now, ranked=bundle.ranker is not None)
                 for u, (c, at), x, s in zip(users, kept, feats, scores, strict=True)]
 
@@ -394,18 +397,15 @@ class Recommender:
                               trending_items=tr.overall[0], trending_scores=tr.overall[1] * np.float32(decay))
 
     @staticmethod
-    def _score(feats: list[np.ndarray], bundle: Bundle) -> list[np.ndarray]:
-        sizes = [len(x) for x in feats]
-        if sum(sizes) == 0:
-            return [np.zeros(0, np.float32) for _ in feats]
-        X = np.concatenate(feats)
+    def _score(X: np.ndarray, bundle: Bundle) -> np.ndarray:
+        """Scores of all rows of the call: ONE ranker call (or the heuristic weights)."""
+        if len(X) == 0:
+            return np.zeros(0, np.float32)
         if bundle.ranker is not None:
-            s = bundle.ranker.predict(X)
-        else:
-            Xh = X.copy()
-            Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
-            s = Xh @ _HW
-        return np.split(s, np.cumsum(sizes)[:-1])
+            return bundle.ranker.predict(X)
+        Xh = X.copy()
+        Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
+        return Xh @ _HW
 
     def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, scores: np.ndarray, aux: BundleAux,
                 catalog: CatalogCache, live: LiveAttrs, codes: np.ndarray, now: int, *, ranked: bool) -> RecList:
