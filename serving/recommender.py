@@ -48,10 +48,11 @@ from serving.candidates import (
     CandidateInput,
     CandidateSet,
     TrendingArrays,
+    anchor_proposals_many,
     gather,
     isin_rows,
 )
-from serving.explain import explain_items, source_scores, strongest_sources
+from serving.explain import explain_items, source_scores, strongest_at
 from serving.item_lists import fallback_list, item_list
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
 from serving.reclist import RecList, Recommendation, RecRequest
@@ -77,6 +78,8 @@ HEURISTIC_WEIGHTS: Mapping[str, float] = {
 }
 _HW = np.array([HEURISTIC_WEIGHTS.get(f, 0.0) for f in FEATURE_NAMES], dtype=np.float32)
 _COVIS = FEATURE_NAMES.index("covis_score")
+#: exp(-rank / 10) of the 30 newest distinct history items (category affinity), as np.exp gives it
+_RANK_DECAY: tuple[float, ...] = tuple(float(np.exp(-rank / 10.0)) for rank in range(30))
 _CONTEXT = SOURCES.index("context")
 
 
@@ -255,12 +258,13 @@ class Recommender:
         users = [self._resolve(s, r, aux, now) for s, r in zip(states, reqs, strict=True)]
         self._vectors(users, aux)
         als = self._retrieve(users, aux)
-        raw: list[CandidateSet] = []
-        for u, a in zip(users, als, strict=True):
-            inp = CandidateInput(recent=u.recent, session=u.session, context=u.context,
+        inputs = [CandidateInput(recent=u.recent, session=u.session, context=u.context,
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity)
-            raw.append(gather(inp, aux, tr, n_candidates=self.n_candidates))
+                  for u, a in zip(users, als, strict=True)]
+        anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
+        raw = [gather(inp, aux, tr, n_candidates=self.n_candidates, anchored=an)
+               for inp, an in zip(inputs, anchored, strict=True)]
         live = self._live_attrs(aux, catalog, raw)
         kept = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
         cands = [c for c, _ in kept]
@@ -300,11 +304,15 @@ class Recommender:
 
     def _resolve(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
         items = aux.bundle.items
-        hist = [(items.get(i), TYPE_CODES.get(t, -1), ts) for i, t, ts in state.history]
-        hist = [h for h in hist if h[0] >= 0 and h[1] >= 0]
-        hi = np.fromiter((h[0] for h in hist), dtype=np.int64, count=len(hist))
-        _, first = np.unique(hi, return_index=True)
-        recent = hi[np.sort(first)]
+        history = state.history
+        m = len(history)
+        hi = items.indices(h[0] for h in history)
+        ht = np.fromiter((TYPE_CODES.get(h[1], -1) for h in history), dtype=np.int64, count=m)
+        hts = np.fromiter((h[2] for h in history), dtype=np.int64, count=m)
+        ok = (hi >= 0) & (ht >= 0)
+        if not ok.all():
+            hi, ht, hts = hi[ok], ht[ok], hts[ok]
+        recent = np.fromiter(dict.fromkeys(hi.tolist()), dtype=np.int64)   # distinct, first occurrence first
         sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
         blocked = blocked_items(bought=_bought(state), shown=state.shown, exclude=req.filters.exclude,
@@ -313,13 +321,12 @@ class Recommender:
             blocked.add(req.context_item)
         blocked_rows = items.indices(blocked) if blocked else np.zeros(0, np.int64)
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows[blocked_rows >= 0],
-                  hist_types=np.fromiter((h[1] for h in hist), dtype=np.int8, count=len(hist)),
-                  hist_ts=np.fromiter((h[2] for h in hist), dtype=np.int64, count=len(hist)),
-                  recent=recent, session=sess[sess >= 0], context=context, blocked=blocked)
+                  hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
+                  context=context, blocked=blocked)
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
         for rank, code in enumerate(cats.tolist()):
             if code >= 0:
-                u.affinity[code] = u.affinity.get(code, 0.0) + float(np.exp(-rank / 10.0))
+                u.affinity[code] = u.affinity.get(code, 0.0) + _RANK_DECAY[rank]
                 u.user_categories.add(aux.category_names[code])
         top = max(u.affinity.values(), default=0.0)
         u.affinity = {c: a / top for c, a in u.affinity.items()} if top else {}
@@ -422,10 +429,10 @@ class Recommender:
             spread = float(s.max() - s.min()) or 1.0
             ctx = cands.scores[:, _CONTEXT]
             s = s + spread * ctx / (float(ctx.max()) or 1.0)
-        order = np.lexsort((np.arange(len(s)), -s))
+        order = np.argsort(-s, kind="stable")    # best first, ties by position
         vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
         pos = diversify(order, codes, k, self.rules, scores=s, vectors=vectors)
-        strongest = strongest_sources(cands)
+        strongest = strongest_at(cands, pos)
 
         def name(idx: int) -> str:
             item_id = aux.bundle.items.id(idx)
@@ -434,17 +441,18 @@ class Recommender:
 
         reasons = explain_items(cands, pos, aux=aux, anchors=np.unique(np.concatenate([u.recent[:10], u.session])),
                                 context=u.context, recent=u.recent, name=name, categories=cats,
-                                user_categories=u.user_categories, strongest=strongest)
+                                user_categories=u.user_categories, position_sources=strongest)
         recs: list[Recommendation] = []
-        for p, reason in zip(pos.tolist(), reasons, strict=True):
+        item_ids = aux.item_id_arr[cands.items[pos]].tolist()
+        final = s[pos].tolist()
+        for j, (p, reason) in enumerate(zip(pos.tolist(), reasons, strict=True)):
             extra: dict[str, Any] = {}
             if req.explain:
                 extra = {"features": {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
                          "source_scores": source_scores(cands, p)}
-            recs.append(Recommendation(item_id=aux.bundle.items.id(int(cands.items[p])), score=round(float(s[p]), 6),
-                                       reason=reason.text, source=reason.source, reason_item=reason.item_id,
-                                       **extra))
-        chain = [SOURCES[i] for i in sorted({int(strongest[p]) for p in pos.tolist()})]
+            recs.append(Recommendation(item_id=item_ids[j], score=round(final[j], 6), reason=reason.text,
+                                       source=reason.source, reason_item=reason.item_id, **extra))
+        chain = [SOURCES[i] for i in sorted(set(strongest.tolist()))]
         if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
             taken = u.blocked | {r.item_id for r in recs}
             more = self._backfill(u, aux, catalog, taken, k - len(recs), now)

@@ -322,6 +322,19 @@ def _cap_codes(ranked: np.ndarray, codes: np.ndarray, k: int, cap: int) -> np.nd
     its category rank above it: the loop's counts only grow with kept items,
     and the kept items of a category are its first ``cap`` in rank order.
     """
+    head = min(len(ranked), 2 * k + 16)     # usually the list fills from the first few: walk them
+    counts: dict[int, int] = {}
+    chosen_head: list[int] = []
+    for pos, code in zip(ranked[:head].tolist(), codes[ranked[:head]].tolist(), strict=True):
+        if code >= 0:
+            if counts.get(code, 0) >= cap:
+                continue
+            counts[code] = counts.get(code, 0) + 1
+        chosen_head.append(pos)
+        if len(chosen_head) == k:
+            return np.asarray(chosen_head, dtype=np.int64)
+    if head == len(ranked) and len(chosen_head) == len(ranked):
+        return np.asarray(chosen_head, dtype=np.int64)
     c = codes[ranked]
     n = len(c)
     by_cat = np.argsort(c, kind="stable")          # rank order inside each category
