@@ -38,7 +38,7 @@ import numpy as np
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache
-from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext
+from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features
 from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
 from features.vectors import aggregate_confidences, fold_in_batch
@@ -269,8 +269,11 @@ class Recommender:
         kept = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
         cands = [c for c, _ in kept]
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
-        X = build_features_many([self._context_of(u, tr, decay, now) for u in users], [c.items for c in cands],
-                                bundle.tables)
+        contexts = [self._context_of(u, tr, decay, now) for u in users]
+        if len(users) == 1:   # one user: the plain builder has less set-up (same matrix)
+            X = build_features(contexts[0], cands[0].items, bundle.tables)
+        else:
+            X = build_features_many(contexts, [c.items for c in cands], bundle.tables)
         sizes = np.cumsum([len(c) for c in cands])[:-1]
         feats = np.split(X, sizes)
         scores = np.split(self._score(X, bundle), sizes)
