@@ -28,6 +28,7 @@ applied to the same features.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -307,11 +308,11 @@ class Recommender:
 
     def _resolve(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
         items = aux.bundle.items
-        history = state.history
-        m = len(history)
-        hi = items.indices(h[0] for h in history)
-        ht = np.fromiter((TYPE_CODES.get(h[1], -1) for h in history), dtype=np.int64, count=m)
-        hts = np.fromiter((h[2] for h in history), dtype=np.int64, count=m)
+        m = len(state.history)
+        ids, types, stamps = zip(*state.history) if m else ((), (), ())
+        hi = items.indices(ids)
+        ht = np.fromiter(map(TYPE_CODES.get, types, itertools.repeat(-1, m)), dtype=np.int64, count=m)
+        hts = np.array(stamps, dtype=np.int64)
         ok = (hi >= 0) & (ht >= 0)
         if not ok.all():
             hi, ht, hts = hi[ok], ht[ok], hts[ok]
