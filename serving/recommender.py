@@ -43,13 +43,13 @@ from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_fe
 from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
 from features.vectors import aggregate_confidences, fold_in_batch
+from serving.anchors import anchor_proposals_many
 from serving.candidates import (
     SOURCES,
     BundleAux,
     CandidateInput,
     CandidateSet,
     TrendingArrays,
-    anchor_proposals_many,
     gather,
     isin_rows,
 )
@@ -309,7 +309,7 @@ class Recommender:
     def _resolve(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
         items = aux.bundle.items
         m = len(state.history)
-        ids, types, stamps = zip(*state.history) if m else ((), (), ())
+        ids, types, stamps = zip(*state.history, strict=True) if m else ((), (), ())
         hi = items.indices(ids)
         ht = np.fromiter(map(TYPE_CODES.get, types, itertools.repeat(-1, m)), dtype=np.int64, count=m)
         hts = np.array(stamps, dtype=np.int64)

@@ -20,13 +20,13 @@ from features.bundle import Bundle, ItemMeta
 from features.catalog import CatalogCache, ItemInfo
 from features.ids import IdMap
 from features.ranking import RankingTables, pairs_to_csr
+from serving.anchors import anchor_proposals_many
 from serving.candidates import (
     SOURCES,
     BundleAux,
     CandidateInput,
     CandidateSet,
     TrendingArrays,
-    anchor_proposals_many,
     gather,
 )
 from serving.explain import (
