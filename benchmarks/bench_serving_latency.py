@@ -22,6 +22,11 @@ API and the worker have: ``plain`` is a :class:`~features.catalog.CatalogCache`
 :class:`~serving.live.TrackedCatalogCache` (the API's; per-bundle arrays
 re-read only for changed items).
 
+Every series also has a CPU-time twin (``*_cpu_ms``, ``time.process_time`` of
+the same calls): on the shared 2-core box, wall-clock p99 mostly measures the
+other jobs; CPU time shows what the code costs. ``load_avg_start`` and the
+machine's load at the end are in the result.
+
     python benchmarks/bench_serving_latency.py [--quick] [--items N] [--large N] [--calls N]
 """
 
