@@ -252,6 +252,8 @@ class Recommender:
             raise ValueError(f"requests must be one RecRequest or one per state; got {len(reqs)} for "
                              f"{len(states)} states")
         now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        if not states:
+            return []
         if bundle is None:
             return [self._fallback(s, r, trending, catalog, now) for s, r in zip(states, reqs, strict=True)]
         aux = self.aux(bundle)
