@@ -54,6 +54,10 @@ class _KeyJoin:
         self._sorted = keys[self._order]
         self.n = len(keys)
 
+    def has_duplicates(self) -> bool:
+        """True when a key occurs twice (a user with a repeated candidate)."""
+        return bool((self._sorted[1:] == self._sorted[:-1]).any())
+
     def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row of each key present in the batch, and the hit mask."""
         if self.n == 0 or len(keys) == 0:
@@ -119,7 +123,7 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     if cand.min() < 0 or cand.max() >= n_items:
         raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
     join = _KeyJoin(uid * n_items + cand)
-    if (join._sorted[1:] == join._sorted[:-1]).any():   # a user with duplicate candidates: the plain way
+    if join.has_duplicates():   # a user with duplicate candidates: the plain way
         return np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, candidates, strict=True)])
     n_users = len(contexts)
     offsets = np.zeros(n_users + 1, dtype=np.int64)
