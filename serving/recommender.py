@@ -13,8 +13,11 @@ served it.
 be folded in are solved in one batched solve, ALS retrieval is one index call
 for all users, the live catalog is read once per distinct candidate of the call
 (or not at all with a :class:`~serving.live.TrackedCatalogCache`, see
-:mod:`serving.live`), and the features of every user's candidates are scored by
-ONE ONNX call. :meth:`Recommender.recommend` is the same for one user.
+:mod:`serving.live`), the anchors' neighbour candidates of all users are found
+in one keyed join (:mod:`serving.anchors`), the feature matrix of all users is
+built in one pass (:func:`features.ranking_batch.build_features_many`) and
+scored by ONE ONNX call; reasons are worded for the ``k`` listed items only.
+:meth:`Recommender.recommend` is the same for one user.
 
 Without a bundle (a new shop, or before the first training) every list comes
 from trending items (global and the user's categories) and then the catalog,
