@@ -19,6 +19,11 @@ candidates take a few hundred microseconds (``benchmarks/``).
 
 :class:`OnnxRanker` scores a feature matrix with the exported ONNX model; its
 onnxruntime session is created once per model.
+
+Serving builds the matrices of a whole batch of users with
+:func:`features.ranking_batch.build_features_many`, which must give exactly
+what :func:`build_features` gives per user: a feature added here is added
+there too (``tests/unit/test_ranking_features.py`` compares them bit for bit).
 """
 
 from __future__ import annotations

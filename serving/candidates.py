@@ -32,12 +32,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from features.bundle import Bundle
 from features.vectors import gram
 from serving.index import ExactIndex, ItemIndex, build_index, top_k
+
+if TYPE_CHECKING:
+    from serving.anchors import AnchorProposals
 
 __all__ = [
     "QUOTAS",
@@ -113,6 +117,8 @@ class BundleAux:
         pop = np.asarray(bundle.popularity, dtype=np.float64)
         self.pop_order = top_k(pop, min(_POP_TOP, len(pop)))
         self.pop_max = float(pop.max()) if len(pop) else 0.0
+        #: the popularity source's scores along ``pop_order`` (log1p of the float32 popularity)
+        self.pop_order_scores = np.log1p(np.maximum(bundle.popularity[self.pop_order], 0)).astype(np.float32)
         cat = np.asarray(bundle.item_meta.category)
         names = bundle.item_meta.category_names
         self.category_code = {name: i for i, name in enumerate(names)}
@@ -369,14 +375,30 @@ def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarr
     scores = np.concatenate(parts_s).astype(np.float32)
     if len(items) == 0:
         return items, scores
-    uniq, inv = np.unique(items, return_inverse=True)
+    uniq, inv = _unique_inverse(items)
     agg = np.zeros(len(uniq), dtype=np.float32)
     np.add.at(agg, inv, scores)
     return _best(uniq, agg, n)
 
 
-def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_candidates: int
-           ) -> CandidateSet:
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for a non-empty 1-D array, in fewer calls."""
+    perm = np.argsort(values, kind="stable")
+    srt = values[perm]
+    new = np.empty(len(values), dtype=bool)
+    new[0] = True
+    np.not_equal(srt[1:], srt[:-1], out=new[1:])
+    inv = np.empty(len(values), dtype=np.int64)
+    inv[perm] = np.cumsum(new) - 1
+    return srt[new], inv
+
+
+def _quotas(n_candidates: int) -> dict[str, int]:
+    return {name: max(1, math.ceil(share * n_candidates)) for name, share in QUOTAS.items()}
+
+
+def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_candidates: int,
+           anchored: AnchorProposals | None = None) -> CandidateSet:
     """Run every source in chain order and merge their proposals.
 
     Parameters
@@ -389,13 +411,16 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
         Current trending items on this bundle's rows.
     n_candidates : int
         Candidates wanted; trending and popularity fill up to it.
+    anchored : AnchorProposals, optional
+        This user's anchors and anchor-neighbour proposals when already found
+        for a whole batch (:func:`serving.anchors.anchor_proposals_many`).
 
     Returns
     -------
     CandidateSet
     """
     t = aux.bundle.tables
-    quota = {name: max(1, math.ceil(share * n_candidates)) for name, share in QUOTAS.items()}
+    quota = _quotas(n_candidates)
     proposals: list[tuple[int, np.ndarray, np.ndarray]] = []
 
     def add(name: str, items: np.ndarray, scores: np.ndarray) -> None:
@@ -403,8 +428,11 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
             proposals.append((SOURCE_INDEX[name], np.asarray(items, np.int64), np.asarray(scores, np.float32)))
 
     add("context", *context_neighbours(aux, inp.context, quota["context"]))
-    anchors = inp.anchors
-    if len(anchors):
+    anchors = inp.anchors if anchored is None else anchored.anchors
+    if anchored is not None:
+        add("session", *anchored.session)
+        add("bought_together", *anchored.bought_together)
+    elif len(anchors):
         add("session", *_best(*csr_neighbours(t.covis_indptr, t.covis_indices, t.covis_scores, anchors),
                               quota["session"]))
         add("bought_together", *_best(*csr_neighbours(t.rules_indptr, t.rules_consequent,
@@ -426,8 +454,7 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
     add("trending", *_trending(inp, trending, max(quota["trending"], fill // 2)))
     so_far = sum(len(p[1]) for p in proposals)
     n_pop = max(quota["popularity"], n_candidates - so_far)
-    head = aux.pop_order[:n_pop]
-    add("popularity", head, (np.log1p(np.maximum(aux.bundle.popularity[head], 0))).astype(np.float32))
+    add("popularity", aux.pop_order[:n_pop], aux.pop_order_scores[:n_pop])
     return _merge(proposals, n_candidates)
 
 
@@ -438,7 +465,15 @@ def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: in
     src = np.concatenate([np.full(len(i), s, dtype=np.int8) for s, i, _ in proposals])
     items = np.concatenate([i for _, i, _ in proposals])
     scores = np.concatenate([s for _, _, s in proposals])
-    uniq, first_pos, inv = np.unique(items, return_index=True, return_inverse=True)
+    # np.unique(items, return_index=True, return_inverse=True), in fewer calls
+    perm = np.argsort(items, kind="stable")
+    sorted_items = items[perm]
+    new = np.empty(len(items), dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_items[1:], sorted_items[:-1], out=new[1:])
+    uniq, first_pos = sorted_items[new], perm[new]
+    inv = np.empty(len(items), dtype=np.int64)
+    inv[perm] = np.cumsum(new) - 1
     table = np.zeros((len(uniq), len(SOURCES)), dtype=np.float32)
     np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")[:n_candidates]

@@ -34,7 +34,7 @@ import numpy as np
 from serving.candidates import SOURCES, BundleAux, CandidateSet, isin_rows
 
 __all__ = ["SOURCE_WEIGHTS", "Reason", "explain_items", "reason_for_source", "source_scores",
-           "strongest_sources"]
+           "strongest_at", "strongest_sources"]
 
 #: Weight of each source's relative strength when choosing the reason.
 SOURCE_WEIGHTS: Mapping[str, float] = {
@@ -60,6 +60,19 @@ def strongest_sources(cands: CandidateSet) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     top = cands.scores.max(axis=0)
     rel = cands.scores / np.where(top > 0, top, 1.0)
+    return np.argmax(rel * _W, axis=1)
+
+
+def strongest_at(cands: CandidateSet, positions: np.ndarray) -> np.ndarray:
+    """:func:`strongest_sources` of the candidates at ``positions`` only (same values, less work).
+
+    The relative strength still divides by the best score of each source over *all* candidates.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(cands) == 0 or len(positions) == 0:
+        return np.zeros(0, dtype=np.int64)
+    top = cands.scores.max(axis=0)
+    rel = cands.scores[positions] / np.where(top > 0, top, 1.0)
     return np.argmax(rel * _W, axis=1)
 
 
@@ -206,36 +219,46 @@ def _most_similar(aux: BundleAux, source: str, item: int, recent: np.ndarray) ->
 def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux, anchors: np.ndarray,
                   context: int, recent: np.ndarray, name: Callable[[int], str],
                   categories: np.ndarray, user_categories: set[str],
-                  strongest: np.ndarray | None = None) -> list[Reason]:
+                  strongest: np.ndarray | None = None, position_sources: np.ndarray | None = None) -> list[Reason]:
     """Reasons of the candidates at ``positions`` (the final list).
 
     The anchors of all items are found in a few array operations per source
     (co-visitation and rule neighbours of the anchors, factor / content
-    similarity to the recent items), then each item's text is worded.
-    ``strongest`` (from :func:`strongest_sources`) may be passed when known.
+    similarity to the recent items), then each item's text is worded exactly
+    as :func:`reason_for_source` words it. ``strongest`` (from
+    :func:`strongest_sources`, per candidate) or ``position_sources`` (from
+    :func:`strongest_at`, per position) may be passed when known.
     """
-    if strongest is None:
-        strongest = strongest_sources(cands)
     positions = np.asarray(positions, dtype=np.int64)
+    if position_sources is not None:
+        src_of = np.asarray(position_sources, dtype=np.int64)
+    else:
+        src_of = (strongest_sources(cands) if strongest is None else strongest)[positions]
     chosen = np.asarray(cands.items[positions], dtype=np.int64)
-    src_of = strongest[positions]
     t = aux.bundle.tables
 
     def of(source: str) -> np.ndarray:
         return chosen[src_of == SOURCES.index(source)]
 
     one = np.array([context], dtype=np.int64) if context >= 0 else np.zeros(0, np.int64)
-    anchored = {
-        "session": _best_anchors(t.covis_indptr, t.covis_indices, t.covis_scores, anchors, of("session")),
-        "bought_together": _best_anchors(t.rules_indptr, t.rules_consequent, t.rules_confidence, anchors,
-                                         of("bought_together")),
-        "context_covis": _best_anchors(t.covis_indptr, t.covis_indices, t.covis_scores, one, of("context")),
-        "context_rules": _best_anchors(t.rules_indptr, t.rules_consequent, t.rules_confidence, one,
-                                       of("context")),
-    }
+    present = set(src_of.tolist())
+    empty: dict[int, int] = {}
+
+    def best(source: str, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, among: np.ndarray,
+             ) -> dict[int, int]:
+        if SOURCES.index(source) not in present:
+            return empty
+        return _best_anchors(indptr, indices, values, among, of(source))
+
+    session = best("session", t.covis_indptr, t.covis_indices, t.covis_scores, anchors)
+    bought = best("bought_together", t.rules_indptr, t.rules_consequent, t.rules_confidence, anchors)
+    ctx_covis = best("context", t.covis_indptr, t.covis_indices, t.covis_scores, one)
+    ctx_rules = best("context", t.rules_indptr, t.rules_consequent, t.rules_confidence, one)
     similar: dict[int, int] = {}
     rec = recent[:10]
     for src, floor in (("als", 0.2), ("content", 0.3)):
+        if SOURCES.index(src) not in present:
+            continue
         items = of(src)
         if len(items) == 0 or len(rec) == 0 or (src == "content" and aux.bundle.content is None):
             continue
@@ -247,13 +270,48 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
             sims = (np.asarray(y[items], np.float32) @ np.asarray(y[rec], np.float32).T) / np.maximum(
                 aux.factor_norms[items][:, None] * aux.factor_norms[rec][None, :], 1e-12)
         sims[items[:, None] == rec[None, :]] = -np.inf
-        best = np.argmax(sims, axis=1)
-        for i, item in enumerate(items.tolist()):
-            similar[item] = int(rec[best[i]]) if sims[i, best[i]] >= floor else -1
-    return [reason_for_source(SOURCES[s], item, aux=aux, anchors=anchors, context=context, recent=recent,
-                              name=name, category=categories[p], user_categories=user_categories,
-                              similar=similar, anchored=anchored)
-            for p, s, item in zip(positions.tolist(), src_of.tolist(), chosen.tolist(), strict=True)]
+        best_j = np.argmax(sims, axis=1)
+        ok = sims[np.arange(len(items)), best_j] >= floor
+        similar.update(zip(items.tolist(), np.where(ok, rec[best_j], -1).tolist(), strict=True))
+
+    item_id = aux.bundle.items.id
+    out: list[Reason] = []
+    for p, s, item in zip(positions.tolist(), src_of.tolist(), chosen.tolist(), strict=True):
+        source = SOURCES[s]
+        category = categories[p]
+        if source == "context" and context >= 0:
+            if item in ctx_covis:
+                out.append(Reason(source, f"viewed together with {name(context)}", item_id(context)))
+            elif item in ctx_rules:
+                out.append(Reason(source, f"often bought with {name(context)}", item_id(context)))
+            else:
+                out.append(Reason(source, f"similar to {name(context)}", item_id(context)))
+            continue
+        a = -1
+        if source == "session":
+            a = session.get(item, -1)
+            text = "viewed together with"
+        elif source == "bought_together":
+            a = bought.get(item, -1)
+            text = "often bought with"
+        elif source in ("als", "content"):
+            a = similar.get(item, -1)
+            text = "similar to"
+            if a < 0 and source == "als":
+                out.append(Reason(source, "picked for you"))
+                continue
+        elif source == "category" and category:
+            out.append(Reason(source, f"top pick in {category}"))
+            continue
+        elif source == "trending":
+            out.append(Reason(source, f"trending in {category}" if category and category in user_categories
+                              else "trending now"))
+            continue
+        if a >= 0:
+            out.append(Reason(source, f"{text} {name(a)}", item_id(a)))
+        else:
+            out.append(Reason("popularity", f"popular in {category}" if category else "popular now"))
+    return out
 
 
 def source_scores(cands: CandidateSet, pos: int) -> dict[str, float]:

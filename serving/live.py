@@ -84,10 +84,11 @@ class LiveAttrs:
         """
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         meta = aux.bundle.item_meta
-        code = np.asarray(meta.category, dtype=np.int64)[rows]
-        bp = np.asarray(meta.price, dtype=np.float64)[rows]
+        # index first, convert after: the bundle's arrays have n_items rows, a call touches a few hundred
+        code = np.asarray(meta.category)[rows].astype(np.int64)
+        bp = np.asarray(meta.price)[rows].astype(np.float64)
         price = np.where(bp > 0, bp, np.nan)
-        in_stock = np.array(np.asarray(meta.in_stock)[rows], dtype=bool)
+        in_stock = np.asarray(meta.in_stock)[rows].astype(bool)
         names = aux.category_names
         code_of = aux.category_code
         if catalog is not None and len(catalog) and len(rows):

@@ -13,8 +13,11 @@ served it.
 be folded in are solved in one batched solve, ALS retrieval is one index call
 for all users, the live catalog is read once per distinct candidate of the call
 (or not at all with a :class:`~serving.live.TrackedCatalogCache`, see
-:mod:`serving.live`), and the features of every user's candidates are scored by
-ONE ONNX call. :meth:`Recommender.recommend` is the same for one user.
+:mod:`serving.live`), the anchors' neighbour candidates of all users are found
+in one keyed join (:mod:`serving.anchors`), the feature matrix of all users is
+built in one pass (:func:`features.ranking_batch.build_features_many`) and
+scored by ONE ONNX call; reasons are worded for the ``k`` listed items only.
+:meth:`Recommender.recommend` is the same for one user.
 
 Without a bundle (a new shop, or before the first training) every list comes
 from trending items (global and the user's categories) and then the catalog,
@@ -28,6 +31,7 @@ applied to the same features.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -39,8 +43,10 @@ import numpy as np
 from features.bundle import Bundle
 from features.catalog import CatalogCache
 from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features
+from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
 from features.vectors import aggregate_confidences, fold_in_batch
+from serving.anchors import anchor_proposals_many
 from serving.candidates import (
     SOURCES,
     BundleAux,
@@ -50,7 +56,7 @@ from serving.candidates import (
     gather,
     isin_rows,
 )
-from serving.explain import explain_items, source_scores, strongest_sources
+from serving.explain import explain_items, source_scores, strongest_at
 from serving.item_lists import fallback_list, item_list
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
 from serving.reclist import RecList, Recommendation, RecRequest
@@ -76,6 +82,8 @@ HEURISTIC_WEIGHTS: Mapping[str, float] = {
 }
 _HW = np.array([HEURISTIC_WEIGHTS.get(f, 0.0) for f in FEATURE_NAMES], dtype=np.float32)
 _COVIS = FEATURE_NAMES.index("covis_score")
+#: exp(-rank / 10) of the 30 newest distinct history items (category affinity), as np.exp gives it
+_RANK_DECAY: tuple[float, ...] = tuple(float(np.exp(-rank / 10.0)) for rank in range(30))
 _CONTEXT = SOURCES.index("context")
 
 
@@ -247,6 +255,8 @@ class Recommender:
             raise ValueError(f"requests must be one RecRequest or one per state; got {len(reqs)} for "
                              f"{len(states)} states")
         now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        if not states:
+            return []
         if bundle is None:
             return [self._fallback(s, r, trending, catalog, now) for s, r in zip(states, reqs, strict=True)]
         aux = self.aux(bundle)
@@ -254,19 +264,25 @@ class Recommender:
         users = [self._resolve(s, r, aux, now) for s, r in zip(states, reqs, strict=True)]
         self._vectors(users, aux)
         als = self._retrieve(users, aux)
-        raw: list[CandidateSet] = []
-        for u, a in zip(users, als, strict=True):
-            inp = CandidateInput(recent=u.recent, session=u.session, context=u.context,
+        inputs = [CandidateInput(recent=u.recent, session=u.session, context=u.context,
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity)
-            raw.append(gather(inp, aux, tr, n_candidates=self.n_candidates))
+                  for u, a in zip(users, als, strict=True)]
+        anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
+        raw = [gather(inp, aux, tr, n_candidates=self.n_candidates, anchored=an)
+               for inp, an in zip(inputs, anchored, strict=True)]
         live = self._live_attrs(aux, catalog, raw)
         kept = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
         cands = [c for c, _ in kept]
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
-        feats = [build_features(self._context_of(u, tr, decay, now), c.items, bundle.tables)
-                 for u, c in zip(users, cands, strict=True)]
-        scores = self._score(feats, bundle)
+        contexts = [self._context_of(u, tr, decay, now) for u in users]
+        if len(users) == 1:   # one user: the plain builder has less set-up (same matrix)
+            X = build_features(contexts[0], cands[0].items, bundle.tables)
+        else:
+            X = build_features_many(contexts, [c.items for c in cands], bundle.tables)
+        sizes = np.cumsum([len(c) for c in cands])[:-1]
+        feats = np.split(X, sizes)
+        scores = np.split(self._score(X, bundle), sizes)
         return [self._finish(u, c, x, s, aux, catalog, live, live.code[at], now, ranked=bundle.ranker is not None)
                 for u, (c, at), x, s in zip(users, kept, feats, scores, strict=True)]
 
@@ -297,11 +313,15 @@ class Recommender:
 
     def _resolve(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
         items = aux.bundle.items
-        hist = [(items.get(i), TYPE_CODES.get(t, -1), ts) for i, t, ts in state.history]
-        hist = [h for h in hist if h[0] >= 0 and h[1] >= 0]
-        hi = np.fromiter((h[0] for h in hist), dtype=np.int64, count=len(hist))
-        _, first = np.unique(hi, return_index=True)
-        recent = hi[np.sort(first)]
+        m = len(state.history)
+        ids, types, stamps = zip(*state.history, strict=True) if m else ((), (), ())
+        hi = items.indices(ids)
+        ht = np.fromiter(map(TYPE_CODES.get, types, itertools.repeat(-1, m)), dtype=np.int64, count=m)
+        hts = np.array(stamps, dtype=np.int64)
+        ok = (hi >= 0) & (ht >= 0)
+        if not ok.all():
+            hi, ht, hts = hi[ok], ht[ok], hts[ok]
+        recent = np.fromiter(dict.fromkeys(hi.tolist()), dtype=np.int64)   # distinct, first occurrence first
         sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
         blocked = blocked_items(bought=_bought(state), shown=state.shown, exclude=req.filters.exclude,
@@ -310,13 +330,12 @@ class Recommender:
             blocked.add(req.context_item)
         blocked_rows = items.indices(blocked) if blocked else np.zeros(0, np.int64)
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows[blocked_rows >= 0],
-                  hist_types=np.fromiter((h[1] for h in hist), dtype=np.int8, count=len(hist)),
-                  hist_ts=np.fromiter((h[2] for h in hist), dtype=np.int64, count=len(hist)),
-                  recent=recent, session=sess[sess >= 0], context=context, blocked=blocked)
+                  hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
+                  context=context, blocked=blocked)
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
         for rank, code in enumerate(cats.tolist()):
             if code >= 0:
-                u.affinity[code] = u.affinity.get(code, 0.0) + float(np.exp(-rank / 10.0))
+                u.affinity[code] = u.affinity.get(code, 0.0) + _RANK_DECAY[rank]
                 u.user_categories.add(aux.category_names[code])
         top = max(u.affinity.values(), default=0.0)
         u.affinity = {c: a / top for c, a in u.affinity.items()} if top else {}
@@ -394,18 +413,15 @@ class Recommender:
                               trending_items=tr.overall[0], trending_scores=tr.overall[1] * np.float32(decay))
 
     @staticmethod
-    def _score(feats: list[np.ndarray], bundle: Bundle) -> list[np.ndarray]:
-        sizes = [len(x) for x in feats]
-        if sum(sizes) == 0:
-            return [np.zeros(0, np.float32) for _ in feats]
-        X = np.concatenate(feats)
+    def _score(X: np.ndarray, bundle: Bundle) -> np.ndarray:
+        """Scores of all rows of the call: ONE ranker call (or the heuristic weights)."""
+        if len(X) == 0:
+            return np.zeros(0, np.float32)
         if bundle.ranker is not None:
-            s = bundle.ranker.predict(X)
-        else:
-            Xh = X.copy()
-            Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
-            s = Xh @ _HW
-        return np.split(s, np.cumsum(sizes)[:-1])
+            return bundle.ranker.predict(X)
+        Xh = X.copy()
+        Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
+        return Xh @ _HW
 
     def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, scores: np.ndarray, aux: BundleAux,
                 catalog: CatalogCache, live: LiveAttrs, codes: np.ndarray, now: int, *, ranked: bool) -> RecList:
@@ -422,10 +438,10 @@ class Recommender:
             spread = float(s.max() - s.min()) or 1.0
             ctx = cands.scores[:, _CONTEXT]
             s = s + spread * ctx / (float(ctx.max()) or 1.0)
-        order = np.lexsort((np.arange(len(s)), -s))
+        order = np.argsort(-s, kind="stable")    # best first, ties by position
         vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
         pos = diversify(order, codes, k, self.rules, scores=s, vectors=vectors)
-        strongest = strongest_sources(cands)
+        strongest = strongest_at(cands, pos)
 
         def name(idx: int) -> str:
             item_id = aux.bundle.items.id(idx)
@@ -434,17 +450,18 @@ class Recommender:
 
         reasons = explain_items(cands, pos, aux=aux, anchors=np.unique(np.concatenate([u.recent[:10], u.session])),
                                 context=u.context, recent=u.recent, name=name, categories=cats,
-                                user_categories=u.user_categories, strongest=strongest)
+                                user_categories=u.user_categories, position_sources=strongest)
         recs: list[Recommendation] = []
-        for p, reason in zip(pos.tolist(), reasons, strict=True):
+        item_ids = aux.item_id_arr[cands.items[pos]].tolist()
+        final = s[pos].tolist()
+        for j, (p, reason) in enumerate(zip(pos.tolist(), reasons, strict=True)):
             extra: dict[str, Any] = {}
             if req.explain:
                 extra = {"features": {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
                          "source_scores": source_scores(cands, p)}
-            recs.append(Recommendation(item_id=aux.bundle.items.id(int(cands.items[p])), score=round(float(s[p]), 6),
-                                       reason=reason.text, source=reason.source, reason_item=reason.item_id,
-                                       **extra))
-        chain = [SOURCES[i] for i in sorted({int(strongest[p]) for p in pos.tolist()})]
+            recs.append(Recommendation(item_id=item_ids[j], score=round(final[j], 6), reason=reason.text,
+                                       source=reason.source, reason_item=reason.item_id, **extra))
+        chain = [SOURCES[i] for i in sorted(set(strongest.tolist()))]
         if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
             taken = u.blocked | {r.item_id for r in recs}
             more = self._backfill(u, aux, catalog, taken, k - len(recs), now)

@@ -316,24 +316,28 @@ def _cap(ranked: np.ndarray, categories: np.ndarray, k: int, cap: int) -> np.nda
 
 
 def _cap_codes(ranked: np.ndarray, codes: np.ndarray, k: int, cap: int) -> np.ndarray:
-    """:func:`_cap` on integer codes without a Python loop (same positions).
+    """:func:`_cap` on integer codes (same positions; negative codes are unknown and never capped).
 
-    An item is kept iff its category is unknown or fewer than ``cap`` items of
-    its category rank above it: the loop's counts only grow with kept items,
-    and the kept items of a category are its first ``cap`` in rank order.
+    One walk down the ranking on plain ints that stops at ``k`` items: the list
+    usually fills from the first few dozen candidates, so this beats any whole-array form.
     """
-    c = codes[ranked]
-    n = len(c)
-    by_cat = np.argsort(c, kind="stable")          # rank order inside each category
-    sc = c[by_cat]
-    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
-    occ = np.empty(n, dtype=np.int64)
-    occ[by_cat] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    ok = (c < 0) | (occ < cap)
-    chosen = ranked[ok][:k]
+    counts: dict[int, int] = {}
+    chosen: list[int] = []
+    skipped: list[int] = []
+    get = counts.get
+    for pos, code in zip(ranked.tolist(), codes[ranked].tolist(), strict=True):
+        if code >= 0:
+            seen = get(code, 0)
+            if seen >= cap:
+                skipped.append(pos)
+                continue
+            counts[code] = seen + 1
+        chosen.append(pos)
+        if len(chosen) == k:
+            break
     if len(chosen) < k:
-        chosen = np.concatenate([chosen, ranked[~ok][:k - len(chosen)]])
-    return chosen.astype(np.int64, copy=False)
+        chosen.extend(skipped[:k - len(chosen)])
+    return np.asarray(chosen, dtype=np.int64)
 
 
 def _mmr(ranked: np.ndarray, categories: np.ndarray, k: int, lam: float, scores: np.ndarray | None,

@@ -17,6 +17,7 @@ from features.ranking import (
     build_features,
     pairs_to_csr,
 )
+from features.ranking_batch import build_features_many
 
 N_ITEMS = 60
 NOW = 10_000_000_000
@@ -179,3 +180,49 @@ def test_purchase_history_and_recency_are_per_item() -> None:
     assert col["carted_before"].tolist() == [0, 1, 0]
     np.testing.assert_allclose(col["log_hours_since_last"], [math.log1p(1.0), 0.0, -1.0], rtol=1e-6)
     assert col["in_session"].tolist() == [0, 1, 0]
+
+
+def _varied_contexts(seed: int) -> list[RankingContext]:
+    """Users of every shape: long / short / empty history, no session, no vector, ts ties, invalid rows."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(14):
+        n_hist = int(rng.choice([0, 1, 2, 7, 40, 60]))
+        n_sess = int(rng.choice([0, 1, 5, 25]))
+        items = rng.integers(0, N_ITEMS, n_hist)
+        if j % 5 == 4 and n_hist:
+            items[0] = N_ITEMS + 3                                    # an item the tables do not know
+        n_tr = int(rng.choice([0, 10]))
+        out.append(RankingContext(
+            user_vector=rng.normal(size=5).astype(np.float32) if j % 3 else None,
+            history_items=items, history_types=rng.integers(0, len(TYPE_CODES), n_hist).astype(np.int8),
+            history_ts=NOW - rng.integers(0, 5, n_hist) * 3_600_000,  # many equal timestamps
+            session_items=rng.integers(-1, N_ITEMS, n_sess), now_ms=NOW - int(rng.integers(0, 10**7)),
+            trending_items=rng.choice(N_ITEMS, n_tr, replace=False),
+            trending_scores=rng.uniform(-1, 50, n_tr).astype(np.float32)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_builder_equals_build_features_per_user(seed: int) -> None:
+    tables = make_tables(seed, content=seed % 2 == 0)
+    contexts = _varied_contexts(seed)
+    rng = np.random.default_rng(seed + 50)
+    cands = [rng.choice(N_ITEMS, int(rng.choice([0, 1, 12, 45])), replace=False) for _ in contexts]
+    got = build_features_many(contexts, cands, tables)
+    want = np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, cands, strict=True)])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)                     # bit for bit, every column
+
+
+def test_batched_builder_with_duplicates_and_bad_input() -> None:
+    tables = make_tables()
+    contexts = _varied_contexts(0)[:3]
+    cands = [np.array([3, 7, 3]), np.array([1, 2]), np.array([5])]
+    want = np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, cands, strict=True)])
+    np.testing.assert_array_equal(build_features_many(contexts, cands, tables), want)
+    with pytest.raises(ValueError, match=r"candidates must be item_idx in \[0, 60\)"):
+        build_features_many(contexts, [np.array([1]), np.array([N_ITEMS]), np.array([2])], tables)
+    with pytest.raises(ValueError, match="same length"):
+        build_features_many(contexts, cands[:2], tables)
+    assert build_features_many([], [], tables).shape == (0, len(FEATURE_NAMES))

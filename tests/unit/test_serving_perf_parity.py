@@ -20,12 +20,21 @@ from features.bundle import Bundle, ItemMeta
 from features.catalog import CatalogCache, ItemInfo
 from features.ids import IdMap
 from features.ranking import RankingTables, pairs_to_csr
-from serving.candidates import SOURCES, BundleAux, CandidateSet
+from serving.anchors import anchor_proposals_many
+from serving.candidates import (
+    SOURCES,
+    BundleAux,
+    CandidateInput,
+    CandidateSet,
+    TrendingArrays,
+    gather,
+)
 from serving.explain import (
     _anchor_max,
     _best_anchors,
     explain_items,
     reason_for_source,
+    strongest_at,
     strongest_sources,
 )
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
@@ -285,3 +294,47 @@ def test_a_fresh_precomputed_list_answers_a_plain_request() -> None:
     assert precomputed_answer(b"{not json", k=5, **kw) is None
     assert precomputed_answer(_stored_list(20), k=5, **{**kw, "max_age_s": 0.0}) is None
     assert precomputed_answer(_stored_list(20), k=5, **{**kw, "model": None}) is None
+
+
+def _inputs(aux: BundleAux, seed: int) -> list[CandidateInput]:
+    """Users of every shape: long / short / no history, sessions, a context item, no vector."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(16):
+        recent = np.fromiter(dict.fromkeys(rng.integers(0, N_ITEMS, int(rng.choice([0, 1, 5, 30]))).tolist()),
+                             dtype=np.int64)
+        session = rng.integers(0, N_ITEMS, int(rng.choice([0, 2, 25])))
+        vec = rng.normal(size=F).astype(np.float32) if j % 3 else None
+        als = None if vec is None else aux.index.search(vec[None], 40)
+        out.append(CandidateInput(recent=recent, session=session, context=int(rng.integers(0, N_ITEMS)) if j % 4 == 1 else -1,
+                                  has_vector=vec is not None, als=None if als is None else (als[0][0], als[1][0]),
+                                  user_vector=vec, categories=[1, 3] if j % 5 == 2 else [],
+                                  affinity={int(c): float(rng.random()) for c in rng.integers(0, N_CAT, 3)}))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_anchor_proposals_give_the_one_user_candidates(seed: int) -> None:
+    aux = BundleAux(random_bundle(seed))
+    trending = TrendingArrays(overall=(np.arange(0, 120, 3, dtype=np.int64), np.linspace(9, 1, 40).astype(np.float32)),
+                              by_category={1: (np.array([5, 9, 13]), np.array([3.0, 2.0, 2.0], np.float32))})
+    inputs = _inputs(aux, seed)
+    for n_candidates in (30, 120):
+        anchored = anchor_proposals_many(inputs, aux, n_candidates=n_candidates)
+        for inp, an in zip(inputs, anchored, strict=True):
+            want = gather(inp, aux, trending, n_candidates=n_candidates)
+            got = gather(inp, aux, trending, n_candidates=n_candidates, anchored=an)
+            np.testing.assert_array_equal(an.anchors, inp.anchors)
+            np.testing.assert_array_equal(got.items, want.items)
+            np.testing.assert_array_equal(got.scores, want.scores)
+            np.testing.assert_array_equal(got.first, want.first)
+    assert any(len(a.session[0]) for a in anchored) and any(len(a.bought_together[0]) for a in anchored)
+
+
+def test_strongest_at_positions_equals_strongest_of_all() -> None:
+    rng = np.random.default_rng(8)
+    for n in (1, 7, 90):
+        scores = (rng.random((n, len(SOURCES))) * (rng.random((n, len(SOURCES))) < 0.5)).astype(np.float32)
+        cands = CandidateSet(np.arange(n), scores, np.zeros(n, np.int8))
+        positions = rng.permutation(n)[: max(1, n // 3)]
+        assert strongest_at(cands, positions).tolist() == strongest_sources(cands)[positions].tolist()

@@ -16,6 +16,7 @@ from features.bundle import Bundle, ItemMeta
 from features.catalog import CatalogCache, ItemInfo
 from features.ids import IdMap
 from features.ranking import FEATURE_NAMES, RankingTables, pairs_to_csr
+from serving.live import TrackedCatalogCache
 from serving.recommender import Recommender, RecRequest
 from serving.rules import RequestFilters, RuleConfig
 from serving.state import UserState
@@ -198,6 +199,8 @@ def test_recommend_many_matches_recommend() -> None:
         one = r.recommend(s, q, bundle=b, trending=NO_TREND, catalog=CatalogCache(), now_ms=NOW)
         assert ids(one) == ids(m) and [x.score for x in one.items] == [x.score for x in m.items]
     assert ids(many[2])[0] == "i0"  # the trained row of a known user without state
+    for catalog in (CatalogCache(), TrackedCatalogCache()):   # no users: no lists, no error
+        assert r.recommend_many([], RecRequest(k=4), bundle=b, trending=NO_TREND, catalog=catalog, now_ms=NOW) == []
 
 
 def test_ranker_changes_order_in_the_expected_direction() -> None:

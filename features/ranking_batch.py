@@ -1,0 +1,271 @@
+"""The ranker's features for many users at once: :func:`build_features_many`.
+
+Serving ranks the candidates of a whole batch of users (a stream micro-batch,
+an evaluation chunk) with one ONNX call. Building each user's matrix with
+:func:`features.ranking.build_features` costs some 20 small numpy calls per
+user; :func:`build_features_many` does the same joins once for the whole batch
+on ``(user, item)`` keys (``user * n_items + item``), so a batch of 64 users
+costs about as many numpy calls as one user.
+
+The result is **bit-identical** to stacking :func:`~features.ranking.build_features`
+per user (``tests/unit/test_ranking_features.py`` compares them with
+``assert_array_equal``): every sum adds the same values in the same order,
+maxima and medians are taken over the same values, and the per-user matrix
+products (ALS score, content similarity) stay per user. ``build_features``
+remains the one definition training uses; a feature added there must be added
+here too, and that test fails until it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from features.ranking import (
+    _CART,
+    _COL,
+    _EMPTY_I,
+    _MS_PER_HOUR,
+    _PURCHASE,
+    FEATURE_NAMES,
+    N_RECENT_ANCHORS,
+    N_RECENT_CATEGORIES,
+    N_SESSION_ANCHORS,
+    RankingContext,
+    RankingTables,
+    _row_ranges,
+    build_features,
+)
+
+__all__ = ["build_features_many"]
+
+log = logging.getLogger(__name__)
+
+
+class _KeyJoin:
+    """Maps ``(user, item)`` keys onto the rows of the batch (one sort of the row keys)."""
+
+    __slots__ = ("_order", "_sorted", "n")
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self._order = np.argsort(keys, kind="stable")
+        self._sorted = keys[self._order]
+        self.n = len(keys)
+
+    def has_duplicates(self) -> bool:
+        """True when a key occurs twice (a user with a repeated candidate)."""
+        return bool((self._sorted[1:] == self._sorted[:-1]).any())
+
+    def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each key present in the batch, and the hit mask."""
+        if self.n == 0 or len(keys) == 0:
+            return _EMPTY_I, np.zeros(len(keys), dtype=bool)
+        p = np.searchsorted(self._sorted, keys)
+        np.minimum(p, self.n - 1, out=p)
+        hit = self._sorted[p] == keys
+        return self._order[p[hit]], hit
+
+
+def _rank_in_group(group: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of a grouped (non-decreasing) array."""
+    n = len(group)
+    if n == 0:
+        return _EMPTY_I
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    return np.arange(n, dtype=np.int64) - np.repeat(starts, np.diff(np.r_[starts, n]))
+
+
+def _concat(parts: list[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated per-user arrays and the user index of every element."""
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    if lengths.sum() == 0:
+        return np.zeros(0, dtype=dtype), _EMPTY_I
+    values = np.concatenate(parts).astype(dtype, copy=False)
+    return values, np.repeat(np.arange(len(parts), dtype=np.int64), lengths)
+
+
+def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence[np.ndarray],
+                        tables: RankingTables) -> np.ndarray:
+    """The feature matrices of many users, stacked: ``build_features`` per user, in one pass.
+
+    Parameters
+    ----------
+    contexts : sequence of RankingContext
+        One context per user.
+    candidates : sequence of numpy.ndarray
+        Candidate ``item_idx`` of each user (in ``[0, n_items)``).
+    tables : RankingTables
+        The model's per-item data.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(sum of candidate counts, len(FEATURE_NAMES))``; the rows of
+        user ``j`` follow those of user ``j - 1``, each block equal to
+        ``build_features(contexts[j], candidates[j], tables)``.
+
+    Raises
+    ------
+    ValueError
+        When the lengths differ or a candidate lies outside ``[0, n_items)``.
+    """
+    if len(contexts) != len(candidates):
+        raise ValueError(f"contexts and candidates must have the same length; got {len(contexts)} and "
+                         f"{len(candidates)}")
+    n_items = tables.n_items
+    cand, uid = _concat([np.asarray(c) for c in candidates], np.int64)
+    n = len(cand)
+    out = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
+    if n == 0:
+        return out
+    if cand.min() < 0 or cand.max() >= n_items:
+        raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
+    join = _KeyJoin(uid * n_items + cand)
+    if join.has_duplicates():   # a user with duplicate candidates: the plain way
+        return np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, candidates, strict=True)])
+    n_users = len(contexts)
+    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(c) for c in candidates), dtype=np.int64, count=n_users), out=offsets[1:])
+
+    # history (valid rows), newest first per user (stable, as build_features' argsort of -ts)
+    h_items, h_uid = _concat([c.history_items for c in contexts], np.int64)
+    h_types, _ = _concat([c.history_types for c in contexts], np.int64)
+    h_ts, _ = _concat([c.history_ts for c in contexts], np.int64)
+    if len(h_items):
+        ok = (h_items >= 0) & (h_items < n_items)
+        h_items, h_types, h_ts, h_uid = h_items[ok], h_types[ok], h_ts[ok], h_uid[ok]
+    by_time = np.lexsort((-h_ts, h_uid))
+    r_items, r_uid = h_items[by_time], h_uid[by_time]
+    r_rank = _rank_in_group(r_uid)
+    # session: the last N_SESSION_ANCHORS valid items
+    s_items, s_uid = _concat([c.session_items for c in contexts], np.int64)
+    if len(s_items):
+        ok = (s_items >= 0) & (s_items < n_items)
+        s_items, s_uid = s_items[ok], s_uid[ok]
+        from_end = _rank_in_group(s_uid[::-1])[::-1]
+        keep = from_end < N_SESSION_ANCHORS
+        s_items, s_uid = s_items[keep], s_uid[keep]
+    # anchors: the newest distinct history items + session items, sorted per user
+    r_key = r_uid * n_items + r_items
+    first = np.sort(np.unique(r_key, return_index=True)[1])
+    newest_key = r_key[first][_rank_in_group(r_uid[first]) < N_RECENT_ANCHORS]
+    a_key = np.unique(np.concatenate([newest_key, s_uid * n_items + s_items]))
+    a_uid, a_items = a_key // n_items, a_key % n_items
+
+    # collaborative score (per user: the same matrix-vector product as build_features)
+    for j, ctx in enumerate(contexts):
+        if ctx.user_vector is not None and offsets[j + 1] > offsets[j]:
+            lo, hi = offsets[j], offsets[j + 1]
+            out[lo:hi, _COL["als_score"]] = tables.item_factors[cand[lo:hi]] @ ctx.user_vector.astype(
+                np.float32, copy=False)
+            out[lo:hi, _COL["has_user_vector"]] = 1.0
+
+    # neighbour sources
+    if len(a_items):
+        lengths = tables.covis_indptr[a_items + 1] - tables.covis_indptr[a_items]
+        pos = _row_ranges(tables.covis_indptr, a_items)
+        if len(pos):
+            rows, hit = join.rows(np.repeat(a_uid, lengths) * n_items + tables.covis_indices[pos])
+            out[:, _COL["covis_score"]] = np.bincount(rows, weights=tables.covis_scores[pos][hit], minlength=n)
+        lengths = tables.rules_indptr[a_items + 1] - tables.rules_indptr[a_items]
+        pos = _row_ranges(tables.rules_indptr, a_items)
+        if len(pos):
+            rows, hit = join.rows(np.repeat(a_uid, lengths) * n_items + tables.rules_consequent[pos])
+            if len(rows):
+                conf = np.zeros(n, dtype=np.float32)
+                lift = np.zeros(n, dtype=np.float32)
+                np.maximum.at(conf, rows, tables.rules_confidence[pos][hit])
+                np.maximum.at(lift, rows, tables.rules_lift[pos][hit])
+                out[:, _COL["rules_confidence"]] = conf
+                out[:, _COL["rules_lift"]] = lift
+        if tables.content is not None:
+            a_start = np.searchsorted(a_uid, np.arange(n_users + 1))
+            for j in range(n_users):
+                lo, hi = offsets[j], offsets[j + 1]
+                if a_start[j + 1] > a_start[j] and hi > lo:
+                    sims = tables.content[cand[lo:hi]] @ tables.content[a_items[a_start[j]:a_start[j + 1]]].T
+                    out[lo:hi, _COL["content_sim"]] = sims.max(axis=1)
+
+    t_items, t_uid = _concat([c.trending_items for c in contexts], np.int64)
+    if len(t_items):
+        t_scores, _ = _concat([c.trending_scores for c in contexts], np.float32)
+        rows, hit = join.rows(t_uid * n_items + t_items)
+        if len(rows):
+            tr = np.zeros(n, dtype=np.float32)
+            np.maximum.at(tr, rows, np.log1p(np.maximum(t_scores[hit], 0)))
+            out[:, _COL["trending"]] = tr
+
+    # item attributes
+    out[:, _COL["log_popularity"]] = np.log1p(np.maximum(tables.popularity[cand], 0))
+    price = tables.price[cand]
+    out[:, _COL["log_price"]] = np.log1p(np.maximum(price, 0))
+    cat = tables.category[cand].astype(np.int64)
+
+    # user history x item
+    n_cat = int(max(cat.max(), 0)) + 1
+    hp = tables.price[h_items]
+    pos_price = hp > 0
+    if pos_price.any():
+        hp, hp_uid = hp[pos_price], h_uid[pos_price]
+        srt = np.lexsort((hp, hp_uid))
+        hp, hp_uid = hp[srt], hp_uid[srt]
+        cnt = np.bincount(hp_uid, minlength=n_users)
+        start = np.r_[0, np.cumsum(cnt)[:-1]]
+        has = cnt > 0
+        mid = start + cnt // 2
+        med = np.zeros(n_users, dtype=np.float32)
+        odd = has & (cnt % 2 == 1)
+        even = has & (cnt % 2 == 0)
+        med[odd] = hp[mid[odd]]
+        med[even] = (hp[mid[even] - 1] + hp[mid[even]]) / np.float32(2)
+        row_med = med[uid]
+        row_has = has[uid]
+        ratio = np.where(price > 0, price / np.where(row_has, row_med, np.float32(1)), 0.0)
+        out[:, _COL["price_ratio"]] = np.where(row_has, ratio, 0.0)
+    rc_keep = r_rank < N_RECENT_CATEGORIES
+    rc, rc_uid = tables.category[r_items[rc_keep]].astype(np.int64), r_uid[rc_keep]
+    valid = rc >= 0
+    rc, rc_uid = rc[valid], rc_uid[valid]
+    if len(rc):
+        width = max(n_cat, int(rc.max()) + 1)
+        rc_sorted = np.sort(rc_uid * width + rc)
+        q = uid * width + cat
+        cnt = np.searchsorted(rc_sorted, q, side="right") - np.searchsorted(rc_sorted, q, side="left")
+        n_rc = np.bincount(rc_uid, minlength=n_users)[uid]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(cat >= 0, cnt / np.maximum(n_rc, 1), 0.0)
+        out[:, _COL["category_match"]] = np.where(n_rc > 0, share, 0.0)
+    rows, hit = join.rows(h_uid * n_items + h_items)
+    out[:, _COL["log_hours_since_last"]] = -1.0
+    if len(rows):
+        out[:, _COL["n_interactions"]] = np.bincount(rows, minlength=n)
+        last = np.full(n, -1, dtype=np.int64)
+        np.maximum.at(last, rows, h_ts[hit])
+        seen = last >= 0
+        out[:, _COL["seen_before"]] = seen
+        now = np.fromiter((c.now_ms for c in contexts), dtype=np.int64, count=n_users)[uid]
+        hours = np.maximum(now[seen] - last[seen], 0) / _MS_PER_HOUR
+        out[seen, _COL["log_hours_since_last"]] = np.log1p(hours)
+        types = h_types[hit]
+        out[:, _COL["purchased_before"]] = np.bincount(rows, weights=types == _PURCHASE, minlength=n) > 0
+        out[:, _COL["carted_before"]] = np.bincount(rows, weights=types == _CART, minlength=n) > 0
+
+    # session
+    if len(s_items):
+        sc = tables.category[s_items].astype(np.int64)
+        valid = sc >= 0
+        if valid.any():
+            width = max(n_cat, int(sc.max()) + 1)
+            sc_keys = np.unique(s_uid[valid] * width + sc[valid])
+            q = uid * width + cat
+            p = np.minimum(np.searchsorted(sc_keys, q), len(sc_keys) - 1)
+            out[:, _COL["session_category_match"]] = (sc_keys[p] == q) & (cat >= 0)
+        rows, _ = join.rows(s_uid * n_items + s_items)
+        out[rows, _COL["in_session"]] = 1.0
+    per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items))] for c in contexts],
+                        dtype=np.float64)
+    out[:, _COL["session_length"]] = per_user[uid, 0]
+    out[:, _COL["log_history_length"]] = per_user[uid, 1]
+    return out
