@@ -21,13 +21,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
 
 from serving.api import ErrorBody, JsonResponse, error_response
-from serving.precomputed import precomputed_answer
 from serving.recommender import RecList, RecRequest
 from serving.rules import RequestFilters
-from serving.runtime import ServingRuntime
+from serving.runtime import ListJob, ServingRuntime
 
 __all__ = ["RecItemBody", "RecListBody", "router"]
 
@@ -37,7 +35,8 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
-    runtime = ServingRuntime(state.settings, state.redis, redis_url=state.endpoints.redis_url)
+    runtime = ServingRuntime(state.settings, state.redis, redis_url=state.endpoints.redis_url,
+                             batch_window_s=state.batch_window_s, batch_max=state.batch_max)
     await runtime.start()
     state.serving = runtime
     log.info("recommendation routes ready model=%s", runtime.models.version)
@@ -110,21 +109,6 @@ def _answer(rt: ServingRuntime, route: str, recs: RecList, k: int, t0: float) ->
     return JsonResponse(recs.to_dict())
 
 
-async def _precomputed(rt: ServingRuntime, user_id: str, k: int) -> dict[str, Any] | None:
-    """The user's fresh precomputed list as an answer body (see :mod:`serving.precomputed`), else ``None``."""
-    max_age = rt.settings.api_precomputed_max_age_s
-    bundle = rt.bundle
-    if max_age <= 0 or bundle is None:
-        return None
-    try:
-        raw = await rt.client.get(rt.keys.recs(user_id))
-    except (RedisError, OSError) as err:
-        log.debug("recs read failed, computing the list: %s", err)
-        return None
-    return precomputed_answer(raw, user_id=user_id, k=k, model=bundle.version, now_ms=int(time.time() * 1000),
-                              max_age_s=max_age, catalog=rt.catalog)
-
-
 K = Annotated[int, Query(ge=1, le=1000, description="List length; at most `Settings.max_k` (default 100).")]
 Exclude = Annotated[list[str] | None, Query(description="Item ids to leave out (repeat or comma-separate).")]
 
@@ -167,22 +151,23 @@ async def user_recommendations(
     if min_price is not None and max_price is not None and min_price > max_price:
         return _bad(f"query.min_price: must be <= max_price (got {min_price} > {max_price})")
     cats = _csv(category)
-    plain = not (context_item or cats or _csv(exclude) or _csv(boost_category) or explain
+    excluded = _csv(exclude)
+    boosted = _csv(boost_category)
+    plain = not (context_item or cats or excluded or boosted or explain
                  or min_price is not None or max_price is not None)
     if plain:
-        body = await _precomputed(rt, user_id, k)
-        if body is not None:
-            rt.metrics.served("user_recommendations", body["source"], short=False, model=body["model"])
-            rt.metrics.observe("user_recommendations", 200, time.perf_counter() - t0)
-            return JsonResponse(body)
-    filters = RequestFilters(exclude=frozenset(_csv(exclude)), categories=frozenset(cats) if cats else None,
-                             min_price=min_price, max_price=max_price,
-                             boost_categories={c: boost for c in _csv(boost_category)})
-    req = RecRequest(k=k, context_item=context_item, filters=filters, explain=explain)
-    state = await rt.reader.read(user_id)
-    trending = await rt.trending()
-    recs = rt.recommender.recommend(state, req, bundle=rt.bundle, trending=trending, catalog=rt.catalog)
-    return _answer(rt, "user_recommendations", recs, k, t0)
+        req = rt.plain_request(k)
+    else:
+        filters = RequestFilters(exclude=frozenset(excluded), categories=frozenset(cats) if cats else None,
+                                 min_price=min_price, max_price=max_price,
+                                 boost_categories={c: boost for c in boosted})
+        req = RecRequest(k=k, context_item=context_item, filters=filters, explain=explain)
+    got = await rt.user_list(ListJob(user_id=user_id, request=req, plain=plain))
+    if isinstance(got, dict):  # the fresh precomputed list
+        rt.metrics.served("user_recommendations", got["source"], short=False, model=got["model"])
+        rt.metrics.observe("user_recommendations", 200, time.perf_counter() - t0)
+        return JsonResponse(got)
+    return _answer(rt, "user_recommendations", got, k, t0)
 
 
 async def _item_list(request: Request, kind: str, item_id: str, k: int, exclude: list[str] | None
