@@ -94,11 +94,18 @@ class Coalescer(Generic[T, R]):
         self._run = run
         self.window_s = window_s
         self.max_batch = max_batch
+        """Most items per batch; may be lowered or raised between batches (see :meth:`limit`)."""
         self.max_pending = max_pending
         self._on_batch = on_batch
         self._pending: list[tuple[T, asyncio.Future[R], float]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._runner: asyncio.Task[None] | None = None
+
+    def limit(self, max_batch: int) -> None:
+        """Change the batch cap (e.g. to keep one batch's run time within a budget); >= 1."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1; got {max_batch}")
+        self.max_batch = max_batch
 
     @property
     def pending(self) -> int:

@@ -32,6 +32,12 @@ and lives in ``app.state.serving``:
    :class:`~serving.recommender.RecRequest` (k, context item, filters).
    Answered precomputed requests are written out before it starts.
 
+A ``recommend_many`` call runs on the event loop, so while it runs nothing else
+of this process does: the compute stage therefore also keeps a batch within a
+time budget (``batch_budget_s``, default 8 ms): its cap is the budget divided by
+the measured time per list (moving average), between 1 and ``batch_max``. A
+faster recommender thus gets bigger batches by itself.
+
 Each stage holds at most ``batch_max`` requests per call and refuses new ones
 (HTTP 503) past ``batch_max_pending`` waiting. Failures are per request: when
 a batched ``recommend_many`` raises, its users are computed one by one so only
@@ -73,10 +79,12 @@ from serving.recommender import RecList, Recommender, RecRequest
 from serving.state import StateReply, UserState, UserStateReader
 from serving.trending import TrendingSnapshot
 
-__all__ = ["ListJob", "ServingRuntime", "read_trending"]
+__all__ = ["DEFAULT_BATCH_BUDGET_S", "ListJob", "ServingRuntime", "read_trending"]
 
 log = logging.getLogger(__name__)
 
+#: Target run time of one coalesced ``recommend_many`` call (seconds), see :class:`ServingRuntime`.
+DEFAULT_BATCH_BUDGET_S = 0.008
 #: Trending lists are re-read at most this often (seconds).
 TRENDING_TTL_S = 1.0
 _RETRY_S = 1.0
@@ -147,11 +155,16 @@ class ServingRuntime:
         Most requests per Redis read and per ``recommend_many`` call (1: no coalescing).
     batch_max_pending : int, optional
         Most requests waiting per stage before new ones get 503.
+    batch_budget_s : float, optional
+        Target run time of one ``recommend_many`` batch (sets the compute stage's cap).
     """
 
     def __init__(self, settings: Settings, client: aioredis.Redis, *, redis_url: str | None = None,
                  poll_interval_s: float = 5.0, batch_window_s: float = DEFAULT_WINDOW_S,
-                 batch_max: int = DEFAULT_MAX_BATCH, batch_max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 batch_max: int = DEFAULT_MAX_BATCH, batch_max_pending: int = DEFAULT_MAX_PENDING,
+                 batch_budget_s: float = DEFAULT_BATCH_BUDGET_S) -> None:
+        if batch_budget_s <= 0:
+            raise ValueError(f"batch_budget_s must be > 0 seconds; got {batch_budget_s}")
         self.settings = settings
         self.client = client
         self.keys = KeySchema(settings.key_prefix)
@@ -170,6 +183,9 @@ class ServingRuntime:
         self._closing = False
         self._profile: tuple[str, tuple[float, float, float] | None, ProfileModel | None, float] | None = None
         self._plain: dict[int, RecRequest] = {}
+        self.batch_max = batch_max
+        self.batch_budget_s = batch_budget_s
+        self._per_list_s: float | None = None   # moving average of recommend_many seconds per list
         #: Wall clock of the list stages (epoch ms); one reading per batch, so a batch's lists share it.
         self.clock_ms: Callable[[], int] = _wall_clock_ms
         self.reads: Coalescer[ListJob, dict[str, Any] | UserState] = Coalescer(
@@ -299,9 +315,12 @@ class ServingRuntime:
         states = [s for s, _ in items]
         reqs = [r for _, r in items]
         now_ms = self.clock_ms()
+        t0 = time.perf_counter()
         try:
-            return list(self.recommender.recommend_many(states, reqs, bundle=bundle, trending=trending,
-                                                        catalog=self.catalog, now_ms=now_ms))
+            lists = list(self.recommender.recommend_many(states, reqs, bundle=bundle, trending=trending,
+                                                         catalog=self.catalog, now_ms=now_ms))
+            self._fit_batch((time.perf_counter() - t0) / len(items))
+            return lists
         except Exception as err:  # noqa: BLE001 - isolate the failing user below
             if len(items) == 1:
                 return [err]
@@ -314,6 +333,13 @@ class ServingRuntime:
             except Exception as err:  # noqa: BLE001 - this user's request fails, not the others
                 out.append(err)
         return out
+
+    def _fit_batch(self, per_list_s: float) -> None:
+        """Update the time per list and the compute stage's cap (see the module docstring)."""
+        avg = self._per_list_s
+        avg = per_list_s if avg is None else 0.8 * avg + 0.2 * per_list_s
+        self._per_list_s = avg
+        self.computes.limit(max(1, min(self.batch_max, int(self.batch_budget_s / max(avg, 1e-6)))))
 
     async def trending(self) -> TrendingSnapshot:
         """Current trending lists (cached for :data:`TRENDING_TTL_S`; the last good on Redis errors)."""
