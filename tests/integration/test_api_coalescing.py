@@ -150,3 +150,22 @@ async def test_a_fresh_precomputed_list_answers_from_the_batched_read(
     runtime.clock_ms = lambda: NOW + int(runtime.settings.api_precomputed_max_age_s * 1000) + 5_000
     stale = (await api.get("/v1/users/alice/recommendations", params={"k": 6})).json()
     assert stale["rec_id"] != "f" * 32   # too old: computed
+
+
+async def test_redis_down_is_503_for_the_batch_not_a_hang(settings: Settings, endpoints: Endpoints,
+                                                           registry: tuple[Path, str]) -> None:  # noqa: F811
+    import socket
+
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    app = create_app(settings.model_copy(update={"registry_dir": registry[0]}),
+                     Endpoints(endpoints.kafka_bootstrap, dead, embedded=False), batch_window_s=0.002)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            got = await asyncio.wait_for(asyncio.gather(
+                *(api.get(f"/v1/users/{u}/recommendations", params={"k": 3}) for u in USERS)), timeout=20)
+    for r in got:
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"] == "StoreUnavailable" and "Redis" in r.json()["message"]
