@@ -261,15 +261,16 @@ async def run_rate(port: int, requests: list[bytes], rate: float, seconds: float
             "p99_ms": float(np.percentile(done, 99)), "max_ms": float(done.max())}
 
 
-def encode_requests(user_ids: Sequence[str], n_items: int, *, similar: float, n: int = 5000) -> list[bytes]:
-    """Pre-encoded HTTP/1.1 keep-alive requests of the mix."""
+def encode_requests(user_ids: Sequence[str], n_items: int, *, similar: float, n: int = 5000,
+                    extra: str = "") -> list[bytes]:
+    """Pre-encoded HTTP/1.1 keep-alive requests of the mix (``extra`` appended to the user list queries)."""
     rng = np.random.default_rng(0)
     out = []
     for _ in range(n):
         if rng.random() < similar:
             path = f"/v1/items/i{int(rng.integers(0, n_items))}/similar?k=10"
         else:
-            path = f"/v1/users/{user_ids[int(rng.integers(0, len(user_ids)))]}/recommendations?k=20"
+            path = f"/v1/users/{user_ids[int(rng.integers(0, len(user_ids)))]}/recommendations?k=20{extra}"
         out.append(f"GET {path} HTTP/1.1\r\nhost: bench\r\n\r\n".encode())
     return out
 
@@ -296,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-window-ms", type=float, default=None,
                         help="API coalescing window (default: the API's); 0 disables coalescing")
     parser.add_argument("--batch-max", type=int, default=None, help="API coalescing batch cap (default: the API's)")
+    parser.add_argument("--fastapi-only", action="store_true",
+                        help="add an unknown query parameter so user list requests skip the API's fast path")
     parser.add_argument("--profile", type=Path, default=None,
                         help="run the API (1 worker) under cProfile and write the stats here")
     parser.add_argument("--name", default=None, help="result file stem (default: from the configuration)")
@@ -358,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  params={"quick": args.quick, "items": n_items, "workers": args.workers, "seconds": seconds,
                          "precomputed": args.precomputed, "similar": args.similar,
                          "batch_window_ms": args.batch_window_ms, "batch_max": args.batch_max,
+                         "fastapi_only": args.fastapi_only,
                          "generator": "raw asyncio streams on uvloop, keep-alive, open-loop",
                          "concurrency": CONCURRENCY, "rates": rates, "goal_p99_ms": GOAL_P99_MS},
                  summary=summary, out_dir=args.out_dir)
@@ -382,7 +386,7 @@ def sweep(proc: subprocess.Popen[bytes], log: Path, base: str, port: int, versio
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"API did not come up:\n{log.read_text()[-2000:]}")
         time.sleep(0.2)
-    requests = encode_requests(user_ids, n_items, similar=args.similar)
+    requests = encode_requests(user_ids, n_items, similar=args.similar, extra="&via=fastapi" if args.fastapi_only else "")
     curve: list[dict[str, Any]] = []
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run_rate(port, requests, 100.0, 2.0))  # warm-up: every worker loads the bundle

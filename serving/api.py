@@ -61,11 +61,13 @@ __all__ = [
     "JsonResponse",
     "create_app",
     "error_response",
+    "exception_response",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Route-group modules; each defines ``router: fastapi.APIRouter``.
+#: Route-group modules; each defines ``router: fastapi.APIRouter`` and may define ``middleware``
+#: (an ASGI middleware class the app installs).
 ROUTER_MODULES: tuple[str, ...] = (
     "serving.collector",
     "serving.routes_recs",
@@ -221,10 +223,22 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 # -- errors -------------------------------------------------------------------------
 
 
+def exception_response(err: Exception, *, path: str = "") -> JsonResponse:
+    """The JSON answer of an exception raised while handling a request.
+
+    A :class:`~features.errors.LiftrecError` answers its ``http_status`` with its
+    detail (503 adds ``Retry-After: 5``); anything else is logged and answers 500.
+    """
+    if isinstance(err, LiftrecError):
+        headers = {"Retry-After": "5"} if err.http_status == 503 else None
+        return JsonResponse(err.to_detail(), status_code=err.http_status, headers=headers)
+    log.exception("unhandled error path=%s", path, exc_info=err)
+    return error_response(500, "InternalError", f"unexpected {type(err).__name__}; see the server log")
+
+
 async def _on_liftrec_error(request: Request, err: Exception) -> JsonResponse:
     assert isinstance(err, LiftrecError)
-    headers = {"Retry-After": "5"} if err.http_status == 503 else None
-    return JsonResponse(err.to_detail(), status_code=err.http_status, headers=headers)
+    return exception_response(err, path=request.url.path)
 
 
 async def _on_http_error(request: Request, err: Exception) -> JsonResponse:
@@ -243,8 +257,7 @@ async def _on_request_invalid(request: Request, err: Exception) -> JsonResponse:
 
 
 async def _on_unexpected(request: Request, err: Exception) -> JsonResponse:
-    log.exception("unhandled error path=%s", request.url.path, exc_info=err)
-    return error_response(500, "InternalError", f"unexpected {type(err).__name__}; see the server log")
+    return exception_response(err, path=request.url.path)
 
 
 # -- OpenAPI ------------------------------------------------------------------------
@@ -336,6 +349,9 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     app.include_router(health_router)
     for name in ROUTER_MODULES:
-        app.include_router(importlib.import_module(name).router)
+        module = importlib.import_module(name)
+        app.include_router(module.router)
+        if getattr(module, "middleware", None) is not None:   # e.g. serving.routes_recs.FastUserLists
+            app.add_middleware(module.middleware)
     app.openapi = lambda: _openapi_with_contracts(app)  # type: ignore[method-assign]
     return app

@@ -86,8 +86,13 @@ def content(body: dict[str, Any]) -> tuple[Any, ...]:
 
 def histogram(runtime: Any, name: str) -> tuple[float, float]:
     """(count, sum) of one of the runtime's Prometheus histograms."""
-    samples = {s.name: s.value for m in runtime.metrics.registry.collect() if m.name == name for s in m.samples}
-    return samples[f"{name}_count"], samples[f"{name}_sum"]
+    reg = runtime.metrics.registry
+    return reg.get_sample_value(f"{name}_count"), reg.get_sample_value(f"{name}_sum")
+
+
+def fast_count(runtime: Any) -> float:
+    """Requests answered by the fast path so far."""
+    return runtime.metrics.registry.get_sample_value("liftrec_api_fast_path_total")
 
 
 async def test_concurrent_requests_get_the_lists_of_sequential_ones(app_client: tuple[httpx.AsyncClient, Any]
@@ -169,3 +174,26 @@ async def test_redis_down_is_503_for_the_batch_not_a_hang(settings: Settings, en
     for r in got:
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert r.json()["error"] == "StoreUnavailable" and "Redis" in r.json()["message"]
+
+
+async def test_the_fast_path_answers_as_the_fastapi_route(app_client: tuple[httpx.AsyncClient, Any]) -> None:
+    """Simple requests skip FastAPI's parameter machinery; an unknown parameter sends them through it."""
+    api, runtime = app_client
+    specs = [("alice", {"k": 5}), ("bob", {}), ("carol", {"k": 4, "context_item": "i000005"}),
+             ("alice", {"k": 6, "exclude": "i000002,i000004", "category": ["c1", "c2"]}),
+             ("bob", {"k": 3, "explain": "true"}), ("nobody", {"k": "7"})]
+    for user, params in specs:
+        before = fast_count(runtime)
+        fast = await api.get(f"/v1/users/{user}/recommendations", params=params)
+        assert fast_count(runtime) == before + 1, params
+        slow = await api.get(f"/v1/users/{user}/recommendations", params={**params, "via": "fastapi"})
+        assert fast_count(runtime) == before + 1   # FastAPI ignores `via`; the fast path may not
+        assert fast.status_code == slow.status_code == 200
+        assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+        assert content(fast.json()) == content(slow.json()), (user, params)
+    for params in ({"k": 0}, {"k": 101}, {"k": "+5"}, {"explain": "yes"}, {"context_item": " "}, {"k": ["2", "3"]}):
+        before = fast_count(runtime)
+        r = await api.get("/v1/users/alice/recommendations", params=params)
+        assert fast_count(runtime) == before, params   # left to FastAPI
+        if params in ({"k": 0}, {"k": 101}, {"explain": "yes"}, {"context_item": " "}):
+            assert r.status_code == (200 if params == {"explain": "yes"} else 422), (params, r.text)
