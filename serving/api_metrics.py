@@ -18,6 +18,7 @@ metric                                 type       labels / meaning
 ``liftrec_api_batch_size``             histogram  lists per coalesced ``recommend_many`` call
 ``liftrec_api_batch_wait_seconds``     histogram  ``stage`` (``read``, ``compute``): wait of a
                                                   batch's oldest request before the batch ran
+``liftrec_api_compute_seconds``        histogram  run time of one coalesced ``recommend_many`` call
 ``liftrec_api_fast_path_total``        counter    user list requests answered without FastAPI's
                                                   parameter machinery (``FastUserLists``)
 =====================================  =========  ===========================================
@@ -57,6 +58,8 @@ class ApiMetrics:
                                     buckets=_SIZE_BUCKETS, registry=r)
         self.batch_wait = Histogram("liftrec_api_batch_wait_seconds", "Wait of a batch's oldest request",
                                     ["stage"], buckets=_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("liftrec_api_compute_seconds", "Run time of one recommend_many call",
+                                         buckets=_BUCKETS, registry=r)
         self.fast_path = Counter("liftrec_api_fast_path_total", "User list requests on the fast path",
                                  registry=r)
         self._wait_read = self.batch_wait.labels(stage="read")

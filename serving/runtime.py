@@ -319,7 +319,9 @@ class ServingRuntime:
         try:
             lists = list(self.recommender.recommend_many(states, reqs, bundle=bundle, trending=trending,
                                                          catalog=self.catalog, now_ms=now_ms))
-            self._fit_batch((time.perf_counter() - t0) / len(items))
+            took = time.perf_counter() - t0
+            self.metrics.compute_seconds.observe(took)
+            self._fit_batch(took / len(items))
             return lists
         except Exception as err:  # noqa: BLE001 - isolate the failing user below
             if len(items) == 1:
