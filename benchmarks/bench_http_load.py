@@ -26,8 +26,8 @@ be a load spike of the shared machine). Reported per trial: achieved
 throughput, p50/p90/p99/max, errors, CPU milliseconds per request of the API
 processes, of Redis and of the generator (where the 2 cores go), the API's
 mean batch size (coalesced lists per ``recommend_many`` call) and its
-``recommend_many`` milliseconds per list (from ``/metrics``; with several
-workers, of the worker that answered the scrape), the machine's 1-minute load
+``recommend_many`` milliseconds per list (from ``/metrics``; 1 worker only:
+with several, two scrapes may reach different workers), the machine's 1-minute load
 average; and the highest offered rate whose p99 stayed <= 20 ms.
 
 ``--precomputed SHARE`` (default 0) gives that share of the users a fresh
@@ -369,7 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                + (f"{best['achieved_rps']:.0f} req/s at p99 {best['p99_ms']:.1f} ms (offered {best['offered_rps']:.0f})"
                   if best else "no rate kept p99 <= 20 ms")
                + "; curve p99 " + ", ".join(f"{c['offered_rps']:.0f}:{c['p99_ms']:.0f}ms" for c in curve))
-    name = args.name or (f"{NAME}_{n_items // 1000}k_w{args.workers}_pre{round(args.precomputed * 100)}")
+    name = args.name or (NAME + (f"_{n_items // 1000}k" if args.items else "")
+                         + (f"_w{args.workers}" if args.workers != 1 else "")
+                         + (f"_pre{round(args.precomputed * 100)}" if args.precomputed else ""))
     write_result(name, {"curve": curve, "best_rate_within_goal": best},
                  params={"quick": args.quick, "items": n_items, "workers": args.workers, "seconds": seconds,
                          "precomputed": args.precomputed, "similar": args.similar,
@@ -405,8 +407,8 @@ def sweep(proc: subprocess.Popen[bytes], log: Path, base: str, port: int, versio
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run_rate(port, requests, 100.0, 2.0))  # warm-up: every worker loads the bundle
         for rate in tqdm(rates, desc="http load", unit="rate"):
-            trials = [one_trial(runner, proc.pid, base, port, requests, rate, seconds, redis_pid=redis_pid)
-                      for _ in range(args.trials)]
+            trials = [one_trial(runner, proc.pid, base, port, requests, rate, seconds, redis_pid=redis_pid,
+                                api_stats=args.workers == 1) for _ in range(args.trials)]
             res = dict(sorted(trials, key=lambda t: t["p99_ms"])[(len(trials) - 1) // 2])   # median by p99
             res["trials"] = trials
             curve.append(res)
@@ -418,14 +420,18 @@ def sweep(proc: subprocess.Popen[bytes], log: Path, base: str, port: int, versio
 
 
 def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: list[bytes], rate: float,
-              seconds: float, *, redis_pid: int) -> dict[str, Any]:
-    """One run at ``rate`` with the CPU each party used and the API's batching (see the module docstring)."""
+              seconds: float, *, redis_pid: int, api_stats: bool = True) -> dict[str, Any]:
+    """One run at ``rate`` with the CPU each party used and the API's batching (see the module docstring).
+
+    ``api_stats=False`` (several workers: two scrapes may reach different workers) leaves the batch
+    size and the ``recommend_many`` time per list out.
+    """
     pids = tree_pids(pid)
-    calls0, lists0, comp0 = batch_stats(base)
+    calls0, lists0, comp0 = batch_stats(base) if api_stats else (0.0, 0.0, 0.0)
     api0, redis0, gen0 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     res = runner.run(run_rate(port, requests, rate, seconds))
     api1, redis1, gen1 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
-    calls1, lists1, comp1 = batch_stats(base)
+    calls1, lists1, comp1 = batch_stats(base) if api_stats else (0.0, 0.0, 0.0)
     n = res["requests"]
     res["cpu_ms_per_request"] = {"api": 1000 * (api1 - api0) / n, "redis": 1000 * (redis1 - redis0) / n,
                                  "generator": 1000 * (gen1 - gen0) / n}
