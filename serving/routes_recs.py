@@ -9,6 +9,13 @@ Every list answer carries ``rec_id`` (attribution: send it back with the
 events of the items clicked from the list) and ``model`` (the bundle version;
 ``null`` when no model is loaded and trending served). Unknown users and
 items get cold-start lists, never 404. Bad parameters are 422 with a message.
+
+A user list goes through the runtime's request coalescing
+(:meth:`~serving.runtime.ServingRuntime.user_list`: concurrent requests share
+one Redis read and one ``recommend_many`` call). Well-formed simple user list
+requests are answered by :class:`FastUserLists` in front of FastAPI with the
+same code; everything else takes the FastAPI route. Measurements:
+``docs/api-performance.md``.
 """
 
 from __future__ import annotations
