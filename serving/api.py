@@ -15,6 +15,8 @@ collector is ``serving.collector``). A route group reaches the resources through
 ``state.kafka_error``       last reason Kafka could not be reached, or ``None``
 ``state.max_batch``         collector limit: events per request
 ``state.max_body_bytes``    collector limit: request body bytes
+``state.batch_window_s``    request coalescing window of user lists (see :mod:`serving.runtime`)
+``state.batch_max``         most user lists per coalesced Redis read / ``recommend_many`` call
 ==========================  ==========================================================
 
 Every error answer is JSON ``{"error": <name>, "message": <what was expected>, ...}``.
@@ -47,6 +49,8 @@ from features.errors import LiftrecError, StackUnavailable
 from features.events import REJECT_REASONS, CatalogItem, Event
 from features.producer import EventProducer
 from features.settings import Settings
+from serving.batching import DEFAULT_MAX_BATCH as DEFAULT_BATCH_MAX
+from serving.batching import DEFAULT_WINDOW_S
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -57,11 +61,13 @@ __all__ = [
     "JsonResponse",
     "create_app",
     "error_response",
+    "exception_response",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Route-group modules; each defines ``router: fastapi.APIRouter``.
+#: Route-group modules; each defines ``router: fastapi.APIRouter`` and may define ``middleware``
+#: (an ASGI middleware class the app installs).
 ROUTER_MODULES: tuple[str, ...] = (
     "serving.collector",
     "serving.routes_recs",
@@ -217,10 +223,22 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 # -- errors -------------------------------------------------------------------------
 
 
+def exception_response(err: Exception, *, path: str = "") -> JsonResponse:
+    """The JSON answer of an exception raised while handling a request.
+
+    A :class:`~features.errors.LiftrecError` answers its ``http_status`` with its
+    detail (503 adds ``Retry-After: 5``); anything else is logged and answers 500.
+    """
+    if isinstance(err, LiftrecError):
+        headers = {"Retry-After": "5"} if err.http_status == 503 else None
+        return JsonResponse(err.to_detail(), status_code=err.http_status, headers=headers)
+    log.exception("unhandled error path=%s", path, exc_info=err)
+    return error_response(500, "InternalError", f"unexpected {type(err).__name__}; see the server log")
+
+
 async def _on_liftrec_error(request: Request, err: Exception) -> JsonResponse:
     assert isinstance(err, LiftrecError)
-    headers = {"Retry-After": "5"} if err.http_status == 503 else None
-    return JsonResponse(err.to_detail(), status_code=err.http_status, headers=headers)
+    return exception_response(err, path=request.url.path)
 
 
 async def _on_http_error(request: Request, err: Exception) -> JsonResponse:
@@ -239,8 +257,7 @@ async def _on_request_invalid(request: Request, err: Exception) -> JsonResponse:
 
 
 async def _on_unexpected(request: Request, err: Exception) -> JsonResponse:
-    log.exception("unhandled error path=%s", request.url.path, exc_info=err)
-    return error_response(500, "InternalError", f"unexpected {type(err).__name__}; see the server log")
+    return exception_response(err, path=request.url.path)
 
 
 # -- OpenAPI ------------------------------------------------------------------------
@@ -273,6 +290,8 @@ def create_app(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    batch_window_s: float = DEFAULT_WINDOW_S,
+    batch_max: int = DEFAULT_BATCH_MAX,
 ) -> FastAPI:
     """Build the liftrec HTTP API.
 
@@ -286,6 +305,11 @@ def create_app(
         Most events in one ``POST /v1/events`` request (more: 413).
     max_body_bytes : int
         Largest request body of the collector (more: 413).
+    batch_window_s : float
+        Longest wait of a user list request for others to share its Redis read and
+        ``recommend_many`` call (seconds; 0: only requests of the same event-loop iteration).
+    batch_max : int
+        Most user lists per coalesced call (1: every request alone).
 
     Returns
     -------
@@ -299,6 +323,8 @@ def create_app(
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if batch_window_s < 0 or batch_max < 1:
+        raise ValueError(f"batch_window_s must be >= 0 and batch_max >= 1; got {batch_window_s}, {batch_max}")
     if max_body_bytes < settings.max_payload_bytes:
         raise ValueError(f"max_body_bytes must be >= settings.max_payload_bytes "
                          f"({settings.max_payload_bytes}), got {max_body_bytes}")
@@ -315,12 +341,17 @@ def create_app(
     app.state.endpoints = endpoints
     app.state.max_batch = max_batch
     app.state.max_body_bytes = max_body_bytes
+    app.state.batch_window_s = batch_window_s
+    app.state.batch_max = batch_max
     app.add_exception_handler(LiftrecError, _on_liftrec_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_request_invalid)
     app.add_exception_handler(Exception, _on_unexpected)
     app.include_router(health_router)
     for name in ROUTER_MODULES:
-        app.include_router(importlib.import_module(name).router)
+        module = importlib.import_module(name)
+        app.include_router(module.router)
+        if getattr(module, "middleware", None) is not None:   # e.g. serving.routes_recs.FastUserLists
+            app.add_middleware(module.middleware)
     app.openapi = lambda: _openapi_with_contracts(app)  # type: ignore[method-assign]
     return app

@@ -14,6 +14,13 @@ metric                                 type       labels / meaning
 ``liftrec_api_model_swaps_total``      counter    bundles swapped in
 ``liftrec_api_model_info``             gauge      ``version`` of the bundle in use (1)
 ``liftrec_api_catalog_items``          gauge      items in the API's catalog cache
+``liftrec_api_read_batch_size``        histogram  user list requests per coalesced Redis read
+``liftrec_api_batch_size``             histogram  lists per coalesced ``recommend_many`` call
+``liftrec_api_batch_wait_seconds``     histogram  ``stage`` (``read``, ``compute``): wait of a
+                                                  batch's oldest request before the batch ran
+``liftrec_api_compute_seconds``        histogram  run time of one coalesced ``recommend_many`` call
+``liftrec_api_fast_path_total``        counter    user list requests answered without FastAPI's
+                                                  parameter machinery (``FastUserLists``)
 =====================================  =========  ===========================================
 """
 
@@ -24,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 __all__ = ["ApiMetrics"]
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ApiMetrics:
@@ -44,6 +52,18 @@ class ApiMetrics:
         self.model_info = Gauge("liftrec_api_model_info", "Version of the bundle in use", ["version"],
                                 registry=r)
         self.catalog_items = Gauge("liftrec_api_catalog_items", "Items in the catalog cache", registry=r)
+        self.read_batch_size = Histogram("liftrec_api_read_batch_size", "User list requests per Redis read",
+                                         buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_size = Histogram("liftrec_api_batch_size", "Lists per recommend_many call",
+                                    buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_wait = Histogram("liftrec_api_batch_wait_seconds", "Wait of a batch's oldest request",
+                                    ["stage"], buckets=_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("liftrec_api_compute_seconds", "Run time of one recommend_many call",
+                                         buckets=_BUCKETS, registry=r)
+        self.fast_path = Counter("liftrec_api_fast_path_total", "User list requests on the fast path",
+                                 registry=r)
+        self._wait_read = self.batch_wait.labels(stage="read")
+        self._wait_compute = self.batch_wait.labels(stage="compute")
         self._version: str | None = None
 
     def model_swapped(self, version: str) -> None:
@@ -53,6 +73,16 @@ class ApiMetrics:
             self.model_info.remove(self._version)
         self.model_info.labels(version=version).set(1)
         self._version = version
+
+    def read_batch(self, size: int, oldest_wait_s: float) -> None:
+        """Record one coalesced state read (see :class:`serving.batching.Coalescer`)."""
+        self.read_batch_size.observe(size)
+        self._wait_read.observe(oldest_wait_s)
+
+    def compute_batch(self, size: int, oldest_wait_s: float) -> None:
+        """Record one coalesced ``recommend_many`` call."""
+        self.batch_size.observe(size)
+        self._wait_compute.observe(oldest_wait_s)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one request."""

@@ -9,6 +9,13 @@ Every list answer carries ``rec_id`` (attribution: send it back with the
 events of the items clicked from the list) and ``model`` (the bundle version;
 ``null`` when no model is loaded and trending served). Unknown users and
 items get cold-start lists, never 404. Bad parameters are 422 with a message.
+
+A user list goes through the runtime's request coalescing
+(:meth:`~serving.runtime.ServingRuntime.user_list`: concurrent requests share
+one Redis read and one ``recommend_many`` call). Well-formed simple user list
+requests are answered by :class:`FastUserLists` in front of FastAPI with the
+same code; everything else takes the FastAPI route. Measurements:
+``docs/api-performance.md``.
 """
 
 from __future__ import annotations
@@ -18,18 +25,17 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
 
-from serving.api import ErrorBody, JsonResponse, error_response
-from serving.precomputed import precomputed_answer
+from serving.api import ErrorBody, JsonResponse, error_response, exception_response
 from serving.recommender import RecList, RecRequest
 from serving.rules import RequestFilters
-from serving.runtime import ServingRuntime
+from serving.runtime import ListJob, ServingRuntime
 
-__all__ = ["RecItemBody", "RecListBody", "router"]
+__all__ = ["FastUserLists", "RecItemBody", "RecListBody", "middleware", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,8 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
-    runtime = ServingRuntime(state.settings, state.redis, redis_url=state.endpoints.redis_url)
+    runtime = ServingRuntime(state.settings, state.redis, redis_url=state.endpoints.redis_url,
+                             batch_window_s=state.batch_window_s, batch_max=state.batch_max)
     await runtime.start()
     state.serving = runtime
     log.info("recommendation routes ready model=%s", runtime.models.version)
@@ -110,21 +117,6 @@ def _answer(rt: ServingRuntime, route: str, recs: RecList, k: int, t0: float) ->
     return JsonResponse(recs.to_dict())
 
 
-async def _precomputed(rt: ServingRuntime, user_id: str, k: int) -> dict[str, Any] | None:
-    """The user's fresh precomputed list as an answer body (see :mod:`serving.precomputed`), else ``None``."""
-    max_age = rt.settings.api_precomputed_max_age_s
-    bundle = rt.bundle
-    if max_age <= 0 or bundle is None:
-        return None
-    try:
-        raw = await rt.client.get(rt.keys.recs(user_id))
-    except (RedisError, OSError) as err:
-        log.debug("recs read failed, computing the list: %s", err)
-        return None
-    return precomputed_answer(raw, user_id=user_id, k=k, model=bundle.version, now_ms=int(time.time() * 1000),
-                              max_age_s=max_age, catalog=rt.catalog)
-
-
 K = Annotated[int, Query(ge=1, le=1000, description="List length; at most `Settings.max_k` (default 100).")]
 Exclude = Annotated[list[str] | None, Query(description="Item ids to leave out (repeat or comma-separate).")]
 
@@ -166,23 +158,104 @@ async def user_recommendations(
         return bad
     if min_price is not None and max_price is not None and min_price > max_price:
         return _bad(f"query.min_price: must be <= max_price (got {min_price} > {max_price})")
-    cats = _csv(category)
-    plain = not (context_item or cats or _csv(exclude) or _csv(boost_category) or explain
+    return await _user_answer(rt, user_id, k=k, context_item=context_item, cats=_csv(category),
+                              excluded=_csv(exclude), min_price=min_price, max_price=max_price,
+                              boosted=_csv(boost_category), boost=boost, explain=explain, t0=t0)
+
+
+async def _user_answer(rt: ServingRuntime, user_id: str, *, k: int, context_item: str | None, cats: list[str],
+                       excluded: list[str], min_price: float | None, max_price: float | None,
+                       boosted: list[str], boost: float, explain: bool, t0: float) -> JsonResponse:
+    """The answer of a validated user list request (FastAPI route and :class:`FastUserLists`)."""
+    plain = not (context_item or cats or excluded or boosted or explain
                  or min_price is not None or max_price is not None)
     if plain:
-        body = await _precomputed(rt, user_id, k)
-        if body is not None:
-            rt.metrics.served("user_recommendations", body["source"], short=False, model=body["model"])
-            rt.metrics.observe("user_recommendations", 200, time.perf_counter() - t0)
-            return JsonResponse(body)
-    filters = RequestFilters(exclude=frozenset(_csv(exclude)), categories=frozenset(cats) if cats else None,
-                             min_price=min_price, max_price=max_price,
-                             boost_categories={c: boost for c in _csv(boost_category)})
-    req = RecRequest(k=k, context_item=context_item, filters=filters, explain=explain)
-    state = await rt.reader.read(user_id)
-    trending = await rt.trending()
-    recs = rt.recommender.recommend(state, req, bundle=rt.bundle, trending=trending, catalog=rt.catalog)
-    return _answer(rt, "user_recommendations", recs, k, t0)
+        req = rt.plain_request(k)
+    else:
+        filters = RequestFilters(exclude=frozenset(excluded), categories=frozenset(cats) if cats else None,
+                                 min_price=min_price, max_price=max_price,
+                                 boost_categories={c: boost for c in boosted})
+        req = RecRequest(k=k, context_item=context_item, filters=filters, explain=explain)
+    got = await rt.user_list(ListJob(user_id=user_id, request=req, plain=plain))
+    if isinstance(got, dict):  # the fresh precomputed list
+        rt.metrics.served("user_recommendations", got["source"], short=False, model=got["model"])
+        rt.metrics.observe("user_recommendations", 200, time.perf_counter() - t0)
+        return JsonResponse(got)
+    return _answer(rt, "user_recommendations", got, k, t0)
+
+
+class FastUserLists:
+    """ASGI middleware: well-formed user list requests skip FastAPI's per-request machinery.
+
+    FastAPI's parameter solving and its middleware layers cost about as much CPU
+    as the rest of a precomputed answer (``docs/api-performance.md``). A
+    ``GET /v1/users/{user_id}/recommendations`` whose query holds only ``k``
+    (plain digits), ``context_item``, ``category``, ``exclude`` and ``explain``
+    (``true``/``false``), each valid, is answered here by the same code as the
+    route (:func:`_user_answer`). Anything else — other parameters, other
+    spellings, a value the route would reject — goes on to FastAPI unchanged, so
+    the route, its OpenAPI entry and every 4xx answer stay the contract.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path: str = scope["path"]
+            if path.startswith(_USERS) and path.endswith(_RECS):
+                rt = getattr(getattr(scope.get("app"), "state", None), "serving", None)
+                args = None if rt is None else _fast_args(rt, path[len(_USERS):-len(_RECS)],
+                                                          scope["query_string"])
+                if args is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        response = await _user_answer(rt, args.pop("user_id"), t0=t0, **args)
+                    except Exception as err:  # noqa: BLE001 - the same JSON answers as the app's handlers
+                        response = exception_response(err, path=path)
+                    rt.metrics.fast_path.inc()
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+#: Middleware the app installs (see :func:`serving.api.create_app`).
+middleware = FastUserLists
+
+_USERS = "/v1/users/"
+_RECS = "/recommendations"
+
+
+def _fast_args(rt: ServingRuntime, user_id: str, query: bytes) -> dict[str, Any] | None:
+    """The route's arguments when the request is well-formed and simple, else ``None`` (FastAPI decides)."""
+    max_id = rt.settings.max_id_len
+    if not user_id or "/" in user_id or len(user_id) > max_id or not user_id.strip():
+        return None
+    k, context_item, explain = 20, None, False
+    cats: list[str] = []
+    excluded: list[str] = []
+    seen: set[str] = set()
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else ():
+        if name in seen and name not in ("category", "exclude"):
+            return None
+        seen.add(name)
+        if name == "k" and value.isascii() and value.isdigit() and len(value) <= 4:
+            k = int(value)
+        elif name == "context_item" and value.strip() and len(value) <= max_id:
+            context_item = value
+        elif name == "category":
+            cats.extend(p.strip() for p in value.split(","))
+        elif name == "exclude":
+            excluded.extend(p.strip() for p in value.split(","))
+        elif name == "explain" and value in ("true", "false"):
+            explain = value == "true"
+        else:
+            return None
+    if not 1 <= k <= rt.settings.max_k:
+        return None
+    return {"user_id": user_id, "k": k, "context_item": context_item, "cats": [c for c in cats if c],
+            "excluded": [e for e in excluded if e], "min_price": None, "max_price": None, "boosted": [],
+            "boost": 0.5, "explain": explain}
 
 
 async def _item_list(request: Request, kind: str, item_id: str, k: int, exclude: list[str] | None

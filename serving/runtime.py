@@ -14,7 +14,35 @@ and lives in ``app.state.serving``:
   recommender follows its changes in per-bundle arrays (:class:`~serving.live.LiveTable`);
 * trending lists read from Redis at most once a second;
 * a :class:`~serving.state.UserStateReader` and the :class:`~serving.recommender.Recommender`;
-* the Prometheus registry of the API (:mod:`serving.api_metrics`).
+* the Prometheus registry of the API (:mod:`serving.api_metrics`);
+* two :class:`~serving.batching.Coalescer` stages behind :meth:`ServingRuntime.user_list`
+  (request coalescing, see below).
+
+**Request coalescing.** A user list request goes through two batching stages:
+
+1. *read*: the requests of a short window (``batch_window_s``, default 1 ms)
+   share ONE Redis command (:meth:`~serving.state.UserStateReader.fetch_many`:
+   the state of every user and the precomputed ``recs`` value of plain
+   requests). A plain request whose precomputed list is fresh is answered here
+   (:func:`~serving.precomputed.precomputed_answer`).
+2. *compute*: the remaining requests of a read batch (and any that queued while
+   a list was being computed) share ONE
+   :meth:`~serving.recommender.Recommender.recommend_many` call: one fold-in
+   solve, one retrieval call, one ONNX call; each user keeps their own
+   :class:`~serving.recommender.RecRequest` (k, context item, filters).
+   Answered precomputed requests are written out before it starts.
+
+A ``recommend_many`` call runs on the event loop, so while it runs nothing else
+of this process does: the compute stage therefore also keeps a batch within a
+time budget (``batch_budget_s``, default 8 ms): its cap is the budget divided by
+the measured time per list (moving average), between 1 and ``batch_max``. A
+faster recommender thus gets bigger batches by itself.
+
+Each stage holds at most ``batch_max`` requests per call and refuses new ones
+(HTTP 503) past ``batch_max_pending`` waiting. Failures are per request: when
+a batched ``recommend_many`` raises, its users are computed one by one so only
+the failing user gets the error; a Redis failure of the read fails that
+batch's requests with :class:`~features.errors.StoreUnavailable` (503).
 
 Redis being down never stops the API from starting: the catalog and trending
 stay empty (or stale) and are retried in the background.
@@ -24,9 +52,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,20 +66,25 @@ from redis.exceptions import RedisError
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache, CatalogStore
+from features.errors import StoreUnavailable
 from features.keys import KeySchema
 from features.reload import ModelHolder
 from features.settings import Settings
 from serving.api_metrics import ApiMetrics
+from serving.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_PENDING, DEFAULT_WINDOW_S, Coalescer
 from serving.live import TrackedCatalogCache
+from serving.precomputed import precomputed_answer
 from serving.profile import ProfileModel
-from serving.recommender import Recommender
-from serving.state import UserStateReader
+from serving.recommender import RecList, Recommender, RecRequest
+from serving.state import StateReply, UserState, UserStateReader
 from serving.trending import TrendingSnapshot
 
-__all__ = ["ServingRuntime", "read_trending"]
+__all__ = ["DEFAULT_BATCH_BUDGET_S", "ListJob", "ServingRuntime", "read_trending"]
 
 log = logging.getLogger(__name__)
 
+#: Target run time of one coalesced ``recommend_many`` call (seconds), see :class:`ServingRuntime`.
+DEFAULT_BATCH_BUDGET_S = 0.008
 #: Trending lists are re-read at most this often (seconds).
 TRENDING_TTL_S = 1.0
 _RETRY_S = 1.0
@@ -77,6 +112,29 @@ async def read_trending(client: aioredis.Redis, keys: KeySchema, categories: lis
                             ref_ms=int(float(res[0])) if res[0] is not None else None)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListJob:
+    """One user list request on its way through the coalescing stages.
+
+    Parameters
+    ----------
+    user_id : str
+        The user.
+    request : RecRequest
+        Their request (k, context item, filters, explain).
+    plain : bool
+        No context item, filters, boosts or explain: the fresh precomputed list may answer.
+    """
+
+    user_id: str
+    request: RecRequest
+    plain: bool = False
+
+
+def _wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class ServingRuntime:
     """Per-process serving resources of the API.
 
@@ -90,10 +148,23 @@ class ServingRuntime:
         For the model-announcement subscriber (own connection).
     poll_interval_s : float, optional
         Registry poll interval of the model holder.
+    batch_window_s : float, optional
+        Longest wait of a user list request for companions in the read stage (0: only the
+        requests of the same event-loop iteration).
+    batch_max : int, optional
+        Most requests per Redis read and per ``recommend_many`` call (1: no coalescing).
+    batch_max_pending : int, optional
+        Most requests waiting per stage before new ones get 503.
+    batch_budget_s : float, optional
+        Target run time of one ``recommend_many`` batch (sets the compute stage's cap).
     """
 
     def __init__(self, settings: Settings, client: aioredis.Redis, *, redis_url: str | None = None,
-                 poll_interval_s: float = 5.0) -> None:
+                 poll_interval_s: float = 5.0, batch_window_s: float = DEFAULT_WINDOW_S,
+                 batch_max: int = DEFAULT_MAX_BATCH, batch_max_pending: int = DEFAULT_MAX_PENDING,
+                 batch_budget_s: float = DEFAULT_BATCH_BUDGET_S) -> None:
+        if batch_budget_s <= 0:
+            raise ValueError(f"batch_budget_s must be > 0 seconds; got {batch_budget_s}")
         self.settings = settings
         self.client = client
         self.keys = KeySchema(settings.key_prefix)
@@ -111,6 +182,18 @@ class ServingRuntime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._closing = False
         self._profile: tuple[str, tuple[float, float, float] | None, ProfileModel | None, float] | None = None
+        self._plain: dict[int, RecRequest] = {}
+        self.batch_max = batch_max
+        self.batch_budget_s = batch_budget_s
+        self._per_list_s: float | None = None   # moving average of recommend_many seconds per list
+        #: Wall clock of the list stages (epoch ms); one reading per batch, so a batch's lists share it.
+        self.clock_ms: Callable[[], int] = _wall_clock_ms
+        self.reads: Coalescer[ListJob, dict[str, Any] | UserState] = Coalescer(
+            self._read_batch, window_s=batch_window_s, max_batch=batch_max, max_pending=batch_max_pending,
+            on_batch=self.metrics.read_batch)
+        self.computes: Coalescer[tuple[UserState, RecRequest], RecList] = Coalescer(
+            self._compute_batch, window_s=0.0, max_batch=batch_max, max_pending=batch_max_pending,
+            on_batch=self.metrics.compute_batch)
 
     @property
     def bundle(self) -> Bundle | None:
@@ -163,8 +246,10 @@ class ServingRuntime:
         self._tasks.append(asyncio.create_task(self._catalog_listener(), name="liftrec-api-catalog"))
 
     async def stop(self) -> None:
-        """Stop the background tasks and the model holder."""
+        """Stop the background tasks, the coalescing stages and the model holder."""
         self._closing = True
+        await self.reads.close()
+        await self.computes.close()
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
@@ -173,6 +258,90 @@ class ServingRuntime:
             # sees _closing within its 1 s poll. Never wait longer than that.
             await asyncio.wait(tasks, timeout=2.0 * _POLL_S)
         await self.models.stop()
+
+    # -- user lists ------------------------------------------------------------------
+
+    def plain_request(self, k: int) -> RecRequest:
+        """The shared :class:`RecRequest` of a plain list of ``k`` items (one per k, reused)."""
+        req = self._plain.get(k)
+        if req is None:
+            req = self._plain[k] = RecRequest(k=k)
+        return req
+
+    async def user_list(self, job: ListJob) -> dict[str, Any] | RecList:
+        """A user's list through the coalescing stages (see the module docstring).
+
+        Returns
+        -------
+        dict or RecList
+            The answer body of a fresh precomputed list (plain requests only), else the computed list.
+
+        Raises
+        ------
+        StoreUnavailable
+            Redis failed while reading the user's state.
+        Overloaded
+            Too many requests wait in a stage.
+        """
+        got = await self.reads.submit(job)
+        if isinstance(got, dict):
+            return got
+        return await self.computes.submit((got, job.request))
+
+    async def _read_batch(self, jobs: list[ListJob]) -> list[dict[str, Any] | UserState]:
+        bundle = self.bundle
+        max_age = self.settings.api_precomputed_max_age_s
+        want = [j.plain and bundle is not None and max_age > 0 for j in jobs]
+        try:
+            replies: list[StateReply] = await self.reader.fetch_many([j.user_id for j in jobs], with_recs=want)
+        except (RedisError, OSError) as err:
+            raise StoreUnavailable(f"reading the users' state from Redis failed: {err}") from err
+        now_ms = self.clock_ms()
+        out: list[dict[str, Any] | UserState] = []
+        for job, rep, w in zip(jobs, replies, want, strict=True):
+            if w and rep.recs is not None:
+                body = precomputed_answer(rep.recs, user_id=job.user_id, k=job.request.k,
+                                          model=bundle.version if bundle is not None else None, now_ms=now_ms,
+                                          max_age_s=max_age, catalog=self.catalog)
+                if body is not None:
+                    out.append(body)
+                    continue
+            out.append(rep.decode())
+        return out
+
+    async def _compute_batch(self, items: list[tuple[UserState, RecRequest]]) -> list[RecList | BaseException]:
+        bundle = self.bundle   # one bundle for the whole batch: every list names one whole model
+        trending = await self.trending()
+        states = [s for s, _ in items]
+        reqs = [r for _, r in items]
+        now_ms = self.clock_ms()
+        t0 = time.perf_counter()
+        try:
+            lists = list(self.recommender.recommend_many(states, reqs, bundle=bundle, trending=trending,
+                                                         catalog=self.catalog, now_ms=now_ms))
+            took = time.perf_counter() - t0
+            self.metrics.compute_seconds.observe(took)
+            self._fit_batch(took / len(items))
+            return lists
+        except Exception as err:  # noqa: BLE001 - isolate the failing user below
+            if len(items) == 1:
+                return [err]
+            log.warning("batched recommend of %d users failed (%s); computing them one by one", len(items), err)
+        out: list[RecList | BaseException] = []
+        for s, r in items:
+            try:
+                out.append(self.recommender.recommend(s, r, bundle=bundle, trending=trending, catalog=self.catalog,
+                                                      now_ms=now_ms))
+            except Exception as err:  # noqa: BLE001 - this user's request fails, not the others
+                out.append(err)
+        return out
+
+    def _fit_batch(self, per_list_s: float) -> None:
+        """Update the time per list and the compute stage's cap (see the module docstring)."""
+        avg = self._per_list_s
+        avg = per_list_s if avg is None else 0.8 * avg + 0.2 * per_list_s
+        self._per_list_s = avg
+        self.computes.limit(max(1, min(self.batch_max, int(self.batch_budget_s / max(avg, 1e-6)))))
 
     async def trending(self) -> TrendingSnapshot:
         """Current trending lists (cached for :data:`TRENDING_TTL_S`; the last good on Redis errors)."""

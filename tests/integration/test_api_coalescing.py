@@ -1,0 +1,199 @@
+"""Request coalescing through the real API, Redis and a trained bundle.
+
+Concurrent user list requests (different users, k, context items and filters)
+share Redis reads and ``recommend_many`` calls and get exactly the lists they
+get one at a time; a failing user fails alone; a fresh precomputed list answers
+a plain request from the same batched read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from features.catalog import CatalogStore
+from features.keys import KeySchema
+from features.settings import Settings
+from liftrec.stack import Endpoints
+from serving.api import create_app
+from serving.recommender import Recommender
+from serving.state import UserState
+from tests.integration.test_api_recs import registry, shop  # noqa: F401 - module fixtures
+from training.synthetic import SyntheticShop
+
+pytestmark = pytest.mark.integration
+
+NOW = int(time.time() * 1000)
+USERS = ("alice", "bob", "carol", "nobody")
+
+#: (user, query) of the mixed requests: plain, bigger k, context item, category, exclude, price, explain.
+SPECS: list[tuple[str, dict[str, Any]]] = [
+    ("alice", {"k": 5}), ("bob", {"k": 8}), ("carol", {"k": 3}), ("nobody", {"k": 4}),
+    ("alice", {"k": 4, "context_item": "i000005"}), ("bob", {"k": 6, "exclude": "i000002,i000004"}),
+    ("carol", {"k": 5, "min_price": 5, "max_price": 60}), ("alice", {"k": 3, "explain": "true"}),
+    ("bob", {"k": 7, "boost_category": "c1", "boost": 2}),
+]
+
+
+class PoisonedRecommender(Recommender):
+    """The real recommender, except that a batch holding the user ``poison`` raises."""
+
+    def recommend_many(self, states: Sequence[UserState], *args: Any, **kwargs: Any) -> Any:
+        if any(s.user_id == "poison" for s in states):
+            raise ValueError("poisoned user state")
+        return super().recommend_many(states, *args, **kwargs)
+
+
+@pytest.fixture
+async def app_client(settings: Settings, endpoints: Endpoints, registry: tuple[Path, str],  # noqa: F811
+                     shop: SyntheticShop) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:  # noqa: F811
+    client = aioredis.Redis.from_url(endpoints.redis_url)
+    keys = KeySchema(settings.key_prefix)
+    await CatalogStore(client, keys).upsert(shop.catalog_items())
+    for n, user in enumerate(USERS[:3]):
+        hist = [(f"i00000{n + 3}", "view", NOW - 1_000), (f"i00001{n}", "add_to_cart", NOW - 5_000),
+                (f"i00002{n}", "purchase", NOW - 60_000), (f"i00003{n}", "view", NOW - 70_000)]
+        await client.rpush(keys.history(user), *(orjson.dumps(h) for h in hist))
+        await client.hset(keys.bought(user), mapping={f"i00002{n}": NOW - 60_000})
+        await client.hset(keys.session(user), mapping={"id": "s1", "start": NOW - 80_000, "last": NOW - 1_000})
+    app = create_app(settings.model_copy(update={"registry_dir": registry[0]}), endpoints,
+                     batch_window_s=0.005, batch_max=16)
+    async with app.router.lifespan_context(app):
+        runtime = app.state.serving
+        runtime.clock_ms = lambda: NOW   # one clock for every list: answers comparable across batches
+        runtime.recommender = PoisonedRecommender.from_settings(runtime.settings)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)   # a 500 is an answer here
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            yield api, runtime
+    async for key in client.scan_iter(match=f"{settings.key_prefix}:*"):
+        await client.delete(key)
+    await client.aclose()
+
+
+def content(body: dict[str, Any]) -> tuple[Any, ...]:
+    """Everything of a list answer but its rec_id."""
+    return (body["user_id"], body["model"], body["source"], body["ts"], body["ranked"],
+            [tuple(sorted(i.items())) for i in body["items"]])
+
+
+def histogram(runtime: Any, name: str) -> tuple[float, float]:
+    """(count, sum) of one of the runtime's Prometheus histograms."""
+    reg = runtime.metrics.registry
+    return reg.get_sample_value(f"{name}_count"), reg.get_sample_value(f"{name}_sum")
+
+
+def fast_count(runtime: Any) -> float:
+    """Requests answered by the fast path so far."""
+    return runtime.metrics.registry.get_sample_value("liftrec_api_fast_path_total")
+
+
+async def test_concurrent_requests_get_the_lists_of_sequential_ones(app_client: tuple[httpx.AsyncClient, Any]
+                                                                    ) -> None:
+    api, runtime = app_client
+    alone = []
+    for user, params in SPECS:   # one at a time: every batch holds one request
+        r = await api.get(f"/v1/users/{user}/recommendations", params=params)
+        assert r.status_code == 200, r.text
+        alone.append(r.json())
+    calls0, lists0 = histogram(runtime, "liftrec_api_batch_size")
+    assert (calls0, lists0) == (len(SPECS), len(SPECS))
+    together = await asyncio.gather(*(api.get(f"/v1/users/{u}/recommendations", params=p) for u, p in SPECS))
+    calls1, lists1 = histogram(runtime, "liftrec_api_batch_size")
+    assert lists1 - lists0 == len(SPECS) and calls1 - calls0 < len(SPECS)   # they did share calls
+    for (user, params), a, t in zip(SPECS, alone, together, strict=True):
+        assert t.status_code == 200, t.text
+        body = t.json()
+        assert content(body) == content(a), (user, params)
+        assert len(body["items"]) == params["k"] and body["rec_id"] != a["rec_id"]
+    assert "features" in together[7].json()["items"][0]
+    assert together[4].json()["items"][0]["source"] == "context"
+
+
+async def test_a_failing_user_does_not_fail_the_others(app_client: tuple[httpx.AsyncClient, Any]) -> None:
+    api, runtime = app_client
+    users = ["alice", "poison", "bob", "nobody", "carol"]
+    alone = {u: (await api.get(f"/v1/users/{u}/recommendations", params={"k": 5})).json()
+             for u in users if u != "poison"}
+    calls0, _ = histogram(runtime, "liftrec_api_batch_size")
+    got = await asyncio.gather(*(api.get(f"/v1/users/{u}/recommendations", params={"k": 5}) for u in users))
+    assert histogram(runtime, "liftrec_api_batch_size")[0] - calls0 < len(users)
+    statuses = {u: r.status_code for u, r in zip(users, got, strict=True)}
+    assert statuses == {"alice": 200, "poison": 500, "bob": 200, "nobody": 200, "carol": 200}
+    assert got[1].json()["error"] == "InternalError"
+    for u, r in zip(users, got, strict=True):
+        if u != "poison":
+            assert content(r.json()) == content(alone[u])
+
+
+async def test_a_fresh_precomputed_list_answers_from_the_batched_read(
+        app_client: tuple[httpx.AsyncClient, Any], settings: Settings, endpoints: Endpoints) -> None:
+    api, runtime = app_client
+    computed = (await api.get("/v1/users/alice/recommendations", params={"k": 20})).json()
+    assert not computed["source"].startswith("precomputed:")
+    stored = {**computed, "rec_id": "f" * 32, "ts": NOW - 1_000}
+    client = aioredis.Redis.from_url(endpoints.redis_url)
+    await client.set(KeySchema(settings.key_prefix).recs("alice"), orjson.dumps(stored))
+    await client.aclose()
+    plain, filtered, other = await asyncio.gather(
+        api.get("/v1/users/alice/recommendations", params={"k": 6}),
+        api.get("/v1/users/alice/recommendations", params={"k": 6, "exclude": computed["items"][0]["item_id"]}),
+        api.get("/v1/users/bob/recommendations", params={"k": 6}))
+    body = plain.json()
+    assert body["source"] == f"precomputed:{computed['source']}" and body["rec_id"] == "f" * 32
+    assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in computed["items"][:6]]
+    assert filtered.json()["rec_id"] != "f" * 32 and not filtered.json()["source"].startswith("precomputed:")
+    assert computed["items"][0]["item_id"] not in [i["item_id"] for i in filtered.json()["items"]]
+    assert other.status_code == 200 and not other.json()["source"].startswith("precomputed:")
+    runtime.clock_ms = lambda: NOW + int(runtime.settings.api_precomputed_max_age_s * 1000) + 5_000
+    stale = (await api.get("/v1/users/alice/recommendations", params={"k": 6})).json()
+    assert stale["rec_id"] != "f" * 32   # too old: computed
+
+
+async def test_redis_down_is_503_for_the_batch_not_a_hang(settings: Settings, endpoints: Endpoints,
+                                                           registry: tuple[Path, str]) -> None:  # noqa: F811
+    import socket
+
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    app = create_app(settings.model_copy(update={"registry_dir": registry[0]}),
+                     Endpoints(endpoints.kafka_bootstrap, dead, embedded=False), batch_window_s=0.002)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            got = await asyncio.wait_for(asyncio.gather(
+                *(api.get(f"/v1/users/{u}/recommendations", params={"k": 3}) for u in USERS)), timeout=20)
+    for r in got:
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"] == "StoreUnavailable" and "Redis" in r.json()["message"]
+
+
+async def test_the_fast_path_answers_as_the_fastapi_route(app_client: tuple[httpx.AsyncClient, Any]) -> None:
+    """Simple requests skip FastAPI's parameter machinery; an unknown parameter sends them through it."""
+    api, runtime = app_client
+    specs = [("alice", {"k": 5}), ("bob", {}), ("carol", {"k": 4, "context_item": "i000005"}),
+             ("alice", {"k": 6, "exclude": "i000002,i000004", "category": ["c1", "c2"]}),
+             ("bob", {"k": 3, "explain": "true"}), ("nobody", {"k": "7"})]
+    for user, params in specs:
+        before = fast_count(runtime)
+        fast = await api.get(f"/v1/users/{user}/recommendations", params=params)
+        assert fast_count(runtime) == before + 1, params
+        slow = await api.get(f"/v1/users/{user}/recommendations", params={**params, "via": "fastapi"})
+        assert fast_count(runtime) == before + 1   # FastAPI ignores `via`; the fast path may not
+        assert fast.status_code == slow.status_code == 200
+        assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+        assert content(fast.json()) == content(slow.json()), (user, params)
+    for params in ({"k": 0}, {"k": 101}, {"k": "+5"}, {"explain": "yes"}, {"context_item": " "}, {"k": ["2", "3"]}):
+        before = fast_count(runtime)
+        r = await api.get("/v1/users/alice/recommendations", params=params)
+        assert fast_count(runtime) == before, params   # left to FastAPI
+        if params in ({"k": 0}, {"k": 101}, {"explain": "yes"}, {"context_item": " "}):
+            assert r.status_code == (200 if params == {"explain": "yes"} else 422), (params, r.text)
