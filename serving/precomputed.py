@@ -6,7 +6,9 @@ context item, filters, boosts or ``explain``) can be answered with it instead
 of running the recommender — one Redis GET instead of about 2 ms of CPU — when
 
 * it belongs to the model the API serves,
-* it is at most ``Settings.api_precomputed_max_age_s`` old, and
+* it is at most ``Settings.api_precomputed_max_age_s`` old,
+* the user is not waiting for a list refresh (not in ``dirty`` / ``refreshing``:
+  :meth:`~serving.state.UserStateReader.fetch_many` leaves the list out then), and
 * at least ``k`` of its items are still in stock in the live catalog (items
   gone out of stock since the list was made are dropped, order kept).
 

@@ -86,17 +86,25 @@ def session_of(history: Sequence[tuple[str, str, int]], start_ms: int | None) ->
     return out
 
 
-#: Read-only script of :meth:`UserStateReader.fetch_many`. KEYS: six per user (recs, hist,
-#: bought, uvec, shown, sess); ARGV[1]: newest history entries to read; ARGV[1 + u]: "1" when
-#: user u's ``recs`` value is wanted. Returns per user {recs|nil, hist, bought, {vec, model},
-#: shown, session start} (hashes as flat field/value arrays).
+#: Read-only script of :meth:`UserStateReader.fetch_many`. KEYS: ``dirty``, ``refreshing``,
+#: then six per user (recs, hist, bought, uvec, shown, sess); ARGV[1]: newest history entries
+#: to read; ARGV[1 + u]: "1" when user u's ``recs`` value is wanted; ARGV[1 + n + u]: user u's
+#: id. A wanted ``recs`` value is returned only while the user is neither ``dirty`` nor
+#: ``refreshing`` (their list reflects their newest applied event). Returns per user
+#: {recs|nil, hist, bought, {vec, model}, shown, session start} (hashes as flat arrays).
 _FETCH_LUA = """
 local cap = tonumber(ARGV[1]) - 1
+local n = (#KEYS - 2) / 6
 local out = {}
-for u = 0, #KEYS / 6 - 1 do
-  local b = u * 6
+for u = 0, n - 1 do
+  local b = 2 + u * 6
   local recs = false
-  if ARGV[2 + u] == '1' then recs = redis.call('GET', KEYS[b + 1]) end
+  if ARGV[2 + u] == '1' then
+    local id = ARGV[2 + n + u]
+    if redis.call('SISMEMBER', KEYS[1], id) == 0 and not redis.call('ZSCORE', KEYS[2], id) then
+      recs = redis.call('GET', KEYS[b + 1])
+    end
+  end
   out[u + 1] = {recs, redis.call('LRANGE', KEYS[b + 2], 0, cap), redis.call('HGETALL', KEYS[b + 3]),
                 redis.call('HMGET', KEYS[b + 4], 'vec', 'model'), redis.call('HGETALL', KEYS[b + 5]),
                 redis.call('HGET', KEYS[b + 6], 'start')}
@@ -193,7 +201,9 @@ class UserStateReader:
         user_ids : sequence of str
             Users to read, in order.
         with_recs : sequence of bool, optional
-            Per user: also read the precomputed list (default: for nobody).
+            Per user: also read the precomputed list (default: for nobody). It is left out
+            (``recs=None``) while the user is ``dirty`` or ``refreshing``: events applied after
+            it was made are not in it yet, so the caller computes the list on read.
 
         Returns
         -------
@@ -206,12 +216,12 @@ class UserStateReader:
         if not user_ids:
             return []
         k = self.keys
-        keys: list[str] = []
+        keys: list[str] = [k.dirty(), k.refreshing()]
         for uid in user_ids:
             keys += (k.recs(uid), k.history(uid), k.bought(uid), k.user_vector(uid), k.shown(uid),
                      k.session(uid))
         flags = ["1" if w else "0" for w in with_recs] if with_recs is not None else ["0"] * len(user_ids)
-        res = await self._fetch(keys=keys, args=[self.history_cap, *flags])
+        res = await self._fetch(keys=keys, args=[self.history_cap, *flags, *user_ids])
         return [StateReply(user_id=uid, recs=r[0], raw=(r[1], r[2], r[3], r[4], r[5]))
                 for uid, r in zip(user_ids, res, strict=True)]
 

@@ -152,6 +152,16 @@ async def test_a_fresh_precomputed_list_answers_from_the_batched_read(
     assert filtered.json()["rec_id"] != "f" * 32 and not filtered.json()["source"].startswith("precomputed:")
     assert computed["items"][0]["item_id"] not in [i["item_id"] for i in filtered.json()["items"]]
     assert other.status_code == 200 and not other.json()["source"].startswith("precomputed:")
+    keys = KeySchema(settings.key_prefix)
+    client = aioredis.Redis.from_url(endpoints.redis_url)
+    for mark in (lambda: client.sadd(keys.dirty(), "alice"), lambda: client.zadd(keys.refreshing(), {"alice": NOW})):
+        await mark()   # events applied after the stored list: it is stale whatever its age
+        waiting = (await api.get("/v1/users/alice/recommendations", params={"k": 6})).json()
+        assert waiting["rec_id"] != "f" * 32 and not waiting["source"].startswith("precomputed:")
+        await client.delete(keys.dirty(), keys.refreshing())
+        again = (await api.get("/v1/users/alice/recommendations", params={"k": 6})).json()
+        assert again["rec_id"] == "f" * 32
+    await client.aclose()
     runtime.clock_ms = lambda: NOW + int(runtime.settings.api_precomputed_max_age_s * 1000) + 5_000
     stale = (await api.get("/v1/users/alice/recommendations", params={"k": 6})).json()
     assert stale["rec_id"] != "f" * 32   # too old: computed
