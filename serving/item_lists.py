@@ -82,7 +82,7 @@ def fallback_list(user_id: str, history: Sequence[tuple[str, str, int]], *, k: i
             history=history, bought={}, trending=trending, catalog=catalog, k=max(4 * k, 200))]
         if filters.categories is not None:  # a category filter: that category's trending list too
             seen = {i for i, _, _ in pool}
-            pool += [(i, s, f"trending in {c}") for c in filters.categories
+            pool += [(i, s, f"trending in {c}") for c in sorted(filters.categories)
                      for i, s in trending.by_category.get(c, ()) if i not in seen]
         ids = [i for i, _, _ in pool]
         ok = eligible(ids, item_attrs(ids, catalog), blocked=blocked, filters=filters)

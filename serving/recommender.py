@@ -381,7 +381,8 @@ class Recommender:
     def _category_codes(filters: RequestFilters, aux: BundleAux) -> list[int]:
         if filters.categories is None:
             return []
-        return [aux.category_code[c] for c in filters.categories if c in aux.category_code]
+        # sorted: the order of a set depends on PYTHONHASHSEED, and it orders equal-scored items
+        return sorted(aux.category_code[c] for c in filters.categories if c in aux.category_code)
 
     @staticmethod
     def _eligible(cands: CandidateSet, u: _User, live: LiveAttrs) -> tuple[CandidateSet, np.ndarray]:
