@@ -44,7 +44,9 @@ def make_ctx(seed: int = 0, *, n_hist: int = 40, n_sess: int = 5, vector: bool =
         history_ts=NOW - rng.integers(0, 10**9, n_hist),
         session_items=rng.integers(0, N_ITEMS, n_sess), now_ms=NOW,
         trending_items=rng.choice(N_ITEMS, 10, replace=False),
-        trending_scores=rng.uniform(0, 50, 10).astype(np.float32))
+        trending_scores=rng.uniform(0, 50, 10).astype(np.float32),
+        session_knn_items=rng.choice(N_ITEMS, 12, replace=False),
+        session_knn_scores=rng.uniform(0.1, 3, 12).astype(np.float32))
 
 
 def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.ndarray:
@@ -100,6 +102,11 @@ def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.nd
         f["in_session"] = float(c in sess)
         f["session_length"] = len(ctx.session_items)
         f["log_history_length"] = math.log1p(len(ctx.history_items))
+        for i, s in zip(ctx.session_knn_items, ctx.session_knn_scores, strict=True):
+            if i == c:
+                f["session_knn"] = float(s)
+        if sess and cat >= 0:
+            f["session_category_share"] = sum(int(t.category[i]) == cat for i in sess) / len(sess)
         rows.append([f[n] for n in FEATURE_NAMES])
     return np.asarray(rows, dtype=np.float64)
 
