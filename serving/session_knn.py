@@ -63,6 +63,19 @@ class SessionKnnParams:
             raise ValueError(f"session kNN k and sample must be >= 1; got k={self.k}, sample={self.sample}")
 
 
+def _count(values: np.ndarray, size: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values (ascending) with their counts (or summed weights): a bincount over ``size`` slots when
+    that is cheaper than sorting the values, else a sort."""
+    if len(values) * 16 >= size:
+        c = np.bincount(values, weights=weights, minlength=size)
+        nz = np.flatnonzero(c)
+        return nz, c[nz]
+    uniq, inv = np.unique(values, return_inverse=True)
+    if weights is None:
+        return uniq, np.bincount(inv, minlength=len(uniq))
+    return uniq, np.bincount(inv, weights=weights, minlength=len(uniq))
+
+
 def _row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     starts = indptr[rows]
     lengths = indptr[rows + 1] - starts
@@ -223,10 +236,16 @@ class SessionIndex:
         qi = qi[(qi >= 0) & (qi < self.n_items)]
         if len(qi) == 0 or self.n_sessions == 0:
             return _EMPTY_I, _EMPTY_F
-        sess = self.item_sessions[_row_ranges(self.item_indptr, qi)]
+        # each posting list is oldest first: its last ``sample`` sessions hold every session that can be
+        # among the ``sample`` most recent overlapping ones, with its full overlap count (+1: the own session)
+        starts = np.maximum(self.item_indptr[qi], self.item_indptr[qi + 1] - params.sample - 1)
+        lengths = self.item_indptr[qi + 1] - starts
+        total = int(lengths.sum())
+        sess = self.item_sessions[np.arange(total, dtype=np.int64)
+                                  + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)]
         if len(sess) == 0:
             return _EMPTY_I, _EMPTY_F
-        s_uniq, overlap = np.unique(sess, return_counts=True)   # ascending = oldest first
+        s_uniq, overlap = _count(sess, self.n_sessions)   # ascending = oldest first
         if user is not None and since_ms is not None:
             own = (self.users[s_uniq] == user) & (self.last_ts[s_uniq] >= since_ms)
             if own.any():
@@ -241,7 +260,7 @@ class SessionIndex:
             top = np.argpartition(-sim, params.k - 1)[: params.k]
             s_uniq, sim = s_uniq[top], sim[top]
         order = np.lexsort((-s_uniq, -sim))
-        return s_uniq[order], sim[order].astype(np.float32)
+        return s_uniq[order].astype(np.int64), sim[order].astype(np.float32)
 
     def scores(self, query: np.ndarray, *, params: SessionKnnParams, user: int | None = None,
                since_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -258,10 +277,9 @@ class SessionIndex:
         if len(nb) == 0:
             return _EMPTY_I, _EMPTY_F
         pos = _row_ranges(self.indptr, nb)
-        it = self.items[pos].astype(np.int64)
-        w = np.repeat(sim, (self.indptr[nb + 1] - self.indptr[nb]))
-        uniq, inv = np.unique(it, return_inverse=True)
-        return uniq, np.bincount(inv, weights=w, minlength=len(uniq)).astype(np.float32)
+        w = np.repeat(sim.astype(np.float64), (self.indptr[nb + 1] - self.indptr[nb]))
+        uniq, sc = _count(self.items[pos], self.n_items, w)
+        return uniq.astype(np.int64), sc.astype(np.float32)
 
 
 def query_session(session: np.ndarray, hist_items: np.ndarray, hist_ts: np.ndarray, *,

@@ -140,3 +140,34 @@ def tiny_aux() -> object:
                     item_factors=y, popularity=pop, item_meta=meta, rules=None, covis=None, content=None,
                     ranker=None, ranker_reference=None, tables=tables)
     return BundleAux(bundle)
+
+
+def test_recommender_serves_session_neighbours_with_their_feature() -> None:
+    from features.catalog import CatalogCache
+    from serving.recommender import Recommender, RecRequest
+    from serving.rules import RuleConfig
+    from serving.state import UserState
+    from serving.trending import TrendingSnapshot
+    from tests.unit.test_serving_recommender import NOW, VERSION, make_bundle
+
+    # other shoppers who looked at i8 and i9 went on to i10 (and one of them to i5)
+    ix = index([("x", [8, 9, 10], NOW - 9_000_000), ("y", [8, 9, 10, 5], NOW - 8_000_000),
+                ("z", [0, 1], NOW - 7_000_000)])
+    state = UserState(user_id="u1", history=(("i9", "view", NOW - 1000), ("i8", "view", NOW - 2000)),
+                      session_items=("i8", "i9"), vector=np.array([1, 0, 0, 0], np.float32), vector_model=VERSION)
+    r = Recommender(rules=RuleConfig(diversity="none", repurchase_window_ms=0), n_candidates=50)
+    got = r.recommend_many([state], RecRequest(k=12, explain=True), bundle=make_bundle(),
+                           trending=TrendingSnapshot(overall=(), by_category={}), catalog=CatalogCache(),
+                           now_ms=NOW, sessions=ix)[0]
+    feats = {it.item_id: it.features["session_knn"] for it in got.items}
+    a, b = 2 / np.sqrt(3 * 2), 2 / np.sqrt(4 * 2)
+    assert feats["i10"] == pytest.approx(a + b, rel=1e-5)
+    assert feats["i5"] == pytest.approx(b, rel=1e-5)
+    assert feats["i0"] == 0.0           # session z shares nothing with the query
+    by_id = {it.item_id: it for it in got.items}
+    assert by_id["i10"].source_scores["session_knn"] > 0  # type: ignore[index]
+    # without an index (and none in the bundle) the feature stays 0
+    plain = r.recommend_many([state], RecRequest(k=12, explain=True), bundle=make_bundle(),
+                             trending=TrendingSnapshot(overall=(), by_category={}), catalog=CatalogCache(),
+                             now_ms=NOW)[0]
+    assert all(it.features["session_knn"] == 0.0 for it in plain.items)
