@@ -15,6 +15,8 @@ Layout of ``<registry>/<version>/`` (see ``docs/models.md``)::
                             confidence, lift float32              (optional)
     covis.npz               indptr int64, indices int32, scores float32 (optional)
     content.npy             float32 (n_items, d), rows L2-normalised (optional)
+    sessions.npz            recent training sessions for session kNN: indptr int64, items int32,
+                            last_ts int64, users int64 (user key), gap_ms (optional)
     ranker.onnx             LambdaRank model                       (optional)
     ranker_features.json    feature names the model was trained on (with the ranker)
     ranker_reference.npz    X float32 rows + expected scores for the load-time
@@ -114,6 +116,7 @@ class Bundle:
     ranker: OnnxRanker | None
     ranker_reference: tuple[np.ndarray, np.ndarray] | None
     tables: RankingTables
+    sessions: Mapping[str, np.ndarray] | None = None
 
     @property
     def version(self) -> str:
@@ -167,6 +170,7 @@ class Bundle:
                                 price=z["price"], in_stock=z["in_stock"])
             rules = _load_npz(root / "rules.npz") if "rules.npz" in artifacts else None
             covis = _load_npz(root / "covis.npz") if "covis.npz" in artifacts else None
+            sessions = _load_npz(root / "sessions.npz") if "sessions.npz" in artifacts else None
             content = (np.load(root / "content.npy", mmap_mode=mode, allow_pickle=False)
                        if "content.npy" in artifacts else None)
             ranker = reference = None
@@ -193,7 +197,7 @@ class Bundle:
         return cls(path=root, manifest=manifest, users=users, items=items,
                    user_factors=user_factors, item_factors=item_factors, popularity=popularity,
                    item_meta=meta, rules=rules, covis=covis, content=content, ranker=ranker,
-                   ranker_reference=reference, tables=tables)
+                   ranker_reference=reference, tables=tables, sessions=sessions)
 
     def validate(self, *, verify_hashes: bool = True) -> None:
         """Check that the bundle can be served; raise on the first problem.
@@ -381,6 +385,10 @@ class BundleWriter:
         """Co-visitation from flat (src, dst, score) triples."""
         indptr, idx, sc = pairs_to_csr(n_items, src, dst, scores)
         self.set_covis(indptr=indptr, indices=idx, scores=sc)
+
+    def set_sessions(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Recent sessions for session kNN (``serving.session_knn.SessionIndex.to_arrays``)."""
+        self._npz["sessions.npz"] = {k: np.asarray(v) for k, v in arrays.items()}
 
     def set_content(self, embeddings: np.ndarray) -> None:
         """L2-normalised content embeddings, one row per item."""

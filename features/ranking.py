@@ -95,6 +95,9 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("in_session", "1 when the item was touched in the current session"),
     FeatureSpec("session_length", "number of items in the current session (per query)"),
     FeatureSpec("log_history_length", "log(1 + events in the user's history) (per query)"),
+    FeatureSpec("session_knn", "summed cosine of the past sessions most similar to the current (or last) one "
+                               "that hold the item (serving.session_knn); 0 when none"),
+    FeatureSpec("session_category_share", "share of the current session's items in the item's category"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -138,6 +141,8 @@ class RankingContext:
     now_ms: int
     trending_items: np.ndarray = field(default_factory=_i64)
     trending_scores: np.ndarray = field(default_factory=_f32)
+    session_knn_items: np.ndarray = field(default_factory=_i64)
+    session_knn_scores: np.ndarray = field(default_factory=_f32)
 
     def __post_init__(self) -> None:
         n = len(self.history_items)
@@ -148,6 +153,9 @@ class RankingContext:
         if len(self.trending_items) != len(self.trending_scores):
             raise ValueError("trending_items and trending_scores must have the same length; got "
                              f"{len(self.trending_items)} and {len(self.trending_scores)}")
+        if len(self.session_knn_items) != len(self.session_knn_scores):
+            raise ValueError("session_knn_items and session_knn_scores must have the same length; got "
+                             f"{len(self.session_knn_items)} and {len(self.session_knn_scores)}")
 
     @classmethod
     def from_events(
@@ -489,7 +497,21 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
         out[rows, _COL["in_session"]] = 1.0
     out[:, _COL["session_length"]] = len(ctx.session_items)
     out[:, _COL["log_history_length"]] = np.log1p(len(ctx.history_items))
+    _session_features(ctx, cand, cat, sess, tables, join, out)
     return out
+
+
+def _session_features(ctx: RankingContext, cand: np.ndarray, cat: np.ndarray, sess: np.ndarray,
+                      tables: RankingTables, join: _Join, out: np.ndarray) -> None:
+    """The session-kNN score and the candidate category's share of the session."""
+    if len(ctx.session_knn_items):
+        rows, hit = join.rows(ctx.session_knn_items.astype(np.int64, copy=False))
+        if len(rows):
+            out[rows, _COL["session_knn"]] = ctx.session_knn_scores[hit]
+    if len(sess):
+        sc = np.sort(tables.category[sess])
+        cnt = np.searchsorted(sc, cat, side="right") - np.searchsorted(sc, cat, side="left")
+        out[:, _COL["session_category_share"]] = np.where(cat >= 0, cnt / len(sc), 0.0)
 
 
 class OnnxRanker:

@@ -264,8 +264,32 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
             out[:, _COL["session_category_match"]] = (sc_keys[p] == q) & (cat >= 0)
         rows, _ = join.rows(s_uid * n_items + s_items)
         out[rows, _COL["in_session"]] = 1.0
+    _session_features_many(contexts, uid, cat, s_items, s_uid, tables, join, out)
     per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items))] for c in contexts],
                         dtype=np.float64)
     out[:, _COL["session_length"]] = per_user[uid, 0]
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
     return out
+
+
+def _session_features_many(contexts: Sequence[RankingContext], uid: np.ndarray, cat: np.ndarray,
+                           s_items: np.ndarray, s_uid: np.ndarray, tables: RankingTables, join: _KeyJoin,
+                           out: np.ndarray) -> None:
+    """``features.ranking._session_features`` for the whole batch: session-kNN score and the
+    candidate category's share of the user's session anchors (``s_items``, ``s_uid``)."""
+    n_items, n_users = tables.n_items, len(contexts)
+    k_items, k_uid = _concat([c.session_knn_items for c in contexts], np.int64)
+    if len(k_items):
+        k_scores, _ = _concat([c.session_knn_scores for c in contexts], np.float32)
+        ok = (k_items >= 0) & (k_items < n_items)   # others match no candidate (and would alias users)
+        rows, hit = join.rows(k_uid[ok] * n_items + k_items[ok])
+        if len(rows):
+            out[rows, _COL["session_knn"]] = k_scores[ok][hit]
+    if len(s_items):
+        sc = tables.category[s_items].astype(np.int64) + 1   # -1 (no category) -> 0
+        width = int(max(sc.max(), cat.max() + 1)) + 1
+        keys = np.sort(s_uid * width + sc)
+        q = uid * width + (cat + 1)
+        cnt = np.searchsorted(keys, q, side="right") - np.searchsorted(keys, q, side="left")
+        denom = np.bincount(s_uid, minlength=n_users)[uid]
+        out[:, _COL["session_category_share"]] = np.where((cat >= 0) & (denom > 0), cnt / np.maximum(denom, 1), 0.0)

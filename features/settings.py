@@ -201,6 +201,17 @@ class Settings(BaseSettings):
     (the exactly-once path) gets the CPU first and lists catch up with what is
     left; the API computes a list on read when the stored one is stale."""
 
+    session_knn_k: int = Field(default=100, ge=1, le=10_000)
+    """Session kNN (``serving.session_knn``): neighbour sessions whose items are
+    candidates and feed the ``session_knn`` ranker feature."""
+
+    session_knn_sample: int = Field(default=1000, ge=1, le=1_000_000)
+    """Session kNN: only this many most recent past sessions sharing an item with
+    the user's current (or last) session are compared."""
+
+    session_knn_max_sessions: int = Field(default=50_000, ge=0, le=10_000_000)
+    """Newest training sessions a bundle ships for session kNN (0: none)."""
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_ok(cls, v: str) -> str:

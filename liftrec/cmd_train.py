@@ -96,7 +96,8 @@ def train(
         min_support=min_support, min_confidence=min_confidence, min_lift=min_lift, covis_top_n=covis_top_n,
         content=content, ranker=ranker, ranker_max_queries=ranker_max_queries, refit=refit,  # type: ignore[arg-type]
         session_gap_s=float(settings.session_gap_s), history_cap=settings.history_cap,
-        trending_half_life_s=settings.trending_half_life_s,
+        trending_half_life_s=settings.trending_half_life_s, session_knn_k=settings.session_knn_k,
+        session_knn_sample=settings.session_knn_sample, session_knn_max_sessions=settings.session_knn_max_sessions,
         redis_url=_redis_for_announce(settings, announce), key_prefix=settings.key_prefix,
     )
     console = Console(stderr=True, highlight=False)

@@ -14,6 +14,7 @@ source                  proposes
 ``context``             neighbours of the request's context item: co-visitation,
                         bought-together rules, ALS factor cosine, content cosine
 ``session``             co-visitation neighbours of the session and recent items
+``session_knn``         items of the past sessions most similar to the current one (:mod:`serving.session_knn`)
 ``bought_together``     consequents of association rules whose antecedent is an anchor
 ``als``                 inner-product top-N of the user vector (batched, :mod:`serving.index`)
 ``category``            with a category filter: ALS (or popularity) inside the category
@@ -39,6 +40,7 @@ import numpy as np
 from features.bundle import Bundle
 from features.vectors import gram
 from serving.index import ExactIndex, ItemIndex, build_index, top_k
+from serving.session_knn import SessionIndex
 
 if TYPE_CHECKING:
     from serving.anchors import AnchorProposals
@@ -60,12 +62,13 @@ log = logging.getLogger(__name__)
 
 #: Candidate sources in chain order.
 SOURCES: tuple[str, ...] = ("context", "session", "bought_together", "als", "category", "content",
-                            "trending", "popularity")
+                            "session_knn", "trending", "popularity")
 SOURCE_INDEX = {name: i for i, name in enumerate(SOURCES)}
 #: Share of ``n_candidates`` each source may propose (trending and popularity also
 #: fill whatever the others left).
 QUOTAS: Mapping[str, float] = {"context": 0.2, "session": 0.2, "bought_together": 0.15, "als": 0.5,
-                               "category": 0.35, "content": 0.2, "trending": 0.15, "popularity": 0.15}
+                               "category": 0.35, "content": 0.2, "trending": 0.15, "popularity": 0.15,
+                               "session_knn": 0.2}
 #: Newest distinct history items used as anchors (as :func:`features.ranking.build_features`).
 N_RECENT_ANCHORS = 10
 N_SESSION_ANCHORS = 20
@@ -135,6 +138,9 @@ class BundleAux:
         self.category_name_arr = np.array([*names, None], dtype=object)
         #: object array of item ids by row: ``item_id_arr[rows].tolist()`` without a Python loop
         self.item_id_arr = np.array(bundle.items.ids, dtype=object)
+        #: the bundle's recent training sessions for the ``session_knn`` source (``None``: none shipped)
+        self.sessions = (None if bundle.sessions is None
+                         else SessionIndex.from_arrays(bundle.sessions, len(bundle.items)))
 
     @classmethod
     def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 50_000,
@@ -214,6 +220,8 @@ class CandidateInput:
     user_vector: np.ndarray | None = None
     categories: Sequence[int] = ()
     affinity: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    #: session-kNN items and scores of this user (:mod:`serving.session_knn`), when an index is available
+    session_knn: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def anchors(self) -> np.ndarray:
@@ -449,6 +457,8 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
         norm = float(np.linalg.norm(q))
         if norm > 0:
             add("content", *aux.similar_by_content(q / norm, quota["content"], exclude=anchors))
+    if inp.session_knn is not None:
+        add("session_knn", *_best(*inp.session_knn, quota["session_knn"]))
     so_far = sum(len(p[1]) for p in proposals)
     fill = max(0, n_candidates - so_far)
     add("trending", *_trending(inp, trending, max(quota["trending"], fill // 2)))

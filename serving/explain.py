@@ -40,6 +40,7 @@ __all__ = ["SOURCE_WEIGHTS", "Reason", "explain_items", "reason_for_source", "so
 SOURCE_WEIGHTS: Mapping[str, float] = {
     "context": 1.3, "bought_together": 1.2, "session": 1.1, "category": 0.95, "als": 0.9,
     "content": 0.8, "trending": 0.6, "popularity": 0.4,
+    "session_knn": 1.0,
 }
 _W = np.array([SOURCE_WEIGHTS[s] for s in SOURCES], dtype=np.float32)
 
@@ -187,6 +188,8 @@ def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.nda
             return Reason(source, "picked for you")
     if source == "category" and category:
         return Reason(source, f"top pick in {category}")
+    if source == "session_knn":
+        return Reason(source, "chosen in sessions like yours")
     if source == "trending":
         if category and category in user_categories:
             return Reason(source, f"trending in {category}")
@@ -302,6 +305,9 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
                 continue
         elif source == "category" and category:
             out.append(Reason(source, f"top pick in {category}"))
+            continue
+        elif source == "session_knn":
+            out.append(Reason(source, "chosen in sessions like yours"))
             continue
         elif source == "trending":
             out.append(Reason(source, f"trending in {category}" if category and category in user_categories

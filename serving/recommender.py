@@ -68,6 +68,7 @@ from serving.rules import (
     eligible,
     item_attrs,
 )
+from serving.session_knn import SessionIndex, SessionKnnParams, query_session, user_key
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
 
@@ -104,6 +105,7 @@ class _User:
     vector: np.ndarray | None = None
     user_categories: set[str] = dataclasses.field(default_factory=set)
     affinity: dict[int, float] = dataclasses.field(default_factory=dict)
+    sknn: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Recommender:
@@ -123,11 +125,14 @@ class Recommender:
         Retrieval index built by :meth:`prepare`.
     ann_min_items, nprobe : int
         See :func:`serving.index.build_index`.
+    session_knn : SessionKnnParams, optional
+        Neighbour sessions / sample of the ``session_knn`` source and feature.
     """
 
     def __init__(self, *, rules: RuleConfig | None = None, n_candidates: int = 300,
                  event_weights: Mapping[str, float] | None = None, trending_half_life_s: float = 6 * 3600.0,
-                 index_kind: str = "auto", ann_min_items: int = 50_000, nprobe: int = 64) -> None:
+                 index_kind: str = "auto", ann_min_items: int = 50_000, nprobe: int = 64,
+                 session_knn: SessionKnnParams | None = None) -> None:
         if n_candidates < 1:
             raise ValueError(f"n_candidates must be >= 1; got {n_candidates}")
         self.rules = rules or RuleConfig()
@@ -137,6 +142,7 @@ class Recommender:
         self.index_kind = index_kind
         self.ann_min_items = ann_min_items
         self.nprobe = nprobe
+        self.session_knn = session_knn or SessionKnnParams()
         self._aux: dict[str, BundleAux] = {}
         self._tables: dict[str, LiveTable] = {}
         self._trend_cache: tuple[TrendingSnapshot, str, TrendingArrays] | None = None
@@ -147,7 +153,8 @@ class Recommender:
         return cls(rules=RuleConfig.from_settings(settings), n_candidates=settings.n_candidates,
                    event_weights=settings.event_weights, trending_half_life_s=settings.trending_half_life_s,
                    index_kind=settings.ann_index, ann_min_items=settings.ann_min_items,
-                   nprobe=settings.ann_nprobe)
+                   nprobe=settings.ann_nprobe,
+                   session_knn=SessionKnnParams(k=settings.session_knn_k, sample=settings.session_knn_sample))
 
     # -- per-bundle data -------------------------------------------------------------
 
@@ -227,7 +234,7 @@ class Recommender:
 
     def recommend_many(self, states: Sequence[UserState], requests: Sequence[RecRequest] | RecRequest,
                        *, bundle: Bundle | None, trending: TrendingSnapshot, catalog: CatalogCache,
-                       now_ms: int | None = None) -> list[RecList]:
+                       now_ms: int | None = None, sessions: SessionIndex | None = None) -> list[RecList]:
         """Lists for many users with one fold-in solve, one retrieval call and one ONNX call.
 
         Parameters
@@ -244,6 +251,8 @@ class Recommender:
             Live catalog (stock, category, price).
         now_ms : int, optional
             Current time (default: the clock).
+        sessions : SessionIndex, optional
+            Recent sessions on the bundle's item rows (e.g. kept by the stream); default: the bundle's.
 
         Returns
         -------
@@ -263,10 +272,12 @@ class Recommender:
         tr = self.trending_arrays(trending, aux)
         users = [self._resolve(s, r, aux, now) for s, r in zip(states, reqs, strict=True)]
         self._vectors(users, aux)
+        self._session_knn(users, sessions if sessions is not None else aux.sessions)
         als = self._retrieve(users, aux)
         inputs = [CandidateInput(recent=u.recent, session=u.session, context=u.context,
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
-                                 categories=self._category_codes(u.request.filters, aux), affinity=u.affinity)
+                                 categories=self._category_codes(u.request.filters, aux), affinity=u.affinity,
+                                 session_knn=u.sknn)
                   for u, a in zip(users, als, strict=True)]
         anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
         raw = [gather(inp, aux, tr, n_candidates=self.n_candidates, anchored=an)
@@ -367,6 +378,16 @@ class Recommender:
             for (j, _), v in zip(fold, vecs, strict=True):
                 users[j].vector = v
 
+    def _session_knn(self, users: list[_User], index: SessionIndex | None) -> None:
+        """Each user's session-kNN items: their current (or last) session vs the index's past sessions."""
+        if index is None or index.n_sessions == 0:
+            return
+        for u in users:
+            query, start = query_session(u.session, u.hist_items, u.hist_ts, gap_ms=index.gap_ms)
+            if len(query):
+                key = user_key(u.state.user_id) if u.state.user_id else None
+                u.sknn = index.scores(query, params=self.session_knn, user=key, since_ms=start)
+
     def _retrieve(self, users: list[_User], aux: BundleAux) -> list[tuple[np.ndarray, np.ndarray] | None]:
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(users)
         with_vec = [j for j, u in enumerate(users) if u.vector is not None]
@@ -411,7 +432,9 @@ class Recommender:
         session = u.session if u.context < 0 else np.append(u.session, u.context)
         return RankingContext(user_vector=u.vector, history_items=u.hist_items, history_types=u.hist_types,
                               history_ts=u.hist_ts, session_items=session, now_ms=now,
-                              trending_items=tr.overall[0], trending_scores=tr.overall[1] * np.float32(decay))
+                              trending_items=tr.overall[0], trending_scores=tr.overall[1] * np.float32(decay),
+                              **({} if u.sknn is None else {"session_knn_items": u.sknn[0],
+                                                             "session_knn_scores": u.sknn[1]}))
 
     @staticmethod
     def _score(X: np.ndarray, bundle: Bundle) -> np.ndarray:

@@ -83,6 +83,8 @@ class TrainConfig:
         Refit ALS, rules and co-visitation on all events before publishing.
     session_gap_s, history_cap, trending_half_life_s :
         As the stream's settings.
+    session_knn_k, session_knn_sample, session_knn_max_sessions :
+        Session kNN settings; the bundle ships the newest ``session_knn_max_sessions`` sessions (0: none).
     redis_url, key_prefix :
         Where to announce the new version (no announcement without a URL).
     """
@@ -109,6 +111,9 @@ class TrainConfig:
     session_gap_s: float = 1800.0
     history_cap: int = 100
     trending_half_life_s: float = 6 * 3600.0
+    session_knn_k: int = 100
+    session_knn_sample: int = 1000
+    session_knn_max_sessions: int = 50_000
     redis_url: str | None = None
     key_prefix: str = "liftrec"
 
@@ -313,6 +318,11 @@ def run_training(config: TrainConfig, *, reporter: StageReporter | None = None,
         writer.set_rules(antecedent_idx=r.antecedent, consequent_idx=r.consequent, support=r.support,
                          confidence=r.confidence, lift=r.lift)
         writer.set_covis(indptr=final.covis.indptr, indices=final.covis.indices, scores=final.covis.scores)
+        if cfg.session_knn_max_sessions > 0:
+            from training.ranker import build_session_index
+
+            writer.set_sessions(build_session_index(table, weights=cfg.weights, gap_s=cfg.session_gap_s,
+                                                    max_sessions=cfg.session_knn_max_sessions).to_arrays())
         if content is not None:
             writer.set_content(content)
         if ranker is not None:
@@ -424,17 +434,23 @@ def _content(mode: ContentMode, catalog: ItemCatalog | None, meta: dict[str, Any
 def _ranker(table: InteractionTable, cutoff_ms: int, m: _Models, meta: dict[str, Any],
             content: np.ndarray | None, cfg: TrainConfig, show_progress: bool) -> tuple[Any, str]:
     from features.ranking import RankingTables
-    from training.ranker import build_ranker_dataset, fit_ranker
+    from serving.session_knn import SessionKnnParams
+    from training.ranker import build_ranker_dataset, build_session_index, fit_ranker
 
     tables = RankingTables.build(
         item_factors=m.als.item_factors, popularity=m.popularity, price=meta["price"],
         category=meta["category"], covis=(m.covis.indptr, m.covis.indices, m.covis.scores),
         rules=(m.rules.antecedent, m.rules.consequent, m.rules.confidence, m.rules.lift), content=content)
+    sessions = None
+    if cfg.session_knn_max_sessions > 0:
+        sessions = build_session_index(table, weights=cfg.weights, gap_s=cfg.session_gap_s,
+                                       max_sessions=cfg.session_knn_max_sessions, rows=table.ts < cutoff_ms)
     data = build_ranker_dataset(table, cutoff_ms=cutoff_ms, tables=tables, user_factors=m.als.user_factors,
                                 history_cap=cfg.history_cap, session_gap_s=cfg.session_gap_s,
                                 trending_half_life_s=cfg.trending_half_life_s,
                                 max_queries=cfg.ranker_max_queries, seed=cfg.als.random_state,
-                                progress=show_progress)
+                                progress=show_progress, sessions=sessions,
+                                session_knn=SessionKnnParams(k=cfg.session_knn_k, sample=cfg.session_knn_sample))
     if len(data.group) < 2:
         return None, f"skipped: only {len(data.group)} query with a positive candidate (need 2)"
     result = fit_ranker(data, seed=cfg.als.random_state)
@@ -454,6 +470,8 @@ def _params(cfg: TrainConfig) -> dict[str, Any]:
         "covis": {"top_n": cfg.covis_top_n, "window_s": cfg.covis_window_s},
         "content": cfg.content, "ranker": cfg.ranker, "ranker_max_queries": cfg.ranker_max_queries,
         "refit": cfg.refit, "session_gap_s": cfg.session_gap_s,
+        "session_knn": {"k": cfg.session_knn_k, "sample": cfg.session_knn_sample,
+                        "max_sessions": cfg.session_knn_max_sessions},
     }
 
 

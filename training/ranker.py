@@ -40,13 +40,15 @@ from features.ranking import (
     RankingTables,
     build_features,
 )
-from training.interactions import InteractionTable
+from serving.session_knn import SessionIndex, SessionKnnParams, keys_of
+from training.interactions import InteractionTable, type_weights
 
 __all__ = [
     "GRADES",
     "RankerData",
     "RankerResult",
     "build_ranker_dataset",
+    "build_session_index",
     "check_parity",
     "default_candidates",
     "export_onnx",
@@ -136,7 +138,7 @@ def default_candidates(ctx: RankingContext, tables: RankingTables, k: int) -> np
 
     Sources, interleaved by priority: ALS top-k, co-visitation and rule
     neighbours of the newest 10 history items and the session, repeat items
-    (history), trending, popularity.
+    (history), session kNN, trending, popularity.
     """
     parts: list[np.ndarray] = []
     if ctx.user_vector is not None:
@@ -150,12 +152,43 @@ def default_candidates(ctx: RankingContext, tables: RankingTables, k: int) -> np
             if len(pos):
                 parts.append(idx[pos][_topk(sc[pos], k // 4)].astype(np.int64))
     parts.append(ctx.history_items[order][: k // 4])
+    if len(ctx.session_knn_items):
+        parts.append(ctx.session_knn_items[_topk(ctx.session_knn_scores, k // 5)])
     if len(ctx.trending_items):
         parts.append(ctx.trending_items[_topk(ctx.trending_scores, k // 8)])
     parts.append(_topk(tables.popularity, k // 4))
     allc = np.concatenate(parts).astype(np.int64)
     _, first = np.unique(allc, return_index=True)
     return allc[np.sort(first)][:k]
+
+
+def build_session_index(table: InteractionTable, *, weights: Any = None, gap_s: float = 1800.0,
+                        max_sessions: int = 50_000, rows: np.ndarray | None = None) -> SessionIndex:
+    """The sessions (``basket`` column) of a table's positive events as a session-kNN index.
+
+    Parameters
+    ----------
+    table : InteractionTable
+        Events with session / basket ids; ``item_idx`` are the bundle's item rows.
+    weights : mapping, optional
+        Event-type weights; events of weight 0 (impressions, removals) are left out.
+    gap_s : float
+        The inactivity gap the sessions were cut with (stored in the index).
+    max_sessions : int
+        Newest sessions kept.
+    rows : numpy.ndarray, optional
+        A mask or positions of the events to index (default: all).
+
+    Returns
+    -------
+    SessionIndex
+    """
+    t = table if rows is None else table.take(rows)
+    keep = type_weights(weights)[t.type_code] > 0
+    ukeys = keys_of(t.users.ids)
+    return SessionIndex.build(session=t.basket[keep], item=t.item_idx[keep], ts=t.ts[keep],
+                              user=ukeys[t.user_idx[keep]], n_items=table.n_items, gap_ms=int(gap_s * 1000),
+                              max_sessions=max_sessions)
 
 
 def build_ranker_dataset(
@@ -173,6 +206,8 @@ def build_ranker_dataset(
     max_queries: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    sessions: SessionIndex | None = None,
+    session_knn: SessionKnnParams | None = None,
 ) -> RankerData:
     """Queries at ``cutoff_ms`` with candidates, features and graded labels.
 
@@ -200,12 +235,17 @@ def build_ranker_dataset(
         Seed of the sampling.
     progress : bool, optional
         Show a tqdm bar.
+    sessions : SessionIndex, optional
+        Pre-cutoff sessions (:func:`build_session_index`): fills the ``session_knn`` feature as serving does.
+    session_knn : SessionKnnParams, optional
+        ``k`` / ``sample`` of the session kNN (default :class:`SessionKnnParams`).
 
     Returns
     -------
     RankerData
     """
     cand_fn = candidate_fn or default_candidates
+    skp = session_knn or SessionKnnParams()
     end = np.iinfo(np.int64).max if horizon_ms is None else cutoff_ms + horizon_ms
     before = table.ts < cutoff_ms
     after = (table.ts >= cutoff_ms) & (table.ts < end)
@@ -236,11 +276,16 @@ def build_ranker_dataset(
         now = int(ts[-1])
         gaps = np.flatnonzero(np.diff(ts) > session_gap_s * 1000)
         sess_start = gaps[-1] + 1 if len(gaps) else 0
+        sknn: dict[str, np.ndarray] = {}
+        if sessions is not None:
+            si, ss = sessions.scores(table.item_idx[h[sess_start:]], params=skp,
+                                     user=int(keys_of([table.users.id(int(u))])[0]), since_ms=int(ts[sess_start]))
+            sknn = {"session_knn_items": si, "session_knn_scores": ss}
         ctx = RankingContext(
             user_vector=None if user_factors is None else user_factors[u],
             history_items=table.item_idx[h].astype(np.int64), history_types=table.type_code[h].astype(np.int8),
             history_ts=ts, session_items=table.item_idx[h[sess_start:]].astype(np.int64), now_ms=now,
-            trending_items=tr_items, trending_scores=tr_scores)
+            trending_items=tr_items, trending_scores=tr_scores, **sknn)
         cands = np.asarray(cand_fn(ctx, tables, n_candidates), dtype=np.int64)
         lr = lab_rows[np.searchsorted(lu, u):np.searchsorted(lu, u, side="right")]
         li, lg = table.item_idx[lr], grade[lr]

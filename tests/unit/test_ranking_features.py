@@ -45,7 +45,9 @@ def make_ctx(seed: int = 0, *, n_hist: int = 40, n_sess: int = 5, vector: bool =
         history_ts=NOW - rng.integers(0, 10**9, n_hist),
         session_items=rng.integers(0, N_ITEMS, n_sess), now_ms=NOW,
         trending_items=rng.choice(N_ITEMS, 10, replace=False),
-        trending_scores=rng.uniform(0, 50, 10).astype(np.float32))
+        trending_scores=rng.uniform(0, 50, 10).astype(np.float32),
+        session_knn_items=rng.choice(N_ITEMS, 12, replace=False),
+        session_knn_scores=rng.uniform(0.1, 3, 12).astype(np.float32))
 
 
 def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.ndarray:
@@ -101,6 +103,11 @@ def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.nd
         f["in_session"] = float(c in sess)
         f["session_length"] = len(ctx.session_items)
         f["log_history_length"] = math.log1p(len(ctx.history_items))
+        for i, s in zip(ctx.session_knn_items, ctx.session_knn_scores, strict=True):
+            if i == c:
+                f["session_knn"] = float(s)
+        if sess and cat >= 0:
+            f["session_category_share"] = sum(int(t.category[i]) == cat for i in sess) / len(sess)
         rows.append([f[n] for n in FEATURE_NAMES])
     return np.asarray(rows, dtype=np.float64)
 
@@ -193,13 +200,16 @@ def _varied_contexts(seed: int) -> list[RankingContext]:
         if j % 5 == 4 and n_hist:
             items[0] = N_ITEMS + 3                                    # an item the tables do not know
         n_tr = int(rng.choice([0, 10]))
+        n_knn = int(rng.choice([0, 3, 20]))
+        knn = rng.choice(N_ITEMS + 5, n_knn, replace=False)          # some items the tables do not know
         out.append(RankingContext(
             user_vector=rng.normal(size=5).astype(np.float32) if j % 3 else None,
             history_items=items, history_types=rng.integers(0, len(TYPE_CODES), n_hist).astype(np.int8),
             history_ts=NOW - rng.integers(0, 5, n_hist) * 3_600_000,  # many equal timestamps
             session_items=rng.integers(-1, N_ITEMS, n_sess), now_ms=NOW - int(rng.integers(0, 10**7)),
             trending_items=rng.choice(N_ITEMS, n_tr, replace=False),
-            trending_scores=rng.uniform(-1, 50, n_tr).astype(np.float32)))
+            trending_scores=rng.uniform(-1, 50, n_tr).astype(np.float32),
+            session_knn_items=knn, session_knn_scores=rng.uniform(0, 3, n_knn).astype(np.float32)))
     return out
 
 

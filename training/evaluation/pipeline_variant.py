@@ -39,7 +39,7 @@ from features.ids import IdMap
 from training.evaluation.live_state import TrendState, user_states
 from training.evaluation.methods import FitData, Lists, Method
 from training.evaluation.protocol import QueryBatch
-from training.interactions import TYPE_CODES, InteractionTable
+from training.interactions import TYPE_CODES, InteractionTable, type_weights
 
 __all__ = ["FALLBACK_SOURCES", "LiftrecFull", "PipelineModel", "TrendState", "build_bundle"]
 
@@ -50,8 +50,28 @@ FALLBACK_SOURCES = frozenset({"trending", "popularity", "catalog"})
 _TYPE_NAMES = np.array(TYPE_CODES, dtype=object)
 
 
+def _session_columns(data: FitData, events: InteractionTable) -> tuple[np.ndarray, ...]:
+    keep = type_weights(data.weights)[events.type_code] > 0
+    return events.basket[keep], events.item_idx[keep], events.ts[keep], events.user_idx[keep]
+
+
+def session_index(data: FitData, columns: Sequence[tuple[np.ndarray, ...]], known: np.ndarray, *,
+                  max_sessions: int) -> Any:
+    """A :class:`serving.session_knn.SessionIndex` on bundle item rows from (basket, item, ts, user) columns
+    of positive events (:func:`_session_columns`)."""
+    from serving.session_knn import SessionIndex, keys_of
+
+    to_bundle = np.full(data.n_items, -1, dtype=np.int64)
+    to_bundle[known] = np.arange(known.size)
+    basket, item, ts, user = (np.concatenate(c) for c in zip(*columns, strict=True))
+    ukeys = keys_of(data.train.users.ids)
+    return SessionIndex.build(session=basket, item=to_bundle[item], ts=ts, user=ukeys[user],
+                              n_items=known.size, gap_ms=data.session_gap_ms, max_sessions=max_sessions)
+
+
 def build_bundle(data: FitData, directory: Path, *, als_params: dict[str, Any], cache: dict[Any, Any] | None,
-                 min_support: float, covis_window_s: float, ranker: Any | None = None) -> Any:
+                 min_support: float, covis_window_s: float, ranker: Any | None = None,
+                 max_sessions: int = 50_000) -> Any:
     """Fit ALS / rules / co-visitation on ``data.train``, write a bundle of its known items, load it.
 
     Returns
@@ -97,6 +117,9 @@ def build_bundle(data: FitData, directory: Path, *, als_params: dict[str, Any], 
             cache[ckey] = cv
     src = np.repeat(np.arange(cv.n_items), np.diff(cv.indptr))
     w.set_covis_pairs(n_items=known.size, src=to_bundle[src], dst=to_bundle[cv.indices], scores=cv.scores)
+    if max_sessions > 0:
+        w.set_sessions(session_index(data, [_session_columns(data, train)], known,
+                                     max_sessions=max_sessions).to_arrays())
     if ranker is not None:
         from features.ranking import FEATURE_NAMES
 
@@ -116,7 +139,8 @@ class PipelineModel:
     """A loaded bundle + Recommenders (one per variant) + live trending, answering query batches."""
 
     def __init__(self, bundle: Any, known: np.ndarray, data: FitData, *, n_candidates: int, diversity: str,
-                 trending_half_life_s: float = 6 * 3600.0) -> None:
+                 trending_half_life_s: float = 6 * 3600.0, session_knn: Any = None,
+                 max_sessions: int = 50_000, session_refresh_events: int = 20_000) -> None:
         from features.online import FoldInModel
         from serving.recommender import Recommender
         from serving.rules import RuleConfig
@@ -131,10 +155,19 @@ class PipelineModel:
         common = {"frequency_cap": 0, "diversity": diversity}
         self.rec = {
             "R": Recommender(rules=RuleConfig(repurchase_window_ms=0, **common), n_candidates=n_candidates,
-                             event_weights=data.weights, trending_half_life_s=trending_half_life_s),
+                             event_weights=data.weights, trending_half_life_s=trending_half_life_s,
+                             session_knn=session_knn),
             "X": Recommender(rules=RuleConfig(repurchase_window_ms=None, **common), n_candidates=n_candidates,
-                             event_weights=data.weights, trending_half_life_s=trending_half_life_s),
+                             event_weights=data.weights, trending_half_life_s=trending_half_life_s,
+                             session_knn=session_knn),
         }
+        # live sessions, as the stream would keep them: the bundle's index until enough new events arrived
+        self._data, self._known = data, known
+        self.max_sessions = max_sessions
+        self.session_refresh = session_refresh_events
+        self._sess_parts = [_session_columns(data, data.train)]
+        self._sess_pending = 0
+        self.sessions: Any = None
         cat = bundle.item_meta.category
         full_cat = np.full(data.n_items, -1, np.int32)
         full_cat[known] = cat
@@ -144,8 +177,7 @@ class PipelineModel:
         from features.catalog import CatalogCache
 
         self.catalog = CatalogCache()
-        recent = data.train.ts >= data.start - int(40 * trending_half_life_s * 1000)
-        self.trend.observe(data.train.take(recent))
+        self.trend.observe(data.train)   # every training event, as the worker counted them
 
     def states(self, q: QueryBatch) -> list[Any]:
         """The :class:`~serving.state.UserState` the store would hold for each query.
@@ -174,7 +206,20 @@ class PipelineModel:
             reqs = [RecRequest(k=k, explain=explain)] * len(q)
         now = int(q.now_ms.max()) if len(q) else 0
         return self.rec[variant].recommend_many(states, reqs, bundle=self.bundle, trending=snap,
-                                               catalog=self.catalog, now_ms=now)
+                                               catalog=self.catalog, now_ms=now, sessions=self.sessions)
+
+    def observe_sessions(self, events: InteractionTable) -> None:
+        """Keep the replayed events; rebuild the live session index every ``session_refresh`` events
+        (training sessions + everything replayed so far, newest ``max_sessions``)."""
+        if self.max_sessions <= 0 or len(events) == 0:
+            return
+        self._sess_parts.append(_session_columns(self._data, events))
+        self._sess_pending += len(events)
+        if self._sess_pending < self.session_refresh:
+            return
+        self._sess_pending = 0
+        self._sess_parts = [tuple(np.concatenate(c) for c in zip(*self._sess_parts, strict=True))]
+        self.sessions = session_index(self._data, self._sess_parts, self._known, max_sessions=self.max_sessions)
 
     def lists(self, recs: list[Any], k: int) -> Lists:
         """Item rows of the table (``-1`` pads) and fallback flags of served lists."""
@@ -209,6 +254,10 @@ class LiftrecFull(Method):
         Rules and co-visitation settings of the bundle.
     ranker_x_share : float
         Share of the ranker's training queries served as variant X (0.5: both tasks).
+    session_knn_k, session_knn_sample : int
+        The shop's session kNN settings (``Settings.session_knn_k`` / ``session_knn_sample``).
+    max_sessions : int
+        Newest sessions in the bundle's and the live session index (0: no session kNN).
     trending_half_life_h : float
         Half-life of the trending counts (the shop's ``Settings.trending_half_life_s`` / 3600).
     history_cap : int, optional
@@ -222,13 +271,16 @@ class LiftrecFull(Method):
                  diversity: str = "none", ranker: bool = True, ranker_days: float = 30.0,
                  ranker_queries: int = 4000, min_support: float = 0.001, covis_window_s: float = 24 * 3600.0,
                  history_cap: int | None = None, trending_half_life_h: float = 6.0, ranker_x_share: float = 0.5,
+                 session_knn_k: int = 100, session_knn_sample: int = 1000, max_sessions: int = 50_000,
                  cache: dict[Any, Any] | None = None, fallback: Any = None) -> None:
         super().__init__(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
                          half_life_days=half_life_days, n_candidates=n_candidates, diversity=diversity,
                          ranker=ranker, ranker_days=ranker_days, ranker_queries=ranker_queries,
                          min_support=min_support, covis_window_s=covis_window_s,
                          history_cap=history_cap,
-                         trending_half_life_h=trending_half_life_h, ranker_x_share=ranker_x_share)
+                         trending_half_life_h=trending_half_life_h, ranker_x_share=ranker_x_share,
+                         session_knn_k=session_knn_k, session_knn_sample=session_knn_sample,
+                         max_sessions=max_sessions)
         self._cache = cache
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -254,16 +306,23 @@ class LiftrecFull(Method):
                                                max_queries=p["ranker_queries"], min_support=p["min_support"],
                                                covis_window_s=p["covis_window_s"],
                                                trending_half_life_s=p["trending_half_life_h"] * 3600.0,
-                                               x_share=p["ranker_x_share"])
+                                               x_share=p["ranker_x_share"], session_knn=self._sknn(),
+                                               max_sessions=p["max_sessions"])
             bundle, known = build_bundle(data, Path(tmp.name) / "final", als_params=self._als_params(), cache=cache,
                                          min_support=p["min_support"], covis_window_s=p["covis_window_s"],
-                                         ranker=ranker)
+                                         ranker=ranker, max_sessions=p["max_sessions"])
             cache[key] = (bundle, known, tmp, None if ranker is None else ranker.metrics)
         bundle, known, self._tmp, self.ranker_metrics = cache[key]
         self.info = {"bundle_version": bundle.version, "bundle_items": len(bundle.items),
                      "ranker": self.ranker_metrics or {}}
         self.model = PipelineModel(bundle, known, data, n_candidates=p["n_candidates"], diversity=p["diversity"],
-                                   trending_half_life_s=p["trending_half_life_h"] * 3600.0)
+                                   trending_half_life_s=p["trending_half_life_h"] * 3600.0,
+                                   session_knn=self._sknn(), max_sessions=p["max_sessions"])
+
+    def _sknn(self) -> Any:
+        from serving.session_knn import SessionKnnParams
+
+        return SessionKnnParams(k=int(self.params["session_knn_k"]), sample=int(self.params["session_knn_sample"]))
 
     def recommend(self, q: QueryBatch, *, k: int, variants: Sequence[str]) -> dict[str, Lists]:
         """Lists served by the Recommender for each variant."""
@@ -288,5 +347,6 @@ class LiftrecFull(Method):
         return out
 
     def observe(self, events: InteractionTable) -> None:
-        """Trending follows the stream."""
+        """Trending and the recent sessions follow the stream."""
         self.model.trend.observe(events)
+        self.model.observe_sessions(events)

@@ -49,7 +49,7 @@ def _grades() -> np.ndarray:
 def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
                           n_candidates: int, days: float, max_queries: int, min_support: float,
                           covis_window_s: float, trending_half_life_s: float = 6 * 3600.0,
-                          x_share: float = 0.5) -> Any:
+                          x_share: float = 0.5, session_knn: Any = None, max_sessions: int = 50_000) -> Any:
     """A :class:`training.ranker.RankerResult` trained on the last ``days`` of ``data.train``.
 
     Returns None when the window yields fewer than two usable queries.
@@ -59,7 +59,7 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
     rd = collect_ranker_data(data, als_params=als_params, cache=cache, tmp=tmp, n_candidates=n_candidates,
                              days=days, max_queries=max_queries, min_support=min_support,
                              covis_window_s=covis_window_s, trending_half_life_s=trending_half_life_s,
-                             x_share=x_share)
+                             x_share=x_share, session_knn=session_knn, max_sessions=max_sessions)
     if len(rd.group) < 2:
         log.warning("ranker skipped: %d usable queries", len(rd.group))
         return None
@@ -71,7 +71,7 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
 def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
                         n_candidates: int, days: float, max_queries: int, min_support: float,
                         covis_window_s: float, trending_half_life_s: float = 6 * 3600.0,
-                        x_share: float = 0.5) -> Any:
+                        x_share: float = 0.5, session_knn: Any = None, max_sessions: int = 50_000) -> Any:
     """The replay-shaped :class:`training.ranker.RankerData` (see the module docstring)."""
     from training.evaluation.pipeline_variant import PipelineModel, build_bundle
     from training.ranker import RankerData
@@ -84,9 +84,10 @@ def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dic
     plan = build_plan(train, start=w_start, end=data.start, weights=data.weights)
     pre = dataclasses.replace(data, train=plan.train, start=w_start, known_items=plan.known_items)
     bundle, known = build_bundle(pre, tmp / "ranker-base", als_params=als_params, cache=cache,
-                                 min_support=min_support, covis_window_s=covis_window_s)
+                                 min_support=min_support, covis_window_s=covis_window_s, max_sessions=max_sessions)
     model = PipelineModel(bundle, known, pre, n_candidates=n_candidates, diversity="none",
-                          trending_half_life_s=trending_half_life_s)
+                          trending_half_life_s=trending_half_life_s, session_knn=session_knn,
+                          max_sessions=max_sessions)
     rng = np.random.default_rng(data.seed + 7)
     nq = plan.n_queries
     chosen = np.zeros(nq, dtype=bool)
@@ -129,7 +130,9 @@ def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dic
                     ys.append(y)
                     groups.append(len(y))
                     qusers.append(int(plan.query_user[sel[j]]))
-        model.trend.observe(ev.take(b.events))  # type: ignore[arg-type]
+        applied = ev.take(b.events)  # type: ignore[arg-type]
+        model.trend.observe(applied)
+        model.observe_sessions(applied)
     width = len(FEATURE_NAMES)
     stats = {"queries": float(len(groups)), "rows": float(sum(groups)), "sampled": float(chosen.sum()),
              "candidate_recall": covered / total if total else 0.0}

@@ -122,9 +122,10 @@ def method_specs(*, quick: bool = False, iterations: int = 15) -> list[MethodSpe
             {"trending_half_life_h": Dim((6.0, 168.0) if quick else (6.0, 48.0, 168.0), widen=4.0, lo=0.25,
                                          hi=24.0 * 365),
              "history_cap": Dim((100,) if quick else (100, 500), widen=2.0, lo=10, hi=10_000, integer=True),
-             "diversity": Dim(("none",) if quick else ("none", "cap"))},
-            fixed={"n_candidates": 300, "ranker": True, "ranker_days": 60.0,
-                   "ranker_queries": 1500 if quick else 6000}, mode="coordinate", max_widen=2),
+             "diversity": Dim(("none",) if quick else ("none", "cap")),
+             "session_knn_k": Dim((100, 400), widen=2.0, lo=10, hi=5000, integer=True)},
+            fixed={"n_candidates": 300, "ranker": True, "ranker_days": 60.0, "session_knn_sample": 2000,
+                   "ranker_queries": 4000 if quick else 6000}, mode="coordinate", max_widen=2),
             inherit="liftrec_als"),
     ]
     return specs

@@ -1,0 +1,317 @@
+"""Session-based kNN: the current session compared, as a whole, with recent past sessions.
+
+A candidate source and a ranker feature (Ludewig & Jannach 2018, "SKNN"): the
+user's query session (the current one, or their last one when the request
+opens a new session) is compared with the ``sample`` most recent past sessions
+that share an item with it; the ``k`` most similar by cosine of the binary item
+sets vote for their items with their similarity. Item-to-item co-visitation
+only sums pairwise counts; this compares whole sessions, which is what wins
+where sessions are coherent (a shopping mission, a focus category).
+
+:class:`SessionIndex` is plain arrays (sessions as CSR rows of item rows of
+one bundle, the inverted item -> sessions CSR, each session's last timestamp
+and a stable key of its user). Sessions are numbered oldest first, so "most
+recent" is "largest number". The bundle carries the training window's newest
+sessions (``sessions.npz``); a live system refreshes the index from the
+stream (see ``docs/evaluation.md``: the stream would keep the newest sessions
+per shop in Redis and rebuild the index every few thousand events, as the
+evaluation replay does).
+
+Scoring is numpy over the CSR rows, no Python loop over sessions or items:
+a query costs ``O(overlapping sessions + k x session length)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["SessionIndex", "SessionKnnParams", "keys_of", "query_session", "user_key"]
+
+log = logging.getLogger(__name__)
+
+_EMPTY_I = np.zeros(0, dtype=np.int64)
+_EMPTY_F = np.zeros(0, dtype=np.float32)
+
+
+def user_key(user_id: str) -> int:
+    """A stable 63-bit key of a user id (the same in training, the stream and serving)."""
+    return int.from_bytes(hashlib.blake2b(user_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionKnnParams:
+    """How the session-kNN source compares sessions.
+
+    Parameters
+    ----------
+    k : int
+        Neighbour sessions that vote.
+    sample : int
+        Only the ``sample`` most recent sessions sharing an item with the query are compared.
+    """
+
+    k: int = 100
+    sample: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.sample < 1:
+            raise ValueError(f"session kNN k and sample must be >= 1; got k={self.k}, sample={self.sample}")
+
+
+def _count(values: np.ndarray, size: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values (ascending) with their counts (or summed weights): a bincount over ``size`` slots when
+    that is cheaper than sorting the values, else a sort."""
+    if len(values) * 16 >= size:
+        c = np.bincount(values, weights=weights, minlength=size)
+        nz = np.flatnonzero(c)
+        return nz, c[nz]
+    uniq, inv = np.unique(values, return_inverse=True)
+    if weights is None:
+        return uniq, np.bincount(inv, minlength=len(uniq))
+    return uniq, np.bincount(inv, weights=weights, minlength=len(uniq))
+
+
+def _row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return _EMPTY_I
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionIndex:
+    """Past sessions of one bundle's items, oldest first.
+
+    Attributes
+    ----------
+    indptr, items : numpy.ndarray
+        Session -> distinct item rows (CSR; int64 / int32).
+    item_indptr, item_sessions : numpy.ndarray
+        Item row -> sessions containing it, ascending (CSR; int64 / int32).
+    last_ts : numpy.ndarray
+        Last event time (ms) of each session, non-decreasing.
+    users : numpy.ndarray
+        :func:`user_key` of each session's user (int64).
+    gap_ms : int
+        Inactivity gap that separates two sessions of a user.
+    """
+
+    indptr: np.ndarray
+    items: np.ndarray
+    item_indptr: np.ndarray
+    item_sessions: np.ndarray
+    last_ts: np.ndarray
+    users: np.ndarray
+    gap_ms: int
+
+    @property
+    def n_sessions(self) -> int:
+        """Number of indexed sessions."""
+        return len(self.last_ts)
+
+    @property
+    def n_items(self) -> int:
+        """Number of item rows the index addresses."""
+        return len(self.item_indptr) - 1
+
+    @classmethod
+    def empty(cls, n_items: int, *, gap_ms: int = 1_800_000) -> SessionIndex:
+        """An index without sessions."""
+        z = np.zeros(1, np.int64)
+        return cls(indptr=z, items=np.zeros(0, np.int32), item_indptr=np.zeros(n_items + 1, np.int64),
+                   item_sessions=np.zeros(0, np.int32), last_ts=_EMPTY_I, users=_EMPTY_I, gap_ms=gap_ms)
+
+    @classmethod
+    def build(cls, *, session: np.ndarray, item: np.ndarray, ts: np.ndarray, user: np.ndarray, n_items: int,
+              gap_ms: int, max_sessions: int | None = None) -> SessionIndex:
+        """Index events grouped by session id.
+
+        Parameters
+        ----------
+        session : numpy.ndarray
+            Session (or basket) id of each event; negative ids are ignored.
+        item : numpy.ndarray
+            Item row of each event in ``[0, n_items)``; negative rows are ignored.
+        ts : numpy.ndarray
+            Event time, ms.
+        user : numpy.ndarray
+            :func:`user_key` of each event's user.
+        n_items : int
+            Item rows addressed.
+        gap_ms : int
+            The inactivity gap the sessions were cut with.
+        max_sessions : int, optional
+            Keep only the newest sessions (by last event).
+
+        Returns
+        -------
+        SessionIndex
+        """
+        session, item = np.asarray(session, np.int64), np.asarray(item, np.int64)
+        ts, user = np.asarray(ts, np.int64), np.asarray(user, np.int64)
+        if not (len(session) == len(item) == len(ts) == len(user)):
+            raise ValueError("session, item, ts and user must have the same length; got "
+                             f"{len(session)}, {len(item)}, {len(ts)}, {len(user)}")
+        ok = (session >= 0) & (item >= 0)
+        if ok.any() and int(item[ok].max()) >= n_items:
+            raise ValueError(f"item rows must lie in [0, {n_items}); got max {int(item[ok].max())}")
+        session, item, ts, user = session[ok], item[ok], ts[ok], user[ok]
+        if len(session) == 0:
+            return cls.empty(n_items, gap_ms=gap_ms)
+        ids, dense = np.unique(session, return_inverse=True)
+        last = np.full(len(ids), np.iinfo(np.int64).min, np.int64)
+        np.maximum.at(last, dense, ts)
+        owner = np.zeros(len(ids), np.int64)
+        owner[dense] = user
+        order = np.lexsort((ids, last))               # oldest first
+        if max_sessions is not None and len(order) > max_sessions:
+            order = order[-max_sessions:]
+        new_id = np.full(len(ids), -1, np.int64)
+        new_id[order] = np.arange(len(order))
+        sid = new_id[dense]
+        keep = sid >= 0
+        pairs = np.unique(sid[keep] * n_items + item[keep])
+        s_row, s_item = pairs // n_items, pairs % n_items
+        n_s = len(order)
+        indptr = np.zeros(n_s + 1, np.int64)
+        np.cumsum(np.bincount(s_row, minlength=n_s), out=indptr[1:])
+        by_item = np.lexsort((s_row, s_item))
+        item_indptr = np.zeros(n_items + 1, np.int64)
+        np.cumsum(np.bincount(s_item, minlength=n_items), out=item_indptr[1:])
+        return cls(indptr=indptr, items=s_item.astype(np.int32), item_indptr=item_indptr,
+                   item_sessions=s_row[by_item].astype(np.int32), last_ts=last[order], users=owner[order],
+                   gap_ms=int(gap_ms))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int) -> SessionIndex:
+        """The index from the arrays :meth:`to_arrays` wrote (a bundle's ``sessions.npz``)."""
+        indptr, items = np.asarray(arrays["indptr"], np.int64), np.asarray(arrays["items"], np.int32)
+        last_ts, users = np.asarray(arrays["last_ts"], np.int64), np.asarray(arrays["users"], np.int64)
+        gap_ms = int(np.asarray(arrays["gap_ms"]).reshape(-1)[0])
+        if len(indptr) != len(last_ts) + 1 or len(users) != len(last_ts) or int(indptr[-1]) != len(items):
+            raise ValueError("sessions arrays are inconsistent: expected len(indptr) = sessions + 1 = "
+                             f"len(users) + 1 and indptr[-1] = len(items); got {len(indptr)}, {len(users)}, "
+                             f"{int(indptr[-1]) if len(indptr) else None}, {len(items)}")
+        if len(items) and (int(items.min()) < 0 or int(items.max()) >= n_items):
+            raise ValueError(f"sessions items must lie in [0, {n_items})")
+        s_row = np.repeat(np.arange(len(last_ts), dtype=np.int64), np.diff(indptr))
+        by_item = np.lexsort((s_row, items))
+        item_indptr = np.zeros(n_items + 1, np.int64)
+        np.cumsum(np.bincount(items, minlength=n_items), out=item_indptr[1:])
+        return cls(indptr=indptr, items=items, item_indptr=item_indptr, item_sessions=s_row[by_item].astype(np.int32),
+                   last_ts=last_ts, users=users, gap_ms=gap_ms)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a bundle stores (the inverted index is rebuilt on load)."""
+        return {"indptr": self.indptr, "items": self.items, "last_ts": self.last_ts, "users": self.users,
+                "gap_ms": np.array([self.gap_ms], np.int64)}
+
+    def neighbours(self, query: np.ndarray, *, params: SessionKnnParams, user: int | None = None,
+                   since_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` past sessions most similar to a query session.
+
+        Parameters
+        ----------
+        query : numpy.ndarray
+            Item rows of the query session (any order, duplicates allowed).
+        params : SessionKnnParams
+            ``k`` and ``sample``.
+        user, since_ms : int, optional
+            The query's own session is never its neighbour: sessions of ``user``
+            (its :func:`user_key`) that end at or after ``since_ms`` are skipped.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            Session numbers and their cosine similarity, best first.
+        """
+        qi = np.unique(np.asarray(query, np.int64))
+        qi = qi[(qi >= 0) & (qi < self.n_items)]
+        if len(qi) == 0 or self.n_sessions == 0:
+            return _EMPTY_I, _EMPTY_F
+        # each posting list is oldest first: its last ``sample`` sessions hold every session that can be
+        # among the ``sample`` most recent overlapping ones, with its full overlap count (+1: the own session)
+        starts = np.maximum(self.item_indptr[qi], self.item_indptr[qi + 1] - params.sample - 1)
+        lengths = self.item_indptr[qi + 1] - starts
+        total = int(lengths.sum())
+        sess = self.item_sessions[np.arange(total, dtype=np.int64)
+                                  + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)]
+        if len(sess) == 0:
+            return _EMPTY_I, _EMPTY_F
+        s_uniq, overlap = _count(sess, self.n_sessions)   # ascending = oldest first
+        if user is not None and since_ms is not None:
+            own = (self.users[s_uniq] == user) & (self.last_ts[s_uniq] >= since_ms)
+            if own.any():
+                s_uniq, overlap = s_uniq[~own], overlap[~own]
+        if len(s_uniq) > params.sample:
+            s_uniq, overlap = s_uniq[-params.sample:], overlap[-params.sample:]
+        if len(s_uniq) == 0:
+            return _EMPTY_I, _EMPTY_F
+        length = (self.indptr[s_uniq + 1] - self.indptr[s_uniq]).astype(np.float64)
+        sim = overlap / np.sqrt(length * len(qi))
+        if len(s_uniq) > params.k:
+            top = np.argpartition(-sim, params.k - 1)[: params.k]
+            s_uniq, sim = s_uniq[top], sim[top]
+        order = np.lexsort((-s_uniq, -sim))
+        return s_uniq[order].astype(np.int64), sim[order].astype(np.float32)
+
+    def scores(self, query: np.ndarray, *, params: SessionKnnParams, user: int | None = None,
+               since_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Items of the neighbour sessions, each scored by the summed similarity of the sessions holding it.
+
+        Parameters are those of :meth:`neighbours`.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            Distinct item rows (int64, ascending) and their scores (float32, > 0).
+        """
+        nb, sim = self.neighbours(query, params=params, user=user, since_ms=since_ms)
+        if len(nb) == 0:
+            return _EMPTY_I, _EMPTY_F
+        pos = _row_ranges(self.indptr, nb)
+        w = np.repeat(sim.astype(np.float64), (self.indptr[nb + 1] - self.indptr[nb]))
+        uniq, sc = _count(self.items[pos], self.n_items, w)
+        return uniq.astype(np.int64), sc.astype(np.float32)
+
+
+def query_session(session: np.ndarray, hist_items: np.ndarray, hist_ts: np.ndarray, *,
+                  gap_ms: int) -> tuple[np.ndarray, int | None]:
+    """The session a request is compared with: the current one, else the user's last one.
+
+    Parameters
+    ----------
+    session : numpy.ndarray
+        Item rows of the current session (empty when the request opens a new one).
+    hist_items, hist_ts : numpy.ndarray
+        The user's history (any order).
+    gap_ms : int
+        Inactivity gap between sessions.
+
+    Returns
+    -------
+    (numpy.ndarray, int or None)
+        Query items and the start time of the session they come from (``None`` without history).
+    """
+    if len(hist_ts) == 0:
+        return np.asarray(session, np.int64), None
+    order = np.argsort(-np.asarray(hist_ts), kind="stable")
+    ts = np.asarray(hist_ts)[order]
+    gaps = np.flatnonzero(ts[:-1] - ts[1:] > gap_ms)
+    n = int(gaps[0]) + 1 if len(gaps) else len(ts)
+    start = int(ts[n - 1])
+    if len(session):
+        return np.asarray(session, np.int64), start
+    return np.asarray(hist_items)[order][:n].astype(np.int64), start
+
+
+def keys_of(user_ids: Iterable[str]) -> np.ndarray:
+    """:func:`user_key` of many user ids (int64)."""
+    return np.fromiter((user_key(u) for u in user_ids), dtype=np.int64)
