@@ -71,19 +71,22 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=500, ge=1, le=5_000)
     """Largest micro-batch an agent takes from the stream."""
 
-    batch_window_s: float = Field(default=0.05, gt=0, le=10)
-    """Longest a micro-batch waits to fill before it is processed (seconds)."""
+    batch_window_s: float = Field(default=0.01, gt=0, le=10)
+    """Longest a micro-batch waits to fill before it is processed (seconds). Under load
+    batches fill to ``batch_size`` long before; at low load this is added to
+    click-to-list latency (10 ms: p99 66 ms at 1,000 events/s, 50 ms: 96 ms)."""
 
     broker_session_timeout_s: float | None = Field(default=None, gt=0)
     """Consumer-group session timeout. Unset: 3 s against the embedded broker (whose
     coordinator holds a group join for about half of it, so workers start fast) and
     30 s against real Kafka (safe under load)."""
 
-    fetch_max_wait_ms: int = Field(default=50, ge=1, le=10_000)
+    fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
     """Longest a consumer fetch waits on the broker for data. Real Kafka answers a
     fetch as soon as data arrives, so this only bounds idle polling there; the
     embedded tansu broker holds every fetch for the full wait, so this is the
-    floor of click-to-list latency on it (Faust hard-codes 1,500 ms)."""
+    floor of click-to-list latency on it (Faust hard-codes 1,500 ms). 10 ms costs the
+    idle broker ~0.15 core more than 50 ms (measured at 1,000 events/s)."""
 
     history_cap: int = Field(default=100, ge=1, le=10_000)
     """Events kept in each user's recent history list."""
