@@ -86,7 +86,9 @@ def test_events_reach_redis_and_first_event_is_fast(settings: Settings, redis_cl
     assert first < 12.0, f"first batch only {first:.1f} s after start"
     hist = [orjson.loads(x) for x in redis_client.lrange(keys.history("u0"), 0, -1)]
     assert [h[2] for h in hist] == sorted((e["ts"] for e in events if e["user_id"] == "u0"), reverse=True)
-    wait_until(lambda: not redis_client.scard(keys.dirty()), what="every list refreshed")
+    # a refresher moves users from dirty to refreshing before it writes their lists
+    wait_until(lambda: not redis_client.scard(keys.dirty()) and not redis_client.zcard(keys.refreshing()),
+               what="every list refreshed")
     recs = orjson.loads(redis_client.get(keys.recs("u0")))
     assert recs["rec_id"] and recs["items"], recs
     assert w.stop() == 0  # graceful shutdown on SIGTERM
