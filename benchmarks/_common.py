@@ -14,6 +14,7 @@ scripts' folder is ``sys.path[0]`` when they run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -294,4 +295,16 @@ def time_calls(fn: Callable[[], object], calls: int, *, warmup: int = 20) -> lis
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``), for CPU accounting per process."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):  # children belong to the thread that started them
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
     return out

@@ -15,7 +15,6 @@ the background rate actually achieved. Goal (Real-time path issue): p99 <=
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import orjson
 import redis
-from _common import base_parser, summarize, write_result
+from _common import base_parser, process_tree, summarize, write_result
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
@@ -40,22 +39,11 @@ from liftrec.stack import EmbeddedStack
 NAME = "freshness"
 
 
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):  # children belong to the thread that started them
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 def cpu_by_process() -> dict[str, float]:
     """CPU seconds used so far by this benchmark's broker, Redis, worker and refresher (``/proc``)."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for p in _tree(os.getpid())[1:]:
+    for p in process_tree(os.getpid())[1:]:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")

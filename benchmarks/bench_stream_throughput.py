@@ -34,7 +34,6 @@ the no-op Faust floor, and two workers >= 1.7x one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
-from _common import BENCH_DIR, base_parser, write_result
+from _common import BENCH_DIR, base_parser, process_tree, write_result
 from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
@@ -73,23 +72,11 @@ def _env(s: Settings, registry: Path | None) -> dict[str, str]:
     return env
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux ``/proc``)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):  # children belong to the thread that started them
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 def _cpu_by_role(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) used so far by the process tree, by role."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {"worker": 0.0, "refresher": 0.0}
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")

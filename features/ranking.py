@@ -330,8 +330,8 @@ def pairs_to_csr(n_rows: int, src: np.ndarray, dst: np.ndarray,
     return tuple(out)
 
 
-def _row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Flat positions of all entries of CSR ``rows``."""
+def row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Flat positions of all entries of CSR ``rows`` (in the order of ``rows``)."""
     starts = indptr[rows]
     lengths = indptr[rows + 1] - starts
     total = int(lengths.sum())
@@ -341,15 +341,24 @@ def _row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
 
 
-class _Join:
-    """Maps arbitrary item idxs onto candidate rows (one sort of the candidates)."""
+class KeyJoin:
+    """Maps int64 keys onto the rows holding them (one stable sort of the row keys).
+
+    ``build_features`` joins item idxs onto candidate rows;
+    :func:`features.ranking_batch.build_features_many` joins ``user * n_items + item``
+    keys onto the rows of a whole batch.
+    """
 
     __slots__ = ("_order", "_sorted", "n")
 
-    def __init__(self, candidates: np.ndarray) -> None:
-        self._order = np.argsort(candidates, kind="stable")
-        self._sorted = candidates[self._order]
-        self.n = len(candidates)
+    def __init__(self, keys: np.ndarray) -> None:
+        self._order = np.argsort(keys, kind="stable")
+        self._sorted = keys[self._order]
+        self.n = len(keys)
+
+    def has_duplicates(self) -> bool:
+        """True when a key occurs on two rows."""
+        return bool((self._sorted[1:] == self._sorted[:-1]).any())
 
     def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate row of each key that is a candidate, and the hit mask."""
@@ -400,7 +409,7 @@ def build_features(ctx: RankingContext, candidates: np.ndarray,
 def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np.ndarray) -> np.ndarray:
     """:func:`build_features` for distinct, in-range candidates, filling ``out``."""
     n, n_items = len(cand), tables.n_items
-    join = _Join(cand)
+    join = KeyJoin(cand)
 
     hist_items = ctx.history_items
     if len(hist_items):
@@ -425,12 +434,12 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
 
     # neighbour sources
     if len(anchors):
-        pos = _row_ranges(tables.covis_indptr, anchors)
+        pos = row_ranges(tables.covis_indptr, anchors)
         if len(pos):
             rows, hit = join.rows(tables.covis_indices[pos].astype(np.int64))
             out[:, _COL["covis_score"]] = np.bincount(
                 rows, weights=tables.covis_scores[pos][hit], minlength=n)
-        pos = _row_ranges(tables.rules_indptr, anchors)
+        pos = row_ranges(tables.rules_indptr, anchors)
         if len(pos):
             rows, hit = join.rows(tables.rules_consequent[pos].astype(np.int64))
             if len(rows):
@@ -502,7 +511,7 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
 
 
 def _session_features(ctx: RankingContext, cand: np.ndarray, cat: np.ndarray, sess: np.ndarray,
-                      tables: RankingTables, join: _Join, out: np.ndarray) -> None:
+                      tables: RankingTables, join: KeyJoin, out: np.ndarray) -> None:
     """The session-kNN score and the candidate category's share of the session."""
     if len(ctx.session_knn_items):
         rows, hit = join.rows(ctx.session_knn_items.astype(np.int64, copy=False))

@@ -33,39 +33,16 @@ from features.ranking import (
     N_RECENT_ANCHORS,
     N_RECENT_CATEGORIES,
     N_SESSION_ANCHORS,
+    KeyJoin,
     RankingContext,
     RankingTables,
-    _row_ranges,
     build_features,
+    row_ranges,
 )
 
 __all__ = ["build_features_many"]
 
 log = logging.getLogger(__name__)
-
-
-class _KeyJoin:
-    """Maps ``(user, item)`` keys onto the rows of the batch (one sort of the row keys)."""
-
-    __slots__ = ("_order", "_sorted", "n")
-
-    def __init__(self, keys: np.ndarray) -> None:
-        self._order = np.argsort(keys, kind="stable")
-        self._sorted = keys[self._order]
-        self.n = len(keys)
-
-    def has_duplicates(self) -> bool:
-        """True when a key occurs twice (a user with a repeated candidate)."""
-        return bool((self._sorted[1:] == self._sorted[:-1]).any())
-
-    def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Row of each key present in the batch, and the hit mask."""
-        if self.n == 0 or len(keys) == 0:
-            return _EMPTY_I, np.zeros(len(keys), dtype=bool)
-        p = np.searchsorted(self._sorted, keys)
-        np.minimum(p, self.n - 1, out=p)
-        hit = self._sorted[p] == keys
-        return self._order[p[hit]], hit
 
 
 def _rank_in_group(group: np.ndarray) -> np.ndarray:
@@ -122,7 +99,7 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         return out
     if cand.min() < 0 or cand.max() >= n_items:
         raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
-    join = _KeyJoin(uid * n_items + cand)
+    join = KeyJoin(uid * n_items + cand)
     if join.has_duplicates():   # a user with duplicate candidates: the plain way
         return np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, candidates, strict=True)])
     n_users = len(contexts)
@@ -165,12 +142,12 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     # neighbour sources
     if len(a_items):
         lengths = tables.covis_indptr[a_items + 1] - tables.covis_indptr[a_items]
-        pos = _row_ranges(tables.covis_indptr, a_items)
+        pos = row_ranges(tables.covis_indptr, a_items)
         if len(pos):
             rows, hit = join.rows(np.repeat(a_uid, lengths) * n_items + tables.covis_indices[pos])
             out[:, _COL["covis_score"]] = np.bincount(rows, weights=tables.covis_scores[pos][hit], minlength=n)
         lengths = tables.rules_indptr[a_items + 1] - tables.rules_indptr[a_items]
-        pos = _row_ranges(tables.rules_indptr, a_items)
+        pos = row_ranges(tables.rules_indptr, a_items)
         if len(pos):
             rows, hit = join.rows(np.repeat(a_uid, lengths) * n_items + tables.rules_consequent[pos])
             if len(rows):
@@ -273,7 +250,7 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
 
 
 def _session_features_many(contexts: Sequence[RankingContext], uid: np.ndarray, cat: np.ndarray,
-                           s_items: np.ndarray, s_uid: np.ndarray, tables: RankingTables, join: _KeyJoin,
+                           s_items: np.ndarray, s_uid: np.ndarray, tables: RankingTables, join: KeyJoin,
                            out: np.ndarray) -> None:
     """``features.ranking._session_features`` for the whole batch: session-kNN score and the
     candidate category's share of the user's session anchors (``s_items``, ``s_uid``)."""

@@ -30,6 +30,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from features.ranking import row_ranges
+
 __all__ = ["SessionIndex", "SessionKnnParams", "keys_of", "query_session", "user_key"]
 
 log = logging.getLogger(__name__)
@@ -74,15 +76,6 @@ def _count(values: np.ndarray, size: int, weights: np.ndarray | None = None) -> 
     if weights is None:
         return uniq, np.bincount(inv, minlength=len(uniq))
     return uniq, np.bincount(inv, weights=weights, minlength=len(uniq))
-
-
-def _row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    starts = indptr[rows]
-    lengths = indptr[rows + 1] - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return _EMPTY_I
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -276,7 +269,7 @@ class SessionIndex:
         nb, sim = self.neighbours(query, params=params, user=user, since_ms=since_ms)
         if len(nb) == 0:
             return _EMPTY_I, _EMPTY_F
-        pos = _row_ranges(self.indptr, nb)
+        pos = row_ranges(self.indptr, nb)
         w = np.repeat(sim.astype(np.float64), (self.indptr[nb + 1] - self.indptr[nb]))
         uniq, sc = _count(self.items[pos], self.n_items, w)
         return uniq.astype(np.int64), sc.astype(np.float32)
