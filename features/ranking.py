@@ -434,31 +434,13 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
 
     # neighbour sources
     if len(anchors):
-        pos = row_ranges(tables.covis_indptr, anchors)
-        if len(pos):
-            rows, hit = join.rows(tables.covis_indices[pos].astype(np.int64))
-            out[:, _COL["covis_score"]] = np.bincount(
-                rows, weights=tables.covis_scores[pos][hit], minlength=n)
-        pos = row_ranges(tables.rules_indptr, anchors)
-        if len(pos):
-            rows, hit = join.rows(tables.rules_consequent[pos].astype(np.int64))
-            if len(rows):
-                conf = np.zeros(n, dtype=np.float32)
-                lift = np.zeros(n, dtype=np.float32)
-                np.maximum.at(conf, rows, tables.rules_confidence[pos][hit])
-                np.maximum.at(lift, rows, tables.rules_lift[pos][hit])
-                out[:, _COL["rules_confidence"]] = conf
-                out[:, _COL["rules_lift"]] = lift
+        neighbour_features(out, join, tables, anchors, np.zeros(len(anchors), dtype=np.int64))
         if tables.content is not None:
             sims = tables.content[cand] @ tables.content[anchors].T
             out[:, _COL["content_sim"]] = sims.max(axis=1)
 
     if len(ctx.trending_items):
-        rows, hit = join.rows(ctx.trending_items.astype(np.int64, copy=False))
-        if len(rows):
-            tr = np.zeros(n, dtype=np.float32)
-            np.maximum.at(tr, rows, np.log1p(np.maximum(ctx.trending_scores[hit], 0)))
-            out[:, _COL["trending"]] = tr
+        trending_feature(out, join, ctx.trending_items.astype(np.int64, copy=False), ctx.trending_scores)
 
     # item attributes
     out[:, _COL["log_popularity"]] = np.log1p(np.maximum(tables.popularity[cand], 0))
@@ -521,6 +503,44 @@ def _session_features(ctx: RankingContext, cand: np.ndarray, cat: np.ndarray, se
         sc = np.sort(tables.category[sess])
         cnt = np.searchsorted(sc, cat, side="right") - np.searchsorted(sc, cat, side="left")
         out[:, _COL["session_category_share"]] = np.where(cat >= 0, cnt / len(sc), 0.0)
+
+
+def neighbour_features(out: np.ndarray, join: KeyJoin, tables: RankingTables, anchors: np.ndarray,
+                       key_base: np.ndarray) -> None:
+    """Co-visitation sum and best rule confidence / lift from ``anchors`` onto the joined rows.
+
+    ``key_base`` is added to each anchor's neighbour idxs to form the join keys:
+    zeros for one user (:func:`build_features`), ``user * n_items`` for a batch
+    (:func:`features.ranking_batch.build_features_many`).
+    """
+    n = len(out)
+
+    def joined(indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = row_ranges(indptr, anchors)
+        if not len(pos):
+            return pos, _EMPTY_I, np.zeros(0, dtype=bool)
+        rows, hit = join.rows(np.repeat(key_base, indptr[anchors + 1] - indptr[anchors]) + indices[pos])
+        return pos, rows, hit
+
+    pos, rows, hit = joined(tables.covis_indptr, tables.covis_indices)
+    if len(pos):
+        out[:, _COL["covis_score"]] = np.bincount(rows, weights=tables.covis_scores[pos][hit], minlength=n)
+    pos, rows, hit = joined(tables.rules_indptr, tables.rules_consequent)
+    if len(rows):
+        conf = np.zeros(n, dtype=np.float32)
+        lift = np.zeros(n, dtype=np.float32)
+        np.maximum.at(conf, rows, tables.rules_confidence[pos][hit])
+        np.maximum.at(lift, rows, tables.rules_lift[pos][hit])
+        out[:, _COL["rules_confidence"]] = conf
+        out[:, _COL["rules_lift"]] = lift
+
+def trending_feature(out: np.ndarray, join: KeyJoin, keys: np.ndarray, scores: np.ndarray) -> None:
+    """The ``trending`` column: best ``log1p`` trending score of each joined row."""
+    rows, hit = join.rows(keys)
+    if len(rows):
+        tr = np.zeros(len(out), dtype=np.float32)
+        np.maximum.at(tr, rows, np.log1p(np.maximum(scores[hit], 0)))
+        out[:, _COL["trending"]] = tr
 
 
 class OnnxRanker:

@@ -37,7 +37,8 @@ from features.ranking import (
     RankingContext,
     RankingTables,
     build_features,
-    row_ranges,
+    neighbour_features,
+    trending_feature,
 )
 
 __all__ = ["build_features_many"]
@@ -141,22 +142,7 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
 
     # neighbour sources
     if len(a_items):
-        lengths = tables.covis_indptr[a_items + 1] - tables.covis_indptr[a_items]
-        pos = row_ranges(tables.covis_indptr, a_items)
-        if len(pos):
-            rows, hit = join.rows(np.repeat(a_uid, lengths) * n_items + tables.covis_indices[pos])
-            out[:, _COL["covis_score"]] = np.bincount(rows, weights=tables.covis_scores[pos][hit], minlength=n)
-        lengths = tables.rules_indptr[a_items + 1] - tables.rules_indptr[a_items]
-        pos = row_ranges(tables.rules_indptr, a_items)
-        if len(pos):
-            rows, hit = join.rows(np.repeat(a_uid, lengths) * n_items + tables.rules_consequent[pos])
-            if len(rows):
-                conf = np.zeros(n, dtype=np.float32)
-                lift = np.zeros(n, dtype=np.float32)
-                np.maximum.at(conf, rows, tables.rules_confidence[pos][hit])
-                np.maximum.at(lift, rows, tables.rules_lift[pos][hit])
-                out[:, _COL["rules_confidence"]] = conf
-                out[:, _COL["rules_lift"]] = lift
+        neighbour_features(out, join, tables, a_items, a_uid * n_items)
         if tables.content is not None:
             a_start = np.searchsorted(a_uid, np.arange(n_users + 1))
             for j in range(n_users):
@@ -168,11 +154,7 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     t_items, t_uid = _concat([c.trending_items for c in contexts], np.int64)
     if len(t_items):
         t_scores, _ = _concat([c.trending_scores for c in contexts], np.float32)
-        rows, hit = join.rows(t_uid * n_items + t_items)
-        if len(rows):
-            tr = np.zeros(n, dtype=np.float32)
-            np.maximum.at(tr, rows, np.log1p(np.maximum(t_scores[hit], 0)))
-            out[:, _COL["trending"]] = tr
+        trending_feature(out, join, t_uid * n_items + t_items, t_scores)
 
     # item attributes
     out[:, _COL["log_popularity"]] = np.log1p(np.maximum(tables.popularity[cand], 0))
