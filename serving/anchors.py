@@ -22,12 +22,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from features.ranking import row_ranges
 from serving.candidates import (
     N_RECENT_ANCHORS,
     N_SESSION_ANCHORS,
     BundleAux,
     CandidateInput,
     _quotas,
+    aggregate_by_key,
 )
 
 __all__ = ["AnchorProposals", "anchor_proposals_many"]
@@ -84,20 +86,11 @@ def _neighbours_many(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray
     empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
     if len(a_items) == 0 or len(indices) == 0:
         return [empty] * n_users
-    starts, ends = indptr[a_items], indptr[a_items + 1]
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
+    pos = row_ranges(indptr, a_items)
+    if len(pos) == 0:
         return [empty] * n_users
-    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    keys = np.repeat(a_uid, lengths) * n_items + indices[pos]
-    val = values[pos].astype(np.float32)
-    uniq, inv = np.unique(keys, return_inverse=True)
-    if how == "sum":
-        agg = np.bincount(inv, weights=val, minlength=len(uniq)).astype(np.float32)
-    else:
-        agg = np.full(len(uniq), -np.inf, dtype=np.float32)
-        np.maximum.at(agg, inv, val)
+    keys = np.repeat(a_uid, indptr[a_items + 1] - indptr[a_items]) * n_items + indices[pos]
+    uniq, agg = aggregate_by_key(keys, values[pos].astype(np.float32), how=how)
     uid, items = uniq // n_items, uniq % n_items
     order = np.lexsort((items, -agg, uid))           # per user: best score, then lowest item
     uid, items, agg = uid[order], items[order], agg[order]

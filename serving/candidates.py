@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from features.bundle import Bundle
+from features.ranking import row_ranges
 from features.vectors import gram
 from serving.index import ExactIndex, ItemIndex, build_index, top_k
 from serving.session_knn import SessionIndex
@@ -283,20 +284,19 @@ def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0 or len(indices) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
+    pos = row_ranges(indptr, rows)
+    if len(pos) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    nb = indices[pos].astype(np.int64)
-    val = values[pos].astype(np.float32)
-    uniq, inv = np.unique(nb, return_inverse=True)
+    return aggregate_by_key(indices[pos].astype(np.int64), values[pos].astype(np.float32), how=how)
+
+
+def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``keys`` (sorted) and the ``sum`` or ``max`` of their float32 ``values``."""
+    uniq, inv = np.unique(keys, return_inverse=True)
     if how == "sum":
-        agg = np.bincount(inv, weights=val, minlength=len(uniq)).astype(np.float32)
-    else:
-        agg = np.full(len(uniq), -np.inf, dtype=np.float32)
-        np.maximum.at(agg, inv, val)
+        return uniq, np.bincount(inv, weights=values, minlength=len(uniq)).astype(np.float32)
+    agg = np.full(len(uniq), -np.inf, dtype=np.float32)
+    np.maximum.at(agg, inv, values)
     return uniq, agg
 
 
