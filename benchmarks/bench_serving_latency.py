@@ -277,6 +277,17 @@ def nprobe_sweep(y: np.ndarray, ivf: IvfIndex, queries: np.ndarray) -> list[dict
     return out
 
 
+def ivf_series(bundle: Bundle, users: list[UserState], calls: int, *, label: str) -> dict[str, Any]:
+    """:func:`measure` with the IVF index, plus its build time, recall@100 and nprobe sweep."""
+    res = measure(bundle, users, calls, label=label, index="ivf")
+    aux = Recommender(index_kind="ivf", nprobe=64).prepare(bundle)
+    res["ivf_build_s"] = aux.index.build_seconds  # type: ignore[attr-defined]
+    q = np.stack([u.vector for u in users])
+    res["recall@100"] = recall_at_100(bundle.item_factors, aux.index, q)  # type: ignore[arg-type]
+    res["nprobe_sweep"] = nprobe_sweep(bundle.item_factors, aux.index, q)  # type: ignore[arg-type]
+    return res
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=None, help="catalog size (default 100000; 20000 quick)")
@@ -299,13 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **measure(bundle, users, calls, label=f"{n_items} exact blas{threads}", index="exact"),
                 **floors(bundle, users, calls)}
     with threadpool_limits(limits=1, user_api="blas"):
-        res = measure(bundle, users, calls, label=f"{n_items} ivf", index="ivf")
-        aux = Recommender(index_kind="ivf", nprobe=64).prepare(bundle)
-        res["ivf_build_s"] = aux.index.build_seconds  # type: ignore[attr-defined]
-        q = np.stack([u.vector for u in users])
-        res["recall@100"] = recall_at_100(bundle.item_factors, aux.index, q)  # type: ignore[arg-type]
-        res["nprobe_sweep"] = nprobe_sweep(bundle.item_factors, aux.index, q)  # type: ignore[arg-type]
-        results[f"ivf_{n_items}"] = res
+        results[f"ivf_{n_items}"] = ivf_series(bundle, users, calls, label=f"{n_items} ivf")
         for kind, empty in (("plain", CatalogCache()), ("tracked", TrackedCatalogCache())):
             results[f"ivf_{n_items}_catalog_{kind}"] = measure(
                 bundle, users, calls, label=f"{n_items} ivf catalog {kind}", index="ivf",
@@ -315,12 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         big = synthetic_bundle(large, onnx=onnx, seed=5)
         big_users = synthetic_users(big, 256, seed=6, bundle_seed=5)
         with threadpool_limits(limits=1, user_api="blas"):
-            res = measure(big, big_users, calls, label=f"{large} ivf", index="ivf")
-            aux_big = Recommender(index_kind="ivf", nprobe=64).prepare(big)
-            res["ivf_build_s"] = aux_big.index.build_seconds  # type: ignore[attr-defined]
-            qb = np.stack([u.vector for u in big_users])
-            res["recall@100"] = recall_at_100(big.item_factors, aux_big.index, qb)  # type: ignore[arg-type]
-            res["nprobe_sweep"] = nprobe_sweep(big.item_factors, aux_big.index, qb)  # type: ignore[arg-type]
+            res = ivf_series(big, big_users, calls, label=f"{large} ivf")
             res["exact_top100_numpy_ms"] = stats(timed(lambda: top_k(big.item_factors @ big_users[0].vector, 100),
                                                        max(50, calls // 20), "floor exact 1M"))
         results[f"ivf_{large}"] = res
