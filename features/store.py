@@ -52,8 +52,12 @@ _REF_GRID_HALF_LIVES = 32.0
 _SNAPSHOT_LUA = """
 local a = cjson.decode(ARGV[1])
 local out = {redis.call('HGETALL', a['offsets'])}
-local seen = {}
-for i, key in ipairs(a['seen']) do seen[i] = redis.call('EXISTS', key) end
+-- one MGET per 1,000 dedup markers instead of one EXISTS per event (a missing key reads as false)
+local keys, seen = a['seen'], {}
+for first = 1, #keys, 1000 do
+  local got = redis.call('MGET', unpack(keys, first, math.min(first + 999, #keys)))
+  for j = 1, #got do seen[first + j - 1] = got[j] and 1 or 0 end
+end
 out[2] = seen
 for i, u in ipairs(a['users']) do
   out[2 + i] = {

@@ -40,7 +40,7 @@ from serving.recommender import Recommender, RecRequest
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
 
-__all__ = ["BatchProcessor", "BatchStats", "DeadLetter", "Record"]
+__all__ = ["BatchProcessor", "BatchStats", "DeadLetter", "Decoded", "Record"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class DeadLetter:
     record: Record
     reason: str
     message: str
+
+
+#: :meth:`BatchProcessor.decode`'s result: the valid records with their events, and the rejected ones.
+Decoded = tuple[list[tuple[Record, Event]], list[DeadLetter]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,16 +150,6 @@ class BatchProcessor:
             return []
         return [(item, ts) for item, _t, ts in reversed(user.history) if ts >= start][-_COVIS_LOOKBACK:]  # type: ignore[attr-defined]
 
-    def _covisit(self, w: BatchWrite, items: list[tuple[str, int]], ev: Event, weight: float) -> None:
-        """Pair the event's item with the session's recent items (both directions)."""
-        for other, ts in items[-_COVIS_LOOKBACK:]:
-            if other == ev.item_id or ev.ts - ts > _COVIS_WINDOW_MS:
-                continue
-            inc = weight / (1.0 + (ev.ts - ts) / 600_000.0)
-            w.covis[(ev.item_id, other)] = w.covis.get((ev.item_id, other), 0.0) + inc
-            w.covis[(other, ev.item_id)] = w.covis.get((other, ev.item_id), 0.0) + inc
-        items.append((ev.item_id, ev.ts))
-
     async def refresh(self) -> int:
         """Recompute and write the lists of every user touched since the last refresh.
 
@@ -177,22 +171,35 @@ class BatchProcessor:
                                       for uid, rl in zip(pending, lists, strict=True)})
         return len(lists)
 
-    async def process(self, records: Sequence[Record], *, refresh: bool = True) -> BatchStats:
-        """Apply one batch; returns counts. Redis errors propagate (the caller retries).
+    def decode(self, records: Sequence[Record], *, now: int | None = None) -> Decoded:
+        """Validate a batch's records (pure CPU, no Redis): the valid events and the dead letters.
 
-        With ``refresh=False`` the touched users' lists are left to a later
-        :meth:`refresh` (the worker runs one continuously, so a burst of batches
-        costs one list computation per user, not one per batch).
+        The worker decodes batch N+1 while batch N's commit is still running in
+        Redis and hands the result to :meth:`process` (``decoded=``).
         """
-        t0 = time.perf_counter()
-        now = now_ms()
+        now = now_ms() if now is None else now
+        decode = self.validator.decode
         valid: list[tuple[Record, Event]] = []
         invalid: list[DeadLetter] = []
         for rec in records:
             try:
-                valid.append((rec, self.validator.decode(rec.value, now=now)))
+                valid.append((rec, decode(rec.value, now=now)))
             except InvalidEvent as err:
                 invalid.append(DeadLetter(rec, err.reason, err.message))
+        return valid, invalid
+
+    async def process(self, records: Sequence[Record], *, refresh: bool = True,
+                      decoded: Decoded | None = None) -> BatchStats:
+        """Apply one batch; returns counts. Redis errors propagate (the caller retries).
+
+        With ``refresh=False`` the touched users' lists are left to a later
+        :meth:`refresh` (the worker runs one continuously, so a burst of batches
+        costs one list computation per user, not one per batch). ``decoded`` is
+        :meth:`decode`'s result for ``records`` when the caller already has it.
+        """
+        t0 = time.perf_counter()
+        now = now_ms()
+        valid, invalid = decoded if decoded is not None else self.decode(records, now=now)
 
         snap = await self.store.snapshot((ev.user_id for _, ev in valid), [ev.event_id for _, ev in valid])
         stored = snap.offsets
@@ -211,6 +218,8 @@ class BatchProcessor:
         sessions: dict[str, tuple[str, int, int, int]] = {}
         session_items: dict[str, list[tuple[str, int]]] = {}
         applied = 0
+        weights, half_life_ms, batch_ts = self.weights, self.half_life_ms, w.batch_ts
+        trending, covis, category = w.trending, w.covis, self.catalog.category
         for rec, ev in valid:
             if not fresh(rec):
                 continue
@@ -243,16 +252,30 @@ class BatchProcessor:
                 w.shown_incr.get(uid, {}).pop(ev.item_id, None)
             if w.active.get(uid, 0) < ev.ts:
                 w.active[uid] = ev.ts
-            weight = self.weights.get(ev.type, 0.0)
+            weight = weights.get(ev.type, 0.0)
             if weight > 0:
-                inc = trending_increment(weight, ev.ts, w.batch_ts, self.half_life_ms)
-                w.trending[("", ev.item_id)] = w.trending.get(("", ev.item_id), 0.0) + inc
-                cat = self.catalog.category(ev.item_id)
+                item = ev.item_id
+                inc = trending_increment(weight, ev.ts, batch_ts, half_life_ms)
+                key = ("", item)
+                trending[key] = trending.get(key, 0.0) + inc
+                cat = category(item)
                 if cat:
-                    w.trending[(cat, ev.item_id)] = w.trending.get((cat, ev.item_id), 0.0) + inc
-                if uid not in session_items:
-                    session_items[uid] = self._session_items(user, sid, start)
-                self._covisit(w, session_items[uid], ev, weight)
+                    key = (cat, item)
+                    trending[key] = trending.get(key, 0.0) + inc
+                items = session_items.get(uid)
+                if items is None:
+                    items = session_items[uid] = self._session_items(user, sid, start)
+                # pair the event's item with the session's recent items (both directions)
+                ts = ev.ts
+                for other, other_ts in items[-_COVIS_LOOKBACK:]:
+                    if other == item or ts - other_ts > _COVIS_WINDOW_MS:
+                        continue
+                    inc = weight / (1.0 + (ts - other_ts) / 600_000.0)
+                    key = (item, other)
+                    covis[key] = covis.get(key, 0.0) + inc
+                    key = (other, item)
+                    covis[key] = covis.get(key, 0.0) + inc
+                items.append((item, ts))
         w.sessions = sessions  # type: ignore[assignment]
         w.seen = list(seen_now)
 
