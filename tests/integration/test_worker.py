@@ -199,6 +199,8 @@ def test_out_of_stock_update_removes_item_from_lists(settings: Settings, redis_c
                 out.append(f"u{u}")
         return out
 
+    # lists come from the refresher after the batch commits: wait for the first ones
+    wait_until(lambda: any(holders(f"i{j}") for j in range(5)), timeout_s=60, what="a list holding an item")
     target = next(f"i{j}" for j in range(5) if holders(f"i{j}"))
 
     async def send_stock_update() -> None:
