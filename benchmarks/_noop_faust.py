@@ -14,7 +14,7 @@ import faust
 import redis.asyncio as aioredis
 
 from features.settings import Settings
-from stream.app import TablelessManager, _transport_class
+from stream.app import TablelessManager, _transport_class, use_uvloop
 
 
 def main() -> None:
@@ -24,7 +24,11 @@ def main() -> None:
     ap.add_argument("--topic", required=True)
     ap.add_argument("--group", required=True)
     ap.add_argument("--counter", required=True)
+    ap.add_argument("--loop", choices=("aio", "uvloop"), default="aio",
+                    help="event loop: aio (Faust's default) or uvloop (what liftrec's worker runs on)")
     args = ap.parse_args()
+    if args.loop == "uvloop":
+        use_uvloop()
     s = Settings()
     app = faust.App(args.group, broker=f"kafka://{args.bootstrap}", store="memory://", web_enabled=False,
                     broker_session_timeout=3.0, broker_heartbeat_interval=0.5, topic_disable_leader=True,

@@ -9,7 +9,9 @@ start-up is excluded. In the same run, on the same topic:
 
 * a **bare aiokafka consumer** that only counts records (~550k/s here);
 * a **no-op Faust agent** with liftrec's app settings that only counts
-  (Faust's own per-event cost is the ceiling of any Faust worker);
+  (Faust's own per-event cost is the ceiling of any Faust worker), once on
+  Faust's default asyncio loop and once on uvloop, the loop liftrec's worker
+  runs on (both ratios are reported);
 * **liftrec's worker**, one process, then two processes (``--concurrency 2``),
   each time with its list refresher process (``--refreshers 1``, niced);
 * the **no-op Faust agent with two processes**, the physical limit of the
@@ -159,6 +161,7 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
             time.sleep(0.02)
         drain = time.perf_counter() - t_last
         lists = int(r.hget(keys.metrics(), "lists") or 0) - lists0
+        batches = int(r.hget(keys.metrics(), "batches") or 0)
         events = total
         return {
             "events_per_s": rate,
@@ -170,22 +173,23 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
             "list_backlog_max": max(backlog, default=0),
             "list_backlog_mean": statistics.fmean(backlog) if backlog else 0.0,
             "list_drain_after_last_event_s": drain,
+            "events_per_batch": total / max(1, batches),
         }
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def run_noop(s: Settings, total: int, processes: int = 1) -> dict[str, float]:
+def run_noop(s: Settings, total: int, processes: int = 1, loop: str = "aio") -> dict[str, float]:
     group = f"noop-{uuid.uuid4().hex[:6]}"
     counter = f"bench:{group}"
     r = redis.Redis.from_url(s.redis_url or "")
     procs = [subprocess.Popen([sys.executable, str(BENCH_DIR / "_noop_faust.py"), "--bootstrap", s.kafka_bootstrap,
                                "--redis", s.redis_url, "--topic", s.events_topic, "--group", group,
-                               "--counter", counter], env=_env(s, None),
+                               "--counter", counter, "--loop", loop], env=_env(s, None),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(processes)]
     try:
-        rate, cpu = _timed(lambda: int(r.get(counter) or 0), total, procs[0], f"no-op faust x{processes}")
+        rate, cpu = _timed(lambda: int(r.get(counter) or 0), total, procs[0], f"no-op faust {loop} x{processes}")
         return {"events_per_s": rate, "cpu_us_per_event_first_process": cpu["worker"] / total * 1e6}
     finally:
         for p in procs:
@@ -216,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=None, help="shoppers (default 5000; 1500 quick)")
     parser.add_argument("--days", type=int, default=None, help="days of clickstream (default 14; 5 quick)")
     parser.add_argument("--factors", type=int, default=64)
+    parser.add_argument("--one-worker-only", action="store_true",
+                        help="skip the two-process runs (quicker; no scaling numbers)")
     args = parser.parse_args(argv)
     items = args.items or (20_000 if args.quick else 100_000)
     users = args.users or (1500 if args.quick else 5000)
@@ -249,25 +255,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             total = asyncio.run(produce())
             bare = asyncio.run(run_bare(s, total))
             noop = run_noop(s, total)
-            noop2 = run_noop(s, total, processes=2)
+            noop_uv = run_noop(s, total, loop="uvloop")
+            nan = {"events_per_s": float("nan")}
+            noop2 = run_noop(s, total, processes=2) if not args.one_worker_only else nan
+            noop2_uv = run_noop(s, total, processes=2, loop="uvloop") if not args.one_worker_only else nan
             catalog = list(shop.catalog_items())
             one = run_liftrec(s, registry, total, 1, tmp, catalog)
-            two = run_liftrec(s, registry, total, 2, tmp, catalog)
+            two = run_liftrec(s, registry, total, 2, tmp, catalog) if not args.one_worker_only else nan
     r1, r2, f1, f2 = one["events_per_s"], two["events_per_s"], noop["events_per_s"], noop2["events_per_s"]
+    u1, u2 = noop_uv["events_per_s"], noop2_uv["events_per_s"]
     results = {
         "events": total, "catalog_items": items, "users": users, "factors": args.factors,
         "bare_aiokafka_events_per_s": bare, "noop_faust_events_per_s": f1, "noop_faust_2_processes_events_per_s": f2,
         "noop_faust_cpu_us_per_event": noop["cpu_us_per_event_first_process"],
+        "noop_faust_uvloop_events_per_s": u1, "noop_faust_uvloop_2_processes_events_per_s": u2,
+        "noop_faust_uvloop_cpu_us_per_event": noop_uv["cpu_us_per_event_first_process"],
         "liftrec_1_worker_events_per_s": r1, "liftrec_2_workers_events_per_s": r2,
         "liftrec_1_worker": one, "liftrec_2_workers": two,
-        "ratio_1_worker_over_noop_faust": r1 / f1, "scaling_2_over_1": r2 / r1, "noop_faust_scaling_2_over_1": f2 / f1,
+        "ratio_1_worker_over_noop_faust": r1 / f1, "ratio_1_worker_over_noop_faust_uvloop": r1 / u1,
+        "scaling_2_over_1": r2 / r1, "noop_faust_scaling_2_over_1": f2 / f1,
+        "noop_faust_uvloop_scaling_2_over_1": u2 / u1,
         "goals": {"events_per_s_per_worker": 10_000, "ratio_over_noop": 0.75, "scaling": 1.7},
-        "goals_met": {"events_per_s": r1 >= 10_000, "ratio": r1 / f1 >= 0.75, "scaling": r2 / r1 >= 1.7},
+        "goals_met": {"events_per_s": r1 >= 10_000, "ratio": r1 / f1 >= 0.75, "ratio_same_loop": r1 / u1 >= 0.75,
+                      "scaling": r2 / r1 >= 1.7},
         "setup_seconds": {"generate": gen_s, "train": train_s},
     }
-    summary = (f"1 worker {r1:,.0f} ev/s ({r1 / f1:.0%} of no-op Faust {f1:,.0f}; worker CPU "
-               f"{one['worker_cpu_us_per_event']:.0f} us/ev vs no-op {noop['cpu_us_per_event_first_process']:.0f}); "
-               f"2 workers {r2:,.0f} ev/s (x{r2 / r1:.2f}; no-op Faust x2 {f2:,.0f} = x{f2 / f1:.2f}); "
+    summary = (f"1 worker {r1:,.0f} ev/s ({r1 / f1:.0%} of no-op Faust {f1:,.0f} on asyncio, {r1 / u1:.0%} of "
+               f"no-op Faust {u1:,.0f} on uvloop; worker CPU {one['worker_cpu_us_per_event']:.0f} us/ev vs no-op "
+               f"{noop['cpu_us_per_event_first_process']:.0f} / {noop_uv['cpu_us_per_event_first_process']:.0f}); "
+               f"2 workers {r2:,.0f} ev/s (x{r2 / r1:.2f}; no-op Faust x2 {f2:,.0f} = x{f2 / f1:.2f}, "
+               f"uvloop x2 {u2:,.0f} = x{u2 / u1:.2f}); "
                f"lists {one['lists_per_s']:,.0f}/s, {one['refresher_cpu_ms_per_list']:.2f} ms CPU each, "
                f"drained {one['list_drain_after_last_event_s']:.1f} s after the last event; "
                f"bare aiokafka {bare:,.0f} ev/s; {total:,} events")

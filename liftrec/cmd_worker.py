@@ -177,8 +177,9 @@ def worker(
 
     import faust
 
-    from stream.app import create_app
+    from stream.app import create_app, use_uvloop
 
+    use_uvloop()
     app = create_app(
         settings,
         bootstrap=ep.kafka_bootstrap,

@@ -29,7 +29,20 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from features.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "use_uvloop"]
+
+
+def use_uvloop() -> None:
+    """Run Faust (and its consumer thread) on uvloop instead of asyncio's default loop.
+
+    Call before the app and its worker are created. Faust's per-event cost is
+    mostly event-loop work (futures, callbacks, queue hand-offs between its
+    consumer thread and the agent); uvloop does that work in C. Measured in
+    ``benchmarks/bench_stream_throughput.py`` (docs/realtime.md).
+    """
+    import mode.loop
+
+    mode.loop.use("uvloop")
 
 
 class TablelessManager(TableManager):
