@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--counter", required=True)
     ap.add_argument("--loop", choices=("aio", "uvloop"), default="aio",
                     help="event loop: aio (Faust's default) or uvloop (what liftrec's worker runs on)")
+    ap.add_argument("--direct-delivery", action="store_true",
+                    help="deliver records as liftrec's worker does (stream.app._transport_class)")
     args = ap.parse_args()
     if args.loop == "uvloop":
         use_uvloop()
@@ -34,7 +36,7 @@ def main() -> None:
                     broker_session_timeout=3.0, broker_heartbeat_interval=0.5, topic_disable_leader=True,
                     topic_allow_declare=False, consumer_auto_offset_reset="earliest", autodiscover=False,
                     TableManager=TablelessManager, datadir=f"/tmp/{args.group}-data")
-    app.transport = _transport_class(s.fetch_max_wait_ms)(app.conf.broker_consumer, app)
+    app.transport = _transport_class(s.fetch_max_wait_ms, direct_delivery=args.direct_delivery)(app.conf.broker_consumer, app)
     topic = app.topic(args.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     client: dict[str, aioredis.Redis] = {}
 
