@@ -133,8 +133,14 @@ class WorkerState:
         return out
 
     async def trending(self) -> TrendingSnapshot:
-        """Trending lists, re-read from Redis at most once a second."""
-        if self._trending is None or time.monotonic() - self._trending_at > 1.0:
+        """Trending lists, re-read from Redis at most once a second (every time while empty).
+
+        An empty snapshot is not kept: a refresher warms up at start, often
+        before the first batch committed, and would otherwise write empty
+        lists for the first second of events.
+        """
+        cached = self._trending
+        if cached is None or not cached.overall or time.monotonic() - self._trending_at > 1.0:
             self._trending = await read_trending(self.client, self.keys, sorted(self.catalog.categories()))
             self._trending_at = time.monotonic()
         return self._trending
