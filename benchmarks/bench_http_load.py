@@ -279,7 +279,7 @@ def encode_requests(user_ids: Sequence[str], n_items: int, *, similar: float, n:
     return out
 
 
-def batch_stats(base: str) -> tuple[float, float, float]:
+def batch_stats(base: str) -> tuple[float, ...]:
     """(``recommend_many`` calls, lists, seconds in it) of the API so far, from ``/metrics``.
 
     With several workers, one of them answers: the numbers are that worker's.
@@ -293,7 +293,11 @@ def batch_stats(base: str) -> tuple[float, float, float]:
         return float(m.group(1)) if m else 0.0
 
     return (value("liftrec_api_batch_size_count"), value("liftrec_api_batch_size_sum"),
-            value("liftrec_api_compute_seconds_sum"))
+            value("liftrec_api_compute_seconds_sum"),
+            value('liftrec_api_gc_pause_seconds_count{generation="2"}'),
+            value('liftrec_api_gc_pause_seconds_sum{generation="2"}'),
+            value('liftrec_api_gc_pause_seconds_count{generation="1"}') + value('liftrec_api_gc_pause_seconds_count{generation="0"}'),
+            value('liftrec_api_gc_pause_seconds_sum{generation="1"}') + value('liftrec_api_gc_pause_seconds_sum{generation="0"}'))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,21 +431,23 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     size and the ``recommend_many`` time per list out.
     """
     pids = tree_pids(pid)
-    calls0, lists0, comp0 = batch_stats(base) if api_stats else (0.0, 0.0, 0.0)
+    calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 7
     api0, redis0, gen0 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     res = runner.run(run_rate(port, requests, rate, seconds))
     api1, redis1, gen1 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
-    calls1, lists1, comp1 = batch_stats(base) if api_stats else (0.0, 0.0, 0.0)
+    calls1, lists1, comp1, *gc1 = batch_stats(base) if api_stats else (0.0,) * 7
     n = res["requests"]
     res["cpu_ms_per_request"] = {"api": 1000 * (api1 - api0) / n, "redis": 1000 * (redis1 - redis0) / n,
                                  "generator": 1000 * (gen1 - gen0) / n}
     res["mean_batch"] = (lists1 - lists0) / (calls1 - calls0) if calls1 > calls0 else None
     res["recommend_ms_per_list"] = 1000 * (comp1 - comp0) / (lists1 - lists0) if lists1 > lists0 else None
+    res["gc"] = {"full": gc1[0] - gc0[0], "full_ms": 1000 * (gc1[1] - gc0[1]), "young": gc1[2] - gc0[2],
+                 "young_ms": 1000 * (gc1[3] - gc0[3])} if api_stats else None
     res["load_avg_1m"] = os.getloadavg()[0]
     c = res["cpu_ms_per_request"]
     tqdm.write(f"offered {rate:.0f}/s achieved {res['achieved_rps']:.0f}/s p50 {res['p50_ms']:.1f} "
                f"p99 {res['p99_ms']:.1f} ms errors {res['errors']} cpu/req api {c['api']:.2f} "
-               f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms batch {res['mean_batch']} "
+               f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms batch {res['mean_batch']} gc {res['gc']} "
                f"load {res['load_avg_1m']:.1f}")
     return res
 
