@@ -266,7 +266,8 @@ class _OpenLoop:
         self.errors = 0
         self.t0 = 0.0
         self.waiting: collections.deque[int] = collections.deque()
-        self.free: list[_Client] = []
+        # idle connections, longest idle first: requests go round the pool as with 50 clients taking turns
+        self.free: collections.deque[_Client] = collections.deque()
         self.finished = 0
         self.all_done: asyncio.Future[None] | None = None
         self.closing = False
@@ -279,7 +280,7 @@ class _OpenLoop:
 
     def dispatch(self) -> None:
         while self.waiting and self.free:
-            self.free.pop().send(self.waiting.popleft())
+            self.free.popleft().send(self.waiting.popleft())
 
     def _finish(self, i: int) -> None:
         self.lat[i] = (time.perf_counter() - (self.t0 + i / self.rate)) * 1000
@@ -348,6 +349,13 @@ def encode_requests(user_ids: Sequence[str], n_items: int, *, similar: float, n:
             path = f"/v1/users/{user_ids[int(rng.integers(0, len(user_ids)))]}/recommendations?k=20{extra}"
         out.append(f"GET {path} HTTP/1.1\r\nhost: bench\r\n\r\n".encode())
     return out
+
+
+def listening_sockets(port: int) -> int:
+    """Listening TCP sockets on ``port`` (IPv4), from ``/proc/net/tcp``."""
+    want = f":{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for ln in lines if (f := ln.split())[1].endswith(want) and f[3] == "0A")
 
 
 def batch_stats(base: str) -> tuple[float, ...]:
@@ -476,6 +484,12 @@ def sweep(proc: subprocess.Popen[bytes], log: Path, base: str, port: int, versio
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"API did not come up:\n{log.read_text()[-2000:]}")
         time.sleep(0.2)
+    # every worker listens on its own socket once its app has started (`liftrec serve`): wait for all,
+    # or the connections of the first rate all land on the workers that were ready
+    while listening_sockets(port) < args.workers:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"{listening_sockets(port)} of {args.workers} workers listen:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
     requests = encode_requests(user_ids, n_items, similar=args.similar, extra="&via=fastapi" if args.fastapi_only else "")
     curve: list[dict[str, Any]] = []
     failed = 0
@@ -502,11 +516,13 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     size and the ``recommend_many`` time per list out.
     """
     pids = tree_pids(pid)
+    per0 = [cpu_seconds([p]) for p in pids]
     calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 7
     api0, redis0, gen0 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     sys0 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
     res = runner.run(run_rate(port, requests, rate, seconds))
     api1, redis1, gen1 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
+    per1 = [cpu_seconds([p]) for p in pids]
     sys1 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
     calls1, lists1, comp1, *gc1 = batch_stats(base) if api_stats else (0.0,) * 7
     n = res["requests"]
@@ -516,6 +532,9 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     res["system_cpu_ms_per_request"] = dict(zip(("api", "redis", "generator"),
                                                 (1000 * (b - a) / n for a, b in zip(sys0, sys1, strict=True)),
                                                 strict=True))
+    # how the API's CPU split over its processes (several workers: is the load balanced?)
+    res["api_cpu_share"] = [round((b - a) / max(api1 - api0, 1e-9), 3) for a, b in zip(per0, per1, strict=True)
+                            if b - a > 0]
     res["mean_batch"] = (lists1 - lists0) / (calls1 - calls0) if calls1 > calls0 else None
     res["recommend_ms_per_list"] = 1000 * (comp1 - comp0) / (lists1 - lists0) if lists1 > lists0 else None
     res["gc"] = {"full": gc1[0] - gc0[0], "full_ms": 1000 * (gc1[1] - gc0[1]), "young": gc1[2] - gc0[2],
