@@ -18,9 +18,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 #: Environment through which the parent hands the coalescing options to its worker processes.
 _WINDOW_ENV = "LIFTREC_SERVE_BATCH_WINDOW_MS"
 _MAX_ENV = "LIFTREC_SERVE_BATCH_MAX"
-#: uvicorn options of every worker: uvloop + httptools, no access log (one INFO line per
-#: request cost a few percent of the CPU under load; the Prometheus metrics count requests).
-_UVICORN = {"loop": "uvloop", "http": "httptools", "access_log": False}
+#: uvicorn options of every worker: uvloop + httptools (with a response's head and body sent in
+#: one write, see :mod:`liftrec._http`), no access log (one INFO line per request cost a few
+#: percent of the CPU under load; the Prometheus metrics count requests).
+_UVICORN = {"loop": "uvloop", "http": "liftrec._http:CoalescingHttpTools", "access_log": False}
 
 
 def app_factory() -> FastAPI:
