@@ -11,9 +11,9 @@ vector of the model, purchases, a session), and ``liftrec serve --workers W``
 in a child process.
 
 The load generator is lean so that its own CPU (it shares the 2 cores) stays
-small: one process, uvloop, 50 keep-alive connections written with raw asyncio
-streams (pre-encoded request bytes, only the status line and
-``content-length`` parsed). It is **open-loop**: request *i* is due at
+small: one process, uvloop, 50 keep-alive HTTP/1.1 connections driven by
+plain asyncio protocol callbacks (no task or stream per request; pre-encoded
+request bytes, only the status line and ``content-length`` parsed). It is **open-loop**: request *i* is due at
 ``t0 + i / rate`` and its latency runs from that due time to the last byte of
 the answer, so queueing inside the generator or the server counts (no
 coordinated omission); at most 50 requests are in flight. The mix is
@@ -44,6 +44,7 @@ lists stay fresh). With 0, every user request computes its list.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import signal
@@ -201,15 +202,15 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of processes (missing ones count 0)."""
+def cpu_seconds(pids: Sequence[int], *, system: bool = False) -> float:
+    """User + system CPU seconds of processes (missing ones count 0); ``system``: the system part only."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[12]) + (0 if system else int(fields[11]))
     return total / _CLK_TCK
 
 
@@ -218,49 +219,120 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 _CL = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
 
 
+class _Client(asyncio.Protocol):
+    """One keep-alive connection of the generator: one request at a time, answers parsed in place."""
+
+    def __init__(self, gen: _OpenLoop) -> None:
+        self.gen = gen
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.need = -1          # bytes of the answer in flight (head + body), -1: head not complete
+        self.ok = False
+        self.i = -1             # request in flight, -1: idle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, i: int) -> None:
+        self.i = i
+        self.transport.write(self.gen.requests[i % len(self.gen.requests)])  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if self.need < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            m = _CL.search(buf, 0, end)
+            self.need = end + 4 + (int(m.group(1)) if m else 0)
+            self.ok = buf[9:12] == b"200"
+        if len(buf) >= self.need:
+            del buf[:self.need]
+            self.need = -1
+            i, self.i = self.i, -1
+            self.gen.answered(self, i, self.ok)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gen.lost(self)
+
+
+class _OpenLoop:
+    """Open-loop load over :data:`CONCURRENCY` keep-alive connections (callbacks, no per-request task)."""
+
+    def __init__(self, port: int, requests: list[bytes], rate: float, n: int) -> None:
+        self.port, self.requests, self.rate, self.n = port, requests, rate, n
+        self.lat = np.full(n, np.nan)
+        self.errors = 0
+        self.t0 = 0.0
+        self.waiting: collections.deque[int] = collections.deque()
+        # idle connections, longest idle first: requests go round the pool as with 50 clients taking turns
+        self.free: collections.deque[_Client] = collections.deque()
+        self.finished = 0
+        self.all_done: asyncio.Future[None] | None = None
+        self.closing = False
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: _Client(self), "127.0.0.1", self.port)
+        self.free.append(conn)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        while self.waiting and self.free:
+            self.free.popleft().send(self.waiting.popleft())
+
+    def _finish(self, i: int) -> None:
+        self.lat[i] = (time.perf_counter() - (self.t0 + i / self.rate)) * 1000
+        self.finished += 1
+        if self.finished == self.n and self.all_done is not None and not self.all_done.done():
+            self.all_done.set_result(None)
+
+    def answered(self, conn: _Client, i: int, ok: bool) -> None:
+        if not ok:
+            self.errors += 1
+        self.free.append(conn)
+        self._finish(i)
+        self.dispatch()
+
+    def lost(self, conn: _Client) -> None:
+        if conn in self.free:
+            self.free.remove(conn)
+        if self.closing:
+            return
+        if conn.i >= 0:   # the request in flight failed: an error, its latency until now
+            self.errors += 1
+            self._finish(conn.i)
+        asyncio.get_running_loop().create_task(self.connect())
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.all_done = loop.create_future()
+        await asyncio.gather(*(self.connect() for _ in range(CONCURRENCY)))
+        self.t0 = t0 = time.perf_counter() + 0.05
+        i, n, rate = 0, self.n, self.rate
+        while i < n:
+            now = time.perf_counter()
+            while i < n and t0 + i / rate <= now:
+                self.waiting.append(i)
+                i += 1
+            self.dispatch()
+            if i < n:
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        await self.all_done
+        self.closing = True
+        for c in self.free:
+            c.transport.close()  # type: ignore[union-attr]
+
+
 async def run_rate(port: int, requests: list[bytes], rate: float, seconds: float) -> dict[str, Any]:
     """Offer ``rate`` requests/s for ``seconds`` over :data:`CONCURRENCY` keep-alive connections."""
     n = max(1, int(rate * seconds))
-    lat = np.full(n, np.nan)
-    errors = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    t0 = time.perf_counter() + 0.05
-
-    async def connection() -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while (i := await queue.get()) >= 0:
-                try:
-                    writer.write(requests[i % len(requests)])
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    m = _CL.search(head)
-                    await reader.readexactly(int(m.group(1)) if m else 0)
-                    if head[9:12] != b"200":
-                        errors += 1
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                    errors += 1
-                    writer.close()
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                lat[i] = (time.perf_counter() - (t0 + i / rate)) * 1000
-        finally:
-            writer.close()
-
-    conns = [asyncio.create_task(connection()) for _ in range(CONCURRENCY)]
-    i = 0
-    while i < n:
-        now = time.perf_counter()
-        while i < n and t0 + i / rate <= now:
-            queue.put_nowait(i)
-            i += 1
-        if i < n:
-            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-    for _ in conns:
-        queue.put_nowait(-1)
-    await asyncio.gather(*conns)
-    elapsed = time.perf_counter() - t0
-    done = lat[~np.isnan(lat)]
-    return {"offered_rps": rate, "requests": n, "achieved_rps": n / elapsed, "errors": errors,
+    gen = _OpenLoop(port, requests, rate, n)
+    await gen.run()
+    elapsed = time.perf_counter() - gen.t0
+    done = gen.lat[~np.isnan(gen.lat)]
+    return {"offered_rps": rate, "requests": n, "achieved_rps": n / elapsed, "errors": gen.errors,
             "p50_ms": float(np.percentile(done, 50)), "p90_ms": float(np.percentile(done, 90)),
             "p99_ms": float(np.percentile(done, 99)), "max_ms": float(done.max())}
 
@@ -279,7 +351,14 @@ def encode_requests(user_ids: Sequence[str], n_items: int, *, similar: float, n:
     return out
 
 
-def batch_stats(base: str) -> tuple[float, float, float]:
+def listening_sockets(port: int) -> int:
+    """Listening TCP sockets on ``port`` (IPv4), from ``/proc/net/tcp``."""
+    want = f":{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for ln in lines if (f := ln.split())[1].endswith(want) and f[3] == "0A")
+
+
+def batch_stats(base: str) -> tuple[float, ...]:
     """(``recommend_many`` calls, lists, seconds in it) of the API so far, from ``/metrics``.
 
     With several workers, one of them answers: the numbers are that worker's.
@@ -293,7 +372,11 @@ def batch_stats(base: str) -> tuple[float, float, float]:
         return float(m.group(1)) if m else 0.0
 
     return (value("liftrec_api_batch_size_count"), value("liftrec_api_batch_size_sum"),
-            value("liftrec_api_compute_seconds_sum"))
+            value("liftrec_api_compute_seconds_sum"),
+            value('liftrec_api_gc_pause_seconds_count{generation="2"}'),
+            value('liftrec_api_gc_pause_seconds_sum{generation="2"}'),
+            value('liftrec_api_gc_pause_seconds_count{generation="1"}') + value('liftrec_api_gc_pause_seconds_count{generation="0"}'),
+            value('liftrec_api_gc_pause_seconds_sum{generation="1"}') + value('liftrec_api_gc_pause_seconds_sum{generation="0"}'))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -377,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "precomputed": args.precomputed, "similar": args.similar,
                          "batch_window_ms": args.batch_window_ms, "batch_max": args.batch_max,
                          "fastapi_only": args.fastapi_only, "trials": args.trials,
-                         "generator": "raw asyncio streams on uvloop, keep-alive, open-loop",
+                         "generator": "asyncio protocol callbacks on uvloop, keep-alive, open-loop",
                          "concurrency": CONCURRENCY, "rates": rates, "goal_p99_ms": GOAL_P99_MS},
                  summary=summary, out_dir=args.out_dir)
     print(summary)
@@ -400,6 +483,12 @@ def sweep(proc: subprocess.Popen[bytes], log: Path, base: str, port: int, versio
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"API did not come up:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    # every worker listens on its own socket once its app has started (`liftrec serve`): wait for all,
+    # or the connections of the first rate all land on the workers that were ready
+    while listening_sockets(port) < args.workers:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"{listening_sockets(port)} of {args.workers} workers listen:\n{log.read_text()[-2000:]}")
         time.sleep(0.2)
     requests = encode_requests(user_ids, n_items, similar=args.similar, extra="&via=fastapi" if args.fastapi_only else "")
     curve: list[dict[str, Any]] = []
@@ -427,21 +516,34 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     size and the ``recommend_many`` time per list out.
     """
     pids = tree_pids(pid)
-    calls0, lists0, comp0 = batch_stats(base) if api_stats else (0.0, 0.0, 0.0)
+    per0 = [cpu_seconds([p]) for p in pids]
+    calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 7
     api0, redis0, gen0 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
+    sys0 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
     res = runner.run(run_rate(port, requests, rate, seconds))
     api1, redis1, gen1 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
-    calls1, lists1, comp1 = batch_stats(base) if api_stats else (0.0, 0.0, 0.0)
+    per1 = [cpu_seconds([p]) for p in pids]
+    sys1 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
+    calls1, lists1, comp1, *gc1 = batch_stats(base) if api_stats else (0.0,) * 7
     n = res["requests"]
     res["cpu_ms_per_request"] = {"api": 1000 * (api1 - api0) / n, "redis": 1000 * (redis1 - redis0) / n,
                                  "generator": 1000 * (gen1 - gen0) / n}
+    # of which in the kernel (loopback TCP, epoll): the part no Python change removes
+    res["system_cpu_ms_per_request"] = dict(zip(("api", "redis", "generator"),
+                                                (1000 * (b - a) / n for a, b in zip(sys0, sys1, strict=True)),
+                                                strict=True))
+    # how the API's CPU split over its processes (several workers: is the load balanced?)
+    res["api_cpu_share"] = [round((b - a) / max(api1 - api0, 1e-9), 3) for a, b in zip(per0, per1, strict=True)
+                            if b - a > 0]
     res["mean_batch"] = (lists1 - lists0) / (calls1 - calls0) if calls1 > calls0 else None
     res["recommend_ms_per_list"] = 1000 * (comp1 - comp0) / (lists1 - lists0) if lists1 > lists0 else None
+    res["gc"] = {"full": gc1[0] - gc0[0], "full_ms": 1000 * (gc1[1] - gc0[1]), "young": gc1[2] - gc0[2],
+                 "young_ms": 1000 * (gc1[3] - gc0[3])} if api_stats else None
     res["load_avg_1m"] = os.getloadavg()[0]
     c = res["cpu_ms_per_request"]
     tqdm.write(f"offered {rate:.0f}/s achieved {res['achieved_rps']:.0f}/s p50 {res['p50_ms']:.1f} "
                f"p99 {res['p99_ms']:.1f} ms errors {res['errors']} cpu/req api {c['api']:.2f} "
-               f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms batch {res['mean_batch']} "
+               f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms (system {res['system_cpu_ms_per_request']}) batch {res['mean_batch']} gc {res['gc']} "
                f"load {res['load_avg_1m']:.1f}")
     return res
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import socket
+import time
 
 import typer
 from fastapi import FastAPI
@@ -14,9 +18,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 #: Environment through which the parent hands the coalescing options to its worker processes.
 _WINDOW_ENV = "LIFTREC_SERVE_BATCH_WINDOW_MS"
 _MAX_ENV = "LIFTREC_SERVE_BATCH_MAX"
-#: uvicorn options of every worker: uvloop + httptools, no access log (one INFO line per
-#: request cost a few percent of the CPU under load; the Prometheus metrics count requests).
-_UVICORN = {"loop": "uvloop", "http": "httptools", "access_log": False}
+#: uvicorn options of every worker: uvloop + httptools (with a response's head and body sent in
+#: one write, see :mod:`liftrec._http`), no access log (one INFO line per request cost a few
+#: percent of the CPU under load; the Prometheus metrics count requests).
+_UVICORN = {"loop": "uvloop", "http": "liftrec._http:CoalescingHttpTools", "access_log": False}
 
 
 def app_factory() -> FastAPI:
@@ -33,6 +38,90 @@ def app_factory() -> FastAPI:
         raise RuntimeError("app_factory needs KAFKA_BOOTSTRAP and REDIS_URL; start it with `liftrec serve`")
     return create_app(settings, Endpoints(settings.kafka_bootstrap, settings.redis_url, embedded=embedded),
                       **_batching(os.environ.get(_WINDOW_ENV), os.environ.get(_MAX_ENV)))
+
+
+log = logging.getLogger(__name__)
+
+#: A worker that exits sooner than this after its start counts as a failed start.
+_EARLY_EXIT_S = 5.0
+#: Failed starts in a row after which ``serve`` gives up.
+_MAX_FAILED_STARTS = 3
+
+
+def _listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (not listening yet)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker(host: str, port: int, level: str) -> None:
+    """One API worker process: its own ``SO_REUSEPORT`` listening socket, one uvicorn server."""
+    import uvicorn
+
+    setup_logging(level)
+    sock = _listener(host, port)
+    config = uvicorn.Config("liftrec.cmd_serve:app_factory", factory=True, log_level=level, **_UVICORN)  # type: ignore[arg-type]
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _run_workers(host: str, port: int, workers: int, level: str) -> None:
+    """Run ``workers`` API processes, each accepting on its own ``SO_REUSEPORT`` socket.
+
+    uvicorn's own ``--workers`` shares ONE listening socket: whichever worker's
+    event loop wakes first accepts every pending connection, so the long-lived
+    keep-alive connections of a client pool piled onto one worker (measured with
+    50 connections: 37-50 of them on one of two workers) and the second core idled. With one socket
+    per worker the kernel spreads new connections over the workers by hash.
+    The parent only supervises: a worker that dies is restarted (three failed
+    starts in a row stop ``serve``); SIGINT/SIGTERM stop every worker gracefully.
+    """
+    import multiprocessing
+
+    hold = _listener(host, port)   # fixes the port (also for port 0) while workers start; never listens
+    port = int(hold.getsockname()[1])
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def start() -> tuple[multiprocessing.process.BaseProcess, float]:
+        p = ctx.Process(target=_worker, args=(host, port, level), name="liftrec-api-worker")
+        p.start()
+        return p, time.monotonic()
+
+    procs = [start() for _ in range(workers)]
+    failed = 0
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for n, (p, started) in enumerate(procs):
+                if p.is_alive() or stopping:
+                    continue
+                early = time.monotonic() - started < _EARLY_EXIT_S
+                failed = failed + 1 if early else 0
+                if failed >= _MAX_FAILED_STARTS:
+                    fail(f"API worker exited {failed} times right after its start (last exit code {p.exitcode}); "
+                         "see the log above")
+                log.warning("api worker pid=%s exited with %s; restarting", p.pid, p.exitcode)
+                procs[n] = start()
+    finally:
+        for p, _ in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p, _ in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        hold.close()
 
 
 def _batching(window_ms: float | str | None, batch_max: int | str | None) -> dict[str, float | int]:
@@ -84,8 +173,7 @@ def serve(
         os.environ[_WINDOW_ENV] = str(batch_window_ms)
     if batch_max is not None:
         os.environ[_MAX_ENV] = str(batch_max)
-    uvicorn.run("liftrec.cmd_serve:app_factory", factory=True, host=host, port=port,
-                workers=workers, log_level=level, **_UVICORN)  # type: ignore[arg-type]
+    _run_workers(host, port, workers, level)
 
 
 def register(app: typer.Typer) -> None:

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any, Literal, Protocol
 
@@ -58,16 +58,19 @@ __all__ = [
     "ROUTER_MODULES",
     "EndpointsLike",
     "ErrorBody",
+    "FastPath",
     "JsonResponse",
+    "LiftrecApp",
     "create_app",
     "error_response",
     "exception_response",
+    "send_json",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Route-group modules; each defines ``router: fastapi.APIRouter`` and may define ``middleware``
-#: (an ASGI middleware class the app installs).
+#: Route-group modules; each defines ``router: fastapi.APIRouter`` and may define ``fast_path``
+#: (a :data:`FastPath` the app tries before FastAPI's middleware stack, see :class:`LiftrecApp`).
 ROUTER_MODULES: tuple[str, ...] = (
     "serving.collector",
     "serving.routes_recs",
@@ -103,6 +106,45 @@ class JsonResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+async def send_json(send: Callable[[MutableMapping[str, Any]], Awaitable[None]], body: bytes,
+                    status: int = 200) -> None:
+    """Send a JSON answer straight to the ASGI server: the headers and body of a :class:`JsonResponse`."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode()), _JSON_TYPE]})
+    await send({"type": "http.response.body", "body": body})
+
+
+#: ``async fast_path(app, scope, receive, send) -> bool``: answers a request and returns True, or
+#: returns False without sending anything (the request then goes through FastAPI).
+FastPath = Callable[["LiftrecApp", MutableMapping[str, Any], Any, Any], Awaitable[bool]]
+
+
+class LiftrecApp(FastAPI):
+    """The FastAPI app with fast paths in front of its middleware stack.
+
+    FastAPI's middleware layers (error middleware, telemetry, body limit) and
+    its per-request parameter solving cost about as much CPU as the rest of a
+    precomputed list answer (``docs/api-performance.md``). A route module may
+    declare a ``fast_path`` for its most frequent, well-formed requests; it is
+    tried first on every HTTP request and either answers the request itself or
+    leaves it, untouched, to FastAPI (so the routes, their OpenAPI entries and
+    every 4xx answer stay the contract). A fast path catches its own errors and
+    answers them as the app's exception handlers do (:func:`exception_response`).
+    """
+
+    fast_paths: tuple[FastPath, ...] = ()
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for fast in self.fast_paths:
+                if await fast(self, scope, receive, send):
+                    return
+        await super().__call__(scope, receive, send)
 
 
 class ErrorBody(BaseModel):
@@ -292,7 +334,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     batch_window_s: float = DEFAULT_WINDOW_S,
     batch_max: int = DEFAULT_BATCH_MAX,
-) -> FastAPI:
+) -> LiftrecApp:
     """Build the liftrec HTTP API.
 
     Parameters
@@ -313,8 +355,8 @@ def create_app(
 
     Returns
     -------
-    FastAPI
-        The app; the producer and the Redis client open and close with its lifespan.
+    LiftrecApp
+        The app (a FastAPI app with fast paths); the producer and the Redis client open and close with its lifespan.
 
     Examples
     --------
@@ -328,7 +370,7 @@ def create_app(
     if max_body_bytes < settings.max_payload_bytes:
         raise ValueError(f"max_body_bytes must be >= settings.max_payload_bytes "
                          f"({settings.max_payload_bytes}), got {max_body_bytes}")
-    app = FastAPI(
+    app = LiftrecApp(
         title="liftrec",
         version="0.1.0",
         summary="Streaming, real-time recommendations for online shops.",
@@ -351,7 +393,7 @@ def create_app(
     for name in ROUTER_MODULES:
         module = importlib.import_module(name)
         app.include_router(module.router)
-        if getattr(module, "middleware", None) is not None:   # e.g. serving.routes_recs.FastUserLists
-            app.add_middleware(module.middleware)
+        if getattr(module, "fast_path", None) is not None:   # e.g. serving.routes_recs.fast_path
+            app.fast_paths = (*app.fast_paths, module.fast_path)
     app.openapi = lambda: _openapi_with_contracts(app)  # type: ignore[method-assign]
     return app

@@ -13,8 +13,9 @@ items get cold-start lists, never 404. Bad parameters are 422 with a message.
 A user list goes through the runtime's request coalescing
 (:meth:`~serving.runtime.ServingRuntime.user_list`: concurrent requests share
 one Redis read and one ``recommend_many`` call). Well-formed simple user list
-requests are answered by :class:`FastUserLists` in front of FastAPI with the
-same code; everything else takes the FastAPI route. Measurements:
+requests (and item lists) are answered by :func:`fast_path` in front of
+FastAPI's middleware stack with the same code; everything else takes the
+FastAPI route. Measurements:
 ``docs/api-performance.md``.
 """
 
@@ -23,19 +24,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
+import orjson
 from fastapi import APIRouter, FastAPI, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from serving.api import ErrorBody, JsonResponse, error_response, exception_response
-from serving.recommender import RecList, RecRequest
+from serving.api import ErrorBody, JsonResponse, error_response, exception_response, send_json
+from serving.recommender import RecRequest
 from serving.rules import RequestFilters
 from serving.runtime import ListJob, ServingRuntime
 
-__all__ = ["FastUserLists", "RecItemBody", "RecListBody", "middleware", "router"]
+__all__ = ["RecItemBody", "RecListBody", "fast_path", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +113,6 @@ def _check_common(rt: ServingRuntime, *, k: int, ids: dict[str, str | None]) -> 
     return None
 
 
-def _answer(rt: ServingRuntime, route: str, recs: RecList, k: int, t0: float) -> JsonResponse:
-    rt.metrics.served(route, recs.source, short=len(recs.items) < k, model=recs.model)
-    rt.metrics.observe(route, 200, time.perf_counter() - t0)
-    return JsonResponse(recs.to_dict())
-
-
 K = Annotated[int, Query(ge=1, le=1000, description="List length; at most `Settings.max_k` (default 100).")]
 Exclude = Annotated[list[str] | None, Query(description="Item ids to leave out (repeat or comma-separate).")]
 
@@ -163,10 +159,10 @@ async def user_recommendations(
                               boosted=_csv(boost_category), boost=boost, explain=explain, t0=t0)
 
 
-async def _user_answer(rt: ServingRuntime, user_id: str, *, k: int, context_item: str | None, cats: list[str],
-                       excluded: list[str], min_price: float | None, max_price: float | None,
-                       boosted: list[str], boost: float, explain: bool, t0: float) -> JsonResponse:
-    """The answer of a validated user list request (FastAPI route and :class:`FastUserLists`)."""
+async def _user_body(rt: ServingRuntime, user_id: str, *, k: int, context_item: str | None, cats: list[str],
+                     excluded: list[str], min_price: float | None, max_price: float | None,
+                     boosted: list[str], boost: float, explain: bool, t0: float) -> dict[str, Any]:
+    """The answer body of a validated user list request (FastAPI route and :func:`fast_path`)."""
     plain = not (context_item or cats or excluded or boosted or explain
                  or min_price is not None or max_price is not None)
     if plain:
@@ -178,60 +174,105 @@ async def _user_answer(rt: ServingRuntime, user_id: str, *, k: int, context_item
         req = RecRequest(k=k, context_item=context_item, filters=filters, explain=explain)
     got = await rt.user_list(ListJob(user_id=user_id, request=req, plain=plain))
     if isinstance(got, dict):  # the fresh precomputed list
-        rt.metrics.served("user_recommendations", got["source"], short=False, model=got["model"])
-        rt.metrics.observe("user_recommendations", 200, time.perf_counter() - t0)
-        return JsonResponse(got)
-    return _answer(rt, "user_recommendations", got, k, t0)
+        rt.metrics.served_ok("user_recommendations", got["source"], short=False, model=got["model"],
+                             seconds=time.perf_counter() - t0)
+        return got
+    rt.metrics.served_ok("user_recommendations", got.source, short=len(got.items) < k, model=got.model,
+                         seconds=time.perf_counter() - t0)
+    return got.to_dict()
 
 
-class FastUserLists:
-    """ASGI middleware: well-formed user list requests skip FastAPI's per-request machinery.
+async def _user_answer(rt: ServingRuntime, user_id: str, **kwargs: Any) -> JsonResponse:
+    return JsonResponse(await _user_body(rt, user_id, **kwargs))
 
-    FastAPI's parameter solving and its middleware layers cost about as much CPU
-    as the rest of a precomputed answer (``docs/api-performance.md``). A
-    ``GET /v1/users/{user_id}/recommendations`` whose query holds only ``k``
-    (plain digits), ``context_item``, ``category``, ``exclude`` and ``explain``
-    (``true``/``false``), each valid, is answered here by the same code as the
-    route (:func:`_user_answer`). Anything else — other parameters, other
-    spellings, a value the route would reject — goes on to FastAPI unchanged, so
-    the route, its OpenAPI entry and every 4xx answer stay the contract.
+
+async def fast_path(app: Any, scope: MutableMapping[str, Any], receive: Any, send: Any) -> bool:
+    """Answer a well-formed, simple list request without FastAPI's per-request machinery.
+
+    Tried by :class:`serving.api.LiftrecApp` before its middleware stack. FastAPI's
+    parameter solving and middleware layers cost about as much CPU as the rest of a
+    precomputed answer (``docs/api-performance.md``). Taken here:
+
+    * ``GET /v1/users/{user_id}/recommendations`` whose query holds only ``k`` (plain
+      digits), ``context_item``, ``category``, ``exclude`` and ``explain``
+      (``true``/``false``), each valid: answered by the route's own code (:func:`_user_body`);
+    * ``GET /v1/items/{item_id}/similar`` and ``.../bought-together`` whose query holds
+      only ``k`` and ``exclude`` (:func:`_item_body`).
+
+    Anything else — other parameters, other spellings, a value the route would reject,
+    other methods — returns False untouched and goes on to FastAPI, so the routes,
+    their OpenAPI entries and every 4xx answer stay the contract. Errors are answered
+    as the app's exception handlers answer them.
     """
+    if scope["method"] != "GET":
+        return False
+    path: str = scope["path"]
+    rt: ServingRuntime | None = getattr(app.state, "serving", None)
+    if rt is None:
+        return False
+    if path.startswith(_USERS) and path.endswith(_RECS):
+        args = _fast_args(rt, path[len(_USERS):-len(_RECS)], scope["query_string"])
+        if args is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            body = await _user_body(rt, args.pop("user_id"), t0=t0, **args)
+        except Exception as err:  # noqa: BLE001 - the same JSON answers as the app's handlers
+            rt.metrics.fast_path.inc()
+            await exception_response(err, path=path)(scope, receive, send)
+            return True
+    elif path.startswith(_ITEMS):
+        kind, item_id = _item_kind(path)
+        if kind is None:
+            return False
+        got = _fast_item_args(rt, item_id, scope["query_string"])
+        if got is None:
+            return False
+        try:
+            body = await _item_body(rt, kind, item_id, got[0], got[1], time.perf_counter())
+        except Exception as err:  # noqa: BLE001 - the same JSON answers as the app's handlers
+            rt.metrics.fast_path.inc()
+            await exception_response(err, path=path)(scope, receive, send)
+            return True
+    else:
+        return False
+    rt.metrics.fast_path.inc()
+    await send_json(send, orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS))
+    return True
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
-            path: str = scope["path"]
-            if path.startswith(_USERS) and path.endswith(_RECS):
-                rt = getattr(getattr(scope.get("app"), "state", None), "serving", None)
-                args = None if rt is None else _fast_args(rt, path[len(_USERS):-len(_RECS)],
-                                                          scope["query_string"])
-                if args is not None:
-                    t0 = time.perf_counter()
-                    try:
-                        response = await _user_answer(rt, args.pop("user_id"), t0=t0, **args)
-                    except Exception as err:  # noqa: BLE001 - the same JSON answers as the app's handlers
-                        response = exception_response(err, path=path)
-                    rt.metrics.fast_path.inc()
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
-#: Middleware the app installs (see :func:`serving.api.create_app`).
-middleware = FastUserLists
 
 _USERS = "/v1/users/"
 _RECS = "/recommendations"
+_ITEMS = "/v1/items/"
+_ITEM_KINDS = (("/similar", "similar"), ("/bought-together", "bought_together"))
+
+
+def _item_kind(path: str) -> tuple[str | None, str]:
+    """(route kind, item id) of ``/v1/items/{item_id}/similar`` or ``.../bought-together``."""
+    for suffix, kind in _ITEM_KINDS:
+        if path.endswith(suffix):
+            return kind, path[len(_ITEMS):-len(suffix)]
+    return None, ""
+
+
+def _valid_id(rt: ServingRuntime, value: str) -> bool:
+    return bool(value) and "/" not in value and len(value) <= rt.settings.max_id_len and bool(value.strip())
+
+
+def _fast_k(rt: ServingRuntime, value: str) -> int | None:
+    if value.isascii() and value.isdigit() and len(value) <= 4:
+        k = int(value)
+        if 1 <= k <= rt.settings.max_k:
+            return k
+    return None
 
 
 def _fast_args(rt: ServingRuntime, user_id: str, query: bytes) -> dict[str, Any] | None:
     """The route's arguments when the request is well-formed and simple, else ``None`` (FastAPI decides)."""
-    max_id = rt.settings.max_id_len
-    if not user_id or "/" in user_id or len(user_id) > max_id or not user_id.strip():
+    if not _valid_id(rt, user_id):
         return None
-    k, context_item, explain = 20, None, False
+    k: int | None = 20
+    context_item, explain = None, False
     cats: list[str] = []
     excluded: list[str] = []
     seen: set[str] = set()
@@ -239,9 +280,11 @@ def _fast_args(rt: ServingRuntime, user_id: str, query: bytes) -> dict[str, Any]
         if name in seen and name not in ("category", "exclude"):
             return None
         seen.add(name)
-        if name == "k" and value.isascii() and value.isdigit() and len(value) <= 4:
-            k = int(value)
-        elif name == "context_item" and value.strip() and len(value) <= max_id:
+        if name == "k":
+            k = _fast_k(rt, value)
+            if k is None:
+                return None
+        elif name == "context_item" and value.strip() and len(value) <= rt.settings.max_id_len:
             context_item = value
         elif name == "category":
             cats.extend(p.strip() for p in value.split(","))
@@ -251,11 +294,40 @@ def _fast_args(rt: ServingRuntime, user_id: str, query: bytes) -> dict[str, Any]
             explain = value == "true"
         else:
             return None
-    if not 1 <= k <= rt.settings.max_k:
-        return None
     return {"user_id": user_id, "k": k, "context_item": context_item, "cats": [c for c in cats if c],
             "excluded": [e for e in excluded if e], "min_price": None, "max_price": None, "boosted": [],
             "boost": 0.5, "explain": explain}
+
+
+def _fast_item_args(rt: ServingRuntime, item_id: str, query: bytes) -> tuple[int, list[str]] | None:
+    """(k, exclude) of a well-formed item list request, else ``None`` (FastAPI decides)."""
+    if not _valid_id(rt, item_id):
+        return None
+    k: int | None = 20
+    excluded: list[str] = []
+    seen_k = False
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else ():
+        if name == "k" and not seen_k:
+            seen_k = True
+            k = _fast_k(rt, value)
+            if k is None:
+                return None
+        elif name == "exclude":
+            excluded.append(value)
+        else:
+            return None
+    return k, excluded
+
+
+async def _item_body(rt: ServingRuntime, kind: str, item_id: str, k: int, exclude: list[str] | None,
+                     t0: float) -> dict[str, Any]:
+    """The answer body of a validated item list request (FastAPI route and :func:`fast_path`)."""
+    trending = await rt.trending()
+    fn = rt.recommender.similar_items if kind == "similar" else rt.recommender.bought_together
+    recs = fn(item_id, k=k, bundle=rt.bundle, trending=trending, catalog=rt.catalog, exclude=_csv(exclude))
+    rt.metrics.served_ok(kind, recs.source, short=len(recs.items) < k, model=recs.model,
+                         seconds=time.perf_counter() - t0)
+    return recs.to_dict()
 
 
 async def _item_list(request: Request, kind: str, item_id: str, k: int, exclude: list[str] | None
@@ -265,10 +337,7 @@ async def _item_list(request: Request, kind: str, item_id: str, k: int, exclude:
     bad = _check_common(rt, k=k, ids={"path.item_id": item_id})
     if bad is not None:
         return bad
-    trending = await rt.trending()
-    fn = rt.recommender.similar_items if kind == "similar" else rt.recommender.bought_together
-    recs = fn(item_id, k=k, bundle=rt.bundle, trending=trending, catalog=rt.catalog, exclude=_csv(exclude))
-    return _answer(rt, kind, recs, k, t0)
+    return JsonResponse(await _item_body(rt, kind, item_id, k, exclude, t0))
 
 
 @router.get(

@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -157,12 +158,17 @@ class ServingRuntime:
         Most requests waiting per stage before new ones get 503.
     batch_budget_s : float, optional
         Target run time of one ``recommend_many`` batch (sets the compute stage's cap).
+    gc_freeze : bool, optional
+        After :meth:`start`, move every object alive (modules, bundle, catalog cache) to the
+        garbage collector's permanent generation (``gc.freeze``): a full collection of the
+        started API scanned ~180k objects for 50-200 ms, a stall of every request in flight;
+        frozen, it scans only what was made since.
     """
 
     def __init__(self, settings: Settings, client: aioredis.Redis, *, redis_url: str | None = None,
                  poll_interval_s: float = 5.0, batch_window_s: float = DEFAULT_WINDOW_S,
                  batch_max: int = DEFAULT_MAX_BATCH, batch_max_pending: int = DEFAULT_MAX_PENDING,
-                 batch_budget_s: float = DEFAULT_BATCH_BUDGET_S) -> None:
+                 batch_budget_s: float = DEFAULT_BATCH_BUDGET_S, gc_freeze: bool = True) -> None:
         if batch_budget_s <= 0:
             raise ValueError(f"batch_budget_s must be > 0 seconds; got {batch_budget_s}")
         self.settings = settings
@@ -179,12 +185,15 @@ class ServingRuntime:
         self._trending = TrendingSnapshot(overall=(), by_category={})
         self._trending_at = -1e9
         self._trending_lock = asyncio.Lock()
+        self._categories_list: list[str] = []
+        self._categories_at: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._closing = False
         self._profile: tuple[str, tuple[float, float, float] | None, ProfileModel | None, float] | None = None
         self._plain: dict[int, RecRequest] = {}
         self.batch_max = batch_max
         self.batch_budget_s = batch_budget_s
+        self.gc_freeze = gc_freeze
         self._per_list_s: float | None = None   # moving average of recommend_many seconds per list
         #: Wall clock of the list stages (epoch ms); one reading per batch, so a batch's lists share it.
         self.clock_ms: Callable[[], int] = _wall_clock_ms
@@ -232,11 +241,14 @@ class ServingRuntime:
 
         Also limits BLAS to one thread in this process: concurrent requests each
         run small matrix products, and on 2 shared cores a 2-thread BLAS made
-        ``recommend`` p99 1.5x worse (``benchmarks/bench_serving_latency.py``).
+        ``recommend`` p99 1.5x worse (``benchmarks/bench_serving_latency.py``);
+        starts observing garbage collection pauses and, with ``gc_freeze``, freezes
+        the objects alive after start-up.
         """
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(limits=1, user_api="blas")
+        self.metrics.watch_gc()
         await self.models.start()
         try:
             n = await self.catalog_store.load_into(self.catalog)
@@ -244,6 +256,9 @@ class ServingRuntime:
         except (RedisError, OSError) as err:
             log.warning("api started without the catalog (Redis: %s); retrying in the background", err)
         self._tasks.append(asyncio.create_task(self._catalog_listener(), name="liftrec-api-catalog"))
+        if self.gc_freeze:
+            gc.collect()
+            gc.freeze()
 
     async def stop(self) -> None:
         """Stop the background tasks, the coalescing stages and the model holder."""
@@ -258,6 +273,7 @@ class ServingRuntime:
             # sees _closing within its 1 s poll. Never wait longer than that.
             await asyncio.wait(tasks, timeout=2.0 * _POLL_S)
         await self.models.stop()
+        self.metrics.unwatch_gc()
 
     # -- user lists ------------------------------------------------------------------
 
@@ -343,6 +359,15 @@ class ServingRuntime:
         self._per_list_s = avg
         self.computes.limit(max(1, min(self.batch_max, int(self.batch_budget_s / max(avg, 1e-6)))))
 
+    def _categories(self) -> list[str]:
+        """The catalog's categories, sorted; recomputed only after the catalog changed (a 20k-item
+        scan took ~1 % of the API's CPU when done at every trending refresh)."""
+        version = getattr(self.catalog, "version", None)
+        if version is None or version != self._categories_at:
+            self._categories_list = sorted(self.catalog.categories())
+            self._categories_at = version
+        return self._categories_list
+
     async def trending(self) -> TrendingSnapshot:
         """Current trending lists (cached for :data:`TRENDING_TTL_S`; the last good on Redis errors)."""
         if time.monotonic() - self._trending_at < TRENDING_TTL_S:
@@ -350,7 +375,7 @@ class ServingRuntime:
         async with self._trending_lock:
             if time.monotonic() - self._trending_at >= TRENDING_TTL_S:
                 try:
-                    self._trending = await read_trending(self.client, self.keys, sorted(self.catalog.categories()))
+                    self._trending = await read_trending(self.client, self.keys, self._categories())
                 except (RedisError, OSError) as err:
                     log.debug("trending read failed, keeping the last lists: %s", err)
                 self._trending_at = time.monotonic()
