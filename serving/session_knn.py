@@ -83,6 +83,22 @@ def _count(values: np.ndarray, size: int, weights: np.ndarray | None = None) -> 
     return uniq, np.bincount(inv, weights=weights, minlength=len(uniq))
 
 
+def _distinct_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values (ascending) and how often each occurs (int64), by one sort: the posting tails of a
+    query are a few thousand sessions, where a bincount over every session number costs more."""
+    s = np.sort(values)
+    if len(s) == 0:
+        return s, np.zeros(0, np.int64)
+    first = np.empty(len(s), dtype=bool)
+    first[0] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    at = np.flatnonzero(first)
+    counts = np.empty(len(at), dtype=np.int64)
+    counts[:-1] = at[1:] - at[:-1]
+    counts[-1] = len(s) - at[-1]
+    return s[at], counts
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionIndex:
     """Past sessions of one bundle's items, oldest first.
@@ -262,7 +278,7 @@ class SessionIndex:
             sess = np.concatenate([postings[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
         if len(sess) == 0:
             return _EMPTY_I, _EMPTY_F
-        s_uniq, overlap = _count(sess, self.n_sessions)   # ascending = oldest first
+        s_uniq, overlap = _distinct_counts(sess)   # ascending = oldest first
         if user is not None and since_ms is not None:
             if self._ts_sorted:
                 # last_ts is non-decreasing: only sessions numbered from ``first`` on end at or after since_ms

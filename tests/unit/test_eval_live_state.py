@@ -80,3 +80,18 @@ def test_user_state_vectors_equal_the_workers_fold_in(half_life_ms: float | None
             buy = types == TYPE_CODES.index("purchase")
             assert s.bought == dict(zip(ids[items[buy]].tolist(), ts[buy].tolist(), strict=True))
     assert checked > 20
+
+
+def test_trending_lists_order_ties_by_id_descending() -> None:
+    from training.evaluation.live_state import TrendState
+    ids = ["a9", "a10", "b", "a1", "c", "a2", "z", "y"]
+    cat = np.array([0, 0, 1, 1, 0, -1, 1, 0], np.int32)
+    tr = TrendState(len(ids), weights=EVENT_WEIGHTS, half_life_ms=3_600_000.0, category=cat,
+                    category_names=["x", "w"], ids=ids, top=5, top_per_category=2)
+    tr.score[:] = [2.0, 2.0, 1.0, 3.0, 2.0, 0.0, 1.0, 0.5]
+    snap = tr.snapshot()
+    # score descending; equal scores: id descending (Redis ZREVRANGE), by Python's string order
+    assert [i for i, _ in snap.overall] == ["a1", "c", "a9", "a10", "z"]
+    assert all(isinstance(x, float) for _, x in snap.overall)
+    assert [i for i, _ in snap.by_category["x"]] == ["c", "a9"]
+    assert [i for i, _ in snap.by_category["w"]] == ["a1", "z"]

@@ -126,6 +126,9 @@ class TrendState:
         self.category = category if category is not None else np.full(n_items, -1, np.int32)
         self.names = tuple(category_names)
         self.ids = np.array(list(ids), dtype=object)
+        # position of each id in Python's string order: ties in score are listed by id, descending
+        self._id_rank = np.empty(len(self.ids), dtype=np.int64)
+        self._id_rank[sorted(range(len(self.ids)), key=self.ids.__getitem__)] = np.arange(len(self.ids))
         default_top, default_cat = read_trending_limits()
         self.top = default_top if top is None else int(top)
         self.top_per_category = default_cat if top_per_category is None else int(top_per_category)
@@ -166,9 +169,9 @@ class TrendState:
             kth = np.partition(s[rows], rows.size - n_max)[rows.size - n_max]
             rows = rows[s[rows] >= kth]
         # Redis ZREVRANGE: score descending, equal scores in reverse member order
-        ids = self.ids[rows]
-        order = sorted(range(rows.size), key=lambda j: (s[rows[j]], ids[j]), reverse=True)[:n_max]
-        return [(ids[j], float(s[rows[j]])) for j in order]
+        sc = s[rows]
+        order = np.lexsort((-self._id_rank[rows], -sc))[:n_max]
+        return list(zip(self.ids[rows[order]].tolist(), sc[order].tolist(), strict=True))
 
     def snapshot(self) -> Any:
         """The current :class:`~serving.trending.TrendingSnapshot`, as ``read_trending`` returns it."""
