@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
 _EMPTY_F = np.zeros(0, dtype=np.float32)
+_EMPTY_I.flags.writeable = False
+_EMPTY_F.flags.writeable = False
+#: :meth:`SessionIndex.scores` results kept per index (cleared when full): the replay asks for the R and the
+#: X list of a user in one step, the API for several lists of one page view, with the same session
+_MEMO_SIZE = 1024
 
 
 def user_key(user_id: str) -> int:
@@ -78,6 +83,22 @@ def _count(values: np.ndarray, size: int, weights: np.ndarray | None = None) -> 
     return uniq, np.bincount(inv, weights=weights, minlength=len(uniq))
 
 
+def _distinct_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values (ascending) and how often each occurs (int64), by one sort: the posting tails of a
+    query are a few thousand sessions, where a bincount over every session number costs more."""
+    s = np.sort(values)
+    if len(s) == 0:
+        return s, np.zeros(0, np.int64)
+    first = np.empty(len(s), dtype=bool)
+    first[0] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    at = np.flatnonzero(first)
+    counts = np.empty(len(at), dtype=np.int64)
+    counts[:-1] = at[1:] - at[:-1]
+    counts[-1] = len(s) - at[-1]
+    return s[at], counts
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionIndex:
     """Past sessions of one bundle's items, oldest first.
@@ -103,6 +124,18 @@ class SessionIndex:
     last_ts: np.ndarray
     users: np.ndarray
     gap_ms: int
+    #: items per session (``diff(indptr)``, float64: the cosine's denominators), derived
+    _length: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    #: ``last_ts`` is non-decreasing (true of every index :meth:`build` makes), derived
+    _ts_sorted: bool = dataclasses.field(init=False, repr=False, compare=False)
+    #: results of recent :meth:`scores` calls (the index is immutable, so a repeated query is a look-up)
+    _memo: dict = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_length", np.diff(np.asarray(self.indptr, np.int64)).astype(np.float64))
+        ts = np.asarray(self.last_ts)
+        object.__setattr__(self, "_ts_sorted", bool(len(ts) < 2 or (ts[1:] >= ts[:-1]).all()))
+        object.__setattr__(self, "_memo", {})
 
     @property
     def n_sessions(self) -> int:
@@ -229,26 +262,43 @@ class SessionIndex:
         qi = qi[(qi >= 0) & (qi < self.n_items)]
         if len(qi) == 0 or self.n_sessions == 0:
             return _EMPTY_I, _EMPTY_F
+        return self._neighbours(qi, params, user, since_ms)
+
+    def _neighbours(self, qi: np.ndarray, params: SessionKnnParams, user: int | None,
+                    since_ms: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`neighbours` of distinct, valid query item rows ``qi`` (ascending)."""
         # each posting list is oldest first: its last ``sample`` sessions hold every session that can be
         # among the ``sample`` most recent overlapping ones, with its full overlap count (+1: the own session)
-        starts = np.maximum(self.item_indptr[qi], self.item_indptr[qi + 1] - params.sample - 1)
-        lengths = self.item_indptr[qi + 1] - starts
-        total = int(lengths.sum())
-        sess = self.item_sessions[np.arange(total, dtype=np.int64)
-                                  + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)]
+        ends = self.item_indptr[qi + 1]
+        starts = np.maximum(self.item_indptr[qi], ends - params.sample - 1)
+        postings = self.item_sessions
+        if len(qi) == 1:
+            sess = postings[int(starts[0]):int(ends[0])]
+        else:   # a few slices: cheaper than index arithmetic over every posting
+            sess = np.concatenate([postings[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
         if len(sess) == 0:
             return _EMPTY_I, _EMPTY_F
-        s_uniq, overlap = _count(sess, self.n_sessions)   # ascending = oldest first
+        s_uniq, overlap = _distinct_counts(sess)   # ascending = oldest first
         if user is not None and since_ms is not None:
-            own = (self.users[s_uniq] == user) & (self.last_ts[s_uniq] >= since_ms)
-            if own.any():
-                s_uniq, overlap = s_uniq[~own], overlap[~own]
+            if self._ts_sorted:
+                # last_ts is non-decreasing: only sessions numbered from ``first`` on end at or after since_ms
+                first = int(np.searchsorted(self.last_ts, since_ms, side="left"))
+                j = int(np.searchsorted(s_uniq, first, side="left"))
+                if j < len(s_uniq):
+                    own_tail = self.users[s_uniq[j:]] == user
+                    if own_tail.any():
+                        keep = np.ones(len(s_uniq), dtype=bool)
+                        keep[j:] = ~own_tail
+                        s_uniq, overlap = s_uniq[keep], overlap[keep]
+            else:
+                own = (self.users[s_uniq] == user) & (self.last_ts[s_uniq] >= since_ms)
+                if own.any():
+                    s_uniq, overlap = s_uniq[~own], overlap[~own]
         if len(s_uniq) > params.sample:
             s_uniq, overlap = s_uniq[-params.sample:], overlap[-params.sample:]
         if len(s_uniq) == 0:
             return _EMPTY_I, _EMPTY_F
-        length = (self.indptr[s_uniq + 1] - self.indptr[s_uniq]).astype(np.float64)
-        sim = overlap / np.sqrt(length * len(qi))
+        sim = overlap / np.sqrt(self._length[s_uniq] * len(qi))
         if len(s_uniq) > params.k:
             top = np.argpartition(-sim, params.k - 1)[: params.k]
             s_uniq, sim = s_uniq[top], sim[top]
@@ -266,13 +316,29 @@ class SessionIndex:
         (numpy.ndarray, numpy.ndarray)
             Distinct item rows (int64, ascending) and their scores (float32, > 0).
         """
-        nb, sim = self.neighbours(query, params=params, user=user, since_ms=since_ms)
-        if len(nb) == 0:
+        qi = np.unique(np.asarray(query, np.int64))
+        qi = qi[(qi >= 0) & (qi < self.n_items)]
+        if len(qi) == 0 or self.n_sessions == 0:
             return _EMPTY_I, _EMPTY_F
-        pos = row_ranges(self.indptr, nb)
-        w = np.repeat(sim.astype(np.float64), (self.indptr[nb + 1] - self.indptr[nb]))
-        uniq, sc = _count(self.items[pos], self.n_items, w)
-        return uniq.astype(np.int64), sc.astype(np.float32)
+        key = (qi.tobytes(), params.k, params.sample, user, since_ms)
+        memo = self._memo
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
+        nb, sim = self._neighbours(qi, params, user, since_ms)
+        if len(nb) == 0:
+            out = (_EMPTY_I, _EMPTY_F)
+        else:
+            pos = row_ranges(self.indptr, nb)
+            w = np.repeat(sim.astype(np.float64), (self.indptr[nb + 1] - self.indptr[nb]))
+            uniq, sc = _count(self.items[pos], self.n_items, w)
+            out = (uniq.astype(np.int64), sc.astype(np.float32))
+            out[0].flags.writeable = False   # shared by every caller of the memo
+            out[1].flags.writeable = False
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[key] = out
+        return out
 
 
 def query_session(session: np.ndarray, hist_items: np.ndarray, hist_ts: np.ndarray, *,

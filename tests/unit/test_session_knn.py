@@ -171,3 +171,71 @@ def test_recommender_serves_session_neighbours_with_their_feature() -> None:
                              trending=TrendingSnapshot(overall=(), by_category={}), catalog=CatalogCache(),
                              now_ms=NOW)[0]
     assert all(it.features["session_knn"] == 0.0 for it in plain.items)
+
+
+def _reference_neighbours(ix: SessionIndex, query: np.ndarray, p: SessionKnnParams, user: int | None,
+                          since_ms: int | None) -> list[tuple[int, float]]:
+    """Brute force over every session: overlap, own-session skip, the ``sample`` newest, top ``k`` by cosine."""
+    q = set(np.asarray(query).tolist())
+    cand = []
+    for s in range(ix.n_sessions):
+        items = set(ix.items[ix.indptr[s]:ix.indptr[s + 1]].tolist())
+        if not items & q:
+            continue
+        if user is not None and since_ms is not None and ix.users[s] == user and ix.last_ts[s] >= since_ms:
+            continue
+        cand.append((s, len(items & q) / np.sqrt(len(items) * len(q))))
+    cand = cand[-p.sample:]
+    return sorted(cand, key=lambda c: (-c[1], -c[0]))[:p.k]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_neighbours_match_a_brute_force_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_items, n_sessions = 40, 300
+    sizes = rng.integers(1, 6, n_sessions)
+    sid = np.repeat(np.arange(n_sessions), sizes)
+    item = rng.integers(0, n_items, len(sid))
+    owners = rng.integers(0, 5, n_sessions)
+    last = np.sort(rng.integers(0, 10**6, n_sessions))
+    ix = SessionIndex.build(session=sid, item=item, ts=last[sid], user=owners[sid], n_items=n_items, gap_ms=GAP)
+    # the same sessions with last_ts not sorted: the general own-session filter is taken
+    shuffled = dataclasses_replace_last_ts(ix, rng)
+    for _ in range(60):
+        query = rng.integers(0, n_items, rng.integers(1, 8))
+        # sample >= sessions: the posting-list cut (newest sample + 1 per item) drops nothing, so the
+        # brute force is exact even when the user owns several recent sessions
+        p = SessionKnnParams(k=int(rng.integers(1, 30)), sample=n_sessions + int(rng.integers(0, 5)))
+        user, since = int(rng.integers(0, 5)), int(rng.integers(0, 10**6))
+        for x in (ix, shuffled):
+            nb, sim = x.neighbours(query, params=p, user=user, since_ms=since)
+            want = _reference_neighbours(x, query, p, user, since)
+            # equal similarities at the k-th place may be broken either way: compare similarities, and
+            # each returned session's own similarity
+            np.testing.assert_allclose(np.sort(sim), np.sort([v for _, v in want]).astype(np.float32), rtol=1e-6)
+            every = dict(_reference_neighbours(x, query, SessionKnnParams(k=n_sessions, sample=p.sample), user,
+                                               since))
+            for s_, v in zip(nb.tolist(), sim.tolist(), strict=True):
+                assert every[s_] == pytest.approx(v, rel=1e-6)
+            items, scores = x.scores(query, params=p, user=user, since_ms=since)
+            again = x.scores(query.copy(), params=p, user=user, since_ms=since)   # from the memo
+            assert again[0].tolist() == items.tolist() and again[1].tobytes() == scores.tobytes()
+            fresh = SessionIndex.from_arrays(x.to_arrays(), n_items) if x is ix else None
+            if fresh is not None:   # a fresh index (empty memo) gives the same bits
+                f_items, f_scores = fresh.scores(query, params=p, user=user, since_ms=since)
+                assert f_items.tolist() == items.tolist() and f_scores.tobytes() == scores.tobytes()
+
+
+def dataclasses_replace_last_ts(ix: SessionIndex, rng: np.random.Generator) -> SessionIndex:
+    """``ix`` with its last_ts permuted (no longer non-decreasing)."""
+    return SessionIndex(indptr=ix.indptr, items=ix.items, item_indptr=ix.item_indptr,
+                        item_sessions=ix.item_sessions, last_ts=rng.permutation(ix.last_ts), users=ix.users,
+                        gap_ms=ix.gap_ms)
+
+
+def test_memoized_scores_are_read_only() -> None:
+    ix = index(SESSIONS)
+    items, scores = ix.scores(np.array([0, 1]), params=SessionKnnParams(k=10, sample=10))
+    with pytest.raises(ValueError):
+        scores[0] = 0.0
+    assert ix.scores(np.array([1, 0]), params=SessionKnnParams(k=10, sample=10))[0] is items

@@ -126,6 +126,9 @@ class TrendState:
         self.category = category if category is not None else np.full(n_items, -1, np.int32)
         self.names = tuple(category_names)
         self.ids = np.array(list(ids), dtype=object)
+        # position of each id in Python's string order: ties in score are listed by id, descending
+        self._id_rank = np.empty(len(self.ids), dtype=np.int64)
+        self._id_rank[sorted(range(len(self.ids)), key=self.ids.__getitem__)] = np.arange(len(self.ids))
         default_top, default_cat = read_trending_limits()
         self.top = default_top if top is None else int(top)
         self.top_per_category = default_cat if top_per_category is None else int(top_per_category)
@@ -166,9 +169,9 @@ class TrendState:
             kth = np.partition(s[rows], rows.size - n_max)[rows.size - n_max]
             rows = rows[s[rows] >= kth]
         # Redis ZREVRANGE: score descending, equal scores in reverse member order
-        ids = self.ids[rows]
-        order = sorted(range(rows.size), key=lambda j: (s[rows[j]], ids[j]), reverse=True)[:n_max]
-        return [(ids[j], float(s[rows[j]])) for j in order]
+        sc = s[rows]
+        order = np.lexsort((-self._id_rank[rows], -sc))[:n_max]
+        return list(zip(self.ids[rows[order]].tolist(), sc[order].tolist(), strict=True))
 
     def snapshot(self) -> Any:
         """The current :class:`~serving.trending.TrendingSnapshot`, as ``read_trending`` returns it."""
@@ -236,42 +239,128 @@ def user_states(q: QueryBatch, *, ids: np.ndarray, user_ids: Any, history_cap: i
     """
     from serving.state import UserState
 
+    n = len(q)
     hists: list[tuple[tuple[str, str, int], ...]] = []
     sessions: list[tuple[str, ...]] = []
     boughts: list[dict[str, int]] = []
-    last_ts = np.zeros(len(q), dtype=np.int64)
-    for r in range(len(q)):
-        u, n = int(q.users[r]), int(q.hist_len[r])
-        items, types, ts, baskets = q.history.recent(u, n, last=history_cap)
-        hists.append(tuple(zip(ids[items[::-1]].tolist(), _TYPE_NAMES[types[::-1]].tolist(),
-                               ts[::-1].tolist(), strict=True)))
+    last_ts = np.zeros(n, dtype=np.int64)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # capped history, newest first
+    for r in range(n):
+        u, hn = int(q.users[r]), int(q.hist_len[r])
+        items, types, ts, baskets = q.history.recent(u, hn, last=history_cap)
+        items_nf, types_nf, ts_nf = items[::-1], types[::-1], ts[::-1]
+        parts.append((items_nf, types_nf, ts_nf))
+        hists.append(tuple(zip(ids[items_nf].tolist(), _TYPE_NAMES[types_nf].tolist(), ts_nf.tolist(),
+                               strict=True)))
         start = session_start(baskets, ts, gap_ms=session_gap_ms)
         sessions.append(() if start is None else tuple(ids[items[ts >= start]].tolist()))
-        all_items, all_types, all_ts, _ = q.history.recent(u, n)
+        if hn <= history_cap:   # the capped history is all of it
+            all_items, all_types, all_ts = items, types, ts
+        else:
+            all_items, all_types, all_ts, _ = q.history.recent(u, hn)
         buy = all_types == _PURCHASE
         boughts.append(dict(zip(ids[all_items[buy]].tolist(), all_ts[buy].tolist(), strict=True)))
         last_ts[r] = ts[-1] if ts.size else 0
-    vecs, has = _fold(fold, hists, last_ts)
+    vecs, has = _fold(fold, parts, last_ts, ids)
     return [UserState(user_id=user_ids.id(int(q.users[r])), history=hists[r], bought=boughts[r],
                       session_items=sessions[r], vector=vecs[r] if has[r] else None,
                       vector_model=version if has[r] else None)
-            for r in range(len(q))]
+            for r in range(n)]
 
 
-def _fold(fold: Any, hists: list[tuple[tuple[str, str, int], ...]], at_ms: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors as the worker stores them (float32), folded at each user's newest event."""
-    if not hists:
+#: Per fold-in model: (table item ids it was built for, bundle row of each table item, weight of each type code).
+_FOLD_TABLES: dict[int, tuple[Any, Any, np.ndarray, np.ndarray]] = {}
+
+
+def _fold_tables(fold: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bundle row of every table item (-1 = unknown to the model) and the fold-in weight of every type code."""
+    got = _FOLD_TABLES.get(id(fold))
+    if got is not None and got[0] is fold and got[1] is ids:
+        return got[2], got[3]
+    to_bundle = np.asarray(fold.items.indices(ids.tolist()), dtype=np.int64)
+    code_w = np.array([float(fold.weights.get(t, 0.0)) for t in TYPE_CODES], dtype=np.float64)
+    _FOLD_TABLES.clear()   # one model at a time (a replay serves one bundle)
+    _FOLD_TABLES[id(fold)] = (fold, ids, to_bundle, code_w)
+    return to_bundle, code_w
+
+
+def confidence_rows(fold: Any, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], at_ms: np.ndarray,
+                    ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:meth:`features.online.FoldInModel.confidences` of many histories given as table rows, at once.
+
+    The same arrays, bit for bit: each history's known positive-weight events
+    (decayed to ``at_ms`` of its query when the model decays) are summed per
+    item in history order (newest first) and listed by ascending bundle row,
+    zero sums dropped. The string look-ups of ``confidences`` are replaced by
+    one table-row -> bundle-row array.
+
+    Parameters
+    ----------
+    fold : features.online.FoldInModel
+    parts : sequence of (items, type codes, ts)
+        Each query's capped history as table item rows, newest first.
+    at_ms : ndarray of int64
+        Fold time of each query.
+    ids : ndarray of object
+        Item id of each table row.
+
+    Returns
+    -------
+    list of (ndarray of int64, ndarray of float64)
+    """
+    n = len(parts)
+    if n == 0:
+        return []
+    to_bundle, code_w = _fold_tables(fold, ids)
+    lengths = np.fromiter((len(p[0]) for p in parts), dtype=np.int64, count=n)
+    if int(lengths.sum()) == 0:
+        return [(np.zeros(0, np.int64), np.zeros(0, np.float64)) for _ in range(n)]
+    rows = to_bundle[np.concatenate([p[0] for p in parts])]
+    w = code_w[np.concatenate([p[1] for p in parts])]
+    owner = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    ok = (w > 0) & (rows >= 0)
+    rows, w, owner = rows[ok], w[ok], owner[ok]
+    if fold.half_life_ms is not None:   # the decay factor as the Python expression computes it
+        ts = np.concatenate([p[2] for p in parts])[ok]
+        age = np.maximum(0, at_ms[owner] - ts)
+        hl = fold.half_life_ms
+        w = w * np.array([2.0 ** (-a / hl) for a in age.tolist()], dtype=np.float64)
+    n_rows = len(to_bundle) + 1
+    keys, inv = np.unique(owner * n_rows + rows, return_inverse=True)
+    sums = np.bincount(inv.ravel(), weights=w, minlength=len(keys))   # in history order per key, from 0.0
+    nz = sums != 0
+    keys, sums = keys[nz], sums[nz]
+    user_of = keys // n_rows
+    bounds = np.searchsorted(user_of, np.arange(n + 1, dtype=np.int64))
+    items = keys - user_of * n_rows
+    return [(items[bounds[r]:bounds[r + 1]], sums[bounds[r]:bounds[r + 1]]) for r in range(n)]
+
+
+def _fold(fold: Any, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], at_ms: np.ndarray,
+          ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors as the worker stores them (float32), folded at each user's newest event.
+
+    The same solves as :meth:`~features.online.FoldInModel.fold_in_histories` over the
+    string histories: one batched call without decay, one per distinct fold time with it
+    (the batch a vector is solved in is kept, so its bits are too).
+    """
+    from features.vectors import fold_in_batch
+
+    if not parts:
         return np.zeros((0, 1), np.float32), np.zeros(0, bool)
+    conf = confidence_rows(fold, parts, at_ms, ids)
+    has = np.fromiter((c[0].size > 0 for c in conf), dtype=bool, count=len(conf))
+
+    def solve(rows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        return fold_in_batch(fold.item_factors, fold.YtY, rows, fold.regularization, alpha=fold.alpha)
+
     if fold.half_life_ms is None:   # no decay: the fold time does not matter, one batched solve
-        vecs, has = fold.fold_in_histories(hists, int(at_ms.max()))
+        vecs = solve(conf)
     else:
-        vecs = np.zeros((len(hists), fold.item_factors.shape[1]), np.float32)
-        has = np.zeros(len(hists), bool)
+        vecs = np.zeros((len(conf), fold.item_factors.shape[1]), np.float32)
         for t in np.unique(at_ms).tolist():
-            rows = np.flatnonzero(at_ms == t)
-            v, h = fold.fold_in_histories([hists[i] for i in rows], int(t))
-            vecs[rows], has[rows] = v, h
+            sel = np.flatnonzero(at_ms == t)
+            vecs[sel] = solve([conf[i] for i in sel.tolist()])
     return np.asarray(vecs).astype("<f4"), has
 
 

@@ -225,11 +225,15 @@ class PipelineModel:
         """Item rows of the table (``-1`` pads) and fallback flags of served lists."""
         items = np.full((len(recs), k), -1, dtype=np.int64)
         fb = np.zeros((len(recs), k), dtype=bool)
-        get = self.table_items.get
-        for r, rl in enumerate(recs):
-            for j, it in enumerate(rl.items[:k]):
-                items[r, j] = get(it.item_id)
-                fb[r, j] = it.source in FALLBACK_SOURCES
+        served = [rl.items[:k] for rl in recs]
+        n = np.fromiter(map(len, served), dtype=np.int64, count=len(served))
+        flat = [it for rl in served for it in rl]
+        if flat:   # one fancy assignment for the whole batch (not one numpy scalar write per slot)
+            rows = np.repeat(np.arange(len(recs)), n)
+            cols = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)
+            items[rows, cols] = self.table_items.indices(it.item_id for it in flat)
+            fb[rows, cols] = np.fromiter((it.source in FALLBACK_SOURCES for it in flat), dtype=bool,
+                                         count=len(flat))
         return Lists(items=items, fallback=fb)
 
 

@@ -1,0 +1,97 @@
+"""The replay's user states: fold-in confidences and vectors from table rows equal the worker's string path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.ids import IdMap
+from features.online import FoldInModel
+from features.settings import EVENT_WEIGHTS
+from features.vectors import gram
+from training.evaluation.dataset import shop_dataset
+from training.evaluation.live_state import confidence_rows, user_states
+from training.evaluation.protocol import build_plan, replay_windows
+from training.interactions import TYPE_CODES
+from training.synthetic import SyntheticShop
+
+_TYPE_NAMES = np.array(TYPE_CODES, dtype=object)
+
+
+def _fold(ids: np.ndarray, half_life_ms: float | None, seed: int = 0) -> FoldInModel:
+    """A fold-in model that knows every other table item, in a shuffled order (bundle rows != table rows)."""
+    rng = np.random.default_rng(seed)
+    known = rng.permutation(np.arange(0, len(ids), 2))
+    items = IdMap(ids[known].tolist())
+    y = rng.normal(size=(len(items), 8)).astype(np.float32)
+    # weights that are not dyadic: a different summation order shows in the bits
+    weights = {**EVENT_WEIGHTS, "view": 0.1, "click": 0.7, "add_to_cart": 1.3, "purchase": 3.7}
+    return FoldInModel(version="v1", items=items, item_factors=y, YtY=gram(y), regularization=0.1, alpha=2.0,
+                       weights=weights, half_life_ms=half_life_ms)
+
+
+@pytest.mark.parametrize("half_life_ms", [None, 3.0 * 86_400_000])
+def test_confidence_rows_equal_the_string_confidences(half_life_ms: float | None) -> None:
+    rng = np.random.default_rng(1)
+    ids = np.array([f"i{j}" for j in range(60)], dtype=object)
+    fold = _fold(ids, half_life_ms)
+    parts, at, hists = [], [], []
+    for n in [0, 1, 5, 40, 100, 3]:
+        items = rng.integers(0, 12 if n > 20 else 60, n)     # repeats: sums per item
+        types = rng.integers(0, len(TYPE_CODES), n).astype(np.int8)
+        ts = np.sort(rng.integers(0, 30 * 86_400_000, n))[::-1].copy()   # newest first
+        parts.append((items, types, ts))
+        at.append(int(ts[0]) + int(rng.integers(0, 10**7)) if n else 0)
+        hists.append(tuple(zip(ids[items].tolist(), _TYPE_NAMES[types].tolist(), ts.tolist(), strict=True)))
+    got = confidence_rows(fold, parts, np.array(at, np.int64), ids)
+    for (gi, gc), h, t in zip(got, hists, at, strict=True):
+        wi, wc = fold.confidences(h, t)
+        assert gi.dtype == wi.dtype and gc.dtype == wc.dtype
+        assert gi.tolist() == wi.tolist()
+        assert gc.tobytes() == wc.tobytes()    # bit for bit
+
+
+@pytest.mark.parametrize("half_life_ms", [None, 2.0 * 86_400_000])
+def test_user_state_vectors_equal_the_workers_fold_in(half_life_ms: float | None) -> None:
+    ds = shop_dataset(SyntheticShop(n_users=80, n_items=20, days=40, seed=3))
+    t = ds.table
+    w = replay_windows(t.ts, test_days=10.0, valid_days=10.0)
+    plan = build_plan(t, start=w.test_start, end=w.end)
+    ids = np.array(list(t.items.ids), dtype=object)
+    fold = _fold(ids, half_life_ms, seed=4)
+    checked = 0
+    for b in list(plan.batches())[:6]:
+        q = b.queries
+        states = user_states(q, ids=ids, user_ids=t.users, history_cap=30, session_gap_ms=1_800_000, fold=fold,
+                             version="v1")
+        at = np.array([max((e[2] for e in s.history), default=0) for s in states], np.int64)
+        # the worker's path: string histories, one batched solve per fold time (all at once without decay)
+        groups = [np.arange(len(q))] if half_life_ms is None else [np.flatnonzero(at == x) for x in np.unique(at)]
+        for rows in groups:
+            vecs, has = fold.fold_in_histories([states[r].history for r in rows], int(at[rows].max()))
+            for j, r in enumerate(rows.tolist()):
+                s = states[r]
+                assert (s.vector is not None) == bool(has[j])
+                if s.vector is not None:
+                    assert s.vector.astype("<f4").tobytes() == vecs[j].astype("<f4").tobytes()
+                    checked += 1
+        for r, s in enumerate(states):   # bought: every visible purchase (not only the capped history)
+            items, types, ts, _ = q.history.recent(int(q.users[r]), int(q.hist_len[r]))
+            buy = types == TYPE_CODES.index("purchase")
+            assert s.bought == dict(zip(ids[items[buy]].tolist(), ts[buy].tolist(), strict=True))
+    assert checked > 20
+
+
+def test_trending_lists_order_ties_by_id_descending() -> None:
+    from training.evaluation.live_state import TrendState
+    ids = ["a9", "a10", "b", "a1", "c", "a2", "z", "y"]
+    cat = np.array([0, 0, 1, 1, 0, -1, 1, 0], np.int32)
+    tr = TrendState(len(ids), weights=EVENT_WEIGHTS, half_life_ms=3_600_000.0, category=cat,
+                    category_names=["x", "w"], ids=ids, top=5, top_per_category=2)
+    tr.score[:] = [2.0, 2.0, 1.0, 3.0, 2.0, 0.0, 1.0, 0.5]
+    snap = tr.snapshot()
+    # score descending; equal scores: id descending (Redis ZREVRANGE), by Python's string order
+    assert [i for i, _ in snap.overall] == ["a1", "c", "a9", "a10", "z"]
+    assert all(isinstance(x, float) for _, x in snap.overall)
+    assert [i for i, _ in snap.by_category["x"]] == ["c", "a9"]
+    assert [i for i, _ in snap.by_category["w"]] == ["a1", "z"]
