@@ -98,6 +98,12 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("session_knn", "summed cosine of the past sessions most similar to the current (or last) one "
                                "that hold the item (serving.session_knn); 0 when none"),
     FeatureSpec("session_category_share", "share of the current session's items in the item's category"),
+    FeatureSpec("history_recency_rank", "position of the item among the user's distinct history items, newest "
+                                        "first (0 = the item touched last); -1 when never"),
+    FeatureSpec("last_event_type", "1 + type code (TYPE_CODES) of the user's newest event on the item; 0 when never"),
+    FeatureSpec("log_minutes_since_last_event", "log(1 + minutes since the user's newest history event) "
+                                                "(per query); -1 without history"),
+    FeatureSpec("session_knn_share", "session_knn / the largest session-kNN score of the query; 0 when none"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -417,7 +423,9 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
         hist_items, hist_types, hist_ts = hist_items[ok], ctx.history_types[ok], ctx.history_ts[ok]
     else:
         hist_types, hist_ts = ctx.history_types, ctx.history_ts
-    recent = hist_items[np.argsort(-hist_ts, kind="stable")] if len(hist_items) else hist_items
+    by_time = np.argsort(-hist_ts, kind="stable")
+    recent = hist_items[by_time] if len(hist_items) else hist_items
+    recent_types = hist_types[by_time] if len(hist_items) else hist_types
     sess = ctx.session_items
     sess = sess[(sess >= 0) & (sess < n_items)][-N_SESSION_ANCHORS:]
     if len(recent):
@@ -460,6 +468,7 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
         if len(rc):
             cnt = np.searchsorted(rc, cat, side="right") - np.searchsorted(rc, cat, side="left")
             out[:, _COL["category_match"]] = np.where(cat >= 0, cnt / len(rc), 0.0)
+        _recency_features(recent, recent_types, join, out)
         rows, hit = join.rows(hist_items)
         if len(rows):
             out[:, _COL["n_interactions"]] = np.bincount(rows, minlength=n)
@@ -476,6 +485,8 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
             out[:, _COL["log_hours_since_last"]] = -1.0
     else:
         out[:, _COL["log_hours_since_last"]] = -1.0
+        out[:, _COL["history_recency_rank"]] = -1.0
+    out[:, _COL["log_minutes_since_last_event"]] = minutes_since_last_event(ctx, n_items)
 
     # session
     if len(sess):
@@ -499,10 +510,33 @@ def _session_features(ctx: RankingContext, cand: np.ndarray, cat: np.ndarray, se
         rows, hit = join.rows(ctx.session_knn_items.astype(np.int64, copy=False))
         if len(rows):
             out[rows, _COL["session_knn"]] = ctx.session_knn_scores[hit]
+            top = np.float32(ctx.session_knn_scores.max())
+            if top > 0:
+                out[rows, _COL["session_knn_share"]] = ctx.session_knn_scores[hit] / top
     if len(sess):
         sc = np.sort(tables.category[sess])
         cnt = np.searchsorted(sc, cat, side="right") - np.searchsorted(sc, cat, side="left")
         out[:, _COL["session_category_share"]] = np.where(cat >= 0, cnt / len(sc), 0.0)
+
+
+def _recency_features(recent: np.ndarray, recent_types: np.ndarray, join: KeyJoin, out: np.ndarray) -> None:
+    """``history_recency_rank`` and ``last_event_type`` from the newest-first history of one user."""
+    out[:, _COL["history_recency_rank"]] = -1.0
+    _, first = np.unique(recent, return_index=True)
+    first = np.sort(first)   # the newest event of each distinct item, newest first
+    rows, hit = join.rows(recent[first])
+    if len(rows):
+        out[rows, _COL["history_recency_rank"]] = np.flatnonzero(hit)
+        out[rows, _COL["last_event_type"]] = recent_types[first][hit].astype(np.int64) + 1
+
+
+def minutes_since_last_event(ctx: RankingContext, n_items: int) -> float:
+    """``log_minutes_since_last_event`` of one context (history items outside ``[0, n_items)`` ignored)."""
+    h = ctx.history_items
+    ts = ctx.history_ts[(h >= 0) & (h < n_items)] if len(h) else ctx.history_ts
+    if not len(ts):
+        return -1.0
+    return float(np.log1p(max(ctx.now_ms - int(ts.max()), 0) / 60_000.0))
 
 
 def neighbour_features(out: np.ndarray, join: KeyJoin, tables: RankingTables, anchors: np.ndarray,

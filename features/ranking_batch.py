@@ -37,6 +37,7 @@ from features.ranking import (
     RankingContext,
     RankingTables,
     build_features,
+    minutes_since_last_event,
     neighbour_features,
     trending_feature,
 )
@@ -196,6 +197,13 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         with np.errstate(divide="ignore", invalid="ignore"):
             share = np.where(cat >= 0, cnt / np.maximum(n_rc, 1), 0.0)
         out[:, _COL["category_match"]] = np.where(n_rc > 0, share, 0.0)
+    # recency rank among the distinct history items and type of the newest event on the item
+    out[:, _COL["history_recency_rank"]] = -1.0
+    if len(first):
+        rows, hit = join.rows(r_key[first])
+        if len(rows):
+            out[rows, _COL["history_recency_rank"]] = _rank_in_group(r_uid[first])[hit]
+            out[rows, _COL["last_event_type"]] = h_types[by_time][first][hit] + 1
     rows, hit = join.rows(h_uid * n_items + h_items)
     out[:, _COL["log_hours_since_last"]] = -1.0
     if len(rows):
@@ -224,10 +232,11 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         rows, _ = join.rows(s_uid * n_items + s_items)
         out[rows, _COL["in_session"]] = 1.0
     _session_features_many(contexts, uid, cat, s_items, s_uid, tables, join, out)
-    per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items))] for c in contexts],
-                        dtype=np.float64)
+    per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items)),
+                          minutes_since_last_event(c, n_items)] for c in contexts], dtype=np.float64)
     out[:, _COL["session_length"]] = per_user[uid, 0]
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
+    out[:, _COL["log_minutes_since_last_event"]] = per_user[uid, 2]
     return out
 
 
@@ -244,6 +253,10 @@ def _session_features_many(contexts: Sequence[RankingContext], uid: np.ndarray, 
         rows, hit = join.rows(k_uid[ok] * n_items + k_items[ok])
         if len(rows):
             out[rows, _COL["session_knn"]] = k_scores[ok][hit]
+            top = np.zeros(n_users, dtype=np.float32)
+            np.maximum.at(top, k_uid, k_scores)   # every item's score, as build_features' max
+            share = k_scores[ok][hit] / np.where(top > 0, top, np.float32(1))[k_uid[ok][hit]]
+            out[rows, _COL["session_knn_share"]] = np.where(top[k_uid[ok][hit]] > 0, share, np.float32(0))
     if len(s_items):
         sc = tables.category[s_items].astype(np.int64) + 1   # -1 (no category) -> 0
         width = int(max(sc.max(), cat.max() + 1)) + 1

@@ -108,6 +108,14 @@ def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.nd
                 f["session_knn"] = float(s)
         if sess and cat >= 0:
             f["session_category_share"] = sum(int(t.category[i]) == cat for i in sess) / len(sess)
+        distinct = list(dict.fromkeys(recent))   # newest first
+        f["history_recency_rank"] = distinct.index(c) if c in distinct else -1
+        f["last_event_type"] = int(ctx.history_types[order[recent.index(c)]]) + 1 if c in recent else 0
+        f["log_minutes_since_last_event"] = (math.log1p((NOW - max(ctx.history_ts)) / 6e4)
+                                             if len(ctx.history_ts) else -1.0)
+        top = max(ctx.session_knn_scores, default=0.0)
+        if top > 0 and c in set(ctx.session_knn_items.tolist()):
+            f["session_knn_share"] = f["session_knn"] / float(top)
         rows.append([f[n] for n in FEATURE_NAMES])
     return np.asarray(rows, dtype=np.float64)
 

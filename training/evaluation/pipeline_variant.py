@@ -266,6 +266,10 @@ class LiftrecFull(Method):
         Half-life of the trending counts (the shop's ``Settings.trending_half_life_s`` / 3600).
     history_cap : int, optional
         Events kept per user (the shop's ``Settings.history_cap``); default: the run's setting.
+    ranker_leaves, ranker_lr, ranker_rounds, ranker_min_leaf :
+        LightGBM LambdaRank ``num_leaves``, ``learning_rate``, maximum boosting rounds
+        (early stopping on the held-out queries' NDCG@20, the replay's list length, picks the
+        number used) and ``min_data_in_leaf``.
     """
 
     name = "liftrec_full"
@@ -276,6 +280,8 @@ class LiftrecFull(Method):
                  ranker_queries: int = 4000, min_support: float = 0.001, covis_window_s: float = 24 * 3600.0,
                  history_cap: int | None = None, trending_half_life_h: float = 6.0, ranker_x_share: float = 0.5,
                  session_knn_k: int = 100, session_knn_sample: int = 1000, max_sessions: int = 50_000,
+                 ranker_leaves: int = 31, ranker_lr: float = 0.05,
+                 ranker_rounds: int = 200, ranker_min_leaf: int = 20,
                  cache: dict[Any, Any] | None = None, fallback: Any = None) -> None:
         super().__init__(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
                          half_life_days=half_life_days, n_candidates=n_candidates, diversity=diversity,
@@ -284,7 +290,8 @@ class LiftrecFull(Method):
                          history_cap=history_cap,
                          trending_half_life_h=trending_half_life_h, ranker_x_share=ranker_x_share,
                          session_knn_k=session_knn_k, session_knn_sample=session_knn_sample,
-                         max_sessions=max_sessions)
+                         max_sessions=max_sessions, ranker_leaves=ranker_leaves,
+                         ranker_lr=ranker_lr, ranker_rounds=ranker_rounds, ranker_min_leaf=ranker_min_leaf)
         self._cache = cache
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -311,7 +318,12 @@ class LiftrecFull(Method):
                                                covis_window_s=p["covis_window_s"],
                                                trending_half_life_s=p["trending_half_life_h"] * 3600.0,
                                                x_share=p["ranker_x_share"], session_knn=self._sknn(),
-                                               max_sessions=p["max_sessions"])
+                                               max_sessions=p["max_sessions"],
+                                               params={"num_leaves": int(p["ranker_leaves"]),
+                                                       "learning_rate": float(p["ranker_lr"]),
+                                                       "min_data_in_leaf": int(p["ranker_min_leaf"]),
+                                                       "eval_at": [20]},
+                                               num_boost_round=int(p["ranker_rounds"]))
             bundle, known = build_bundle(data, Path(tmp.name) / "final", als_params=self._als_params(), cache=cache,
                                          min_support=p["min_support"], covis_window_s=p["covis_window_s"],
                                          ranker=ranker, max_sessions=p["max_sessions"])

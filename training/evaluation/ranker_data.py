@@ -6,8 +6,9 @@ replays the window with the evaluation protocol: for a seeded sample of
 queries the :class:`~serving.recommender.Recommender` gathers its candidates
 and returns their feature rows (``RecRequest(explain=True, k=n_candidates)``,
 heuristic order, no diversity). A share ``x_share`` of the sampled queries is
-served with the user's earlier items excluded (variant X), the rest with
-repeats allowed (variant R): 0.5 learns both tasks, 1.0 trains a ranker for a
+served with the user's earlier items excluded (variant X; only queries whose
+group holds an item new to the user, the others have nothing to learn in X),
+the rest with repeats allowed (variant R): 0.5 learns both tasks, 1.0 trains a ranker for a
 shop that never recommends earlier items. A candidate's label is the
 strongest event type of the query's group on it (:data:`training.ranker.GRADES`);
 queries without a positive candidate are dropped. The ranker is then trained
@@ -49,8 +50,11 @@ def _grades() -> np.ndarray:
 def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: dict[Any, Any] | None, tmp: Path,
                           n_candidates: int, days: float, max_queries: int, min_support: float,
                           covis_window_s: float, trending_half_life_s: float = 6 * 3600.0,
-                          x_share: float = 0.5, session_knn: Any = None, max_sessions: int = 50_000) -> Any:
+                          x_share: float = 0.5, session_knn: Any = None, max_sessions: int = 50_000,
+                          params: dict[str, Any] | None = None, num_boost_round: int = 200) -> Any:
     """A :class:`training.ranker.RankerResult` trained on the last ``days`` of ``data.train``.
+
+    ``params`` (LightGBM overrides) and ``num_boost_round`` go to :func:`training.ranker.fit_ranker`.
 
     Returns None when the window yields fewer than two usable queries.
     """
@@ -63,7 +67,7 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
     if len(rd.group) < 2:
         log.warning("ranker skipped: %d usable queries", len(rd.group))
         return None
-    result = fit_ranker(rd, seed=data.seed)
+    result = fit_ranker(rd, seed=data.seed, params=params, num_boost_round=num_boost_round)
     log.info("pipeline ranker trained queries=%d rows=%d metrics=%s", len(rd.group), len(rd.y), result.metrics)
     return result
 
@@ -92,7 +96,8 @@ def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dic
     nq = plan.n_queries
     chosen = np.zeros(nq, dtype=bool)
     chosen[rng.choice(nq, min(nq, max_queries), replace=False)] = True
-    as_x = rng.random(nq) < x_share
+    # an X query whose group holds no item new to the user has no positive candidate: serve it as R
+    as_x = (rng.random(nq) < x_share) & plan.query_has_new
     grade = _grades()
     ev = plan.events
     Xs: list[np.ndarray] = []
