@@ -57,7 +57,7 @@ from serving.candidates import (
     gather_many,
     isin_rows,
 )
-from serving.explain import explain_items, source_scores, strongest_at
+from serving.explain import best_anchors_many, explain_items, source_scores, strongest_at
 from serving.item_lists import fallback_list, item_list
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
 from serving.reclist import RecList, Recommendation, RecRequest
@@ -107,6 +107,18 @@ class _User:
     user_categories: set[str] = dataclasses.field(default_factory=set)
     affinity: dict[int, float] = dataclasses.field(default_factory=dict)
     sknn: tuple[np.ndarray, np.ndarray] | None = None
+    #: the anchors the reasons may name: 10 newest distinct history items and the session
+    reason_anchors: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclasses.dataclass(slots=True)
+class _Ordered:
+    """One user's final scores, listed positions, their strongest sources and the candidates' codes (internal)."""
+
+    scores: np.ndarray
+    pos: np.ndarray
+    strongest: np.ndarray
+    codes: np.ndarray
 
 
 class Recommender:
@@ -294,8 +306,11 @@ class Recommender:
         sizes = np.cumsum([len(c) for c in cands])[:-1]
         feats = np.split(X, sizes)
         scores = np.split(self._score(X, bundle), sizes)
-        return [self._finish(u, c, x, s, aux, catalog, live, live.code[at], now, ranked=bundle.ranker is not None)
-                for u, (c, at), x, s in zip(users, kept, feats, scores, strict=True)]
+        ordered = [self._order(u, c, s, aux, live, live.code[at])
+                   for u, (c, at), s in zip(users, kept, scores, strict=True)]
+        anchored = self._reason_anchors(users, cands, ordered, aux)
+        return [self._finish(u, c, x, o, an, aux, catalog, live, now, ranked=bundle.ranker is not None)
+                for u, c, x, o, an in zip(users, cands, feats, ordered, anchored, strict=True)]
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -343,6 +358,7 @@ class Recommender:
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows[blocked_rows >= 0],
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
+        u.reason_anchors = np.unique(np.concatenate([recent[:10], u.session]))
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
         for rank, code in enumerate(cats.tolist()):
             if code >= 0:
@@ -481,12 +497,11 @@ class Recommender:
         Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
         return Xh @ _HW
 
-    def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, scores: np.ndarray, aux: BundleAux,
-                catalog: CatalogCache, live: LiveAttrs, codes: np.ndarray, now: int, *, ranked: bool) -> RecList:
-        """Boosts, diversity, reasons and the list; ``codes`` are the candidates' live category codes."""
+    def _order(self, u: _User, cands: CandidateSet, scores: np.ndarray, aux: BundleAux, live: LiveAttrs,
+               codes: np.ndarray) -> _Ordered:
+        """Boosts, diversity and the listed positions; ``codes`` are the candidates' live category codes."""
         req = u.request
         k = req.k
-        cats = live.name_arr[codes]
         s = np.asarray(scores, dtype=np.float64)   # boosts as serving.rules.apply_boosts, on codes
         boosts = req.filters.boost_categories
         if boosts and len(s):
@@ -499,16 +514,42 @@ class Recommender:
         order = np.argsort(-s, kind="stable")    # best first, ties by position
         vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
         pos = diversify(order, codes, k, self.rules, scores=s, vectors=vectors)
-        strongest = strongest_at(cands, pos)
+        return _Ordered(s, pos, strongest_at(cands, pos), codes)
+
+    @staticmethod
+    def _reason_anchors(users: list[_User], cands: list[CandidateSet], ordered: list[_Ordered], aux: BundleAux
+                        ) -> list[dict[str, Mapping[int, int]]]:
+        """The anchors named by the ``session`` / ``bought_together`` reasons of every user's listed items,
+        in one join per source (:func:`serving.explain.best_anchors_many`)."""
+        t = aux.bundle.tables
+        n_items = len(aux.bundle.items)
+        anchors = [u.reason_anchors for u in users]
+        out = []
+        for src, (indptr, indices, values) in (
+                ("session", (t.covis_indptr, t.covis_indices, t.covis_scores)),
+                ("bought_together", (t.rules_indptr, t.rules_consequent, t.rules_confidence))):
+            code = SOURCES.index(src)
+            items = [c.items[o.pos[o.strongest == code]] for c, o in zip(cands, ordered, strict=True)]
+            out.append(best_anchors_many(indptr, indices, values, anchors, items, n_items))
+        return [{"session": a, "bought_together": b} for a, b in zip(out[0], out[1], strict=True)]
+
+    def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, ordered: _Ordered,
+                anchored: Mapping[str, Mapping[int, int]], aux: BundleAux, catalog: CatalogCache, live: LiveAttrs,
+                now: int, *, ranked: bool) -> RecList:
+        """Reasons and the list of the positions :meth:`_order` chose."""
+        req = u.request
+        k = req.k
+        s, pos, strongest, codes = ordered.scores, ordered.pos, ordered.strongest, ordered.codes
+        cats = live.name_arr[codes]
 
         def name(idx: int) -> str:
             item_id = aux.bundle.items.id(idx)
             info = catalog.get(item_id)
             return info.title if info is not None and info.title else item_id
 
-        reasons = explain_items(cands, pos, aux=aux, anchors=np.unique(np.concatenate([u.recent[:10], u.session])),
+        reasons = explain_items(cands, pos, aux=aux, anchors=u.reason_anchors,
                                 context=u.context, recent=u.recent, name=name, categories=cats,
-                                user_categories=u.user_categories, position_sources=strongest)
+                                user_categories=u.user_categories, position_sources=strongest, anchored=anchored)
         recs: list[Recommendation] = []
         item_ids = aux.item_id_arr[cands.items[pos]].tolist()
         final = s[pos].tolist()

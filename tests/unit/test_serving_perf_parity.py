@@ -34,6 +34,7 @@ from serving.candidates import (
 from serving.explain import (
     _anchor_max,
     _best_anchors,
+    best_anchors_many,
     explain_items,
     reason_for_source,
     strongest_at,
@@ -181,6 +182,22 @@ def test_batched_anchor_search_equals_the_one_item_search() -> None:
             got = _best_anchors(indptr, indices, values, anchors, items)
             for item in items.tolist():
                 assert got.get(item, -1) == _anchor_max(indptr, indices, values, anchors, item)[0]
+
+
+def test_anchor_search_of_many_users_equals_each_alone() -> None:
+    t = random_bundle().tables
+    rng = np.random.default_rng(5)
+    anchors = [np.unique(rng.integers(0, N_ITEMS, int(rng.integers(0, 15)))) for _ in range(25)]
+    items = [rng.choice(N_ITEMS, int(rng.choice([0, 5, 60])), replace=False) for _ in range(25)]
+    found = 0
+    for indptr, indices, values in ((t.covis_indptr, t.covis_indices, t.covis_scores),
+                                    (t.rules_indptr, t.rules_consequent, t.rules_confidence)):
+        got = best_anchors_many(indptr, indices, values, anchors, items, N_ITEMS)
+        for g, a, i in zip(got, anchors, items, strict=True):
+            assert g == _best_anchors(indptr, indices, values, a, i)
+            found += len(g)
+    assert found > 20
+    assert best_anchors_many(t.covis_indptr, t.covis_indices, t.covis_scores, [], [], N_ITEMS) == []
 
 
 def test_explanations_equal_the_one_item_reasons() -> None:
