@@ -542,10 +542,15 @@ class Recommender:
         s, pos, strongest, codes = ordered.scores, ordered.pos, ordered.strongest, ordered.codes
         cats = live.name_arr[codes]
 
+        names: dict[int, str] = {}      # an anchor often names several items of the list
+
         def name(idx: int) -> str:
-            item_id = aux.bundle.items.id(idx)
-            info = catalog.get(item_id)
-            return info.title if info is not None and info.title else item_id
+            out = names.get(idx)
+            if out is None:
+                item_id = aux.bundle.items.id(idx)
+                info = catalog.get(item_id)
+                out = names[idx] = info.title if info is not None and info.title else item_id
+            return out
 
         reasons = explain_items(cands, pos, aux=aux, anchors=u.reason_anchors,
                                 context=u.context, recent=u.recent, name=name, categories=cats,
@@ -553,13 +558,15 @@ class Recommender:
         recs: list[Recommendation] = []
         item_ids = aux.item_id_arr[cands.items[pos]].tolist()
         final = s[pos].tolist()
-        for j, (p, reason) in enumerate(zip(pos.tolist(), reasons, strict=True)):
-            extra: dict[str, Any] = {}
-            if req.explain:
-                extra = {"features": {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
-                         "source_scores": source_scores(cands, p)}
-            recs.append(Recommendation(item_id=item_ids[j], score=round(final[j], 6), reason=reason.text,
-                                       source=reason.source, reason_item=reason.item_id, **extra))
+        if req.explain:
+            for j, (p, reason) in enumerate(zip(pos.tolist(), reasons, strict=True)):
+                recs.append(Recommendation(
+                    item_ids[j], round(final[j], 6), reason.text, reason.source, reason.item_id,
+                    {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
+                    source_scores(cands, p)))
+        else:   # positional: a frozen dataclass's keyword call costs twice as much, 20 times a list
+            recs = [Recommendation(i, round(f, 6), r.text, r.source, r.item_id)
+                    for i, f, r in zip(item_ids, final, reasons, strict=True)]
         chain = [SOURCES[i] for i in sorted(set(strongest.tolist()))]
         if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
             taken = u.blocked | {r.item_id for r in recs}
