@@ -56,6 +56,8 @@ __all__ = [
     "context_neighbours",
     "csr_neighbours",
     "gather",
+    "gather_many",
+    "CandidateBatch",
     "isin_rows",
 ]
 
@@ -361,7 +363,9 @@ def _category(inp: CandidateInput, aux: BundleAux, n: int) -> tuple[np.ndarray, 
     return np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_s).astype(np.float32)
 
 
-def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _trending_parts(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The trending source's raw proposals of one user (before aggregation): overall, the user's
+    3 most affine categories, the request's categories."""
     items, scores = tr.overall
     top = float(scores.max()) if len(scores) else 0.0
     parts_i = [items[:n]]
@@ -379,8 +383,13 @@ def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarr
             if ci is not None and len(ci):
                 parts_i.append(ci[:n])
                 parts_s.append(cs[:n] / (float(cs.max()) or 1.0))
-    items = np.concatenate(parts_i).astype(np.int64)
-    scores = np.concatenate(parts_s).astype(np.float32)
+    if len(parts_i) == 1:
+        return parts_i[0].astype(np.int64), parts_s[0].astype(np.float32)
+    return np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_s).astype(np.float32)
+
+
+def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarray, np.ndarray]:
+    items, scores = _trending_parts(inp, tr, n)
     if len(items) == 0:
         return items, scores
     uniq, inv = _unique_inverse(items)
@@ -427,15 +436,38 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
     -------
     CandidateSet
     """
+    proposals = _first_proposals(inp, aux, n_candidates, anchored)
+    so_far = sum(len(p[1]) for p in proposals)
+    _add(proposals, SOURCE_INDEX["trending"],
+         *_trending(inp, trending, max(_quota(n_candidates, "trending"), max(0, n_candidates - so_far) // 2)))
+    _add_popularity(proposals, aux, n_candidates)
+    return _merge(proposals, n_candidates)
+
+
+_Proposals = list[tuple[int, np.ndarray, np.ndarray]]
+
+
+def _quota(n_candidates: int, name: str) -> int:
+    return max(1, math.ceil(QUOTAS[name] * n_candidates))
+
+
+def _add(proposals: _Proposals, source: int, items: np.ndarray, scores: np.ndarray) -> None:
+    if len(items):
+        proposals.append((source, np.asarray(items, np.int64), np.asarray(scores, np.float32)))
+
+
+def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
+                     anchored: AnchorProposals | None) -> _Proposals:
+    """Every source before ``trending``, in chain order."""
     t = aux.bundle.tables
     quota = _quotas(n_candidates)
-    proposals: list[tuple[int, np.ndarray, np.ndarray]] = []
+    proposals: _Proposals = []
 
     def add(name: str, items: np.ndarray, scores: np.ndarray) -> None:
-        if len(items):
-            proposals.append((SOURCE_INDEX[name], np.asarray(items, np.int64), np.asarray(scores, np.float32)))
+        _add(proposals, SOURCE_INDEX[name], items, scores)
 
-    add("context", *context_neighbours(aux, inp.context, quota["context"]))
+    if inp.context >= 0:
+        add("context", *context_neighbours(aux, inp.context, quota["context"]))
     anchors = inp.anchors if anchored is None else anchored.anchors
     if anchored is not None:
         add("session", *anchored.session)
@@ -449,7 +481,9 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
     if inp.als is not None:
         ai, asc = inp.als
         ok = ai >= 0
-        add("als", ai[ok][: quota["als"]], asc[ok][: quota["als"]])
+        if not ok.all():
+            ai, asc = ai[ok], asc[ok]
+        add("als", ai[: quota["als"]], asc[: quota["als"]])
     if inp.categories:
         add("category", *_category(inp, aux, quota["category"]))
     if not inp.has_vector and len(anchors) and aux.bundle.content is not None:
@@ -459,13 +493,111 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
             add("content", *aux.similar_by_content(q / norm, quota["content"], exclude=anchors))
     if inp.session_knn is not None:
         add("session_knn", *_best(*inp.session_knn, quota["session_knn"]))
+    return proposals
+
+
+def _add_popularity(proposals: _Proposals, aux: BundleAux, n_candidates: int) -> None:
     so_far = sum(len(p[1]) for p in proposals)
-    fill = max(0, n_candidates - so_far)
-    add("trending", *_trending(inp, trending, max(quota["trending"], fill // 2)))
-    so_far = sum(len(p[1]) for p in proposals)
-    n_pop = max(quota["popularity"], n_candidates - so_far)
-    add("popularity", aux.pop_order[:n_pop], aux.pop_order_scores[:n_pop])
-    return _merge(proposals, n_candidates)
+    n_pop = max(_quota(n_candidates, "popularity"), n_candidates - so_far)
+    _add(proposals, SOURCE_INDEX["popularity"], aux.pop_order[:n_pop], aux.pop_order_scores[:n_pop])
+
+
+def gather_many(inputs: Sequence[CandidateInput], aux: BundleAux, trending: TrendingArrays, *,
+                n_candidates: int, anchored: Sequence[AnchorProposals] | None = None) -> CandidateBatch:
+    """:func:`gather` for many users at once: the same candidates, in one :class:`CandidateBatch`.
+
+    The sources before ``trending`` run per user (each is a slice or a small
+    join); the trending aggregation (sum per item, best ``n`` by score then
+    lowest item) and the merge of all sources run once for all users on
+    ``(user, item)`` keys, in each user's chain order, so every user's
+    candidates, source scores and first sources equal :func:`gather`'s.
+    """
+    n_users = len(inputs)
+    n_items = len(aux.bundle.items)
+    props = [_first_proposals(inp, aux, n_candidates, None if anchored is None else anchored[j])
+             for j, inp in enumerate(inputs)]
+    q_tr = _quota(n_candidates, "trending")
+    n_tr = [max(q_tr, max(0, n_candidates - sum(len(p[1]) for p in pr)) // 2) for pr in props]
+    parts = [_trending_parts(inp, trending, n) for inp, n in zip(inputs, n_tr, strict=True)]
+    t_best = _best_many([p[0] for p in parts], [p[1] for p in parts], n_tr, n_items, how="sum")
+    tr_src = SOURCE_INDEX["trending"]
+    for pr, (ti, ts) in zip(props, t_best, strict=True):
+        _add(pr, tr_src, ti, ts)
+        _add_popularity(pr, aux, n_candidates)
+    return _merge_many(props, n_candidates, n_items, n_users)
+
+
+def _best_many(items: Sequence[np.ndarray], scores: Sequence[np.ndarray], n: Sequence[int], n_items: int, *,
+               how: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per user: aggregate the scores of each item (in the given order), then :func:`_best` ``n[user]``."""
+    n_users = len(items)
+    lengths = np.fromiter((len(i) for i in items), dtype=np.int64, count=n_users)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if lengths.sum() == 0:
+        return [empty] * n_users
+    uid = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+    keys = uid * n_items + np.concatenate(items)
+    vals = np.concatenate(scores).astype(np.float32, copy=False)
+    uniq, inv = _unique_inverse(keys)
+    agg = np.zeros(len(uniq), dtype=np.float32)
+    if how == "sum":
+        np.add.at(agg, inv, vals)
+    else:
+        agg[:] = -np.inf
+        np.maximum.at(agg, inv, vals)
+    u, it = uniq // n_items, uniq % n_items
+    order = np.lexsort((it, -agg, u))           # per user: best score, then lowest item
+    u, it, agg = u[order], it[order], agg[order]
+    bounds = np.searchsorted(u, np.arange(n_users + 1)).tolist()
+    return [(it[lo:min(hi, lo + k)], agg[lo:min(hi, lo + k)])
+            for lo, hi, k in zip(bounds[:-1], bounds[1:], n, strict=True)]
+
+
+def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_users: int) -> CandidateBatch:
+    """:func:`_merge` of every user's proposals at once (keys ``user * n_items + item``)."""
+    flat = [p for pr in props for p in pr]
+    n_src = len(SOURCES)
+    if not flat:
+        return CandidateBatch(np.zeros(n_users + 1, np.int64), np.zeros(0, np.int64),
+                              np.zeros((0, n_src), np.float32), np.zeros(0, np.int8))
+    lengths = np.fromiter((len(i) for _, i, _ in flat), dtype=np.int64, count=len(flat))
+    per_user = np.fromiter((len(pr) for pr in props), dtype=np.int64, count=n_users)
+    uid = np.repeat(np.repeat(np.arange(n_users, dtype=np.int64), per_user), lengths)
+    src = np.repeat(np.fromiter((s for s, _, _ in flat), dtype=np.int8, count=len(flat)), lengths)
+    keys = uid * n_items + np.concatenate([i for _, i, _ in flat])
+    scores = np.concatenate([s for _, _, s in flat])
+    perm = np.argsort(keys, kind="stable")
+    sorted_keys = keys[perm]
+    new = np.empty(len(keys), dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
+    uniq, first_pos = sorted_keys[new], perm[new]
+    inv = np.empty(len(keys), dtype=np.int64)
+    inv[perm] = np.cumsum(new) - 1
+    table = np.zeros((len(uniq), n_src), dtype=np.float32)
+    np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
+    order = np.argsort(first_pos, kind="stable")   # users stay in order: their positions are contiguous
+    u = uid[first_pos[order]]
+    bounds = np.searchsorted(u, np.arange(n_users + 1))
+    rank = np.arange(len(order)) - bounds[u]
+    order = order[rank < n_candidates]
+    u = u[rank < n_candidates]
+    return CandidateBatch(np.searchsorted(u, np.arange(n_users + 1)), uniq[order] % n_items, table[order],
+                          src[first_pos[order]])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CandidateBatch:
+    """The candidates of many users in one set of arrays: user ``j``'s rows are ``bounds[j]:bounds[j+1]``."""
+
+    bounds: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+    first: np.ndarray
+
+    def user(self, j: int) -> CandidateSet:
+        lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
+        return CandidateSet(self.items[lo:hi], self.scores[lo:hi], self.first[lo:hi])
 
 
 def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: int) -> CandidateSet:

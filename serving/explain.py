@@ -27,13 +27,13 @@ popularity           "popular in Z" / "popular now"
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from serving.candidates import SOURCES, BundleAux, CandidateSet, isin_rows
 
-__all__ = ["SOURCE_WEIGHTS", "Reason", "explain_items", "reason_for_source", "source_scores",
+__all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "reason_for_source", "source_scores",
            "strongest_at", "strongest_sources"]
 
 #: Weight of each source's relative strength when choosing the reason.
@@ -118,6 +118,53 @@ def _best_anchors(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, a
     nb_o = nb[order]
     first = order[np.r_[True, nb_o[1:] != nb_o[:-1]]]
     return dict(zip(nb[first].tolist(), anchors[rank[first]].tolist(), strict=True))
+
+
+def best_anchors_many(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                      anchors: Sequence[np.ndarray], items: Sequence[np.ndarray], n_items: int
+                      ) -> list[dict[int, int]]:
+    """:func:`_best_anchors` of many users at once (one join on ``user * n_items + item`` keys).
+
+    User ``j``'s result equals ``_best_anchors(indptr, indices, values, anchors[j], items[j])``: per
+    item, the anchor with the largest positive value, on a tie the first in ``anchors[j]``.
+    """
+    n_users = len(anchors)
+    out: list[dict[int, int]] = [{} for _ in range(n_users)]
+    if len(indices) == 0:
+        return out
+    a_len = np.fromiter((len(a) if len(i) else 0 for a, i in zip(anchors, items, strict=True)),
+                        dtype=np.int64, count=n_users)
+    if a_len.sum() == 0:
+        return out
+    a_all = np.concatenate([np.asarray(a, np.int64) for a, i in zip(anchors, items, strict=True) if len(i)])
+    a_uid = np.repeat(np.arange(n_users, dtype=np.int64), a_len)
+    starts, ends = indptr[a_all], indptr[a_all + 1]
+    lengths = (ends - starts).astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return out
+    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    rank = np.repeat(np.arange(len(a_all)), lengths)      # global anchor position: users' anchors in order
+    keys = a_uid[rank] * n_items + indices[pos]
+    i_len = np.fromiter((len(i) for i in items), dtype=np.int64, count=n_users)
+    item_keys = np.repeat(np.arange(n_users, dtype=np.int64), i_len) * n_items + np.concatenate(
+        [np.asarray(i, np.int64) for i in items])
+    keep = np.isin(keys, item_keys) & (values[pos] > 0)
+    if not keep.any():
+        return out
+    keys, v, rank = keys[keep], values[pos[keep]], rank[keep]
+    order = np.lexsort((rank, -v, keys))                  # per (user, item): largest value, then first anchor
+    k_o = keys[order]
+    first = order[np.r_[True, k_o[1:] != k_o[:-1]]]
+    uid = (keys[first] // n_items)
+    nb = (keys[first] % n_items).tolist()
+    anchor = a_all[rank[first]].tolist()
+    bounds = np.searchsorted(uid, np.arange(n_users + 1)).tolist()
+    for j in range(n_users):
+        lo, hi = bounds[j], bounds[j + 1]
+        if hi > lo:
+            out[j] = dict(zip(nb[lo:hi], anchor[lo:hi], strict=True))
+    return out
 
 
 def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.ndarray, context: int,
@@ -222,7 +269,8 @@ def _most_similar(aux: BundleAux, source: str, item: int, recent: np.ndarray) ->
 def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux, anchors: np.ndarray,
                   context: int, recent: np.ndarray, name: Callable[[int], str],
                   categories: np.ndarray, user_categories: set[str],
-                  strongest: np.ndarray | None = None, position_sources: np.ndarray | None = None) -> list[Reason]:
+                  strongest: np.ndarray | None = None, position_sources: np.ndarray | None = None,
+                  anchored: Mapping[str, Mapping[int, int]] | None = None) -> list[Reason]:
     """Reasons of the candidates at ``positions`` (the final list).
 
     The anchors of all items are found in a few array operations per source
@@ -230,7 +278,8 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
     similarity to the recent items), then each item's text is worded exactly
     as :func:`reason_for_source` words it. ``strongest`` (from
     :func:`strongest_sources`, per candidate) or ``position_sources`` (from
-    :func:`strongest_at`, per position) may be passed when known.
+    :func:`strongest_at`, per position) may be passed when known, and so may the ``session`` /
+    ``bought_together`` anchors of the items (``anchored``, from :func:`best_anchors_many`).
     """
     positions = np.asarray(positions, dtype=np.int64)
     if position_sources is not None:
@@ -253,8 +302,11 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
             return empty
         return _best_anchors(indptr, indices, values, among, of(source))
 
-    session = best("session", t.covis_indptr, t.covis_indices, t.covis_scores, anchors)
-    bought = best("bought_together", t.rules_indptr, t.rules_consequent, t.rules_confidence, anchors)
+    if anchored is not None:
+        session, bought = anchored["session"], anchored["bought_together"]
+    else:
+        session = best("session", t.covis_indptr, t.covis_indices, t.covis_scores, anchors)
+        bought = best("bought_together", t.rules_indptr, t.rules_consequent, t.rules_confidence, anchors)
     ctx_covis = best("context", t.covis_indptr, t.covis_indices, t.covis_scores, one)
     ctx_rules = best("context", t.rules_indptr, t.rules_consequent, t.rules_confidence, one)
     similar: dict[int, int] = {}

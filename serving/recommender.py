@@ -50,13 +50,14 @@ from serving.anchors import anchor_proposals_many
 from serving.candidates import (
     SOURCES,
     BundleAux,
+    CandidateBatch,
     CandidateInput,
     CandidateSet,
     TrendingArrays,
-    gather,
+    gather_many,
     isin_rows,
 )
-from serving.explain import explain_items, source_scores, strongest_at
+from serving.explain import best_anchors_many, explain_items, source_scores, strongest_at
 from serving.item_lists import fallback_list, item_list
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
 from serving.reclist import RecList, Recommendation, RecRequest
@@ -106,6 +107,18 @@ class _User:
     user_categories: set[str] = dataclasses.field(default_factory=set)
     affinity: dict[int, float] = dataclasses.field(default_factory=dict)
     sknn: tuple[np.ndarray, np.ndarray] | None = None
+    #: the anchors the reasons may name: 10 newest distinct history items and the session
+    reason_anchors: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclasses.dataclass(slots=True)
+class _Ordered:
+    """One user's final scores, listed positions, their strongest sources and the candidates' codes (internal)."""
+
+    scores: np.ndarray
+    pos: np.ndarray
+    strongest: np.ndarray
+    codes: np.ndarray
 
 
 class Recommender:
@@ -190,12 +203,12 @@ class Recommender:
             self._tables = tables  # one assignment, as _remember
         return table
 
-    def _live_attrs(self, aux: BundleAux, catalog: CatalogCache, cands: list[CandidateSet]) -> LiveAttrs:
+    def _live_attrs(self, aux: BundleAux, catalog: CatalogCache, items: np.ndarray) -> LiveAttrs:
         """Live attributes of the call's candidates: the bundle's :class:`~serving.live.LiveTable` when the
         catalog tracks its changes, else one look-up per distinct candidate (users share most of them)."""
         if isinstance(catalog, TrackedCatalogCache):
             return self._live_table(aux, catalog).attrs()
-        return LiveAttrs.build(aux, np.concatenate([c.items for c in cands]), catalog)
+        return LiveAttrs.build(aux, items, catalog)
 
     def _remember(self, aux: BundleAux) -> None:
         cache = dict(self._aux)
@@ -280,10 +293,9 @@ class Recommender:
                                  session_knn=u.sknn)
                   for u, a in zip(users, als, strict=True)]
         anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
-        raw = [gather(inp, aux, tr, n_candidates=self.n_candidates, anchored=an)
-               for inp, an in zip(inputs, anchored, strict=True)]
-        live = self._live_attrs(aux, catalog, raw)
-        kept = [self._eligible(c, u, live) for c, u in zip(raw, users, strict=True)]
+        raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
+        live = self._live_attrs(aux, catalog, raw.items)
+        kept = self._eligible_many(raw, users, live, len(aux.bundle.items))
         cands = [c for c, _ in kept]
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
         contexts = [self._context_of(u, tr, decay, now) for u in users]
@@ -294,8 +306,11 @@ class Recommender:
         sizes = np.cumsum([len(c) for c in cands])[:-1]
         feats = np.split(X, sizes)
         scores = np.split(self._score(X, bundle), sizes)
-        return [self._finish(u, c, x, s, aux, catalog, live, live.code[at], now, ranked=bundle.ranker is not None)
-                for u, (c, at), x, s in zip(users, kept, feats, scores, strict=True)]
+        ordered = [self._order(u, c, s, aux, live, live.code[at])
+                   for u, (c, at), s in zip(users, kept, scores, strict=True)]
+        anchored = self._reason_anchors(users, cands, ordered, aux)
+        return [self._finish(u, c, x, o, an, aux, catalog, live, now, ranked=bundle.ranker is not None)
+                for u, c, x, o, an in zip(users, cands, feats, ordered, anchored, strict=True)]
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -343,6 +358,7 @@ class Recommender:
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows[blocked_rows >= 0],
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
+        u.reason_anchors = np.unique(np.concatenate([recent[:10], u.session]))
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
         for rank, code in enumerate(cats.tolist()):
             if code >= 0:
@@ -428,6 +444,40 @@ class Recommender:
         return cands.take(ok), at[ok]
 
     @staticmethod
+    def _eligible_many(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
+                       ) -> list[tuple[CandidateSet, np.ndarray]]:
+        """:meth:`_eligible` of every user at once (blocked rows joined on ``user * n_items + item`` keys)."""
+        at = live.at(batch.items)
+        ok = live.in_stock[at]
+        bounds = batch.bounds.tolist()
+        blocked = [(j, u.blocked_rows) for j, u in enumerate(users) if len(u.blocked_rows)]
+        if blocked:
+            uid = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(batch.bounds))
+            keys = np.concatenate([r + j * n_items for j, r in blocked])
+            ok &= ~np.isin(uid * n_items + batch.items, keys)
+        for j, u in enumerate(users):
+            filters = u.request.filters
+            if filters.categories is None and not filters.has_price_filter:
+                continue
+            lo, hi = bounds[j], bounds[j + 1]
+            okj = ok[lo:hi]              # a view: the filters narrow ``ok`` in place
+            atj = at[lo:hi]
+            if filters.categories is not None:
+                okj &= isin_rows(live.code[atj], live.codes_of(filters.categories))
+            if filters.has_price_filter:
+                p = live.price[atj]
+                with np.errstate(invalid="ignore"):
+                    if filters.min_price is not None:
+                        okj &= p >= filters.min_price
+                    if filters.max_price is not None:
+                        okj &= p <= filters.max_price
+        kept = np.flatnonzero(ok)
+        items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
+        nb = np.searchsorted(kept, batch.bounds).tolist()
+        return [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
+                for lo, hi in zip(nb[:-1], nb[1:], strict=True)]
+
+    @staticmethod
     def _context_of(u: _User, tr: TrendingArrays, decay: float, now: int) -> RankingContext:
         session = u.session if u.context < 0 else np.append(u.session, u.context)
         return RankingContext(user_vector=u.vector, history_items=u.hist_items, history_types=u.hist_types,
@@ -447,12 +497,11 @@ class Recommender:
         Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
         return Xh @ _HW
 
-    def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, scores: np.ndarray, aux: BundleAux,
-                catalog: CatalogCache, live: LiveAttrs, codes: np.ndarray, now: int, *, ranked: bool) -> RecList:
-        """Boosts, diversity, reasons and the list; ``codes`` are the candidates' live category codes."""
+    def _order(self, u: _User, cands: CandidateSet, scores: np.ndarray, aux: BundleAux, live: LiveAttrs,
+               codes: np.ndarray) -> _Ordered:
+        """Boosts, diversity and the listed positions; ``codes`` are the candidates' live category codes."""
         req = u.request
         k = req.k
-        cats = live.name_arr[codes]
         s = np.asarray(scores, dtype=np.float64)   # boosts as serving.rules.apply_boosts, on codes
         boosts = req.filters.boost_categories
         if boosts and len(s):
@@ -465,26 +514,59 @@ class Recommender:
         order = np.argsort(-s, kind="stable")    # best first, ties by position
         vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
         pos = diversify(order, codes, k, self.rules, scores=s, vectors=vectors)
-        strongest = strongest_at(cands, pos)
+        return _Ordered(s, pos, strongest_at(cands, pos), codes)
+
+    @staticmethod
+    def _reason_anchors(users: list[_User], cands: list[CandidateSet], ordered: list[_Ordered], aux: BundleAux
+                        ) -> list[dict[str, Mapping[int, int]]]:
+        """The anchors named by the ``session`` / ``bought_together`` reasons of every user's listed items,
+        in one join per source (:func:`serving.explain.best_anchors_many`)."""
+        t = aux.bundle.tables
+        n_items = len(aux.bundle.items)
+        anchors = [u.reason_anchors for u in users]
+        out = []
+        for src, (indptr, indices, values) in (
+                ("session", (t.covis_indptr, t.covis_indices, t.covis_scores)),
+                ("bought_together", (t.rules_indptr, t.rules_consequent, t.rules_confidence))):
+            code = SOURCES.index(src)
+            items = [c.items[o.pos[o.strongest == code]] for c, o in zip(cands, ordered, strict=True)]
+            out.append(best_anchors_many(indptr, indices, values, anchors, items, n_items))
+        return [{"session": a, "bought_together": b} for a, b in zip(out[0], out[1], strict=True)]
+
+    def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, ordered: _Ordered,
+                anchored: Mapping[str, Mapping[int, int]], aux: BundleAux, catalog: CatalogCache, live: LiveAttrs,
+                now: int, *, ranked: bool) -> RecList:
+        """Reasons and the list of the positions :meth:`_order` chose."""
+        req = u.request
+        k = req.k
+        s, pos, strongest, codes = ordered.scores, ordered.pos, ordered.strongest, ordered.codes
+        cats = live.name_arr[codes]
+
+        names: dict[int, str] = {}      # an anchor often names several items of the list
 
         def name(idx: int) -> str:
-            item_id = aux.bundle.items.id(idx)
-            info = catalog.get(item_id)
-            return info.title if info is not None and info.title else item_id
+            out = names.get(idx)
+            if out is None:
+                item_id = aux.bundle.items.id(idx)
+                info = catalog.get(item_id)
+                out = names[idx] = info.title if info is not None and info.title else item_id
+            return out
 
-        reasons = explain_items(cands, pos, aux=aux, anchors=np.unique(np.concatenate([u.recent[:10], u.session])),
+        reasons = explain_items(cands, pos, aux=aux, anchors=u.reason_anchors,
                                 context=u.context, recent=u.recent, name=name, categories=cats,
-                                user_categories=u.user_categories, position_sources=strongest)
+                                user_categories=u.user_categories, position_sources=strongest, anchored=anchored)
         recs: list[Recommendation] = []
         item_ids = aux.item_id_arr[cands.items[pos]].tolist()
         final = s[pos].tolist()
-        for j, (p, reason) in enumerate(zip(pos.tolist(), reasons, strict=True)):
-            extra: dict[str, Any] = {}
-            if req.explain:
-                extra = {"features": {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
-                         "source_scores": source_scores(cands, p)}
-            recs.append(Recommendation(item_id=item_ids[j], score=round(final[j], 6), reason=reason.text,
-                                       source=reason.source, reason_item=reason.item_id, **extra))
+        if req.explain:
+            for j, (p, reason) in enumerate(zip(pos.tolist(), reasons, strict=True)):
+                recs.append(Recommendation(
+                    item_ids[j], round(final[j], 6), reason.text, reason.source, reason.item_id,
+                    {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
+                    source_scores(cands, p)))
+        else:   # positional: a frozen dataclass's keyword call costs twice as much, 20 times a list
+            recs = [Recommendation(i, round(f, 6), r.text, r.source, r.item_id)
+                    for i, f, r in zip(item_ids, final, reasons, strict=True)]
         chain = [SOURCES[i] for i in sorted(set(strongest.tolist()))]
         if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
             taken = u.blocked | {r.item_id for r in recs}

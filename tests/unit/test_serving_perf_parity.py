@@ -24,14 +24,17 @@ from serving.anchors import anchor_proposals_many
 from serving.candidates import (
     SOURCES,
     BundleAux,
+    CandidateBatch,
     CandidateInput,
     CandidateSet,
     TrendingArrays,
     gather,
+    gather_many,
 )
 from serving.explain import (
     _anchor_max,
     _best_anchors,
+    best_anchors_many,
     explain_items,
     reason_for_source,
     strongest_at,
@@ -120,6 +123,7 @@ def test_eligibility_on_codes_equals_eligible_on_names() -> None:
     attrs = item_attrs(ids, catalog, bundle_category=names_of(aux, rows), bundle_price=meta.price[rows],
                        bundle_in_stock=meta.in_stock[rows])
     blocked = {ids[j] for j in rng.choice(200, 15, replace=False)} | {"unknown-item"}
+    users, sets = [], []
     for filters in (RequestFilters(), RequestFilters(categories={"c1", "live0", "nope"}),
                     RequestFilters(min_price=10, max_price=40), RequestFilters(categories=set())):
         want = eligible(ids, attrs, blocked=blocked, filters=filters)
@@ -129,6 +133,16 @@ def test_eligibility_on_codes_equals_eligible_on_names() -> None:
         got, at = Recommender._eligible(cands, user, live)
         assert got.items.tolist() == rows[want].tolist()
         assert live.rows[at].tolist() == rows[want].tolist()
+        users.append(user)
+        sets.append(cands)
+    # all users at once (blocked rows joined on (user, item) keys) as each alone
+    batch = CandidateBatch(np.arange(0, 200 * (len(sets) + 1), 200), np.concatenate([c.items for c in sets]),
+                           np.concatenate([c.scores for c in sets]), np.concatenate([c.first for c in sets]))
+    many = Recommender._eligible_many(batch, users, live, N_ITEMS)
+    for (got, at), user, cands in zip(many, users, sets, strict=True):
+        want_c, want_at = Recommender._eligible(cands, user, live)
+        assert got.items.tolist() == want_c.items.tolist() and at.tolist() == want_at.tolist()
+    assert sum(len(c) for c, _ in many) < 200 * len(sets)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -168,6 +182,22 @@ def test_batched_anchor_search_equals_the_one_item_search() -> None:
             got = _best_anchors(indptr, indices, values, anchors, items)
             for item in items.tolist():
                 assert got.get(item, -1) == _anchor_max(indptr, indices, values, anchors, item)[0]
+
+
+def test_anchor_search_of_many_users_equals_each_alone() -> None:
+    t = random_bundle().tables
+    rng = np.random.default_rng(5)
+    anchors = [np.unique(rng.integers(0, N_ITEMS, int(rng.integers(0, 15)))) for _ in range(25)]
+    items = [rng.choice(N_ITEMS, int(rng.choice([0, 5, 60])), replace=False) for _ in range(25)]
+    found = 0
+    for indptr, indices, values in ((t.covis_indptr, t.covis_indices, t.covis_scores),
+                                    (t.rules_indptr, t.rules_consequent, t.rules_confidence)):
+        got = best_anchors_many(indptr, indices, values, anchors, items, N_ITEMS)
+        for g, a, i in zip(got, anchors, items, strict=True):
+            assert g == _best_anchors(indptr, indices, values, a, i)
+            found += len(g)
+    assert found > 20
+    assert best_anchors_many(t.covis_indptr, t.covis_indices, t.covis_scores, [], [], N_ITEMS) == []
 
 
 def test_explanations_equal_the_one_item_reasons() -> None:
@@ -329,6 +359,30 @@ def test_batched_anchor_proposals_give_the_one_user_candidates(seed: int) -> Non
             np.testing.assert_array_equal(got.scores, want.scores)
             np.testing.assert_array_equal(got.first, want.first)
     assert any(len(a.session[0]) for a in anchored) and any(len(a.bought_together[0]) for a in anchored)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_gather_gives_the_one_user_candidates(seed: int) -> None:
+    """gather_many (trending aggregation and merge on (user, item) keys) equals gather per user."""
+    aux = BundleAux(random_bundle(seed))
+    rng = np.random.default_rng(seed + 40)
+    by_cat = {c: (rng.choice(120, 12, replace=False).astype(np.int64),
+                  np.round(rng.random(12) * 3, 1).astype(np.float32)) for c in range(N_CAT)}   # overlaps, ties
+    trending = TrendingArrays(overall=(np.arange(0, 120, 3, dtype=np.int64), np.linspace(9, 1, 40).astype(np.float32)),
+                              by_category=by_cat)
+    inputs = _inputs(aux, seed)
+    for n_candidates in (30, 120, 400):
+        anchored = anchor_proposals_many(inputs, aux, n_candidates=n_candidates)
+        for an in (None, anchored):
+            batch = gather_many(inputs, aux, trending, n_candidates=n_candidates, anchored=an)
+            assert len(batch.bounds) == len(inputs) + 1
+            for j, inp in enumerate(inputs):
+                want = gather(inp, aux, trending, n_candidates=n_candidates)
+                got = batch.user(j)
+                np.testing.assert_array_equal(got.items, want.items)
+                np.testing.assert_array_equal(got.scores, want.scores)
+                np.testing.assert_array_equal(got.first, want.first)
+    assert gather_many([], aux, trending, n_candidates=30).bounds.tolist() == [0]
 
 
 def test_strongest_at_positions_equals_strongest_of_all() -> None:
