@@ -76,6 +76,11 @@ return out
 # Integers that must stay exact (ts, offsets) travel as strings.
 _COMMIT_LUA = """
 local a = cjson.decode(ARGV[1])
+-- fence: the batch was computed from these applied offsets; another writer (a second worker
+-- that took the partition in a rebalance) moved one since: write nothing, the caller re-reads
+for _, x in ipairs(a['expect']) do
+  if (redis.call('HGET', a['offsets_key'], x[1]) or '-1') ~= x[2] then return 0 end
+end
 local ttl, cap = a['ttl'], a['cap']
 for _, h in ipairs(a['hist']) do
   redis.call('LPUSH', h[1], unpack(h[2]))
@@ -267,6 +272,8 @@ class BatchWrite:
     shown_incr: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     shown_reset: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     offsets: dict[int, int] = dataclasses.field(default_factory=dict)
+    expect_offsets: dict[int, int] = dataclasses.field(default_factory=dict)
+    """partition -> applied offset the batch was computed from (-1: none); the commit is refused if one moved."""
     metrics: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -349,8 +356,14 @@ class UserStateStore:
             )
         return Snapshot(offsets=offsets, seen=seen, users=out)
 
-    async def commit(self, w: BatchWrite) -> None:
-        """Write one batch's effects and its offsets atomically (one Lua call)."""
+    async def commit(self, w: BatchWrite) -> bool:
+        """Write one batch's effects and its offsets atomically (one Lua call).
+
+        Returns ``False``, having written nothing, when an applied offset in
+        ``w.expect_offsets`` is no longer the stored one: another writer applied
+        records of the partition since the batch's snapshot (two workers
+        overlapping in a rebalance). The caller reads the state again.
+        """
         k = self.keys
         covis: dict[str, list[object]] = {}
         for (a, b), weight in w.covis.items():
@@ -384,10 +397,11 @@ class UserStateStore:
             "metrics": [x for name, n in w.metrics.items() if n for x in (name, n)],
             "offsets_key": self._offsets_key,
             "offsets": [x for p, o in w.offsets.items() for x in (str(p), str(o))],
+            "expect": [[str(p), str(o)] for p, o in w.expect_offsets.items()],
             "dirty_key": k.dirty(),
             "dirty": w.dirty,
         }
-        await self._commit(args=[orjson.dumps(payload), *(w.vectors[u] for u in vec_users)])
+        return bool(await self._commit(args=[orjson.dumps(payload), *(w.vectors[u] for u in vec_users)]))
 
     async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]], *, claimed: bool = False) -> None:
         """Store precomputed lists (value, item ids) in one call.

@@ -316,6 +316,7 @@ class BatchProcessor:
             if rec.offset > w.offsets.get(rec.partition, -1):
                 w.offsets[rec.partition] = rec.offset
         w.offsets = {p: o for p, o in w.offsets.items() if o > stored.get(p, -1)}
+        w.expect_offsets = {p: stored.get(p, -1) for p in w.offsets}
         w.metrics = {
             "events": applied,
             "dlq": len(invalid),
@@ -324,7 +325,11 @@ class BatchProcessor:
             "batches": 1,
             **{f"dlq:{r}": sum(1 for d in invalid if d.reason == r) for r in {d.reason for d in invalid}},
         }
-        await self.store.commit(w)
+        if not await self.store.commit(w):
+            # another worker applied some of these partitions' records since our snapshot (a
+            # rebalance overlap): nothing was written; read again, what it applied is skipped
+            log.warning("applied offsets moved during the batch (partitions %s); reading again", sorted(w.offsets))
+            return await self.process(records, refresh=refresh, decoded=(valid, []))  # letters already sent
         # the users' lists are derived state: refreshed after the commit, at most once
         # per refresh for however many batches touched a user meanwhile (see refresh())
         self.pending.update(states)

@@ -228,3 +228,26 @@ async def test_unlist_last_item_leaves_an_empty_json_list(proc, redis_client) ->
     assert await proc.ws.store.unlist(["x"]) == 1
     rec = orjson.loads(redis_client.get(k.recs("solo")))
     assert rec["items"] == [] and rec["model"] is None and rec["ts"] == 1_750_000_000_123
+
+
+async def test_two_workers_overlapping_on_a_partition_apply_each_event_once(proc, settings: Settings,
+                                                                            redis_client) -> None:
+    """A rebalance can leave two workers applying the same records: the commit's offset fence
+    refuses the second one's batch (computed from offsets that moved) and it reads again."""
+    import asyncio
+
+    other_ws = WorkerState(settings, settings.redis_url or "")
+    other = BatchProcessor(settings, other_ws.store, other_ws.catalog, trending=other_ws.trending,
+                           dead_letter=proc.dead_letter)
+    try:
+        batch = records([ev(0, "u1", "i0"), ev(1, "u1", "i1"), ev(2, "u2", "i2")])
+        # both read their snapshot before either commits (each awaits its read first)
+        a, b = await asyncio.gather(proc.process(batch), other.process(batch))
+        assert sorted([a.applied, b.applied]) == [0, 3]
+        assert sorted([a.replayed, b.replayed]) == [0, 3]
+        k = proc.ws.keys
+        assert redis_client.llen(k.history("u1")) == 2 and redis_client.llen(k.history("u2")) == 1
+        assert int(redis_client.hget(k.metrics(), "events")) == 3
+        assert redis_client.hgetall(k.offsets(settings.app_id, settings.events_topic)) == {b"0": b"2"}
+    finally:
+        await other_ws.client.aclose()
