@@ -14,7 +14,10 @@ start-up is excluded. In the same run, on the same topic:
   liftrec's worker runs Faust (uvloop, direct delivery: ``stream/app.py``);
   both ratios are reported;
 * **liftrec's worker**, one process, then two processes (``--concurrency 2``),
-  each time with its list refresher process (``--refreshers 1``, niced);
+  each time with its list refresher process (``--refreshers 1``, niced), and
+  then again without refreshers (``--refreshers 0``): the issue's end-to-end
+  path (broker -> history + vector + offsets in Redis) alone, because on two
+  cores the refresher spends about as much CPU per event as the worker;
 * the **no-op Faust agent with two processes**, the physical limit of the
   two-worker scaling when the broker and Redis share the same cores.
 
@@ -134,7 +137,8 @@ async def _preload_catalog(s: Settings, items: list[CatalogItem]) -> None:
 
 
 def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tmp: Path,
-                catalog: list[CatalogItem]) -> dict[str, float]:
+                catalog: list[CatalogItem], refreshers: int = 1) -> dict[str, float]:
+    """One timed run; ``refreshers=0``: the state path alone (no list refresh competing for the cores)."""
     run = uuid.uuid4().hex[:6]
     s = base.model_copy(update={"key_prefix": f"bench{run}", "app_id": f"bench-{run}", "state_dir": tmp / run,
                                 "catalog_topic": f"bench.catalog.{run}"})
@@ -142,7 +146,7 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
     r = redis.Redis.from_url(s.redis_url or "")
     keys = KeySchema(s.key_prefix)
     proc = subprocess.Popen([sys.executable, "-m", "liftrec", "worker", "--loglevel", "warn",
-                             "--concurrency", str(concurrency), "--refreshers", "1"], env=_env(s, registry),
+                             "--concurrency", str(concurrency), "--refreshers", str(refreshers)], env=_env(s, registry),
                             stdout=subprocess.DEVNULL, stderr=(tmp / f"{run}.log").open("wb"))
     backlog: list[int] = []
 
@@ -156,9 +160,10 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
         lists0 = int(r.hget(keys.metrics(), "lists") or 0)
         t0 = time.perf_counter()
         rate, cpu = _timed(lambda: int(r.hget(keys.metrics(), "events") or 0), total, proc,
-                           f"liftrec x{concurrency}", sample=lambda: backlog.append(waiting()))
+                           f"liftrec x{concurrency}{'' if refreshers else ' state only'}",
+                           sample=lambda: backlog.append(waiting()))
         t_last = time.perf_counter()
-        while waiting() and time.perf_counter() - t_last < 120:
+        while refreshers and waiting() and time.perf_counter() - t_last < 120:
             time.sleep(0.02)
         drain = time.perf_counter() - t_last
         lists = int(r.hget(keys.metrics(), "lists") or 0) - lists0
@@ -264,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             catalog = list(shop.catalog_items())
             one = run_liftrec(s, registry, total, 1, tmp, catalog)
             two = run_liftrec(s, registry, total, 2, tmp, catalog) if not args.one_worker_only else nan
+            one_state = run_liftrec(s, registry, total, 1, tmp, catalog, refreshers=0)
+            two_state = (run_liftrec(s, registry, total, 2, tmp, catalog, refreshers=0)
+                         if not args.one_worker_only else nan)
     r1, r2, f1, f2 = one["events_per_s"], two["events_per_s"], noop["events_per_s"], noop2["events_per_s"]
     u1, u2 = noop_uv["events_per_s"], noop2_uv["events_per_s"]
     results = {
@@ -274,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "noop_faust_fast_cpu_us_per_event": noop_uv["cpu_us_per_event_first_process"],
         "liftrec_1_worker_events_per_s": r1, "liftrec_2_workers_events_per_s": r2,
         "liftrec_1_worker": one, "liftrec_2_workers": two,
+        # the issue's end-to-end path (broker -> history + vector + offsets in Redis) without list
+        # refreshers: on 2 cores the refresher's CPU per event is about the worker's own
+        "liftrec_1_worker_state_only": one_state, "liftrec_2_workers_state_only": two_state,
+        "ratio_1_worker_state_only_over_noop_faust": one_state["events_per_s"] / f1,
+        "scaling_2_over_1_state_only": two_state["events_per_s"] / one_state["events_per_s"],
         "ratio_1_worker_over_noop_faust": r1 / f1, "ratio_1_worker_over_noop_faust_fast": r1 / u1,
         "scaling_2_over_1": r2 / r1, "noop_faust_scaling_2_over_1": f2 / f1,
         "noop_faust_fast_scaling_2_over_1": u2 / u1,
@@ -289,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"set up as the worker x2 {u2:,.0f} = x{u2 / u1:.2f}); "
                f"lists {one['lists_per_s']:,.0f}/s, {one['refresher_cpu_ms_per_list']:.2f} ms CPU each, "
                f"drained {one['list_drain_after_last_event_s']:.1f} s after the last event; "
+               f"state path alone (no refresher): 1 worker {one_state['events_per_s']:,.0f} ev/s "
+               f"({one_state['events_per_s'] / f1:.0%} of no-op Faust), 2 workers {two_state['events_per_s']:,.0f} "
+               f"(x{two_state['events_per_s'] / one_state['events_per_s']:.2f}); "
                f"bare aiokafka {bare:,.0f} ev/s; {total:,} events")
     write_result(NAME, results, summary=summary, out_dir=args.out_dir,
                  params={"quick": args.quick, "items": items, "users": users, "days": days})
