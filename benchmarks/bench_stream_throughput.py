@@ -15,7 +15,7 @@ start-up is excluded. In the same run, on the same topic:
   both ratios are reported;
 * **liftrec's worker**, one process, then two processes (``--concurrency 2``),
   each time with its list refresher process (``--refreshers 1``, niced), and
-  then again without refreshers (``--refreshers 0``): the issue's end-to-end
+  then again as bare state workers (``--role state``, no lists): the issue's end-to-end
   path (broker -> history + vector + offsets in Redis) alone, because on two
   cores the refresher spends about as much CPU per event as the worker;
 * the **no-op Faust agent with two processes**, the physical limit of the
@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -145,8 +147,13 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
     asyncio.run(_preload_catalog(s, catalog))
     r = redis.Redis.from_url(s.redis_url or "")
     keys = KeySchema(s.key_prefix)
-    proc = subprocess.Popen([sys.executable, "-m", "liftrec", "worker", "--loglevel", "warn",
-                             "--concurrency", str(concurrency), "--refreshers", str(refreshers)], env=_env(s, registry),
+    cmd = [sys.executable, "-m", "liftrec", "worker", "--loglevel", "warn"]
+    if refreshers:
+        argv = [*cmd, "--concurrency", str(concurrency), "--refreshers", str(refreshers)]
+    else:  # N workers without lists: the role `liftrec worker --concurrency N` gives its children
+        one = shlex.join([*cmd, "--role", "state", "--refreshers", "0"])
+        argv = ["sh", "-c", " & ".join([one] * concurrency) + " & wait"]
+    proc = subprocess.Popen(argv, env=_env(s, registry), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=(tmp / f"{run}.log").open("wb"))
     backlog: list[int] = []
 
@@ -182,7 +189,7 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
             "events_per_batch": total / max(1, batches),
         }
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: sh and its workers in the state-only runs
         proc.wait(30)
 
 
