@@ -566,14 +566,7 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     src = np.repeat(np.fromiter((s for s, _, _ in flat), dtype=np.int8, count=len(flat)), lengths)
     keys = uid * n_items + np.concatenate([i for _, i, _ in flat])
     scores = np.concatenate([s for _, _, s in flat])
-    perm = np.argsort(keys, kind="stable")
-    sorted_keys = keys[perm]
-    new = np.empty(len(keys), dtype=bool)
-    new[0] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
-    uniq, first_pos = sorted_keys[new], perm[new]
-    inv = np.empty(len(keys), dtype=np.int64)
-    inv[perm] = np.cumsum(new) - 1
+    uniq, first_pos, inv = _unique_first(keys)
     table = np.zeros((len(uniq), n_src), dtype=np.float32)
     np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")   # users stay in order: their positions are contiguous
@@ -585,6 +578,22 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     return CandidateBatch(np.searchsorted(u, np.arange(n_users + 1)), uniq[order] % n_items, table[order],
                           src[first_pos[order]])
 
+
+
+def _unique_first(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_index=True, return_inverse=True)`` in fewer calls (``keys`` not empty).
+
+    Returns the sorted distinct keys, the first position of each in ``keys``
+    and, for every key, its index among the distinct ones.
+    """
+    perm = np.argsort(keys, kind="stable")
+    sorted_keys = keys[perm]
+    new = np.empty(len(keys), dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
+    inv = np.empty(len(keys), dtype=np.int64)
+    inv[perm] = np.cumsum(new) - 1
+    return sorted_keys[new], perm[new], inv
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CandidateBatch:
@@ -607,15 +616,7 @@ def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: in
     src = np.concatenate([np.full(len(i), s, dtype=np.int8) for s, i, _ in proposals])
     items = np.concatenate([i for _, i, _ in proposals])
     scores = np.concatenate([s for _, _, s in proposals])
-    # np.unique(items, return_index=True, return_inverse=True), in fewer calls
-    perm = np.argsort(items, kind="stable")
-    sorted_items = items[perm]
-    new = np.empty(len(items), dtype=bool)
-    new[0] = True
-    np.not_equal(sorted_items[1:], sorted_items[:-1], out=new[1:])
-    uniq, first_pos = sorted_items[new], perm[new]
-    inv = np.empty(len(items), dtype=np.int64)
-    inv[perm] = np.cumsum(new) - 1
+    uniq, first_pos, inv = _unique_first(items)
     table = np.zeros((len(uniq), len(SOURCES)), dtype=np.float32)
     np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")[:n_candidates]

@@ -121,6 +121,18 @@ class _Ordered:
     codes: np.ndarray
 
 
+def _narrow_by_filters(ok: np.ndarray, at: np.ndarray, filters: RequestFilters, live: LiveAttrs) -> None:
+    """Clear ``ok`` (in place) where the request's category or price filter rejects the item at ``at``."""
+    if filters.categories is not None:
+        ok &= isin_rows(live.code[at], live.codes_of(filters.categories))
+    if filters.has_price_filter:
+        p = live.price[at]
+        with np.errstate(invalid="ignore"):
+            if filters.min_price is not None:
+                ok &= p >= filters.min_price
+            if filters.max_price is not None:
+                ok &= p <= filters.max_price
+
 class Recommender:
     """Turns user state + request into a ranked, filtered, explained list.
 
@@ -431,16 +443,7 @@ class Recommender:
         ok = live.in_stock[at]
         if len(u.blocked_rows):
             ok &= ~isin_rows(cands.items, u.blocked_rows)
-        filters = u.request.filters
-        if filters.categories is not None:
-            ok &= isin_rows(live.code[at], live.codes_of(filters.categories))
-        if filters.has_price_filter:
-            p = live.price[at]
-            with np.errstate(invalid="ignore"):
-                if filters.min_price is not None:
-                    ok &= p >= filters.min_price
-                if filters.max_price is not None:
-                    ok &= p <= filters.max_price
+        _narrow_by_filters(ok, at, u.request.filters, live)
         return cands.take(ok), at[ok]
 
     @staticmethod
@@ -460,17 +463,7 @@ class Recommender:
             if filters.categories is None and not filters.has_price_filter:
                 continue
             lo, hi = bounds[j], bounds[j + 1]
-            okj = ok[lo:hi]              # a view: the filters narrow ``ok`` in place
-            atj = at[lo:hi]
-            if filters.categories is not None:
-                okj &= isin_rows(live.code[atj], live.codes_of(filters.categories))
-            if filters.has_price_filter:
-                p = live.price[atj]
-                with np.errstate(invalid="ignore"):
-                    if filters.min_price is not None:
-                        okj &= p >= filters.min_price
-                    if filters.max_price is not None:
-                        okj &= p <= filters.max_price
+            _narrow_by_filters(ok[lo:hi], at[lo:hi], filters, live)  # a view: narrows ``ok`` in place
         kept = np.flatnonzero(ok)
         items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
         nb = np.searchsorted(kept, batch.bounds).tolist()
