@@ -7,8 +7,8 @@ values the previous tuned reports picked (listed below; two values where R and X
 ones, chosen on validation again, never widened). Everything else (ranker training, protocol, report)
 is the CLI's code.
 
-    python docs/reports/evaluate_fixed_settings.py online_retail evaluate --events ... --report ...
-    python docs/reports/evaluate_fixed_settings.py synthetic evaluate --events ... --report ... --quick
+    python scripts/evaluate_fixed_settings.py online_retail evaluate --events ... --report ...
+    python scripts/evaluate_fixed_settings.py synthetic evaluate --events ... --report ... --quick
 """
 
 from __future__ import annotations
