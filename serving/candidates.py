@@ -392,14 +392,18 @@ def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarr
     items, scores = _trending_parts(inp, tr, n)
     if len(items) == 0:
         return items, scores
-    uniq, inv = _unique_inverse(items)
+    uniq, _, inv = _unique(items)
     agg = np.zeros(len(uniq), dtype=np.float32)
     np.add.at(agg, inv, scores)
     return _best(uniq, agg, n)
 
 
-def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(values, return_inverse=True)`` for a non-empty 1-D array, in fewer calls."""
+def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(values, return_index=True, return_inverse=True)`` for a non-empty 1-D array, in fewer calls.
+
+    Returns the sorted distinct values, the first position of each in
+    ``values`` and, for every value, its index among the distinct ones.
+    """
     perm = np.argsort(values, kind="stable")
     srt = values[perm]
     new = np.empty(len(values), dtype=bool)
@@ -407,11 +411,11 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.not_equal(srt[1:], srt[:-1], out=new[1:])
     inv = np.empty(len(values), dtype=np.int64)
     inv[perm] = np.cumsum(new) - 1
-    return srt[new], inv
+    return srt[new], perm[new], inv
 
 
 def _quotas(n_candidates: int) -> dict[str, int]:
-    return {name: max(1, math.ceil(share * n_candidates)) for name, share in QUOTAS.items()}
+    return {name: _quota(n_candidates, name) for name in QUOTAS}
 
 
 def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_candidates: int,
@@ -519,7 +523,7 @@ def gather_many(inputs: Sequence[CandidateInput], aux: BundleAux, trending: Tren
     q_tr = _quota(n_candidates, "trending")
     n_tr = [max(q_tr, max(0, n_candidates - sum(len(p[1]) for p in pr)) // 2) for pr in props]
     parts = [_trending_parts(inp, trending, n) for inp, n in zip(inputs, n_tr, strict=True)]
-    t_best = _best_many([p[0] for p in parts], [p[1] for p in parts], n_tr, n_items, how="sum")
+    t_best = _best_many([p[0] for p in parts], [p[1] for p in parts], n_tr, n_items)
     tr_src = SOURCE_INDEX["trending"]
     for pr, (ti, ts) in zip(props, t_best, strict=True):
         _add(pr, tr_src, ti, ts)
@@ -527,9 +531,9 @@ def gather_many(inputs: Sequence[CandidateInput], aux: BundleAux, trending: Tren
     return _merge_many(props, n_candidates, n_items, n_users)
 
 
-def _best_many(items: Sequence[np.ndarray], scores: Sequence[np.ndarray], n: Sequence[int], n_items: int, *,
-               how: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per user: aggregate the scores of each item (in the given order), then :func:`_best` ``n[user]``."""
+def _best_many(items: Sequence[np.ndarray], scores: Sequence[np.ndarray], n: Sequence[int],
+               n_items: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per user: sum the scores of each item, then :func:`_best` ``n[user]`` (the trending aggregation)."""
     n_users = len(items)
     lengths = np.fromiter((len(i) for i in items), dtype=np.int64, count=n_users)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -538,13 +542,9 @@ def _best_many(items: Sequence[np.ndarray], scores: Sequence[np.ndarray], n: Seq
     uid = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
     keys = uid * n_items + np.concatenate(items)
     vals = np.concatenate(scores).astype(np.float32, copy=False)
-    uniq, inv = _unique_inverse(keys)
+    uniq, _, inv = _unique(keys)
     agg = np.zeros(len(uniq), dtype=np.float32)
-    if how == "sum":
-        np.add.at(agg, inv, vals)
-    else:
-        agg[:] = -np.inf
-        np.maximum.at(agg, inv, vals)
+    np.add.at(agg, inv, vals)
     u, it = uniq // n_items, uniq % n_items
     order = np.lexsort((it, -agg, u))           # per user: best score, then lowest item
     u, it, agg = u[order], it[order], agg[order]
@@ -566,7 +566,7 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     src = np.repeat(np.fromiter((s for s, _, _ in flat), dtype=np.int8, count=len(flat)), lengths)
     keys = uid * n_items + np.concatenate([i for _, i, _ in flat])
     scores = np.concatenate([s for _, _, s in flat])
-    uniq, first_pos, inv = _unique_first(keys)
+    uniq, first_pos, inv = _unique(keys)
     table = np.zeros((len(uniq), n_src), dtype=np.float32)
     np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")   # users stay in order: their positions are contiguous
@@ -578,22 +578,6 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     return CandidateBatch(np.searchsorted(u, np.arange(n_users + 1)), uniq[order] % n_items, table[order],
                           src[first_pos[order]])
 
-
-
-def _unique_first(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``np.unique(keys, return_index=True, return_inverse=True)`` in fewer calls (``keys`` not empty).
-
-    Returns the sorted distinct keys, the first position of each in ``keys``
-    and, for every key, its index among the distinct ones.
-    """
-    perm = np.argsort(keys, kind="stable")
-    sorted_keys = keys[perm]
-    new = np.empty(len(keys), dtype=bool)
-    new[0] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
-    inv = np.empty(len(keys), dtype=np.int64)
-    inv[perm] = np.cumsum(new) - 1
-    return sorted_keys[new], perm[new], inv
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CandidateBatch:
@@ -616,7 +600,7 @@ def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: in
     src = np.concatenate([np.full(len(i), s, dtype=np.int8) for s, i, _ in proposals])
     items = np.concatenate([i for _, i, _ in proposals])
     scores = np.concatenate([s for _, _, s in proposals])
-    uniq, first_pos, inv = _unique_first(items)
+    uniq, first_pos, inv = _unique(items)
     table = np.zeros((len(uniq), len(SOURCES)), dtype=np.float32)
     np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")[:n_candidates]
