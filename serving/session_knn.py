@@ -258,11 +258,15 @@ class SessionIndex:
         (numpy.ndarray, numpy.ndarray)
             Session numbers and their cosine similarity, best first.
         """
-        qi = np.unique(np.asarray(query, np.int64))
-        qi = qi[(qi >= 0) & (qi < self.n_items)]
-        if len(qi) == 0 or self.n_sessions == 0:
+        qi = self._query_rows(query)
+        if len(qi) == 0:
             return _EMPTY_I, _EMPTY_F
         return self._neighbours(qi, params, user, since_ms)
+
+    def _query_rows(self, query: np.ndarray) -> np.ndarray:
+        """Distinct item rows of a query this index knows (ascending); empty when the index has no session."""
+        qi = np.unique(np.asarray(query, np.int64))
+        return qi[(qi >= 0) & (qi < self.n_items)] if self.n_sessions else qi[:0]
 
     def _neighbours(self, qi: np.ndarray, params: SessionKnnParams, user: int | None,
                     since_ms: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -316,9 +320,8 @@ class SessionIndex:
         (numpy.ndarray, numpy.ndarray)
             Distinct item rows (int64, ascending) and their scores (float32, > 0).
         """
-        qi = np.unique(np.asarray(query, np.int64))
-        qi = qi[(qi >= 0) & (qi < self.n_items)]
-        if len(qi) == 0 or self.n_sessions == 0:
+        qi = self._query_rows(query)
+        if len(qi) == 0:
             return _EMPTY_I, _EMPTY_F
         key = (qi.tobytes(), params.k, params.sample, user, since_ms)
         memo = self._memo
