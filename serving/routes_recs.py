@@ -214,29 +214,21 @@ async def fast_path(app: Any, scope: MutableMapping[str, Any], receive: Any, sen
         args = _fast_args(rt, path[len(_USERS):-len(_RECS)], scope["query_string"])
         if args is None:
             return False
-        t0 = time.perf_counter()
-        try:
-            body = await _user_body(rt, args.pop("user_id"), t0=t0, **args)
-        except Exception as err:  # noqa: BLE001 - the same JSON answers as the app's handlers
-            rt.metrics.fast_path.inc()
-            await exception_response(err, path=path)(scope, receive, send)
-            return True
+        answer = _user_body(rt, args.pop("user_id"), t0=time.perf_counter(), **args)
     elif path.startswith(_ITEMS):
         kind, item_id = _item_kind(path)
-        if kind is None:
-            return False
-        got = _fast_item_args(rt, item_id, scope["query_string"])
+        got = None if kind is None else _fast_item_args(rt, item_id, scope["query_string"])
         if got is None:
             return False
-        try:
-            body = await _item_body(rt, kind, item_id, got[0], got[1], time.perf_counter())
-        except Exception as err:  # noqa: BLE001 - the same JSON answers as the app's handlers
-            rt.metrics.fast_path.inc()
-            await exception_response(err, path=path)(scope, receive, send)
-            return True
+        answer = _item_body(rt, kind, item_id, got[0], got[1], time.perf_counter())
     else:
         return False
     rt.metrics.fast_path.inc()
+    try:
+        body = await answer
+    except Exception as err:  # noqa: BLE001 - the same JSON answers as the app's handlers
+        await exception_response(err, path=path)(scope, receive, send)
+        return True
     await send_json(send, orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS))
     return True
 
