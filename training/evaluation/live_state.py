@@ -268,7 +268,7 @@ def user_states(q: QueryBatch, *, ids: np.ndarray, user_ids: Any, history_cap: i
             for r in range(n)]
 
 
-#: Per fold-in model: (table item ids it was built for, bundle row of each table item, weight of each type code).
+#: The last fold-in model seen: (model, table item ids, bundle row of each table item, weight of each type code).
 _FOLD_TABLES: dict[int, tuple[Any, Any, np.ndarray, np.ndarray]] = {}
 
 
