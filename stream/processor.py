@@ -25,6 +25,7 @@ driven from tests, benchmarks and replays as well. Per batch it
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +36,7 @@ from features.errors import InvalidEvent
 from features.events import Event, EventValidator, now_ms
 from features.online import FoldInModel
 from features.settings import Settings
-from features.store import BatchWrite, UserStateStore, trending_increment
+from features.store import BatchWrite, UserSnapshot, UserStateStore, trending_increment
 from serving.recommender import Recommender, RecRequest
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
@@ -49,6 +50,8 @@ _ENGAGED = frozenset({"click", "add_to_cart", "purchase"})
 #: Session items an event is paired with, and the largest gap between them.
 _COVIS_LOOKBACK = 5
 _COVIS_WINDOW_MS = 3_600_000
+#: Users whose state a worker without lists keeps between batches (the oldest touched leave first).
+CACHE_USERS = 50_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,6 +145,13 @@ class BatchProcessor:
         self.weights = settings.event_weights
         self.gap_ms = settings.session_gap_s * 1000
         self.half_life_ms = settings.trending_half_life_s * 1000.0
+        # A worker without lists keeps each touched user's history and session as its last
+        # commit wrote them, and the user's fold-in sums; the snapshot then reads only the
+        # session of a cached user to check nobody else changed it (see UserStateStore.snapshot).
+        self._cache: dict[str, UserSnapshot] = {}
+        self._sums: dict[str, tuple[str, dict[int, tuple[float, int]]]] = {}
+        self.cache_users = 0 if track_pending else CACHE_USERS
+        self.cache_stats = {"hits": 0, "misses": 0, "reread": 0}
 
     @staticmethod
     def _session_items(user: object, sid: str | None, start: int) -> list[tuple[str, int]]:
@@ -170,6 +180,26 @@ class BatchProcessor:
         await self.store.write_lists({uid: (rl.encode(), [i.item_id for i in rl.items])
                                       for uid, rl in zip(pending, lists, strict=True)})
         return len(lists)
+
+    def _remember(self, merged: dict[str, list[tuple[str, str, int]]],
+                  sessions: dict[str, tuple[str, int, int, int]],
+                  sums: dict[str, dict[int, tuple[float, int]]], version: str) -> None:
+        """Keep the committed users' history, session and fold-in sums for their next batch."""
+        cache, kept = self._cache, self._sums
+        for uid, hist in merged.items():
+            sid, start, last, n = sessions[uid]
+            cache.pop(uid, None)  # re-inserted at the end: the dict's order is the eviction order
+            cache[uid] = UserSnapshot(history=hist, session_id=sid, session_start=start, session_last=last,
+                                      session_n=n, bought={})
+            if uid in sums:
+                kept[uid] = (version, sums[uid])
+            else:
+                kept.pop(uid, None)
+        over = len(cache) - self.cache_users
+        if over > 0:
+            for uid in list(itertools.islice(cache, over)):
+                del cache[uid]
+                kept.pop(uid, None)
 
     def decode(self, records: Sequence[Record], *, now: int | None = None) -> Decoded:
         """Validate a batch's records (pure CPU, no Redis): the valid events and the dead letters.
@@ -201,7 +231,17 @@ class BatchProcessor:
         now = now_ms()
         valid, invalid = decoded if decoded is not None else self.decode(records, now=now)
 
-        snap = await self.store.snapshot((ev.user_id for _, ev in valid), [ev.event_id for _, ev in valid])
+        lists_state = self.track_pending or refresh
+        use_cache = self.cache_users > 0 and not lists_state
+        cache = self._cache if use_cache else None
+        snap = await self.store.snapshot((ev.user_id for _, ev in valid), [ev.event_id for _, ev in valid],
+                                         cached=cache, lists_state=lists_state)
+        if cache is not None:
+            st = self.cache_stats
+            hits = sum(1 for u in snap.users if u in cache) - len(snap.reread)
+            st["hits"] += hits
+            st["misses"] += len(snap.users) - hits
+            st["reread"] += len(snap.reread)
         stored = snap.offsets
 
         def fresh(rec: Record) -> bool:
@@ -279,14 +319,34 @@ class BatchProcessor:
         w.sessions = sessions  # type: ignore[assignment]
         w.seen = list(seen_now)
 
+        cap = self.settings.history_cap
         merged: dict[str, list[tuple[str, str, int]]] = {}
         for uid, new in w.history.items():
-            merged[uid] = (list(reversed(new)) + snap.users[uid].history)[: self.settings.history_cap]
+            merged[uid] = (list(reversed(new)) + snap.users[uid].history)[:cap]
         model = self.fold_in_model()
         vectors: dict[str, object] = {}
+        new_sums: dict[str, dict[int, tuple[float, int]]] = {}
         if model is not None and merged:
             uids = list(merged)
-            folded, has = model.fold_in_histories([merged[u] for u in uids], w.batch_ts)
+            if cache is not None and model.half_life_ms is None:
+                # the cached users' sums move by the batch's events and those that left the cap;
+                # the others' are summed over their whole history
+                rows = []
+                for uid in uids:
+                    old = snap.users[uid]
+                    prev = self._sums.get(uid) if cache.get(uid) is old else None
+                    new = w.history[uid]
+                    if prev is not None and prev[0] == model.version and len(new) < cap:
+                        sums = dict(prev[1])
+                        model.update_sums(sums, new, 1)
+                        model.update_sums(sums, old.history[cap - len(new):], -1)
+                    else:
+                        sums = model.confidence_sums(merged[uid])
+                    new_sums[uid] = sums
+                    rows.append(model.rows_from_sums(sums))
+                folded, has = model.fold_in_rows(rows)
+            else:
+                folded, has = model.fold_in_histories([merged[u] for u in uids], w.batch_ts)
             w.model_version = model.version
             vectors = {u: folded[i] for i, u in enumerate(uids) if has[i]}
             w.vectors = {u: v.astype("<f4").tobytes() for u, v in vectors.items()}  # type: ignore[attr-defined]
@@ -330,6 +390,8 @@ class BatchProcessor:
             # rebalance overlap): nothing was written; read again, what it applied is skipped
             log.warning("applied offsets moved during the batch (partitions %s); reading again", sorted(w.offsets))
             return await self.process(records, refresh=refresh, decoded=(valid, []))  # letters already sent
+        if cache is not None:
+            self._remember(merged, sessions, new_sums, model.version if model is not None else "")
         # the users' lists are derived state: refreshed after the commit, at most once
         # per refresh for however many batches touched a user meanwhile (see refresh())
         self.pending.update(states)
