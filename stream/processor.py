@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -36,7 +37,7 @@ from features.errors import InvalidEvent
 from features.events import Event, EventValidator, now_ms
 from features.online import FoldInModel
 from features.settings import Settings
-from features.store import BatchWrite, UserSnapshot, UserStateStore, trending_increment
+from features.store import BatchWrite, UserSnapshot, UserStateStore
 from serving.recommender import Recommender, RecRequest
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
@@ -244,58 +245,68 @@ class BatchProcessor:
             st["reread"] += len(snap.reread)
         stored = snap.offsets
 
-        def fresh(rec: Record) -> bool:
-            return rec.offset > stored.get(rec.partition, -1)
+        stored_get = stored.get
 
-        replayed = sum(1 for r in records if not fresh(r))
+        def fresh(rec: Record) -> bool:
+            return rec.offset > stored_get(rec.partition, -1)
+
+        replayed = sum(1 for r in records if r.offset <= stored_get(r.partition, -1))
         invalid = [d for d in invalid if fresh(d.record)]
         if invalid:
             await self.dead_letter(invalid)
 
         w = BatchWrite(batch_ts=max((ev.ts for _, ev in valid), default=now))
         seen_now: set[str] = set()
+        seen_before = snap.seen
         duplicates = 0
         sessions: dict[str, tuple[str, int, int, int]] = {}
         session_items: dict[str, list[tuple[str, int]]] = {}
         applied = 0
-        weights, half_life_ms, batch_ts = self.weights, self.half_life_ms, w.batch_ts
-        trending, covis, category = w.trending, w.covis, self.catalog.category
+        weights, half_life_ms, batch_ts, gap_ms = self.weights, self.half_life_ms, w.batch_ts, self.gap_ms
+        trending, covis, category, users = w.trending, w.covis, self.catalog.category, snap.users
+        history, active, pow_ = w.history, w.active, math.pow
         for rec, ev in valid:
-            if not fresh(rec):
+            if rec.offset <= stored_get(rec.partition, -1):
                 continue
-            if ev.event_id in snap.seen or ev.event_id in seen_now:
+            eid = ev.event_id
+            if eid in seen_before or eid in seen_now:
                 duplicates += 1
                 continue
-            seen_now.add(ev.event_id)
+            seen_now.add(eid)
             applied += 1
-            uid = ev.user_id
-            user = snap.users[uid]
-            w.history.setdefault(uid, []).append((ev.item_id, ev.type, ev.ts))
-            sid, start, last, n = sessions.get(uid) or (
-                user.session_id, user.session_start, user.session_last, user.session_n
-            )
+            uid, item, type_, ts = ev.user_id, ev.item_id, ev.type, ev.ts
+            hist = history.get(uid)
+            if hist is None:
+                hist = history[uid] = []
+            hist.append((item, type_, ts))
+            sess = sessions.get(uid)
+            if sess is None:
+                user = users[uid]
+                sid, start, last, n = user.session_id, user.session_start, user.session_last, user.session_n
+            else:
+                sid, start, last, n = sess
             if ev.session_id:
                 if ev.session_id != sid:
-                    sid, start, n = ev.session_id, ev.ts, 0
+                    sid, start, n = ev.session_id, ts, 0
                     session_items[uid] = []
-            elif sid is None or ev.ts - last > self.gap_ms:
-                sid, start, n = f"{uid}:{ev.ts}", ev.ts, 0
+            elif sid is None or ts - last > gap_ms:
+                sid, start, n = f"{uid}:{ts}", ts, 0
                 session_items[uid] = []
-            sessions[uid] = (sid, start, max(last, ev.ts), n + 1)  # type: ignore[assignment]
-            if ev.type == "purchase":
-                w.bought.setdefault(uid, {})[ev.item_id] = ev.ts
-            if ev.type == "impression":
+            sessions[uid] = (sid, start, last if last > ts else ts, n + 1)  # type: ignore[assignment]
+            if type_ == "purchase":
+                w.bought.setdefault(uid, {})[item] = ts
+            if type_ == "impression":
                 incr = w.shown_incr.setdefault(uid, {})
-                incr[ev.item_id] = incr.get(ev.item_id, 0) + 1
-            elif ev.type in _ENGAGED:
-                w.shown_reset.setdefault(uid, set()).add(ev.item_id)
-                w.shown_incr.get(uid, {}).pop(ev.item_id, None)
-            if w.active.get(uid, 0) < ev.ts:
-                w.active[uid] = ev.ts
-            weight = weights.get(ev.type, 0.0)
+                incr[item] = incr.get(item, 0) + 1
+            elif type_ in _ENGAGED:
+                w.shown_reset.setdefault(uid, set()).add(item)
+                w.shown_incr.get(uid, {}).pop(item, None)
+            if active.get(uid, 0) < ts:
+                active[uid] = ts
+            weight = weights.get(type_, 0.0)
             if weight > 0:
-                item = ev.item_id
-                inc = trending_increment(weight, ev.ts, batch_ts, half_life_ms)
+                # trending_increment(), inlined: the same expression
+                inc = weight * pow_(2.0, (ts - batch_ts) / half_life_ms)
                 key = ("", item)
                 trending[key] = trending.get(key, 0.0) + inc
                 cat = category(item)
@@ -304,9 +315,8 @@ class BatchProcessor:
                     trending[key] = trending.get(key, 0.0) + inc
                 items = session_items.get(uid)
                 if items is None:
-                    items = session_items[uid] = self._session_items(user, sid, start)
+                    items = session_items[uid] = self._session_items(users[uid], sid, start)
                 # pair the event's item with the session's recent items (both directions)
-                ts = ev.ts
                 for other, other_ts in items[-_COVIS_LOOKBACK:]:
                     if other == item or ts - other_ts > _COVIS_WINDOW_MS:
                         continue
