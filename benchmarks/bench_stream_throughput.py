@@ -185,6 +185,7 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
                            f"liftrec x{concurrency}{'' if refreshers else ' state only'}",
                            sample=lambda: backlog.append(waiting()))
         t_last = time.perf_counter()
+        lists_during = int(r.hget(keys.metrics(), "lists") or 0) - lists0
         while refreshers and waiting() and time.perf_counter() - t_last < 120:
             time.sleep(0.02)
         drain = time.perf_counter() - t_last
@@ -205,6 +206,10 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
             "list_backlog_max": max(backlog, default=0),
             "list_backlog_mean": statistics.fmean(backlog) if backlog else 0.0,
             "list_drain_after_last_event_s": drain,
+            # Little's law: users waiting for a list (mean) / lists written per second while events
+            # flowed = the mean time a user waited for their list (the drain time is only the tail)
+            "list_wait_mean_s": (statistics.fmean(backlog) / (lists_during / (t_last - t0))
+                                 if backlog and lists_during else float("nan")),
             "events_per_batch": total / max(1, batches),
         }
     finally:
