@@ -347,11 +347,16 @@ class BatchProcessor:
                     old = snap.users[uid]
                     prev = self._sums.get(uid) if cache.get(uid) is old else None
                     new = w.history[uid]
+                    sums = None
                     if prev is not None and prev[0] == model.version and len(new) < cap:
                         sums = dict(prev[1])
-                        model.update_sums(sums, new, 1)
-                        model.update_sums(sums, old.history[cap - len(new):], -1)
-                    else:
+                        try:
+                            model.update_sums(sums, new, 1)
+                            model.update_sums(sums, old.history[cap - len(new):], -1)
+                        except ValueError:  # cannot happen while the cache is consistent; never fail a batch on it
+                            log.warning("fold-in sums of user %s did not match the history; summing again", uid)
+                            sums = None
+                    if sums is None:
                         sums = model.confidence_sums(merged[uid])
                     new_sums[uid] = sums
                     rows.append(model.rows_from_sums(sums))
