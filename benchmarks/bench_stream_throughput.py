@@ -40,6 +40,8 @@ the no-op Faust floor, and two workers >= 1.7x one.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
 import shlex
 import signal
@@ -80,18 +82,29 @@ def _env(s: Settings, registry: Path | None) -> dict[str, str]:
     return env
 
 
+#: pids of the embedded stack's servers ("redis", "broker"), whose CPU is counted beside the workers'.
+_SERVERS: dict[str, int] = {}
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_by_role(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by the process tree, by role."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) used so far by the process tree, by role, and by Redis and the broker."""
     out: dict[str, float] = {"worker": 0.0, "refresher": 0.0}
     for p in process_tree(pid):
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu = _proc_cpu_s(p)
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
         role = "refresher" if b"--role refresher" in cmd else "worker"
-        out[role] += (int(fields[11]) + int(fields[12])) / tick
+        out[role] += cpu
+    for role, p in _SERVERS.items():
+        with contextlib.suppress(OSError):
+            out[role] = _proc_cpu_s(p)
     return out
 
 
@@ -123,7 +136,9 @@ def _timed(read: callable, total: int, proc: subprocess.Popen[bytes], desc: str,
             time.sleep(0.02)
     elapsed = time.perf_counter() - first_t  # type: ignore[operator]
     cpu1 = _cpu_by_role(proc.pid)
-    return (total - first_n) / elapsed, {r: cpu1[r] - cpu0.get(r, 0.0) for r in cpu1}  # type: ignore[possibly-undefined]
+    cpu = {r: cpu1[r] - cpu0.get(r, 0.0) for r in cpu1}
+    cpu["elapsed_s"] = elapsed
+    return (total - first_n) / elapsed, cpu  # type: ignore[possibly-undefined]
 
 
 async def _preload_catalog(s: Settings, items: list[CatalogItem]) -> None:
@@ -170,6 +185,7 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
                            f"liftrec x{concurrency}{'' if refreshers else ' state only'}",
                            sample=lambda: backlog.append(waiting()))
         t_last = time.perf_counter()
+        lists_during = int(r.hget(keys.metrics(), "lists") or 0) - lists0
         while refreshers and waiting() and time.perf_counter() - t_last < 120:
             time.sleep(0.02)
         drain = time.perf_counter() - t_last
@@ -180,12 +196,20 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
             "events_per_s": rate,
             "worker_cpu_us_per_event": cpu["worker"] / events * 1e6,
             "refresher_cpu_us_per_event": cpu["refresher"] / events * 1e6,
+            "redis_cpu_us_per_event": cpu.get("redis", float("nan")) / events * 1e6,
+            "broker_cpu_us_per_event": cpu.get("broker", float("nan")) / events * 1e6,
+            # cores busy with this run (workers, refresher, Redis, broker): near 2 = the two cores are the limit
+            "cores_used": sum(cpu.get(r, 0.0) for r in ("worker", "refresher", "redis", "broker")) / cpu["elapsed_s"],
             "lists_written": lists,
             "lists_per_s": lists / (time.perf_counter() - t0),
             "refresher_cpu_ms_per_list": cpu["refresher"] / max(1, lists) * 1e3,
             "list_backlog_max": max(backlog, default=0),
             "list_backlog_mean": statistics.fmean(backlog) if backlog else 0.0,
             "list_drain_after_last_event_s": drain,
+            # Little's law: users waiting for a list (mean) / lists written per second while events
+            # flowed = the mean time a user waited for their list (the drain time is only the tail)
+            "list_wait_mean_s": (statistics.fmean(backlog) / (lists_during / (t_last - t0))
+                                 if backlog and lists_during else float("nan")),
             "events_per_batch": total / max(1, batches),
         }
     finally:
@@ -204,7 +228,8 @@ def run_noop(s: Settings, total: int, processes: int = 1, fast: bool = False) ->
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(processes)]
     try:
         rate, cpu = _timed(lambda: int(r.get(counter) or 0), total, procs[0], f"no-op faust{' fast' if fast else ''} x{processes}")
-        return {"events_per_s": rate, "cpu_us_per_event_first_process": cpu["worker"] / total * 1e6}
+        return {"events_per_s": rate, "cpu_us_per_event_first_process": cpu["worker"] / total * 1e6,
+                "broker_cpu_us_per_event": cpu.get("broker", float("nan")) / total * 1e6}
     finally:
         for p in procs:
             p.terminate()
@@ -236,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--factors", type=int, default=64)
     parser.add_argument("--one-worker-only", action="store_true",
                         help="skip the two-process runs (quicker; no scaling numbers)")
+    parser.add_argument("--state-only", action="store_true",
+                        help="skip the runs with list refreshers (the state path and the floors only)")
     args = parser.parse_args(argv)
     items = args.items or (20_000 if args.quick else 100_000)
     users = args.users or (1500 if args.quick else 5000)
@@ -257,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  registry=registry, als=AlsParams(factors=args.factors, iterations=5),
                                  content="off", ranker=False, refit=False), show_progress=True)
         train_s = time.perf_counter() - t0
-        with EmbeddedStack(Settings(state_dir=tmp / "stack", kafka_bootstrap=None, redis_url=None)) as ep:
+        stack = EmbeddedStack(Settings(state_dir=tmp / "stack", kafka_bootstrap=None, redis_url=None))
+        with stack as ep:
+            _SERVERS.update({"redis": stack.procs["redis"].pid, "broker": stack.procs["tansu"].pid})
             s = Settings(kafka_bootstrap=ep.kafka_bootstrap, redis_url=ep.redis_url, state_dir=tmp / "state",
                          events_topic="bench.events", dlq_topic="bench.dlq", catalog_topic="bench.catalog")
             asyncio.run(ensure_topics(ep.kafka_bootstrap, topic_specs(s)))
@@ -270,12 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             bare = asyncio.run(run_bare(s, total))
             noop = run_noop(s, total)
             noop_uv = run_noop(s, total, fast=True)
-            nan = {"events_per_s": float("nan")}
+            nan: dict[str, float] = collections.defaultdict(lambda: float("nan"))
             noop2 = run_noop(s, total, processes=2) if not args.one_worker_only else nan
             noop2_uv = run_noop(s, total, processes=2, fast=True) if not args.one_worker_only else nan
             catalog = list(shop.catalog_items())
-            one = run_liftrec(s, registry, total, 1, tmp, catalog)
-            two = run_liftrec(s, registry, total, 2, tmp, catalog) if not args.one_worker_only else nan
+            one = run_liftrec(s, registry, total, 1, tmp, catalog) if not args.state_only else nan
+            two = run_liftrec(s, registry, total, 2, tmp, catalog) if not (args.one_worker_only or args.state_only) else nan
             one_state = run_liftrec(s, registry, total, 1, tmp, catalog, refreshers=0)
             two_state = (run_liftrec(s, registry, total, 2, tmp, catalog, refreshers=0)
                          if not args.one_worker_only else nan)
@@ -287,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "noop_faust_cpu_us_per_event": noop["cpu_us_per_event_first_process"],
         "noop_faust_fast_events_per_s": u1, "noop_faust_fast_2_processes_events_per_s": u2,
         "noop_faust_fast_cpu_us_per_event": noop_uv["cpu_us_per_event_first_process"],
+        "noop_faust_broker_cpu_us_per_event": noop["broker_cpu_us_per_event"],
+        "noop_faust_fast_broker_cpu_us_per_event": noop_uv["broker_cpu_us_per_event"],
         "liftrec_1_worker_events_per_s": r1, "liftrec_2_workers_events_per_s": r2,
         "liftrec_1_worker": one, "liftrec_2_workers": two,
         # the issue's end-to-end path (broker -> history + vector + offsets in Redis) without list
@@ -314,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"(x{two_state['events_per_s'] / one_state['events_per_s']:.2f}); "
                f"bare aiokafka {bare:,.0f} ev/s; {total:,} events")
     write_result(NAME, results, summary=summary, out_dir=args.out_dir,
-                 params={"quick": args.quick, "items": items, "users": users, "days": days})
+                 params={"quick": args.quick, "items": items, "users": users, "days": days,
+                         "state_only": args.state_only, "one_worker_only": args.one_worker_only})
     print(summary)
     return 0
 

@@ -132,6 +132,9 @@ def _reason_from(err: ValidationError, expected_fields: dict[str, str]) -> Inval
     return InvalidEvent("wrong_type", f"field '{loc}' must be {want}, got {first.get('input')!r}")
 
 
+#: pydantic-core's validator of :class:`Event` (``Event.model_validate`` minus its Python wrapper).
+_validate_event = Event.__pydantic_validator__.validate_python
+
 _EVENT_FIELDS = {
     "event_id": "a string",
     "ts": "an integer (epoch milliseconds)",
@@ -206,22 +209,36 @@ class EventValidator:
         if not isinstance(obj, dict):
             raise InvalidEvent("not_an_object", f"an event must be a JSON object, got {type(obj).__name__}")
         try:
-            ev = Event.model_validate(obj)
+            ev = _validate_event(obj)
         except ValidationError as err:
             raise _reason_from(err, _EVENT_FIELDS) from None
+        # the common case (short ids without surrounding blanks, a plausible ts, no price) costs a few
+        # comparisons per field; anything else goes through the checks that name the problem
         limit = self.max_id_len
-        for name, value, optional in (("event_id", ev.event_id, False), ("user_id", ev.user_id, False),
-                                      ("item_id", ev.item_id, False), ("session_id", ev.session_id, True),
-                                      ("rec_id", ev.rec_id, True)):
-            # the common case (a short id without surrounding blanks) costs two comparisons
-            if value is not None and not (0 < len(value) <= limit and not value[0].isspace()):
-                self._check_id(name, value, optional=optional)
-        self._check_ts(ev.ts, now)
-        if ev.price is not None and not (ev.price >= 0 and ev.price < float("inf")):
-            raise InvalidEvent("bad_value", f"price must be a finite number >= 0, got {ev.price!r}")
+        value = ev.event_id
+        if not (0 < len(value) <= limit and not value[0].isspace()):
+            self._check_id("event_id", value, optional=False)
+        value = ev.user_id
+        if not (0 < len(value) <= limit and not value[0].isspace()):
+            self._check_id("user_id", value, optional=False)
+        value = ev.item_id
+        if not (0 < len(value) <= limit and not value[0].isspace()):
+            self._check_id("item_id", value, optional=False)
+        value = ev.session_id
+        if value is not None and not (0 < len(value) <= limit and not value[0].isspace()):
+            self._check_id("session_id", value, optional=True)
+        value = ev.rec_id
+        if value is not None and not (0 < len(value) <= limit and not value[0].isspace()):
+            self._check_id("rec_id", value, optional=True)
+        ts = ev.ts
+        if ts < _MIN_TS_MS or now is None or ts > now + self.max_future_ms:
+            self._check_ts(ts, now)
+        price = ev.price
+        if price is not None and not (price >= 0 and price < float("inf")):
+            raise InvalidEvent("bad_value", f"price must be a finite number >= 0, got {price!r}")
         if ev.quantity is not None and ev.quantity < 1:
             raise InvalidEvent("bad_value", f"quantity must be >= 1, got {ev.quantity!r}")
-        if ev.type == "purchase" and ev.price is None:
+        if price is None and ev.type == "purchase":
             raise InvalidEvent("missing_price", "a purchase must carry 'price' (and optionally 'quantity')")
         return ev
 
@@ -246,7 +263,7 @@ class EventValidator:
 
     # -- helpers ------------------------------------------------------------
     def _parse(self, raw: bytes | bytearray | memoryview | str) -> Any:
-        size = len(raw.encode() if isinstance(raw, str) else raw)
+        size = len(raw.encode()) if isinstance(raw, str) else len(raw)
         if size > self.max_payload_bytes:
             raise InvalidEvent(
                 "payload_too_large", f"payload is {size} bytes; the limit is {self.max_payload_bytes}"

@@ -86,6 +86,58 @@ class FoldInModel:
         items = sorted(i for i, c in acc.items() if c != 0)
         return np.array(items, dtype=np.int64), np.array([acc[i] for i in items], dtype=np.float64)
 
+    def confidence_sums(self, history: Sequence[tuple[str, str, int]]) -> dict[int, tuple[float, int]]:
+        """Known item -> (summed weight, events) of a history, for a model without decay.
+
+        Kept between batches by a stream worker and moved with
+        :meth:`update_sums` as events enter and leave the capped history, so a
+        touched user costs the batch's events instead of the whole history.
+        :meth:`rows_from_sums` turns them into what :meth:`confidences` returns.
+        """
+        sums: dict[int, tuple[float, int]] = {}
+        self.update_sums(sums, history, 1)
+        return sums
+
+    def update_sums(self, sums: dict[int, tuple[float, int]], entries: Sequence[tuple[str, str, int]],
+                    sign: int) -> None:
+        """Add (``sign=1``) or remove (``-1``) history entries from :meth:`confidence_sums`, in place.
+
+        An item whose last event left has no entry (not a sum of zero that a
+        rounding error could leave slightly off it).
+        """
+        if self.half_life_ms is not None:
+            raise ValueError("confidence sums need a model without time decay")
+        get = self.items.get
+        weights = self.weights
+        for item_id, type_, _ts in entries:
+            wt = weights.get(type_, 0.0)
+            if wt <= 0:
+                continue
+            i = get(item_id)
+            if i < 0:
+                continue
+            prev = sums.get(i)
+            if prev is None:
+                if sign < 0:
+                    raise ValueError(f"item {item_id!r} leaves sums that do not hold it")
+                sums[i] = (wt, 1)
+            elif prev[1] + sign == 0:
+                del sums[i]
+            else:
+                sums[i] = (prev[0] + sign * wt, prev[1] + sign)
+
+    @staticmethod
+    def rows_from_sums(sums: Mapping[int, tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`confidences`' result from :meth:`confidence_sums` (items ascending, zero sums dropped)."""
+        items = sorted(i for i, (c, _n) in sums.items() if c != 0)
+        return np.array(items, dtype=np.int64), np.array([sums[i][0] for i in items], dtype=np.float64)
+
+    def fold_in_rows(self, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`fold_in_histories` from ready (items, confidences) rows."""
+        has = np.array([r[0].size > 0 for r in rows], dtype=bool)
+        vectors = fold_in_batch(self.item_factors, self.YtY, rows, self.regularization, alpha=self.alpha)
+        return vectors, has
+
     def fold_in_histories(
         self, histories: Sequence[Sequence[tuple[str, str, int]]], now_ms: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +150,4 @@ class FoldInModel:
             False for histories with no item the model knows (their vector is
             zeros and should not be stored).
         """
-        rows = [self.confidences(h, now_ms) for h in histories]
-        has = np.array([r[0].size > 0 for r in rows], dtype=bool)
-        vectors = fold_in_batch(self.item_factors, self.YtY, rows, self.regularization, alpha=self.alpha)
-        return vectors, has
+        return self.fold_in_rows([self.confidences(h, now_ms) for h in histories])

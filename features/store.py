@@ -48,7 +48,11 @@ _REF_GRID_HALF_LIVES = 32.0
 
 # One call reads everything a batch needs (a Lua script is one command, so the
 # client's per-command overhead is paid once, not a few thousand times).
-# ARGV[1] = orjson {"offsets": key, "cap": n, "seen": [keys], "users": [[hist, sess, bought, shown]]}
+# ARGV[1] = orjson {"offsets": key, "cap": n, "seen": [keys], "users": [[hist, sess, bought, shown]],
+#                   "check": [[hist, sess, id, start, last, n]]}
+# ``bought``/``shown`` may be "" (not needed: a worker whose lists are made elsewhere).
+# ``check`` users are cached by the caller with that session fingerprint: when the stored
+# session still equals it the reply is an empty array, otherwise the history and session.
 _SNAPSHOT_LUA = """
 local a = cjson.decode(ARGV[1])
 local out = {redis.call('HGETALL', a['offsets'])}
@@ -59,13 +63,24 @@ for first = 1, #keys, 1000 do
   for j = 1, #got do seen[first + j - 1] = got[j] and 1 or 0 end
 end
 out[2] = seen
-for i, u in ipairs(a['users']) do
-  out[2 + i] = {
+local n = 2
+for _, u in ipairs(a['users']) do
+  n = n + 1
+  out[n] = {
     redis.call('LRANGE', u[1], 0, a['cap'] - 1),
     redis.call('HMGET', u[2], 'id', 'start', 'last', 'n'),
-    redis.call('HGETALL', u[3]),
-    redis.call('HGETALL', u[4]),
+    u[3] ~= '' and redis.call('HGETALL', u[3]) or {},
+    u[4] ~= '' and redis.call('HGETALL', u[4]) or {},
   }
+end
+for _, u in ipairs(a['check']) do
+  n = n + 1
+  local s = redis.call('HMGET', u[2], 'id', 'start', 'last', 'n')
+  if s[1] == u[3] and s[2] == u[4] and s[3] == u[5] and s[4] == u[6] then
+    out[n] = {}
+  else
+    out[n] = {redis.call('LRANGE', u[1], 0, a['cap'] - 1), s}
+  end
 end
 return out
 """
@@ -245,6 +260,27 @@ class Snapshot:
     offsets: dict[int, int]
     seen: frozenset[str]
     users: dict[str, UserSnapshot]
+    reread: list[str] = dataclasses.field(default_factory=list)
+    """Cached users whose stored session no longer matched the cache (read from Redis again)."""
+
+
+def _fingerprint(user: UserSnapshot) -> list[str]:
+    """The session fields as Redis stores them (``HSET`` of the commit script)."""
+    return [user.session_id or "", str(user.session_start), str(user.session_last), str(user.session_n)]
+
+
+def _user_snapshot(hist_raw: Sequence[bytes], sess: Sequence[bytes | None], bought: Sequence[bytes],
+                   shown: Sequence[bytes]) -> UserSnapshot:
+    return UserSnapshot(
+        # one parse per user: "[" + entries + "]" (each entry is an orjson array)
+        history=[tuple(e) for e in orjson.loads(b"[" + b",".join(hist_raw) + b"]")],  # type: ignore[misc]
+        session_id=sess[0].decode() if sess[0] else None,
+        session_start=int(sess[1] or 0),
+        session_last=int(sess[2] or 0),
+        session_n=int(sess[3] or 0),
+        bought={bought[i].decode(): int(bought[i + 1]) for i in range(0, len(bought), 2)},
+        shown={shown[i].decode(): int(shown[i + 1]) for i in range(0, len(shown), 2)},
+    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -328,33 +364,54 @@ class UserStateStore:
         raw = await self.client.hgetall(self._offsets_key)
         return {int(k): int(v) for k, v in raw.items()}
 
-    async def snapshot(self, user_ids: Iterable[str], event_ids: Sequence[str]) -> Snapshot:
-        """Read offsets, dedup markers and the users' state in one call."""
+    async def snapshot(self, user_ids: Iterable[str], event_ids: Sequence[str], *,
+                       cached: Mapping[str, UserSnapshot] | None = None,
+                       lists_state: bool = True) -> Snapshot:
+        """Read offsets, dedup markers and the users' state in one call.
+
+        Parameters
+        ----------
+        user_ids, event_ids
+            The batch's users and event ids.
+        cached : mapping of str to UserSnapshot, optional
+            Users the caller holds as they were after its own last commit. For
+            them only the session is read: when it is still the cached one
+            (every applied event changes the session's ``id`` or ``n``), the
+            cached snapshot is returned as is; otherwise history and session
+            are read as for any other user (``Snapshot.reread`` names them).
+        lists_state : bool, optional
+            Also read purchases and impression counts (needed to build a
+            list, not to apply events); without them a user's ``bought`` and
+            ``shown`` are empty.
+        """
         users = list(dict.fromkeys(user_ids))
+        cached = cached or {}
+        check = [u for u in users if u in cached] if not lists_state else []
+        full = [u for u in users if u not in cached] if check else users
         k = self.keys
         payload = orjson.dumps({
             "offsets": self._offsets_key,
             "cap": self.history_cap,
             "seen": [k.seen(e) for e in event_ids],
-            "users": [[k.history(u), k.session(u), k.bought(u), k.shown(u)] for u in users],
+            "users": [[k.history(u), k.session(u), k.bought(u) if lists_state else "",
+                       k.shown(u) if lists_state else ""] for u in full],
+            "check": [[k.history(u), k.session(u), *_fingerprint(cached[u])] for u in check],
         })
         res = await self._snapshot(args=[payload])
         flat = res[0]
         offsets = {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
         seen = frozenset(eid for eid, hit in zip(event_ids, res[1], strict=True) if hit)
         out: dict[str, UserSnapshot] = {}
-        for uid, (hist_raw, sess, bought, shown) in zip(users, res[2:], strict=True):
-            out[uid] = UserSnapshot(
-                # one parse per user: "[" + entries + "]" (each entry is an orjson array)
-                history=[tuple(e) for e in orjson.loads(b"[" + b",".join(hist_raw) + b"]")],  # type: ignore[misc]
-                session_id=sess[0].decode() if sess[0] else None,
-                session_start=int(sess[1] or 0),
-                session_last=int(sess[2] or 0),
-                session_n=int(sess[3] or 0),
-                bought={bought[i].decode(): int(bought[i + 1]) for i in range(0, len(bought), 2)},
-                shown={shown[i].decode(): int(shown[i + 1]) for i in range(0, len(shown), 2)},
-            )
-        return Snapshot(offsets=offsets, seen=seen, users=out)
+        for uid, (hist_raw, sess, bought, shown) in zip(full, res[2:2 + len(full)], strict=True):
+            out[uid] = _user_snapshot(hist_raw, sess, bought, shown)
+        reread: list[str] = []
+        for uid, got in zip(check, res[2 + len(full):], strict=True):
+            if got:
+                out[uid] = _user_snapshot(got[0], got[1], (), ())
+                reread.append(uid)
+            else:
+                out[uid] = cached[uid]
+        return Snapshot(offsets=offsets, seen=seen, users=out, reread=reread)
 
     async def commit(self, w: BatchWrite) -> bool:
         """Write one batch's effects and its offsets atomically (one Lua call).

@@ -25,7 +25,9 @@ driven from tests, benchmarks and replays as well. Per batch it
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -35,7 +37,7 @@ from features.errors import InvalidEvent
 from features.events import Event, EventValidator, now_ms
 from features.online import FoldInModel
 from features.settings import Settings
-from features.store import BatchWrite, UserStateStore, trending_increment
+from features.store import BatchWrite, UserSnapshot, UserStateStore
 from serving.recommender import Recommender, RecRequest
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
@@ -49,6 +51,9 @@ _ENGAGED = frozenset({"click", "add_to_cart", "purchase"})
 #: Session items an event is paired with, and the largest gap between them.
 _COVIS_LOOKBACK = 5
 _COVIS_WINDOW_MS = 3_600_000
+#: Users whose state a worker without lists keeps between batches (the oldest touched leave first);
+#: about 9 kB each with a full history (RSS +43 MB for 5,000 users), so at most ~180 MB.
+CACHE_USERS = 20_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,6 +147,13 @@ class BatchProcessor:
         self.weights = settings.event_weights
         self.gap_ms = settings.session_gap_s * 1000
         self.half_life_ms = settings.trending_half_life_s * 1000.0
+        # A worker without lists keeps each touched user's history and session as its last
+        # commit wrote them, and the user's fold-in sums; the snapshot then reads only the
+        # session of a cached user to check nobody else changed it (see UserStateStore.snapshot).
+        self._cache: dict[str, UserSnapshot] = {}
+        self._sums: dict[str, tuple[str, dict[int, tuple[float, int]]]] = {}
+        self.cache_users = 0 if track_pending else CACHE_USERS
+        self.cache_stats = {"hits": 0, "misses": 0, "reread": 0}
 
     @staticmethod
     def _session_items(user: object, sid: str | None, start: int) -> list[tuple[str, int]]:
@@ -170,6 +182,26 @@ class BatchProcessor:
         await self.store.write_lists({uid: (rl.encode(), [i.item_id for i in rl.items])
                                       for uid, rl in zip(pending, lists, strict=True)})
         return len(lists)
+
+    def _remember(self, merged: dict[str, list[tuple[str, str, int]]],
+                  sessions: dict[str, tuple[str, int, int, int]],
+                  sums: dict[str, dict[int, tuple[float, int]]], version: str) -> None:
+        """Keep the committed users' history, session and fold-in sums for their next batch."""
+        cache, kept = self._cache, self._sums
+        for uid, hist in merged.items():
+            sid, start, last, n = sessions[uid]
+            cache.pop(uid, None)  # re-inserted at the end: the dict's order is the eviction order
+            cache[uid] = UserSnapshot(history=hist, session_id=sid, session_start=start, session_last=last,
+                                      session_n=n, bought={})
+            if uid in sums:
+                kept[uid] = (version, sums[uid])
+            else:
+                kept.pop(uid, None)
+        over = len(cache) - self.cache_users
+        if over > 0:
+            for uid in list(itertools.islice(cache, over)):
+                del cache[uid]
+                kept.pop(uid, None)
 
     def decode(self, records: Sequence[Record], *, now: int | None = None) -> Decoded:
         """Validate a batch's records (pure CPU, no Redis): the valid events and the dead letters.
@@ -201,61 +233,81 @@ class BatchProcessor:
         now = now_ms()
         valid, invalid = decoded if decoded is not None else self.decode(records, now=now)
 
-        snap = await self.store.snapshot((ev.user_id for _, ev in valid), [ev.event_id for _, ev in valid])
+        lists_state = self.track_pending or refresh
+        use_cache = self.cache_users > 0 and not lists_state
+        cache = self._cache if use_cache else None
+        snap = await self.store.snapshot((ev.user_id for _, ev in valid), [ev.event_id for _, ev in valid],
+                                         cached=cache, lists_state=lists_state)
+        if cache is not None:
+            st = self.cache_stats
+            hits = sum(1 for u in snap.users if u in cache) - len(snap.reread)
+            st["hits"] += hits
+            st["misses"] += len(snap.users) - hits
+            st["reread"] += len(snap.reread)
         stored = snap.offsets
 
-        def fresh(rec: Record) -> bool:
-            return rec.offset > stored.get(rec.partition, -1)
+        stored_get = stored.get
 
-        replayed = sum(1 for r in records if not fresh(r))
+        def fresh(rec: Record) -> bool:
+            return rec.offset > stored_get(rec.partition, -1)
+
+        replayed = sum(1 for r in records if r.offset <= stored_get(r.partition, -1))
         invalid = [d for d in invalid if fresh(d.record)]
         if invalid:
             await self.dead_letter(invalid)
 
         w = BatchWrite(batch_ts=max((ev.ts for _, ev in valid), default=now))
         seen_now: set[str] = set()
+        seen_before = snap.seen
         duplicates = 0
         sessions: dict[str, tuple[str, int, int, int]] = {}
         session_items: dict[str, list[tuple[str, int]]] = {}
         applied = 0
-        weights, half_life_ms, batch_ts = self.weights, self.half_life_ms, w.batch_ts
-        trending, covis, category = w.trending, w.covis, self.catalog.category
+        weights, half_life_ms, batch_ts, gap_ms = self.weights, self.half_life_ms, w.batch_ts, self.gap_ms
+        trending, covis, category, users = w.trending, w.covis, self.catalog.category, snap.users
+        history, active, pow_ = w.history, w.active, math.pow
         for rec, ev in valid:
-            if not fresh(rec):
+            if rec.offset <= stored_get(rec.partition, -1):
                 continue
-            if ev.event_id in snap.seen or ev.event_id in seen_now:
+            eid = ev.event_id
+            if eid in seen_before or eid in seen_now:
                 duplicates += 1
                 continue
-            seen_now.add(ev.event_id)
+            seen_now.add(eid)
             applied += 1
-            uid = ev.user_id
-            user = snap.users[uid]
-            w.history.setdefault(uid, []).append((ev.item_id, ev.type, ev.ts))
-            sid, start, last, n = sessions.get(uid) or (
-                user.session_id, user.session_start, user.session_last, user.session_n
-            )
+            uid, item, type_, ts = ev.user_id, ev.item_id, ev.type, ev.ts
+            hist = history.get(uid)
+            if hist is None:
+                hist = history[uid] = []
+            hist.append((item, type_, ts))
+            sess = sessions.get(uid)
+            if sess is None:
+                user = users[uid]
+                sid, start, last, n = user.session_id, user.session_start, user.session_last, user.session_n
+            else:
+                sid, start, last, n = sess
             if ev.session_id:
                 if ev.session_id != sid:
-                    sid, start, n = ev.session_id, ev.ts, 0
+                    sid, start, n = ev.session_id, ts, 0
                     session_items[uid] = []
-            elif sid is None or ev.ts - last > self.gap_ms:
-                sid, start, n = f"{uid}:{ev.ts}", ev.ts, 0
+            elif sid is None or ts - last > gap_ms:
+                sid, start, n = f"{uid}:{ts}", ts, 0
                 session_items[uid] = []
-            sessions[uid] = (sid, start, max(last, ev.ts), n + 1)  # type: ignore[assignment]
-            if ev.type == "purchase":
-                w.bought.setdefault(uid, {})[ev.item_id] = ev.ts
-            if ev.type == "impression":
+            sessions[uid] = (sid, start, last if last > ts else ts, n + 1)  # type: ignore[assignment]
+            if type_ == "purchase":
+                w.bought.setdefault(uid, {})[item] = ts
+            if type_ == "impression":
                 incr = w.shown_incr.setdefault(uid, {})
-                incr[ev.item_id] = incr.get(ev.item_id, 0) + 1
-            elif ev.type in _ENGAGED:
-                w.shown_reset.setdefault(uid, set()).add(ev.item_id)
-                w.shown_incr.get(uid, {}).pop(ev.item_id, None)
-            if w.active.get(uid, 0) < ev.ts:
-                w.active[uid] = ev.ts
-            weight = weights.get(ev.type, 0.0)
+                incr[item] = incr.get(item, 0) + 1
+            elif type_ in _ENGAGED:
+                w.shown_reset.setdefault(uid, set()).add(item)
+                w.shown_incr.get(uid, {}).pop(item, None)
+            if active.get(uid, 0) < ts:
+                active[uid] = ts
+            weight = weights.get(type_, 0.0)
             if weight > 0:
-                item = ev.item_id
-                inc = trending_increment(weight, ev.ts, batch_ts, half_life_ms)
+                # trending_increment(), inlined: the same expression
+                inc = weight * pow_(2.0, (ts - batch_ts) / half_life_ms)
                 key = ("", item)
                 trending[key] = trending.get(key, 0.0) + inc
                 cat = category(item)
@@ -264,9 +316,8 @@ class BatchProcessor:
                     trending[key] = trending.get(key, 0.0) + inc
                 items = session_items.get(uid)
                 if items is None:
-                    items = session_items[uid] = self._session_items(user, sid, start)
+                    items = session_items[uid] = self._session_items(users[uid], sid, start)
                 # pair the event's item with the session's recent items (both directions)
-                ts = ev.ts
                 for other, other_ts in items[-_COVIS_LOOKBACK:]:
                     if other == item or ts - other_ts > _COVIS_WINDOW_MS:
                         continue
@@ -279,14 +330,39 @@ class BatchProcessor:
         w.sessions = sessions  # type: ignore[assignment]
         w.seen = list(seen_now)
 
+        cap = self.settings.history_cap
         merged: dict[str, list[tuple[str, str, int]]] = {}
         for uid, new in w.history.items():
-            merged[uid] = (list(reversed(new)) + snap.users[uid].history)[: self.settings.history_cap]
+            merged[uid] = (list(reversed(new)) + snap.users[uid].history)[:cap]
         model = self.fold_in_model()
         vectors: dict[str, object] = {}
+        new_sums: dict[str, dict[int, tuple[float, int]]] = {}
         if model is not None and merged:
             uids = list(merged)
-            folded, has = model.fold_in_histories([merged[u] for u in uids], w.batch_ts)
+            if cache is not None and model.half_life_ms is None:
+                # the cached users' sums move by the batch's events and those that left the cap;
+                # the others' are summed over their whole history
+                rows = []
+                for uid in uids:
+                    old = snap.users[uid]
+                    prev = self._sums.get(uid) if cache.get(uid) is old else None
+                    new = w.history[uid]
+                    sums = None
+                    if prev is not None and prev[0] == model.version and len(new) < cap:
+                        sums = dict(prev[1])
+                        try:
+                            model.update_sums(sums, new, 1)
+                            model.update_sums(sums, old.history[cap - len(new):], -1)
+                        except ValueError:  # cannot happen while the cache is consistent; never fail a batch on it
+                            log.warning("fold-in sums of user %s did not match the history; summing again", uid)
+                            sums = None
+                    if sums is None:
+                        sums = model.confidence_sums(merged[uid])
+                    new_sums[uid] = sums
+                    rows.append(model.rows_from_sums(sums))
+                folded, has = model.fold_in_rows(rows)
+            else:
+                folded, has = model.fold_in_histories([merged[u] for u in uids], w.batch_ts)
             w.model_version = model.version
             vectors = {u: folded[i] for i, u in enumerate(uids) if has[i]}
             w.vectors = {u: v.astype("<f4").tobytes() for u, v in vectors.items()}  # type: ignore[attr-defined]
@@ -330,6 +406,8 @@ class BatchProcessor:
             # rebalance overlap): nothing was written; read again, what it applied is skipped
             log.warning("applied offsets moved during the batch (partitions %s); reading again", sorted(w.offsets))
             return await self.process(records, refresh=refresh, decoded=(valid, []))  # letters already sent
+        if cache is not None:
+            self._remember(merged, sessions, new_sums, model.version if model is not None else "")
         # the users' lists are derived state: refreshed after the commit, at most once
         # per refresh for however many batches touched a user meanwhile (see refresh())
         self.pending.update(states)
