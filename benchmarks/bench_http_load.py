@@ -28,7 +28,14 @@ processes, of Redis and of the generator (where the 2 cores go), the API's
 mean batch size (coalesced lists per ``recommend_many`` call) and its
 ``recommend_many`` milliseconds per list (from ``/metrics``; 1 worker only:
 with several, two scrapes may reach different workers), the machine's 1-minute load
-average; and the highest offered rate whose p99 stayed <= 20 ms.
+average; and the highest offered rate whose p99 stayed <= 20 ms. Where the
+time went (``where_ms``, p50/p99): ``generator_late`` (due time until the
+generator's loop took the request up: a generator starved of CPU shows here),
+``no_free_connection`` (all 50 connections busy) and ``server`` (written until
+answered); and, 1 worker, the mean wait of a batch's oldest request in the
+API's read and compute stages (``batch_wait_ms``). ``--api-nice N`` starts the
+API processes with nice +N, so that the generator and Redis run first when
+both cores are busy (as a client on its own machine would); the JSON records it.
 
 ``--precomputed SHARE`` (default 0) gives that share of the users a fresh
 precomputed ``recs`` list before the sweep, made by the same
@@ -38,7 +45,7 @@ would after their events; the API answers their plain requests from it
 lists stay fresh). With 0, every user request computes its list.
 
     python benchmarks/bench_http_load.py [--quick] [--items N] [--workers W] [--rates 100,200,...]
-        [--precomputed 0.8] [--batch-window-ms 1.5] [--batch-max 16] [--profile out.prof]
+        [--precomputed 0.8] [--batch-window-ms 1.5] [--batch-max 16] [--api-nice 5] [--profile out.prof]
 """
 
 from __future__ import annotations
@@ -235,6 +242,7 @@ class _Client(asyncio.Protocol):
 
     def send(self, i: int) -> None:
         self.i = i
+        self.gen.sent[i] = time.perf_counter()
         self.transport.write(self.gen.requests[i % len(self.gen.requests)])  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
@@ -263,6 +271,9 @@ class _OpenLoop:
     def __init__(self, port: int, requests: list[bytes], rate: float, n: int) -> None:
         self.port, self.requests, self.rate, self.n = port, requests, rate, n
         self.lat = np.full(n, np.nan)
+        self.seen = np.full(n, np.nan)   # when the generator's loop took request i up (perf_counter)
+        self.sent = np.full(n, np.nan)   # when it was written to a connection
+        self.done = np.full(n, np.nan)   # when its answer was complete
         self.errors = 0
         self.t0 = 0.0
         self.waiting: collections.deque[int] = collections.deque()
@@ -283,7 +294,8 @@ class _OpenLoop:
             self.free.popleft().send(self.waiting.popleft())
 
     def _finish(self, i: int) -> None:
-        self.lat[i] = (time.perf_counter() - (self.t0 + i / self.rate)) * 1000
+        self.done[i] = now = time.perf_counter()
+        self.lat[i] = (now - (self.t0 + i / self.rate)) * 1000
         self.finished += 1
         if self.finished == self.n and self.all_done is not None and not self.all_done.done():
             self.all_done.set_result(None)
@@ -315,6 +327,7 @@ class _OpenLoop:
             now = time.perf_counter()
             while i < n and t0 + i / rate <= now:
                 self.waiting.append(i)
+                self.seen[i] = now
                 i += 1
             self.dispatch()
             if i < n:
@@ -334,7 +347,24 @@ async def run_rate(port: int, requests: list[bytes], rate: float, seconds: float
     done = gen.lat[~np.isnan(gen.lat)]
     return {"offered_rps": rate, "requests": n, "achieved_rps": n / elapsed, "errors": gen.errors,
             "p50_ms": float(np.percentile(done, 50)), "p90_ms": float(np.percentile(done, 90)),
-            "p99_ms": float(np.percentile(done, 99)), "max_ms": float(done.max())}
+            "p99_ms": float(np.percentile(done, 99)), "max_ms": float(done.max()),
+            "where_ms": where_waited(gen)}
+
+
+def where_waited(gen: _OpenLoop) -> dict[str, dict[str, float]]:
+    """p50/p99 of the three parts of each request's latency (ms).
+
+    ``generator_late``: from its due time until the generator's loop took it up (the generator
+    waiting for a CPU or its timer: a starved generator shows here, not as server time);
+    ``no_free_connection``: from then until it was written (all 50 connections busy);
+    ``server``: from the write until the last byte of the answer (the API, Redis, the kernel).
+    """
+    due = gen.t0 + np.arange(gen.n) / gen.rate
+    ok = ~np.isnan(gen.done) & ~np.isnan(gen.sent)
+    parts = {"generator_late": gen.seen - due, "no_free_connection": gen.sent - gen.seen,
+             "server": gen.done - gen.sent}
+    return {name: {"p50": float(np.percentile(v[ok], 50) * 1000), "p99": float(np.percentile(v[ok], 99) * 1000)}
+            for name, v in parts.items()} if ok.any() else {}
 
 
 def encode_requests(user_ids: Sequence[str], n_items: int, *, similar: float, n: int = 5000,
@@ -376,7 +406,11 @@ def batch_stats(base: str) -> tuple[float, ...]:
             value('liftrec_api_gc_pause_seconds_count{generation="2"}'),
             value('liftrec_api_gc_pause_seconds_sum{generation="2"}'),
             value('liftrec_api_gc_pause_seconds_count{generation="1"}') + value('liftrec_api_gc_pause_seconds_count{generation="0"}'),
-            value('liftrec_api_gc_pause_seconds_sum{generation="1"}') + value('liftrec_api_gc_pause_seconds_sum{generation="0"}'))
+            value('liftrec_api_gc_pause_seconds_sum{generation="1"}') + value('liftrec_api_gc_pause_seconds_sum{generation="0"}'),
+            value('liftrec_api_batch_wait_seconds_count{stage="read"}'),
+            value('liftrec_api_batch_wait_seconds_sum{stage="read"}'),
+            value('liftrec_api_batch_wait_seconds_count{stage="compute"}'),
+            value('liftrec_api_batch_wait_seconds_sum{stage="compute"}'))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run the API (1 worker) under cProfile and write the stats here")
     parser.add_argument("--trials", type=int, default=1,
                         help="runs per rate (default 1); the curve reports each and their median p99")
+    parser.add_argument("--api-nice", type=int, default=0,
+                        help="nice increment of the API processes (default 0); >0 lets the generator and Redis "
+                        "run first when the cores are busy, as a client on its own machine would")
     parser.add_argument("--name", default=None, help="result file stem (default: from the configuration)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.precomputed <= 1.0:
@@ -436,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.profile is not None:
                 cmd[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve())]
             log = Path(tmp) / "serve.log"
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+            nice = args.api_nice
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                    preexec_fn=(lambda: os.nice(nice)) if nice else None)
             base = f"http://127.0.0.1:{port}"
             try:
                 curve = sweep(proc, log, base, port, version, user_ids, n_items, rates, seconds, args,
@@ -459,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  params={"quick": args.quick, "items": n_items, "workers": args.workers, "seconds": seconds,
                          "precomputed": args.precomputed, "similar": args.similar,
                          "batch_window_ms": args.batch_window_ms, "batch_max": args.batch_max,
-                         "fastapi_only": args.fastapi_only, "trials": args.trials,
+                         "fastapi_only": args.fastapi_only, "trials": args.trials, "api_nice": args.api_nice,
                          "generator": "asyncio protocol callbacks on uvloop, keep-alive, open-loop",
                          "concurrency": CONCURRENCY, "rates": rates, "goal_p99_ms": GOAL_P99_MS},
                  summary=summary, out_dir=args.out_dir)
@@ -517,14 +556,14 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     """
     pids = tree_pids(pid)
     per0 = [cpu_seconds([p]) for p in pids]
-    calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 7
+    calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 11
     api0, redis0, gen0 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     sys0 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
     res = runner.run(run_rate(port, requests, rate, seconds))
     api1, redis1, gen1 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     per1 = [cpu_seconds([p]) for p in pids]
     sys1 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
-    calls1, lists1, comp1, *gc1 = batch_stats(base) if api_stats else (0.0,) * 7
+    calls1, lists1, comp1, *gc1 = batch_stats(base) if api_stats else (0.0,) * 11
     n = res["requests"]
     res["cpu_ms_per_request"] = {"api": 1000 * (api1 - api0) / n, "redis": 1000 * (redis1 - redis0) / n,
                                  "generator": 1000 * (gen1 - gen0) / n}
@@ -539,12 +578,16 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     res["recommend_ms_per_list"] = 1000 * (comp1 - comp0) / (lists1 - lists0) if lists1 > lists0 else None
     res["gc"] = {"full": gc1[0] - gc0[0], "full_ms": 1000 * (gc1[1] - gc0[1]), "young": gc1[2] - gc0[2],
                  "young_ms": 1000 * (gc1[3] - gc0[3])} if api_stats else None
+    # mean wait of a batch's oldest request before its stage ran it (the API's own queues)
+    res["batch_wait_ms"] = {stage: 1000 * (gc1[5 + 2 * j] - gc0[5 + 2 * j]) / (gc1[4 + 2 * j] - gc0[4 + 2 * j])
+                            for j, stage in enumerate(("read", "compute")) if gc1[4 + 2 * j] > gc0[4 + 2 * j]
+                            } if api_stats else None
     res["load_avg_1m"] = os.getloadavg()[0]
     c = res["cpu_ms_per_request"]
     tqdm.write(f"offered {rate:.0f}/s achieved {res['achieved_rps']:.0f}/s p50 {res['p50_ms']:.1f} "
                f"p99 {res['p99_ms']:.1f} ms errors {res['errors']} cpu/req api {c['api']:.2f} "
                f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms (system {res['system_cpu_ms_per_request']}) batch {res['mean_batch']} gc {res['gc']} "
-               f"load {res['load_avg_1m']:.1f}")
+               f"load {res['load_avg_1m']:.1f} where {res['where_ms']} waits {res['batch_wait_ms']}")
     return res
 
 

@@ -16,6 +16,11 @@ Invariants:
   the moment the running one ends (they have already waited), so under load
   batches grow by themselves and at low load a lone request is not held back
   longer than the window.
+* **No window for what already waited.** A ``hurry`` predicate (optional) is
+  asked when a lone item would start the window; while it answers True the
+  batch starts at once (the API: while its compute stage is busy, or right
+  after a compute batch, the requests that reach the read stage have already
+  waited behind it). :meth:`Coalescer.flush` starts a waiting batch now.
 * **One batch at a time** per coalescer (the work is CPU-bound on one core).
 * **Bounded queue.** Past ``max_pending`` waiting items, :meth:`Coalescer.submit`
   raises :class:`Overloaded` (HTTP 503 with ``Retry-After``) instead of letting
@@ -72,6 +77,9 @@ class Coalescer(Generic[T, R]):
         Most waiting items; beyond, :meth:`submit` raises :class:`Overloaded`.
     on_batch : callable, optional
         ``on_batch(size, oldest_wait_s)`` when a batch starts (metrics).
+    hurry : callable, optional
+        ``hurry() -> bool``, asked when an item would start the window: True starts the
+        batch in the next loop iteration instead (see the module docstring).
 
     Examples
     --------
@@ -84,7 +92,8 @@ class Coalescer(Generic[T, R]):
     def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]], *,
                  window_s: float = DEFAULT_WINDOW_S, max_batch: int = DEFAULT_MAX_BATCH,
                  max_pending: int = DEFAULT_MAX_PENDING,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 hurry: Callable[[], bool] | None = None) -> None:
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0 seconds; got {window_s}")
         if max_batch < 1:
@@ -97,6 +106,7 @@ class Coalescer(Generic[T, R]):
         """Most items per batch; may be lowered or raised between batches (see :meth:`limit`)."""
         self.max_pending = max_pending
         self._on_batch = on_batch
+        self._hurry = hurry
         self._pending: list[tuple[T, asyncio.Future[R], float]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -140,8 +150,22 @@ class Coalescer(Generic[T, R]):
         if len(self._pending) >= self.max_batch:
             self._start()
         elif self._timer is None:
-            self._timer = (loop.call_soon(self._start) if self.window_s == 0
-                           else loop.call_later(self.window_s, self._start))
+            now = self.window_s == 0 or (self._hurry is not None and self._hurry())
+            self._timer = loop.call_soon(self._start) if now else loop.call_later(self.window_s, self._start)
+
+    def flush(self) -> bool:
+        """Start the waiting items' batch now (without the rest of its window).
+
+        Returns
+        -------
+        bool
+            True when a batch was started; False when nothing waits or a batch already runs
+            (the waiting items then form the next batch as soon as it ends).
+        """
+        if self._runner is not None or not self._pending:
+            return False
+        self._start()
+        return True
 
     def _start(self) -> None:
         if self._timer is not None:

@@ -32,6 +32,14 @@ and lives in ``app.state.serving``:
    :class:`~serving.recommender.RecRequest` (k, context item, filters).
    Answered precomputed requests are written out before it starts.
 
+The two stages overlap: requests that wait for their read when a compute
+batch starts have it sent to Redis first (:meth:`~serving.batching.Coalescer.flush`
+and one loop iteration), so Redis answers it while the batch computes; and a
+read starts without its window while the compute stage is busy or has just
+run (the requests reaching the read stage then have already waited behind
+it). Without this, every cycle under load had an idle gap of one window plus
+one Redis round trip between two compute batches.
+
 A ``recommend_many`` call runs on the event loop, so while it runs nothing else
 of this process does: the compute stage therefore also keeps a batch within a
 time budget (``batch_budget_s``, default 8 ms): its cap is the budget divided by
@@ -197,9 +205,10 @@ class ServingRuntime:
         self._per_list_s: float | None = None   # moving average of recommend_many seconds per list
         #: Wall clock of the list stages (epoch ms); one reading per batch, so a batch's lists share it.
         self.clock_ms: Callable[[], int] = _wall_clock_ms
+        self._compute_end = -1e9   # perf_counter when the last compute batch ended
         self.reads: Coalescer[ListJob, dict[str, Any] | UserState] = Coalescer(
             self._read_batch, window_s=batch_window_s, max_batch=batch_max, max_pending=batch_max_pending,
-            on_batch=self.metrics.read_batch)
+            on_batch=self.metrics.read_batch, hurry=self._computing)
         self.computes: Coalescer[tuple[UserState, RecRequest], RecList] = Coalescer(
             self._compute_batch, window_s=0.0, max_batch=batch_max, max_pending=batch_max_pending,
             on_batch=self.metrics.compute_batch)
@@ -325,7 +334,24 @@ class ServingRuntime:
             out.append(rep.decode())
         return out
 
+    def _computing(self) -> bool:
+        """True while the compute stage is busy or has work, or ended less than a read window ago:
+        requests reaching the read stage then have already waited behind a compute batch, so
+        their read starts without the window (see the module docstring)."""
+        c = self.computes
+        return c.busy or c.pending > 0 or time.perf_counter() - self._compute_end < self.reads.window_s
+
     async def _compute_batch(self, items: list[tuple[UserState, RecRequest]]) -> list[RecList | BaseException]:
+        if self.reads.flush():
+            # requests wait for their read: send it to Redis now, so that it is answered while this
+            # batch computes (the loop is blocked meanwhile) instead of after it
+            await asyncio.sleep(0)
+        try:
+            return await self._compute(items)
+        finally:
+            self._compute_end = time.perf_counter()
+
+    async def _compute(self, items: list[tuple[UserState, RecRequest]]) -> list[RecList | BaseException]:
         bundle = self.bundle   # one bundle for the whole batch: every list names one whole model
         trending = await self.trending()
         states = [s for s, _ in items]

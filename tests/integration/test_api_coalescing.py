@@ -25,6 +25,7 @@ from features.settings import Settings
 from liftrec.stack import Endpoints
 from serving.api import create_app
 from serving.recommender import Recommender
+from serving.runtime import ListJob
 from serving.state import UserState
 from tests.integration.test_api_recs import registry, shop  # noqa: F401 - module fixtures
 from training.synthetic import SyntheticShop
@@ -239,3 +240,37 @@ async def test_the_fast_path_answers_item_lists_as_the_fastapi_routes(app_client
     assert fast_count(runtime) == before and r.status_code == 422
     r = await api.post("/v1/items/i000005/similar")
     assert fast_count(runtime) == before and r.status_code == 405
+
+
+async def test_the_next_read_is_in_flight_while_a_batch_computes(app_client: tuple[httpx.AsyncClient, Any]
+                                                                 ) -> None:
+    """Requests waiting for their read when a compute batch starts have it sent to Redis first."""
+    _, runtime = app_client
+    runtime.reads.window_s = 0.5    # a lone read would wait 500 ms for companions without the overlap
+    runtime._compute_end = -1e9      # noqa: SLF001 - no compute batch just ran
+    order: list[tuple[str, str]] = []
+    real_compute, real_read = runtime.recommender.recommend_many, runtime.reads._run   # noqa: SLF001
+
+    def compute(states: Sequence[UserState], *args: Any, **kwargs: Any) -> Any:
+        order.append(("compute", states[0].user_id))
+        return real_compute(states, *args, **kwargs)
+
+    async def read(jobs: list[Any]) -> Any:
+        order.append(("read", jobs[0].user_id))
+        return await real_read(jobs)
+
+    runtime.recommender.recommend_many = compute
+    runtime.reads._run = read   # noqa: SLF001
+    bob = asyncio.create_task(runtime.user_list(ListJob(user_id="bob", request=runtime.plain_request(5),
+                                                        plain=True)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert runtime.reads.pending == 1 and not runtime.reads.busy   # waiting for companions
+    alice = await runtime.reader.read("alice")
+    t0 = time.perf_counter()
+    got = await asyncio.wait_for(runtime.computes.submit((alice, runtime.plain_request(4))), timeout=10)
+    assert len(got.items) == 4 and got.user_id == "alice"
+    assert len((await asyncio.wait_for(bob, timeout=10)).items) == 5
+    # bob's read went to Redis before alice's batch computed, not after its 500 ms window
+    assert order == [("read", "bob"), ("compute", "alice"), ("compute", "bob")], order
+    assert time.perf_counter() - t0 < 0.5

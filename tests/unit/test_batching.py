@@ -120,6 +120,39 @@ async def test_requests_queued_during_a_batch_run_right_after_it() -> None:
     assert [t.result() for t in first] == [1, 4] and run.batches == [[1, 2], [3]]
 
 
+async def test_hurry_skips_the_window_only_while_it_says_so() -> None:
+    run = Recorder()
+    hurry = [True]
+    c = Coalescer(run, window_s=1000.0, max_batch=8, hurry=lambda: hurry[0])
+    assert await asyncio.wait_for(c.submit(3), timeout=5) == 9   # would wait 1000 s without hurry
+    hurry[0] = False
+    lone = asyncio.create_task(c.submit(4))
+    await spin()
+    assert not lone.done() and c.pending == 1 and run.batches == [[3]]
+    await c.close()
+    with pytest.raises(Overloaded):
+        await lone
+
+
+async def test_flush_starts_the_waiting_batch_now() -> None:
+    gate = asyncio.Event()
+    run = Recorder(gate=gate)
+    c = Coalescer(run, window_s=1000.0, max_batch=8)
+    assert not c.flush()                      # nothing waits
+    first = [asyncio.create_task(c.submit(i)) for i in (1, 2)]
+    await spin()
+    assert c.pending == 2 and not c.busy
+    assert c.flush()
+    await spin()
+    assert c.busy and run.batches == [[1, 2]]
+    late = asyncio.create_task(c.submit(5))
+    await spin()
+    assert not c.flush()                      # a batch runs: the late item forms the next one after it
+    gate.set()
+    assert await asyncio.wait_for(late, timeout=5) == 25
+    assert [t.result() for t in first] == [1, 4] and run.batches == [[1, 2], [5]]
+
+
 async def test_the_queue_is_bounded() -> None:
     gate = asyncio.Event()
     c = Coalescer(Recorder(gate=gate), window_s=0.0, max_batch=2, max_pending=3)
