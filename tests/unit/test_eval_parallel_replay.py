@@ -58,7 +58,7 @@ def test_full_pipeline_lists_equal_the_single_process_replay(shop: tuple[ReplayP
     assert plan.n_queries > 300 and len(one.batch_seconds) > 20
     assert (one.lists["R"] >= 0).all() and (one.ranks["R"] > 0).any() and (one.ranks["X"] > 0).any()
     _assert_same(one, three)
-    assert three.cpu_seconds > 0 and len(three.batch_seconds) == len(one.batch_seconds)
+    assert three.cpu_seconds > 0 and len(three.job_cpu_seconds) == 3 and len(three.batch_seconds) == len(one.batch_seconds)
     # the caller's method applied every event in both cases (its live state is the sequential one's)
     assert np.array_equal(m1.model.trend.score, m3.model.trend.score)
     s1, s3 = m1.model.sessions, m3.model.sessions

@@ -73,6 +73,9 @@ class ReplayResult:
         Processes that answered queries (1 = sequential).
     cpu_seconds : float
         CPU time of the replay summed over its processes (``time.process_time``).
+    job_cpu_seconds : tuple of float
+        CPU time of each process (job 0 = the caller). On an idle machine with a core per
+        job the replay's wall time is about the largest of them.
     """
 
     method: str
@@ -90,6 +93,7 @@ class ReplayResult:
     info: dict = field(default_factory=dict)
     jobs: int = 1
     cpu_seconds: float = 0.0
+    job_cpu_seconds: tuple[float, ...] = ()
 
 
 @dataclass(slots=True)
@@ -196,6 +200,7 @@ def replay(
         method=method.name, params=dict(method.params), ranks=ranks, lists=lists, fallback_slots=fb,
         filled_slots=filled, scored_queries=scored, batch_seconds=secs, batch_queries=nqs, batch_events=nev,
         fit_seconds=fit_s, replay_seconds=replay_s, info=dict(method.info), jobs=n_jobs, cpu_seconds=cpu,
+        job_cpu_seconds=tuple(float(p.cpu_seconds) for p in parts),
     )
 
 
