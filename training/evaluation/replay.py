@@ -174,7 +174,8 @@ def replay(
     nq = plan.n_queries
     scored = np.ones(nq, dtype=bool) if query_sample is None else np.asarray(query_sample, dtype=bool)
     steps = list(plan.batches())
-    if not getattr(method, "parallel_replay", False) or "fork" not in multiprocessing.get_all_start_methods():
+    if (not getattr(method, "parallel_replay", False) or "fork" not in multiprocessing.get_all_start_methods()
+            or multiprocessing.current_process().daemon):   # a daemonic process may not fork children
         n_jobs = 1
     n_jobs = max(1, min(n_jobs, len(steps)))
     shared: list[mmap.mmap] = []
