@@ -42,6 +42,10 @@ def evaluate(
         help="Replay liftrec_full in-process AND through the broker + a real worker + Redis (the running stack, "
              "KAFKA_BOOTSTRAP/REDIS_URL, or an embedded one started for the run) and print both side by side. "
              "One broker round trip per group: small data (see --max-groups)."),
+    jobs: int = typer.Option(
+        0, "--jobs", min=0,
+        help="Processes answering the full pipeline's replay queries (each applies every event; the lists are "
+             "identical for every value). 0 = one per usable CPU, 1 = in this process only."),
     max_groups: int = typer.Option(5000, "--max-groups", min=1,
                                    help="With --through-broker: refuse test windows with more groups."),
 ) -> None:
@@ -75,7 +79,7 @@ def evaluate(
             tune_queries=tune_queries, resamples=resamples,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
             weights=dict(settings.event_weights), session_gap_s=int(settings.session_gap_s),
-            history_cap=settings.history_cap)
+            history_cap=settings.history_cap, jobs=jobs)
         out = run_evaluation(ds.table, config=config, item_meta=ds.item_meta, truth=ds.truth, progress=progress,
                              on_stage=lambda line: console.print(f"[green]✓[/green] {line}"))
         path = write_report(out.with_dataset(ds.info), Path(report))

@@ -273,6 +273,8 @@ class LiftrecFull(Method):
     """
 
     name = "liftrec_full"
+    #: ``recommend`` only reads the state ``observe`` builds: the replay may answer its steps in parallel jobs
+    parallel_replay = True
 
     def __init__(self, *, factors: int = 64, regularization: float = 0.05, alpha: float = 1.0,
                  iterations: int = 15, half_life_days: float | None = None, n_candidates: int = 300,

@@ -77,6 +77,9 @@ class EvalConfig:
     methods : tuple of str, optional
         Evaluate only these methods (default: all).
     weights, session_gap_s, history_cap : as the live system's settings
+    jobs : int
+        Processes per replay of a method that supports it (the full pipeline; see
+        :func:`~training.evaluation.replay.replay`); 0 = one per usable CPU. Same numbers for every value.
     """
 
     k: int = 20
@@ -95,6 +98,7 @@ class EvalConfig:
     session_gap_s: int = 1800
     history_cap: int = 100
     iterations: int = 15
+    jobs: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +228,7 @@ def run_evaluation(
             if key not in done:
                 method = _build(spec, params[v], cache, fallback)
                 done[key] = replay(method, tplan, tdata, k=cfg.k, variants=variants, query_sample=tsample,
-                                   progress=progress)
+                                   progress=progress, jobs=cfg.jobs)
             results[v] = done[key]
         out = _outcome(spec, tuning, params, results, tplan, win, cfg, truth)
         outcomes[spec.name] = out
@@ -265,7 +269,7 @@ def _tune_spec(spec: MethodSpec, outcomes: dict[str, MethodOutcome], plan: Repla
                variants: tuple[str, ...], cfg: EvalConfig, progress: bool) -> dict[str, TuneResult]:
     def evaluate(params: dict[str, Any]) -> dict[str, tuple[float, dict[str, float]]]:
         res = replay(_build(spec, params, cache, fallback), plan, data, k=cfg.k, variants=variants,
-                     query_sample=sample, progress=progress)
+                     query_sample=sample, progress=progress, jobs=cfg.jobs)
         return {v: _objective(res.ranks[v]) for v in variants}
 
     if spec.inherit is None or spec.inherit not in outcomes:
@@ -314,7 +318,8 @@ def _outcome(spec: MethodSpec, tuning: dict[str, TuneResult], params: dict[str, 
         thr = {"events_per_s": float(res.batch_events.sum() / max(res.replay_seconds, 1e-9)),
                "targets_per_s": float((res.ranks[v] >= 0).sum() / max(res.replay_seconds, 1e-9)),
                "queries_per_s": float(res.batch_queries.sum() / max(res.replay_seconds, 1e-9)),
-               "replay_seconds": res.replay_seconds, "fit_seconds": res.fit_seconds}
+               "replay_seconds": res.replay_seconds, "fit_seconds": res.fit_seconds,
+               "jobs": res.jobs, "cpu_seconds": res.cpu_seconds}
         if truth is not None:
             recall[v] = _taste_recall(res, plan, truth, v, cfg.k)
     return MethodOutcome(name=spec.name, baseline=spec.baseline, tuning=tuning, params=params, results=results,
