@@ -33,8 +33,8 @@ import numpy as np
 
 from serving.candidates import SOURCES, BundleAux, CandidateSet, isin_rows
 
-__all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "reason_for_source", "source_scores",
-           "strongest_at", "strongest_sources"]
+__all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "reason_for_source", "reason_tuples",
+           "source_scores", "strongest_at", "strongest_sources"]
 
 #: Weight of each source's relative strength when choosing the reason.
 SOURCE_WEIGHTS: Mapping[str, float] = {
@@ -273,6 +273,21 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
                   anchored: Mapping[str, Mapping[int, int]] | None = None) -> list[Reason]:
     """Reasons of the candidates at ``positions`` (the final list).
 
+    The :class:`Reason` form of :func:`reason_tuples` (same arguments, same reasons).
+    """
+    return [Reason(*r) for r in reason_tuples(
+        cands, positions, aux=aux, anchors=anchors, context=context, recent=recent, name=name,
+        categories=categories, user_categories=user_categories, strongest=strongest,
+        position_sources=position_sources, anchored=anchored)]
+
+
+def reason_tuples(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux, anchors: np.ndarray,
+                  context: int, recent: np.ndarray, name: Callable[[int], str],
+                  categories: np.ndarray, user_categories: set[str],
+                  strongest: np.ndarray | None = None, position_sources: np.ndarray | None = None,
+                  anchored: Mapping[str, Mapping[int, int]] | None = None) -> list[tuple[str, str, str | None]]:
+    """``(source, text, item_id)`` of the reason of each candidate at ``positions`` (the final list).
+
     The anchors of all items are found in a few array operations per source
     (co-visitation and rule neighbours of the anchors, factor / content
     similarity to the recent items), then each item's text is worded exactly
@@ -330,17 +345,17 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
         similar.update(zip(items.tolist(), np.where(ok, rec[best_j], -1).tolist(), strict=True))
 
     item_id = aux.bundle.items.id
-    out: list[Reason] = []
+    out: list[tuple[str, str, str | None]] = []
     for p, s, item in zip(positions.tolist(), src_of.tolist(), chosen.tolist(), strict=True):
         source = SOURCES[s]
         category = categories[p]
         if source == "context" and context >= 0:
             if item in ctx_covis:
-                out.append(Reason(source, f"viewed together with {name(context)}", item_id(context)))
+                out.append((source, f"viewed together with {name(context)}", item_id(context)))
             elif item in ctx_rules:
-                out.append(Reason(source, f"often bought with {name(context)}", item_id(context)))
+                out.append((source, f"often bought with {name(context)}", item_id(context)))
             else:
-                out.append(Reason(source, f"similar to {name(context)}", item_id(context)))
+                out.append((source, f"similar to {name(context)}", item_id(context)))
             continue
         a = -1
         if source == "session":
@@ -353,22 +368,22 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
             a = similar.get(item, -1)
             text = "similar to"
             if a < 0 and source == "als":
-                out.append(Reason(source, "picked for you"))
+                out.append((source, "picked for you", None))
                 continue
         elif source == "category" and category:
-            out.append(Reason(source, f"top pick in {category}"))
+            out.append((source, f"top pick in {category}", None))
             continue
         elif source == "session_knn":
-            out.append(Reason(source, "chosen in sessions like yours"))
+            out.append((source, "chosen in sessions like yours", None))
             continue
         elif source == "trending":
-            out.append(Reason(source, f"trending in {category}" if category and category in user_categories
-                              else "trending now"))
+            out.append((source, f"trending in {category}" if category and category in user_categories
+                        else "trending now", None))
             continue
         if a >= 0:
-            out.append(Reason(source, f"{text} {name(a)}", item_id(a)))
+            out.append((source, f"{text} {name(a)}", item_id(a)))
         else:
-            out.append(Reason("popularity", f"popular in {category}" if category else "popular now"))
+            out.append(("popularity", f"popular in {category}" if category else "popular now", None))
     return out
 
 
