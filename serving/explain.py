@@ -43,6 +43,9 @@ SOURCE_WEIGHTS: Mapping[str, float] = {
     "session_knn": 1.0,
 }
 _W = np.array([SOURCE_WEIGHTS[s] for s in SOURCES], dtype=np.float32)
+_CONTEXT, _SESSION, _BOUGHT, _ALS, _CATEGORY, _CONTENT, _SESSION_KNN, _TRENDING = (
+    SOURCES.index(s) for s in ("context", "session", "bought_together", "als", "category", "content", "session_knn",
+                               "trending"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -344,44 +347,49 @@ def reason_tuples(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
         ok = sims[np.arange(len(items)), best_j] >= floor
         similar.update(zip(items.tolist(), np.where(ok, rec[best_j], -1).tolist(), strict=True))
 
-    item_id = aux.bundle.items.id
+    ids = aux.item_id_arr
+    names: dict[int, tuple[str, str]] = {}     # anchor -> (display name, id): anchors repeat within a list
+
+    def named(a: int) -> tuple[str, str]:
+        got = names.get(a)
+        if got is None:
+            got = names[a] = (name(a), ids[a])
+        return got
+
+    if context >= 0:
+        ctx_name, ctx_id = named(context)
+        ctx_text = (f"viewed together with {ctx_name}", f"often bought with {ctx_name}", f"similar to {ctx_name}")
     out: list[tuple[str, str, str | None]] = []
-    for p, s, item in zip(positions.tolist(), src_of.tolist(), chosen.tolist(), strict=True):
-        source = SOURCES[s]
-        category = categories[p]
-        if source == "context" and context >= 0:
-            if item in ctx_covis:
-                out.append((source, f"viewed together with {name(context)}", item_id(context)))
-            elif item in ctx_rules:
-                out.append((source, f"often bought with {name(context)}", item_id(context)))
-            else:
-                out.append((source, f"similar to {name(context)}", item_id(context)))
+    cats = np.asarray(categories, dtype=object)[positions].tolist()
+    for s, item, category in zip(src_of.tolist(), chosen.tolist(), cats, strict=True):
+        if s == _CONTEXT and context >= 0:
+            text = ctx_text[0] if item in ctx_covis else ctx_text[1] if item in ctx_rules else ctx_text[2]
+            out.append(("context", text, ctx_id))
             continue
-        a = -1
-        if source == "session":
-            a = session.get(item, -1)
-            text = "viewed together with"
-        elif source == "bought_together":
-            a = bought.get(item, -1)
-            text = "often bought with"
-        elif source in ("als", "content"):
-            a = similar.get(item, -1)
-            text = "similar to"
-            if a < 0 and source == "als":
-                out.append((source, "picked for you", None))
+        if s == _SESSION:
+            a, verb = session.get(item, -1), "viewed together with"
+        elif s == _BOUGHT:
+            a, verb = bought.get(item, -1), "often bought with"
+        elif s in (_ALS, _CONTENT):
+            a, verb = similar.get(item, -1), "similar to"
+            if a < 0 and s == _ALS:
+                out.append(("als", "picked for you", None))
                 continue
-        elif source == "category" and category:
-            out.append((source, f"top pick in {category}", None))
-            continue
-        elif source == "session_knn":
-            out.append((source, "chosen in sessions like yours", None))
-            continue
-        elif source == "trending":
-            out.append((source, f"trending in {category}" if category and category in user_categories
+        elif s == _TRENDING:
+            out.append(("trending", f"trending in {category}" if category and category in user_categories
                         else "trending now", None))
             continue
+        elif s == _CATEGORY and category:
+            out.append(("category", f"top pick in {category}", None))
+            continue
+        elif s == _SESSION_KNN:
+            out.append(("session_knn", "chosen in sessions like yours", None))
+            continue
+        else:
+            a = -1
         if a >= 0:
-            out.append((source, f"{text} {name(a)}", item_id(a)))
+            anchor_name, anchor_id = named(a)
+            out.append((SOURCES[s], f"{verb} {anchor_name}", anchor_id))
         else:
             out.append(("popularity", f"popular in {category}" if category else "popular now", None))
     return out
