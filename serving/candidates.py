@@ -470,10 +470,8 @@ def _add(proposals: _Proposals, source: int, items: np.ndarray, scores: np.ndarr
 
 
 def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
-                     anchored: AnchorProposals | None,
-                     session_knn: tuple[np.ndarray, np.ndarray] | None = None) -> _Proposals:
-    """Every source before ``trending``, in chain order (``session_knn``: this user's best session-kNN
-    items when already cut for a batch, see :func:`_best_of_each`)."""
+                     anchored: AnchorProposals | None) -> _Proposals:
+    """Every source before ``trending``, in chain order."""
     t = aux.bundle.tables
     quota = _quotas(n_candidates)
     proposals: _Proposals = []
@@ -506,38 +504,9 @@ def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
         norm = float(np.linalg.norm(q))
         if norm > 0:
             add("content", *aux.similar_by_content(q / norm, quota["content"], exclude=anchors))
-    if session_knn is not None:
-        add("session_knn", *session_knn)
-    elif inp.session_knn is not None:
+    if inp.session_knn is not None:
         add("session_knn", *_best(*inp.session_knn, quota["session_knn"]))
     return proposals
-
-
-def _best_of_each(parts: Sequence[tuple[np.ndarray, np.ndarray] | None], n: int
-                  ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """:func:`_best` ``n`` of every user's (items, scores) at once (``None`` stays ``None``).
-
-    One lexsort for all users by (user, -score, tie-break): the tie-break is the item for a
-    user with at most ``n`` proposals (as ``_best``'s lexsort) and the position otherwise (as
-    :func:`~serving.index.top_k`), so each user's cut is the one ``_best`` makes.
-    """
-    have = [j for j, p in enumerate(parts) if p is not None and len(p[0])]
-    out: list[tuple[np.ndarray, np.ndarray] | None] = [
-        None if p is None else (p[0][:0], p[1][:0]) for p in parts]
-    if not have:
-        return out
-    lengths = np.fromiter((len(parts[j][0]) for j in have), dtype=np.int64, count=len(have))  # type: ignore[index]
-    items = np.concatenate([parts[j][0] for j in have])   # type: ignore[index]
-    scores = np.concatenate([parts[j][1] for j in have])  # type: ignore[index]
-    uid = np.repeat(np.arange(len(have)), lengths)
-    starts = np.cumsum(lengths) - lengths
-    tie = np.where(np.repeat(lengths <= n, lengths), items, np.arange(len(items)) - np.repeat(starts, lengths))
-    order = np.lexsort((tie, -scores, uid))
-    items, scores = items[order], scores[order]
-    for j, lo, m in zip(have, starts.tolist(), lengths.tolist(), strict=True):
-        hi = lo + min(m, n)
-        out[j] = (items[lo:hi], scores[lo:hi])
-    return out
 
 
 def _add_popularity(proposals: _Proposals, aux: BundleAux, n_candidates: int) -> None:
@@ -558,8 +527,7 @@ def gather_many(inputs: Sequence[CandidateInput], aux: BundleAux, trending: Tren
     """
     n_users = len(inputs)
     n_items = len(aux.bundle.items)
-    sknn = _best_of_each([inp.session_knn for inp in inputs], _quota(n_candidates, "session_knn"))
-    props = [_first_proposals(inp, aux, n_candidates, None if anchored is None else anchored[j], sknn[j])
+    props = [_first_proposals(inp, aux, n_candidates, None if anchored is None else anchored[j])
              for j, inp in enumerate(inputs)]
     q_tr = _quota(n_candidates, "trending")
     n_tr = [max(q_tr, max(0, n_candidates - sum(len(p[1]) for p in pr)) // 2) for pr in props]

@@ -452,25 +452,3 @@ def test_an_empty_live_catalog_gives_the_bundle_attributes() -> None:
     assert dense.dense and rec._live_attrs(aux, CatalogCache(), rows) is dense   # built once per bundle
     for name in ("code", "price", "in_stock"):
         np.testing.assert_array_equal(getattr(dense, name)[dense.at(rows)], getattr(built, name)[built.at(rows)])
-
-
-def test_session_knn_cut_of_many_users_equals_each_alone() -> None:
-    from serving.candidates import _best, _best_of_each
-
-    rng = np.random.default_rng(9)
-    parts: list[tuple[np.ndarray, np.ndarray] | None] = []
-    for j in range(30):
-        m = int(rng.integers(0, 120))
-        if j % 7 == 3:
-            parts.append(None)
-            continue
-        items = rng.choice(N_ITEMS, m, replace=False).astype(np.int64)
-        parts.append((items, np.round(rng.random(m), 1).astype(np.float32)))   # ties: by item or by position
-    for n in (1, 20, 60):
-        for got, p in zip(_best_of_each(parts, n), parts, strict=True):
-            if p is None:
-                assert got is None
-                continue
-            want = _best(p[0], p[1], n)
-            np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
