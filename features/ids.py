@@ -7,7 +7,8 @@ never mixed: every conversion goes through an :class:`IdMap`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,9 @@ class IdMap:
 
     def indices(self, ids: Iterable[str]) -> np.ndarray:
         """Indices of many ids as int64, -1 for unknown ones."""
-        get = self._index.get
-        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64)
+        # map over the dict's bound get: no generator frame per id (about half the time of a genexpr)
+        count = len(ids) if isinstance(ids, Sized) else -1
+        return np.fromiter(map(self._index.get, ids, itertools.repeat(-1)), dtype=np.int64, count=count)
 
     def to_ids(self, idxs: Iterable[int]) -> list[str]:
         """Ids of many indices."""

@@ -86,6 +86,17 @@ class TrendingArrays:
 
     overall: tuple[np.ndarray, np.ndarray]
     by_category: Mapping[int, tuple[np.ndarray, np.ndarray]]
+    #: ``overall`` scores divided by their maximum (as the trending source scales them), set on creation
+    overall_scaled: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    #: per category code: the maximum score, or 1.0 when it is 0 (the source's divisor), set on creation
+    category_max: Mapping[int, float] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        scores = self.overall[1]
+        top = float(scores.max()) if len(scores) else 0.0
+        object.__setattr__(self, "overall_scaled", scores / top if top > 0 else scores)
+        object.__setattr__(self, "category_max", {code: float(cs.max()) or 1.0
+                                                  for code, (_, cs) in self.by_category.items() if len(cs)})
 
     @classmethod
     def empty(cls) -> TrendingArrays:
@@ -366,23 +377,21 @@ def _category(inp: CandidateInput, aux: BundleAux, n: int) -> tuple[np.ndarray, 
 def _trending_parts(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The trending source's raw proposals of one user (before aggregation): overall, the user's
     3 most affine categories, the request's categories."""
-    items, scores = tr.overall
-    top = float(scores.max()) if len(scores) else 0.0
-    parts_i = [items[:n]]
-    parts_s = [scores[:n] / top if top > 0 else scores[:n]]
+    parts_i = [tr.overall[0][:n]]
+    parts_s = [tr.overall_scaled[:n]]
+    by_category, category_max = tr.by_category, tr.category_max
     for code, aff in sorted(inp.affinity.items(), key=lambda kv: -kv[1])[:3]:
-        ci, cs = tr.by_category.get(code, (None, None))
+        ci, cs = by_category.get(code, (None, None))
         if ci is None or len(ci) == 0:
             continue
-        m = float(cs.max()) or 1.0
         parts_i.append(ci[: max(1, n // 3)])
-        parts_s.append(2.0 * aff * cs[: max(1, n // 3)] / m)
+        parts_s.append(2.0 * aff * cs[: max(1, n // 3)] / category_max[code])
     if inp.categories:
         for code in inp.categories:
-            ci, cs = tr.by_category.get(code, (None, None))
+            ci, cs = by_category.get(code, (None, None))
             if ci is not None and len(ci):
                 parts_i.append(ci[:n])
-                parts_s.append(cs[:n] / (float(cs.max()) or 1.0))
+                parts_s.append(cs[:n] / category_max[code])
     if len(parts_i) == 1:
         return parts_i[0].astype(np.int64), parts_s[0].astype(np.float32)
     return np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_s).astype(np.float32)

@@ -33,8 +33,8 @@ import numpy as np
 
 from serving.candidates import SOURCES, BundleAux, CandidateSet, isin_rows
 
-__all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "reason_for_source", "source_scores",
-           "strongest_at", "strongest_sources"]
+__all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "reason_for_source", "reason_tuples",
+           "source_scores", "strongest_at", "strongest_sources"]
 
 #: Weight of each source's relative strength when choosing the reason.
 SOURCE_WEIGHTS: Mapping[str, float] = {
@@ -43,6 +43,9 @@ SOURCE_WEIGHTS: Mapping[str, float] = {
     "session_knn": 1.0,
 }
 _W = np.array([SOURCE_WEIGHTS[s] for s in SOURCES], dtype=np.float32)
+_CONTEXT, _SESSION, _BOUGHT, _ALS, _CATEGORY, _CONTENT, _SESSION_KNN, _TRENDING = (
+    SOURCES.index(s) for s in ("context", "session", "bought_together", "als", "category", "content", "session_knn",
+                               "trending"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -273,6 +276,21 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
                   anchored: Mapping[str, Mapping[int, int]] | None = None) -> list[Reason]:
     """Reasons of the candidates at ``positions`` (the final list).
 
+    The :class:`Reason` form of :func:`reason_tuples` (same arguments, same reasons).
+    """
+    return [Reason(*r) for r in reason_tuples(
+        cands, positions, aux=aux, anchors=anchors, context=context, recent=recent, name=name,
+        categories=categories, user_categories=user_categories, strongest=strongest,
+        position_sources=position_sources, anchored=anchored)]
+
+
+def reason_tuples(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux, anchors: np.ndarray,
+                  context: int, recent: np.ndarray, name: Callable[[int], str],
+                  categories: np.ndarray, user_categories: set[str],
+                  strongest: np.ndarray | None = None, position_sources: np.ndarray | None = None,
+                  anchored: Mapping[str, Mapping[int, int]] | None = None) -> list[tuple[str, str, str | None]]:
+    """``(source, text, item_id)`` of the reason of each candidate at ``positions`` (the final list).
+
     The anchors of all items are found in a few array operations per source
     (co-visitation and rule neighbours of the anchors, factor / content
     similarity to the recent items), then each item's text is worded exactly
@@ -329,46 +347,51 @@ def explain_items(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
         ok = sims[np.arange(len(items)), best_j] >= floor
         similar.update(zip(items.tolist(), np.where(ok, rec[best_j], -1).tolist(), strict=True))
 
-    item_id = aux.bundle.items.id
-    out: list[Reason] = []
-    for p, s, item in zip(positions.tolist(), src_of.tolist(), chosen.tolist(), strict=True):
-        source = SOURCES[s]
-        category = categories[p]
-        if source == "context" and context >= 0:
-            if item in ctx_covis:
-                out.append(Reason(source, f"viewed together with {name(context)}", item_id(context)))
-            elif item in ctx_rules:
-                out.append(Reason(source, f"often bought with {name(context)}", item_id(context)))
-            else:
-                out.append(Reason(source, f"similar to {name(context)}", item_id(context)))
+    ids = aux.item_id_arr
+    names: dict[int, tuple[str, str]] = {}     # anchor -> (display name, id): anchors repeat within a list
+
+    def named(a: int) -> tuple[str, str]:
+        got = names.get(a)
+        if got is None:
+            got = names[a] = (name(a), ids[a])
+        return got
+
+    if context >= 0:
+        ctx_name, ctx_id = named(context)
+        ctx_text = (f"viewed together with {ctx_name}", f"often bought with {ctx_name}", f"similar to {ctx_name}")
+    out: list[tuple[str, str, str | None]] = []
+    cats = np.asarray(categories, dtype=object)[positions].tolist()
+    for s, item, category in zip(src_of.tolist(), chosen.tolist(), cats, strict=True):
+        if s == _CONTEXT and context >= 0:
+            text = ctx_text[0] if item in ctx_covis else ctx_text[1] if item in ctx_rules else ctx_text[2]
+            out.append(("context", text, ctx_id))
             continue
-        a = -1
-        if source == "session":
-            a = session.get(item, -1)
-            text = "viewed together with"
-        elif source == "bought_together":
-            a = bought.get(item, -1)
-            text = "often bought with"
-        elif source in ("als", "content"):
-            a = similar.get(item, -1)
-            text = "similar to"
-            if a < 0 and source == "als":
-                out.append(Reason(source, "picked for you"))
+        if s == _SESSION:
+            a, verb = session.get(item, -1), "viewed together with"
+        elif s == _BOUGHT:
+            a, verb = bought.get(item, -1), "often bought with"
+        elif s in (_ALS, _CONTENT):
+            a, verb = similar.get(item, -1), "similar to"
+            if a < 0 and s == _ALS:
+                out.append(("als", "picked for you", None))
                 continue
-        elif source == "category" and category:
-            out.append(Reason(source, f"top pick in {category}"))
+        elif s == _TRENDING:
+            out.append(("trending", f"trending in {category}" if category and category in user_categories
+                        else "trending now", None))
             continue
-        elif source == "session_knn":
-            out.append(Reason(source, "chosen in sessions like yours"))
+        elif s == _CATEGORY and category:
+            out.append(("category", f"top pick in {category}", None))
             continue
-        elif source == "trending":
-            out.append(Reason(source, f"trending in {category}" if category and category in user_categories
-                              else "trending now"))
+        elif s == _SESSION_KNN:
+            out.append(("session_knn", "chosen in sessions like yours", None))
             continue
-        if a >= 0:
-            out.append(Reason(source, f"{text} {name(a)}", item_id(a)))
         else:
-            out.append(Reason("popularity", f"popular in {category}" if category else "popular now"))
+            a = -1
+        if a >= 0:
+            anchor_name, anchor_id = named(a)
+            out.append((SOURCES[s], f"{verb} {anchor_name}", anchor_id))
+        else:
+            out.append(("popularity", f"popular in {category}" if category else "popular now", None))
     return out
 
 

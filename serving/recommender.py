@@ -34,7 +34,6 @@ import dataclasses
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,10 +56,10 @@ from serving.candidates import (
     gather_many,
     isin_rows,
 )
-from serving.explain import best_anchors_many, explain_items, source_scores, strongest_at
+from serving.explain import best_anchors_many, reason_tuples, source_scores, strongest_at
 from serving.item_lists import fallback_list, item_list
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
-from serving.reclist import RecList, Recommendation, RecRequest
+from serving.reclist import RecList, Recommendation, RecRequest, new_rec_ids, recommendations
 from serving.rules import (
     RequestFilters,
     RuleConfig,
@@ -170,6 +169,7 @@ class Recommender:
         self.session_knn = session_knn or SessionKnnParams()
         self._aux: dict[str, BundleAux] = {}
         self._tables: dict[str, LiveTable] = {}
+        self._plain: dict[str, tuple[Bundle, LiveAttrs]] = {}
         self._trend_cache: tuple[TrendingSnapshot, str, TrendingArrays] | None = None
 
     @classmethod
@@ -220,7 +220,23 @@ class Recommender:
         catalog tracks its changes, else one look-up per distinct candidate (users share most of them)."""
         if isinstance(catalog, TrackedCatalogCache):
             return self._live_table(aux, catalog).attrs()
+        if len(catalog) == 0:   # the bundle's own values: built once per bundle, positions are the rows
+            return self._bundle_attrs(aux)
         return LiveAttrs.build(aux, items, catalog)
+
+    def _bundle_attrs(self, aux: BundleAux) -> LiveAttrs:
+        """Dense :class:`~serving.live.LiveAttrs` of the bundle's training-time values (an empty live catalog)."""
+        cached = self._plain.get(aux.version)
+        if cached is not None and cached[0] is aux.bundle:
+            return cached[1]
+        rows = np.arange(len(aux.bundle.items), dtype=np.int64)
+        attrs = dataclasses.replace(LiveAttrs.build(aux, rows, None), dense=True)
+        plain = dict(self._plain)
+        plain[aux.version] = (aux.bundle, attrs)
+        while len(plain) > 2:
+            plain.pop(next(iter(plain)))
+        self._plain = plain   # one assignment, as _remember
+        return attrs
 
     def _remember(self, aux: BundleAux) -> None:
         cache = dict(self._aux)
@@ -237,10 +253,13 @@ class Recommender:
         items = aux.bundle.items
 
         def mapped(rows: Sequence[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray]:
-            idx = items.indices(i for i, _ in rows)
-            sc = np.fromiter((s for _, s in rows), dtype=np.float32, count=len(rows))
+            if not rows:
+                return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            ids, scores = zip(*rows, strict=True)
+            idx = items.indices(ids)
+            sc = np.array(scores, dtype=np.float32)
             keep = idx >= 0
-            return idx[keep], sc[keep]
+            return (idx, sc) if keep.all() else (idx[keep], sc[keep])
 
         arrays = TrendingArrays(
             overall=mapped(trending.overall),
@@ -321,8 +340,10 @@ class Recommender:
         ordered = [self._order(u, c, s, aux, live, live.code[at])
                    for u, (c, at), s in zip(users, kept, scores, strict=True)]
         anchored = self._reason_anchors(users, cands, ordered, aux)
-        return [self._finish(u, c, x, o, an, aux, catalog, live, now, ranked=bundle.ranker is not None)
-                for u, c, x, o, an in zip(users, cands, feats, ordered, anchored, strict=True)]
+        ranked = bundle.ranker is not None
+        return [self._finish(u, c, x, o, an, aux, catalog, live, now, ranked=ranked, rec_id=rid)
+                for u, c, x, o, an, rid in zip(users, cands, feats, ordered, anchored, new_rec_ids(len(users)),
+                                               strict=True)]
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -342,12 +363,16 @@ class Recommender:
 
     def _fallback(self, state: UserState, req: RecRequest, trending: TrendingSnapshot, catalog: CatalogCache,
                   now: int) -> RecList:
-        blocked = blocked_items(bought=_bought(state), shown=state.shown, exclude=req.filters.exclude,
+        blocked = blocked_items(bought=self._purchases(state), shown=state.shown, exclude=req.filters.exclude,
                                 config=self.rules, now_ms=now)
         if req.context_item:
             blocked.add(req.context_item)
         return fallback_list(state.user_id, state.history, k=req.k, filters=req.filters, blocked=blocked,
                              trending=trending, catalog=catalog, rules=self.rules, now_ms=now)
+
+    def _purchases(self, state: UserState) -> Mapping[str, int]:
+        """:func:`_bought`, or nothing when purchases never block (``repurchase_window_ms == 0``)."""
+        return {} if self.rules.repurchase_window_ms == 0 else _bought(state)
 
     def _resolve(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
         items = aux.bundle.items
@@ -362,7 +387,7 @@ class Recommender:
         recent = np.fromiter(dict.fromkeys(hi.tolist()), dtype=np.int64)   # distinct, first occurrence first
         sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
-        blocked = blocked_items(bought=_bought(state), shown=state.shown, exclude=req.filters.exclude,
+        blocked = blocked_items(bought=self._purchases(state), shown=state.shown, exclude=req.filters.exclude,
                                 config=self.rules, now_ms=now)
         if req.context_item:
             blocked.add(req.context_item)
@@ -528,7 +553,7 @@ class Recommender:
 
     def _finish(self, u: _User, cands: CandidateSet, X: np.ndarray, ordered: _Ordered,
                 anchored: Mapping[str, Mapping[int, int]], aux: BundleAux, catalog: CatalogCache, live: LiveAttrs,
-                now: int, *, ranked: bool) -> RecList:
+                now: int, *, ranked: bool, rec_id: str) -> RecList:
         """Reasons and the list of the positions :meth:`_order` chose."""
         req = u.request
         k = req.k
@@ -545,28 +570,27 @@ class Recommender:
                 out = names[idx] = info.title if info is not None and info.title else item_id
             return out
 
-        reasons = explain_items(cands, pos, aux=aux, anchors=u.reason_anchors,
+        reasons = reason_tuples(cands, pos, aux=aux, anchors=u.reason_anchors,
                                 context=u.context, recent=u.recent, name=name, categories=cats,
                                 user_categories=u.user_categories, position_sources=strongest, anchored=anchored)
         recs: list[Recommendation] = []
         item_ids = aux.item_id_arr[cands.items[pos]].tolist()
         final = s[pos].tolist()
         if req.explain:
-            for j, (p, reason) in enumerate(zip(pos.tolist(), reasons, strict=True)):
+            for j, (p, (source, text, reason_item)) in enumerate(zip(pos.tolist(), reasons, strict=True)):
                 recs.append(Recommendation(
-                    item_ids[j], round(final[j], 6), reason.text, reason.source, reason.item_id,
+                    item_ids[j], round(final[j], 6), text, source, reason_item,
                     {f: round(float(v), 6) for f, v in zip(FEATURE_NAMES, X[p], strict=True)},
                     source_scores(cands, p)))
-        else:   # positional: a frozen dataclass's keyword call costs twice as much, 20 times a list
-            recs = [Recommendation(i, round(f, 6), r.text, r.source, r.item_id)
-                    for i, f, r in zip(item_ids, final, reasons, strict=True)]
+        else:
+            recs = recommendations(zip(item_ids, [round(f, 6) for f in final], reasons, strict=True))
         chain = [SOURCES[i] for i in sorted(set(strongest.tolist()))]
         if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
             taken = u.blocked | {r.item_id for r in recs}
             more = self._backfill(u, aux, catalog, taken, k - len(recs), now)
             recs.extend(more)
             chain.extend(dict.fromkeys(r.source for r in more if r.source not in chain))
-        return RecList(rec_id=uuid.uuid4().hex, user_id=u.state.user_id, model=aux.version,
+        return RecList(rec_id=rec_id, user_id=u.state.user_id, model=aux.version,
                        source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked)
 
     def _backfill(self, u: _User, aux: BundleAux, catalog: CatalogCache, taken: set[str], n: int,

@@ -392,3 +392,63 @@ def test_strongest_at_positions_equals_strongest_of_all() -> None:
         cands = CandidateSet(np.arange(n), scores, np.zeros(n, np.int8))
         positions = rng.permutation(n)[: max(1, n // 3)]
         assert strongest_at(cands, positions).tolist() == strongest_sources(cands)[positions].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_of_all_rows_equals_top_k_of_each_row(seed: int) -> None:
+    from serving.index import ExactIndex, top_k, top_k_rows
+
+    rng = np.random.default_rng(seed)
+    for n in (2, 7, 400, 3000):
+        scores = rng.normal(size=(9, n)).astype(np.float32)
+        scores[:, ::3] = np.round(scores[:, ::3], 1)   # ties, also at the boundary
+        scores[2] = 0.0                                 # a row of equal scores
+        for k in sorted({1, n // 2, n - 1} - {0}):
+            want = np.stack([top_k(row, k) for row in scores])
+            np.testing.assert_array_equal(top_k_rows(scores, k), want)
+    y = rng.normal(size=(500, F)).astype(np.float32)
+    q = rng.normal(size=(5, F)).astype(np.float32)
+    idx, sc = ExactIndex(y).search(q, 60)     # the batched path of a small catalog
+    for j in range(5):
+        one_idx, one_sc = ExactIndex(y).search(q[j], 60)
+        np.testing.assert_array_equal(idx[j], one_idx[0])
+        np.testing.assert_allclose(sc[j], one_sc[0], rtol=1e-6)
+
+
+def test_fast_recommendations_equal_the_constructor() -> None:
+    from serving.reclist import new_rec_ids, recommendations
+
+    rows = [("i1", 0.5, ("session", "viewed together with T", "i9")), ("i2", -1.25, ("popularity", "popular now", None))]
+    got = recommendations(rows)
+    want = [Recommendation(i, s, text, src, ri) for i, s, (src, text, ri) in rows]
+    assert got == want and [r.to_dict() for r in got] == [r.to_dict() for r in want]
+    with pytest.raises(AttributeError):
+        got[0].score = 1.0   # still frozen
+    ids = new_rec_ids(50)
+    assert len(set(ids)) == 50
+    import uuid
+    for rid in ids:
+        u = uuid.UUID(hex=rid)
+        assert u.hex == rid and u.version == 4 and u.variant == uuid.RFC_4122
+
+
+def test_trending_arrays_keep_the_source_divisors() -> None:
+    tr = TrendingArrays(overall=(np.arange(4, dtype=np.int64), np.array([4, 2, 1, 0], np.float32)),
+                        by_category={0: (np.arange(2, dtype=np.int64), np.array([3, 1], np.float32)),
+                                     1: (np.arange(2, dtype=np.int64), np.zeros(2, np.float32)),
+                                     2: (np.zeros(0, np.int64), np.zeros(0, np.float32))})
+    np.testing.assert_array_equal(tr.overall_scaled, [1.0, 0.5, 0.25, 0.0])
+    assert tr.category_max == {0: 3.0, 1: 1.0}
+    assert TrendingArrays.empty().overall_scaled.shape == (0,)
+
+
+def test_an_empty_live_catalog_gives_the_bundle_attributes() -> None:
+    bundle = random_bundle()
+    rec = Recommender()
+    aux = rec.aux(bundle)
+    rows = np.array([5, 3, 399, 3], dtype=np.int64)
+    dense = rec._live_attrs(aux, CatalogCache(), rows)
+    built = LiveAttrs.build(aux, rows, CatalogCache())
+    assert dense.dense and rec._live_attrs(aux, CatalogCache(), rows) is dense   # built once per bundle
+    for name in ("code", "price", "in_stock"):
+        np.testing.assert_array_equal(getattr(dense, name)[dense.at(rows)], getattr(built, name)[built.at(rows)])
