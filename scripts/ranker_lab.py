@@ -121,7 +121,10 @@ def _collect(a: argparse.Namespace) -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = SETTINGS[a.shop]
+    cfg = dict(SETTINGS[a.shop])
+    if a.als:   # e.g. factors=64,regularization=0.1,iterations=15
+        cfg["als"] = {**cfg["als"], **{k: (int(v) if k in ("factors", "iterations") else float(v))
+                                       for k, v in (kv.split("=") for kv in a.als.split(","))}}
     ds = load_dataset(a.events, fmt=None, catalog=None, session_gap_s=1800.0, show_progress=False)
     table = ds.table
     win = replay_windows(table.ts)
@@ -271,6 +274,7 @@ def main() -> None:
     c.add_argument("--train-queries", type=int, default=40_000)
     c.add_argument("--test-queries", type=int, default=8_000)
     c.add_argument("--n-candidates-x", type=int, default=300)
+    c.add_argument("--als", default=None, help="ALS overrides, e.g. factors=64,regularization=0.1")
     f = sub.add_parser("fit")
     f.add_argument("--out", required=True)
     f.add_argument("--seed", type=int, default=0)
