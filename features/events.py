@@ -212,27 +212,14 @@ class EventValidator:
             ev = _validate_event(obj)
         except ValidationError as err:
             raise _reason_from(err, _EVENT_FIELDS) from None
-        # the common case (short ids without surrounding blanks, a plausible ts, no price) costs a few
-        # comparisons per field; anything else goes through the checks that name the problem
         limit = self.max_id_len
-        value = ev.event_id
-        if not (0 < len(value) <= limit and not value[0].isspace()):
-            self._check_id("event_id", value, optional=False)
-        value = ev.user_id
-        if not (0 < len(value) <= limit and not value[0].isspace()):
-            self._check_id("user_id", value, optional=False)
-        value = ev.item_id
-        if not (0 < len(value) <= limit and not value[0].isspace()):
-            self._check_id("item_id", value, optional=False)
-        value = ev.session_id
-        if value is not None and not (0 < len(value) <= limit and not value[0].isspace()):
-            self._check_id("session_id", value, optional=True)
-        value = ev.rec_id
-        if value is not None and not (0 < len(value) <= limit and not value[0].isspace()):
-            self._check_id("rec_id", value, optional=True)
-        ts = ev.ts
-        if ts < _MIN_TS_MS or now is None or ts > now + self.max_future_ms:
-            self._check_ts(ts, now)
+        for name, value, optional in (("event_id", ev.event_id, False), ("user_id", ev.user_id, False),
+                                      ("item_id", ev.item_id, False), ("session_id", ev.session_id, True),
+                                      ("rec_id", ev.rec_id, True)):
+            # the common case (a short id without surrounding blanks) costs two comparisons
+            if value is not None and not (0 < len(value) <= limit and not value[0].isspace()):
+                self._check_id(name, value, optional=optional)
+        self._check_ts(ev.ts, now)
         price = ev.price
         if price is not None and not (price >= 0 and price < float("inf")):
             raise InvalidEvent("bad_value", f"price must be a finite number >= 0, got {price!r}")
