@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -37,7 +36,7 @@ from features.errors import InvalidEvent
 from features.events import Event, EventValidator, now_ms
 from features.online import FoldInModel
 from features.settings import Settings
-from features.store import BatchWrite, UserSnapshot, UserStateStore
+from features.store import BatchWrite, UserSnapshot, UserStateStore, trending_increment
 from serving.recommender import Recommender, RecRequest
 from serving.state import UserState
 from serving.trending import TrendingSnapshot
@@ -251,7 +250,7 @@ class BatchProcessor:
         def fresh(rec: Record) -> bool:
             return rec.offset > stored_get(rec.partition, -1)
 
-        replayed = sum(1 for r in records if r.offset <= stored_get(r.partition, -1))
+        replayed = sum(1 for r in records if not fresh(r))
         invalid = [d for d in invalid if fresh(d.record)]
         if invalid:
             await self.dead_letter(invalid)
@@ -265,9 +264,9 @@ class BatchProcessor:
         applied = 0
         weights, half_life_ms, batch_ts, gap_ms = self.weights, self.half_life_ms, w.batch_ts, self.gap_ms
         trending, covis, category, users = w.trending, w.covis, self.catalog.category, snap.users
-        history, active, pow_ = w.history, w.active, math.pow
+        history, active = w.history, w.active
         for rec, ev in valid:
-            if rec.offset <= stored_get(rec.partition, -1):
+            if not fresh(rec):
                 continue
             eid = ev.event_id
             if eid in seen_before or eid in seen_now:
@@ -306,8 +305,7 @@ class BatchProcessor:
                 active[uid] = ts
             weight = weights.get(type_, 0.0)
             if weight > 0:
-                # trending_increment(), inlined: the same expression
-                inc = weight * pow_(2.0, (ts - batch_ts) / half_life_ms)
+                inc = trending_increment(weight, ts, batch_ts, half_life_ms)
                 key = ("", item)
                 trending[key] = trending.get(key, 0.0) + inc
                 cat = category(item)
