@@ -142,6 +142,8 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, events: list[dic
         writes["covis_keys"] = writes.get("covis_keys", 0) + len(covis)
         writes["trend_keys"] = writes.get("trend_keys", 0) + len({s for s, _i in w.trending})
         writes["users"] = writes.get("users", 0) + len(w.history)
+        for part in args.drop:  # what-if: the commit without this part (its share of Redis CPU)
+            setattr(w, part, type(getattr(w, part))())
         return await commit(w)
 
     ws.store.commit = counting_commit  # type: ignore[method-assign]
@@ -197,6 +199,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--factors", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--drop", nargs="*", default=[], choices=["covis", "trending", "seen"],
+                        help="what-if: commit without these parts (their share of the cost; the state differs)")
     parser.add_argument("--out", type=Path, default=None, help="write the runs as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

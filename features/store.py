@@ -95,13 +95,15 @@ return out
 _COMMIT_LUA = """
 local a = cjson.decode(ARGV[1])
 -- adds (member, increment) pairs times ``mul`` to a sorted set: what one ZINCRBY per member
--- stores, bit for bit (old + inc in doubles; %.17g round-trips a double through ZADD), with
--- one ZMSCORE and one ZADD per 1,000 members instead of a call per member
+-- stores, bit for bit (old + inc in doubles; a Lua number reaches redis.call as a string that
+-- round-trips the double), with one ZMSCORE and one ZADD per 1,000 members instead of a call
+-- per member. Returns how many members may be new (a ZINCRBY alone does not tell).
 local function zincr(key, pairs, mul)
   if #pairs == 2 then  -- one member: one call either way
     redis.call('ZINCRBY', key, pairs[2] * mul, pairs[1])
-    return
+    return 1
   end
+  local added = 0
   for first = 1, #pairs, 2000 do
     local last = math.min(first + 1999, #pairs)
     local members, n = {}, 0
@@ -114,11 +116,17 @@ local function zincr(key, pairs, mul)
     for j = 1, n do
       local inc = pairs[first + 2 * j - 1] * mul
       local prev = old[j]
-      args[2 * j - 1] = string.format('%.17g', prev and inc + tonumber(prev) or inc)
+      if prev then
+        args[2 * j - 1] = inc + tonumber(prev)
+      else
+        args[2 * j - 1] = inc
+        added = added + 1
+      end
       args[2 * j] = members[j]
     end
     redis.call('ZADD', key, unpack(args))
   end
+  return added
 end
 -- fence: the batch was computed from these applied offsets; another writer (a second worker
 -- that took the partition in a rebalance) moved one since: write nothing, the caller re-reads
@@ -174,9 +182,10 @@ if #a['trend'] > 0 then
   end
   redis.call('SADD', keyset, unpack(sets))
 end
+-- a set is trimmed after every commit that can have grown it, so one without new members
+-- is still within the cap
 for _, c in ipairs(a['covis']) do
-  zincr(c[1], c[2], 1)
-  redis.call('ZREMRANGEBYRANK', c[1], 0, -(a['covis_cap'] + 1))
+  if zincr(c[1], c[2], 1) > 0 then redis.call('ZREMRANGEBYRANK', c[1], 0, -(a['covis_cap'] + 1)) end
 end
 if #a['active'] > 0 then redis.call('ZADD', a['active_key'], 'GT', unpack(a['active'])) end
 -- dedup markers: the batch's event ids at the batch's time; those older than the window leave
