@@ -19,7 +19,7 @@ the state written, so two trees can be checked to store the same state.
 The workload is fixed, so two trees can be compared back to back on a loaded
 machine; run the other tree with ``PYTHONPATH`` pointing at it::
 
-    python benchmarks/bench_state_inprocess.py [--events 100000] [--batch 500] [--repeat 3]
+    python benchmarks/bench_state_inprocess.py [--quick] [--events N] [--batch 250] [--repeat 3] [--drop covis]
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -41,6 +39,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 import redis
+from _common import base_parser, write_result
+
+NAME = "state_inprocess"
 
 
 def _free_port() -> int:
@@ -190,19 +191,22 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, events: list[dic
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--users", type=int, default=5000)
-    parser.add_argument("--days", type=int, default=14)
-    parser.add_argument("--events", type=int, default=100_000, help="first N events of the shop")
-    parser.add_argument("--batch", type=int, default=500)
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=None, help="catalog size (default 100000; 20000 quick)")
+    parser.add_argument("--users", type=int, default=None, help="shoppers (default 5000; 1500 quick)")
+    parser.add_argument("--days", type=int, default=None, help="days of clickstream (default 14; 5 quick)")
+    parser.add_argument("--events", type=int, default=None, help="first N events of the shop (default all)")
+    parser.add_argument("--batch", type=int, default=250, help="records per batch (the worker's are ~200-250)")
     parser.add_argument("--factors", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=None, help="runs (default 3; 1 quick)")
     parser.add_argument("--drop", nargs="*", default=[], choices=["covis", "trending", "seen"],
                         help="what-if: commit without these parts (their share of the cost; the state differs)")
-    parser.add_argument("--out", type=Path, default=None, help="write the runs as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.items = args.items or (20_000 if args.quick else 100_000)
+    args.users = args.users or (1500 if args.quick else 5000)
+    args.days = args.days or (5 if args.quick else 14)
+    args.repeat = args.repeat or (1 if args.quick else 3)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     from training.synthetic import SyntheticShop
@@ -228,7 +232,7 @@ def main() -> int:
             try:
                 redis.Redis.from_url(url).ping()
                 break
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.BusyLoadingError):
                 time.sleep(0.05)
         runs = []
         for i in range(args.repeat):
@@ -239,22 +243,24 @@ def main() -> int:
             top = ", ".join(f"{n} {c['calls_per_event']:.2f}x {c['us_per_event']:.1f}us"
                             for n, c in list(res["commands"].items())[:8])
             print(f"run {i}: python {res['python_cpu_us_per_event']:.1f} us/ev, redis {res['redis_cpu_us_per_event']:.1f}"
-                  f" us/ev (sys {res['redis_sys_cpu_us_per_event']:.1f}; commandstats {res['commandstats_us_per_event']:.1f}), wall {res['wall_us_per_event']:.1f};"
+                  f" us/ev (sys {res['redis_sys_cpu_us_per_event']:.1f}; commandstats"
+                  f" {res['commandstats_us_per_event']:.1f}), wall {res['wall_us_per_event']:.1f};"
                   f" load {res['loadavg'][0]:.1f}; state {res['state_hash'][:12]} ({res['state_keys']} keys)\n  {top}\n  "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in res["writes_per_event"].items()),
-                  flush=True)
-        med = {k: float(np.median([r[k] for r in runs]))
-               for k in ("python_cpu_us_per_event", "redis_cpu_us_per_event", "wall_us_per_event")}
-        print("median", json.dumps(med))
-        if args.out:
-            args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs,
-                                            "median": med}, indent=1, default=str))
+                  + ", ".join(f"{k} {v:.2f}" for k, v in res["writes_per_event"].items()), flush=True)
     finally:
         srv.terminate()
         srv.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: float(np.median([r[k] for r in runs]))
+           for k in ("python_cpu_us_per_event", "redis_cpu_us_per_event", "wall_us_per_event")}
+    summary = (f"state path in-process, median of {len(runs)}: Python {med['python_cpu_us_per_event']:.1f} us CPU/event,"
+               f" Redis {med['redis_cpu_us_per_event']:.1f} us CPU/event ({runs[0]['events_timed']:,} events,"
+               f" {args.batch}-record batches{', without ' + ' '.join(args.drop) if args.drop else ''})")
+    write_result(NAME, {"median": med, "runs": runs}, summary=summary, out_dir=args.out_dir,
+                 params={k: v for k, v in vars(args).items() if k != "out_dir"})
+    print(summary)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
