@@ -85,6 +85,23 @@ end
 return out
 """
 
+# The commit's dirty marks (spliced into _COMMIT_LUA). A marked user's stored list misses the
+# batch, so its key may live at most ``stale_ms`` more: PEXPIRE to the cap when it has no TTL or
+# a longer one; a shorter one is kept, so repeated touches never push the deadline out (Redis
+# 6.2 has no PEXPIRE LT). A refresher's list write sets the full TTL again (see _LISTS_LUA).
+_MARK_DIRTY_LUA = """
+if #a['dirty'] > 0 then
+  redis.call('SADD', a['dirty_key'], unpack(a['dirty']))
+  local stale, prefix = a['stale_ms'], a['recs_prefix']
+  if stale > 0 then
+    for _, u in ipairs(a['dirty']) do
+      local left = redis.call('PTTL', prefix .. u)
+      if left == -1 or left > stale then redis.call('PEXPIRE', prefix .. u, stale) end
+    end
+  end
+end
+"""
+
 # One call writes a whole batch atomically (a Lua script runs without interleaving),
 # offsets included. ARGV[1] = orjson payload built by UserStateStore.commit;
 # ARGV[2..] = float32 user-vector bytes, in the order of payload["vecs"].
@@ -148,31 +165,61 @@ end
 if #a['active'] > 0 then redis.call('ZADD', a['active_key'], 'GT', unpack(a['active'])) end
 for _, key in ipairs(a['seen']) do redis.call('SET', key, 1, 'EX', a['dedup_ttl']) end
 for j = 1, #a['metrics'], 2 do redis.call('HINCRBY', a['metrics_key'], a['metrics'][j], a['metrics'][j + 1]) end
-if #a['dirty'] > 0 then redis.call('SADD', a['dirty_key'], unpack(a['dirty'])) end
+__MARK_DIRTY__
 if #a['offsets'] > 0 then redis.call('HSET', a['offsets_key'], unpack(a['offsets'])) end
 return 1
 """.replace("__LIMIT__", repr(_RESCALE_HALF_LIVES)).replace("__GRID__", repr(_REF_GRID_HALF_LIVES))
+_COMMIT_LUA = _COMMIT_LUA.replace("__MARK_DIRTY__", _MARK_DIRTY_LUA.strip())
 
 
-# ARGV[1] = orjson {"ttl", "dirty_key", "claims_key", "metrics_key", "recs": [[recs key, value, [listed keys], user]]}.
+# ARGV[1] = orjson {"ttl", "stale_ms", "mark", "dirty_key", "claims_key", "metrics_key",
+#                   "recs": [[recs key, value, [listed keys], user]]}.
 # A list computed from a claim (see _CLAIM_LUA) releases the claim and leaves ``dirty``
 # alone: the user may have been marked dirty again by a batch committed since the claim.
+# The refresher reads its users' state in the same transaction as it takes them off
+# ``dirty`` and stamps their claims with ``mark`` (UserStateReader.read_claimed). A user
+# found in ``dirty`` here, or whose claim no longer carries the mark (another refresher
+# claimed them again), had a batch committed after the read: the list misses it, so it
+# keeps the deadline that commit gave the key (_MARK_DIRTY_LUA) and the other claim
+# stays; with no key left the deadline has passed and the list is not stored (the user's
+# pending refresh stores one). ``mark`` "" releases the claim unconditionally. Returns
+# {lists whose key was still there (refreshed in time), lists whose key was gone
+# (expired, or the user's first list: a reader meanwhile found no list)}.
 _LISTS_LUA = """
 local a = cjson.decode(ARGV[1])
+local in_time, gone = 0, 0
+local mark = a['mark'] ~= '' and tonumber(a['mark']) or nil
 for _, r in ipairs(a['recs']) do
-  redis.call('SET', r[1], r[2], 'EX', a['ttl'])
-  for _, lk in ipairs(r[3]) do
-    redis.call('SADD', lk, r[4])
-    redis.call('EXPIRE', lk, a['ttl'])
-  end
+  local left = redis.call('PTTL', r[1])
+  if left == -2 then gone = gone + 1 else in_time = in_time + 1 end
+  local store = true
   if a['claims_key'] ~= '' then
-    redis.call('ZREM', a['claims_key'], r[4])
+    local mine = true
+    if mark then mine = tonumber(redis.call('ZSCORE', a['claims_key'], r[4]) or '-1') == mark end
+    if mine then redis.call('ZREM', a['claims_key'], r[4]) end
+    if a['stale_ms'] > 0 and (not mine or redis.call('SISMEMBER', a['dirty_key'], r[4]) == 1) then
+      store = left ~= -2
+      if store then redis.call('SET', r[1], r[2], 'PX', left > 0 and left or a['stale_ms']) end
+    else
+      redis.call('SET', r[1], r[2], 'EX', a['ttl'])
+    end
   else
+    redis.call('SET', r[1], r[2], 'EX', a['ttl'])
     redis.call('SREM', a['dirty_key'], r[4])
   end
+  if store then
+    for _, lk in ipairs(r[3]) do
+      redis.call('SADD', lk, r[4])
+      redis.call('EXPIRE', lk, a['ttl'])
+    end
+  end
 end
-if #a['recs'] > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists', #a['recs']) end
-return #a['recs']
+if #a['recs'] > 0 then
+  redis.call('HINCRBY', a['metrics_key'], 'lists', #a['recs'])
+  if in_time > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists_in_time', in_time) end
+  if gone > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists_after_expiry', gone) end
+end
+return {in_time, gone}
 """
 
 # Moves up to ARGV[1] users from ``dirty`` (KEYS[1]) to the claims ZSET (KEYS[2], score =
@@ -326,6 +373,9 @@ class UserStateStore:
         Consumer group and topic whose applied offsets this store tracks.
     history_cap, ttl_s, dedup_ttl_s : int
         Length of the history list, TTL of per-user keys, TTL of dedup markers.
+    list_max_stale_ms : int, optional
+        Longest a stored list outlives the first batch it misses (``0``: no cap);
+        see :attr:`~features.settings.Settings.list_max_stale_ms`.
     half_life_s : float
         Half-life of trending counts.
     """
@@ -341,6 +391,7 @@ class UserStateStore:
         ttl_s: int = 7 * 24 * 3600,
         dedup_ttl_s: int = 24 * 3600,
         half_life_s: float = 6 * 3600.0,
+        list_max_stale_ms: int = 1000,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -350,6 +401,7 @@ class UserStateStore:
         self.ttl_s = ttl_s
         self.dedup_ttl_s = dedup_ttl_s
         self.half_life_ms = half_life_s * 1000.0
+        self.list_max_stale_ms = list_max_stale_ms
         self._offsets_key = keys.offsets(group, topic)
         self._snapshot = client.register_script(_SNAPSHOT_LUA)
         self._commit = client.register_script(_COMMIT_LUA)
@@ -457,10 +509,13 @@ class UserStateStore:
             "expect": [[str(p), str(o)] for p, o in w.expect_offsets.items()],
             "dirty_key": k.dirty(),
             "dirty": w.dirty,
+            "recs_prefix": k.recs(""),
+            "stale_ms": self.list_max_stale_ms,
         }
         return bool(await self._commit(args=[orjson.dumps(payload), *(w.vectors[u] for u in vec_users)]))
 
-    async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]], *, claimed: bool = False) -> None:
+    async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]], *,
+                          claimed: bool = False, mark: float | None = None) -> tuple[int, int]:
         """Store precomputed lists (value, item ids) in one call.
 
         Parameters
@@ -471,20 +526,38 @@ class UserStateStore:
             ``False`` (inline refresh): clear the users' ``dirty`` marks.
             ``True`` (lists of users taken with :meth:`claim_dirty`): release
             their claims and leave ``dirty`` alone, so a batch committed after
-            the claim still gets its own refresh.
+            the claim still gets its own refresh. Such a user's list (the batch
+            committed after :meth:`~serving.state.UserStateReader.read_many` took
+            them off ``dirty``) misses that batch: it keeps the remaining TTL the
+            commit gave the old list, and is not stored when that has run out.
+        mark : float, optional
+            With ``claimed``: the stamp :meth:`~serving.state.UserStateReader.read_claimed`
+            put on the claims when it read the users' state. A claim that no longer
+            carries it was taken again by another refresher after a new batch: it is
+            left to that refresher, and this list keeps the old deadline.
+
+        Returns
+        -------
+        (int, int)
+            Lists whose user's key was still there (refreshed before the
+            ``list_max_stale_ms`` deadline) and lists whose key was gone (expired,
+            or the user's first list): a reader meanwhile found no list.
         """
         if not lists:
-            return
+            return 0, 0
         k = self.keys
         payload = {
             "ttl": self.ttl_s,
+            "stale_ms": self.list_max_stale_ms,
+            "mark": repr(mark) if claimed and mark is not None else "",
             "dirty_key": k.dirty(),
             "claims_key": k.refreshing() if claimed else "",
             "metrics_key": k.metrics(),
             "recs": [[k.recs(u), value.decode(), [k.listed(i) for i in items], u]
                      for u, (value, items) in lists.items()],
         }
-        await self._lists(args=[orjson.dumps(payload)])
+        in_time, gone = await self._lists(args=[orjson.dumps(payload)])
+        return int(in_time), int(gone)
 
     async def claim_dirty(self, limit: int, *, now_ms: int) -> list[str]:
         """Take up to ``limit`` users off ``dirty`` for a refresh (one atomic call).
