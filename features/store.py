@@ -178,11 +178,13 @@ _COMMIT_LUA = _COMMIT_LUA.replace("__MARK_DIRTY__", _MARK_DIRTY_LUA.strip())
 # alone: the user may have been marked dirty again by a batch committed since the claim.
 # The refresher reads its users' state in the same transaction as it takes them off
 # ``dirty`` and stamps their claims with ``mark`` (UserStateReader.read_claimed). A user
-# found in ``dirty`` here, or whose claim no longer carries the mark (another refresher
-# claimed them again), had a batch committed after the read: the list misses it, so it
-# keeps the deadline that commit gave the key (_MARK_DIRTY_LUA) and the other claim
-# stays; with no key left the deadline has passed and the list is not stored (the user's
-# pending refresh stores one). ``mark`` "" releases the claim unconditionally. Returns
+# found in ``dirty`` here had a batch committed after the read: the list misses it, so it
+# keeps the deadline that commit gave the key (_MARK_DIRTY_LUA); with no key left the
+# deadline has passed and the list is not stored (the user's owed refresh stores one). A
+# user whose claim no longer carries the mark was claimed again (by another refresher,
+# after a newer batch, or requeued as dead): the list is not stored and that claim stays,
+# so an older list never overwrites a newer one. ``mark`` "" releases the claim
+# unconditionally (callers that do not stamp). Returns
 # {lists whose key was still there (refreshed in time), lists whose key was gone
 # (expired, or the user's first list: a reader meanwhile found no list)}.
 _LISTS_LUA = """
@@ -194,14 +196,16 @@ for _, r in ipairs(a['recs']) do
   if left == -2 then gone = gone + 1 else in_time = in_time + 1 end
   local store = true
   if a['claims_key'] ~= '' then
-    local mine = true
-    if mark then mine = tonumber(redis.call('ZSCORE', a['claims_key'], r[4]) or '-1') == mark end
-    if mine then redis.call('ZREM', a['claims_key'], r[4]) end
-    if a['stale_ms'] > 0 and (not mine or redis.call('SISMEMBER', a['dirty_key'], r[4]) == 1) then
-      store = left ~= -2
-      if store then redis.call('SET', r[1], r[2], 'PX', left > 0 and left or a['stale_ms']) end
+    if mark and tonumber(redis.call('ZSCORE', a['claims_key'], r[4]) or '-1') ~= mark then
+      store = false  -- claimed again after a newer batch: that refresher's list (made or to come) wins
     else
-      redis.call('SET', r[1], r[2], 'EX', a['ttl'])
+      redis.call('ZREM', a['claims_key'], r[4])
+      if a['stale_ms'] > 0 and redis.call('SISMEMBER', a['dirty_key'], r[4]) == 1 then
+        store = left ~= -2
+        if store then redis.call('SET', r[1], r[2], 'PX', left > 0 and left or a['stale_ms']) end
+      else
+        redis.call('SET', r[1], r[2], 'EX', a['ttl'])
+      end
     end
   else
     redis.call('SET', r[1], r[2], 'EX', a['ttl'])
@@ -532,9 +536,9 @@ class UserStateStore:
             commit gave the old list, and is not stored when that has run out.
         mark : float, optional
             With ``claimed``: the stamp :meth:`~serving.state.UserStateReader.read_claimed`
-            put on the claims when it read the users' state. A claim that no longer
-            carries it was taken again by another refresher after a new batch: it is
-            left to that refresher, and this list keeps the old deadline.
+            put on the claims when it read the users' state. A user whose claim no
+            longer carries it was claimed again after a newer batch (another
+            refresher, or a requeue): their list is not stored and the claim stays.
 
         Returns
         -------

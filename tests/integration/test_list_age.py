@@ -127,9 +127,7 @@ async def test_a_list_that_misses_a_batch_committed_after_its_read_keeps_the_dea
     assert redis_client.pttl(key) > CAP_MS
 
 
-async def test_a_claim_taken_again_by_another_refresher_stays_and_the_list_keeps_the_deadline(
-    parts, redis_client  # noqa: ANN001
-) -> None:
+async def test_a_list_whose_user_was_claimed_again_is_not_stored(parts, redis_client) -> None:  # noqa: ANN001
     ws, proc, refresher = parts
     key = ws.keys.recs("u1")
     await proc.process(batch([("u1", "i0")], start=0), refresh=False)
@@ -139,10 +137,17 @@ async def test_a_claim_taken_again_by_another_refresher_stays_and_the_list_keeps
     mark = now_ms() + 0.5
     await refresher.reader.read_claimed(["u1"], mark=mark)
     await proc.process(batch([("u1", "i2")], start=2), refresh=False)
+    old = redis_client.get(key)
     assert await ws.store.claim_dirty(10, now_ms=now_ms()) == ["u1"]  # refresher B, before A writes
-    await ws.store.write_lists({"u1": (b'{"items": []}', [])}, claimed=True, mark=mark)  # A's list
-    assert 0 < redis_client.pttl(key) <= CAP_MS
+    await ws.store.write_lists({"u1": (b'{"items": [], "from": "A"}', [])}, claimed=True, mark=mark)
+    assert redis_client.get(key) == old and 0 < redis_client.pttl(key) <= CAP_MS  # A's list (missing i2) not stored
     assert redis_client.zscore(ws.keys.refreshing(), "u1") is not None  # B's claim is B's to release
+    # B wrote first (its list has i2, full TTL): A's older list must not replace it either
+    mark_b = now_ms() + 0.25
+    await refresher.reader.read_claimed(["u1"], mark=mark_b)
+    await ws.store.write_lists({"u1": (b'{"items": [], "from": "B"}', [])}, claimed=True, mark=mark_b)
+    await ws.store.write_lists({"u1": (b'{"items": [], "from": "A"}', [])}, claimed=True, mark=mark)
+    assert redis_client.get(key) == b'{"items": [], "from": "B"}' and redis_client.pttl(key) > CAP_MS
 
 
 async def test_a_cap_of_zero_leaves_the_ttl_alone(settings: Settings, redis_client) -> None:  # noqa: ANN001
