@@ -156,6 +156,24 @@ async def _preload_catalog(s: Settings, items: list[CatalogItem]) -> None:
         await client.aclose()
 
 
+# Users waiting for a list: ``dirty`` (a SET before the oldest-first claims, a ZSET since: both
+# read, so older trees can be measured with this script) plus the claims.
+_WAITING_LUA = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+local n = t == 'zset' and redis.call('ZCARD', KEYS[1]) or (t == 'set' and redis.call('SCARD', KEYS[1]) or 0)
+return n + redis.call('ZCARD', KEYS[2])
+"""
+
+# The probe's read: the user's list, and whether the user is waiting for a refresh (dirty or claimed).
+_PROBE_GET_LUA = """
+local t = redis.call('TYPE', KEYS[2])['ok']
+local dirty = (t == 'zset' and redis.call('ZSCORE', KEYS[2], ARGV[1]))
+              or (t == 'set' and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1)
+local pending = (dirty or redis.call('ZSCORE', KEYS[3], ARGV[1])) and 1 or 0
+return {redis.call('GET', KEYS[1]), pending}
+"""
+
+
 class ListAgeProbe:
     """Measures the age of the lists a frontend's GET actually gets while liftrec runs.
 
@@ -166,7 +184,7 @@ class ListAgeProbe:
     tenth of the shop, so the subscriber keeps up); the batches a list misses are
     those committed after its ``ts`` (when the refresher computed it, right after
     reading the state). A reader thread GETs random sampled users' ``recs`` keys
-    (about ``reads_per_s``) in one ``MULTI`` with their ``dirty`` / ``refreshing``
+    (about ``reads_per_s``) in one Lua read with their ``dirty`` / ``refreshing``
     marks. The notification reaches the probe a moment after the commit, so an
     age is short by that delivery time (milliseconds); a batch committed between
     the refresher's read and the list's ``ts`` (well under a millisecond) counts
@@ -187,6 +205,7 @@ class ListAgeProbe:
         self.hits = self.misses = self.reads = 0
         self._threads: list[threading.Thread] = []
         self._old_config = ""
+        self._get = r.register_script(_PROBE_GET_LUA)
 
     def start(self) -> None:
         self._old_config = str(self.r.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
@@ -221,11 +240,7 @@ class ListAgeProbe:
             if not users:
                 continue
             u = rng.choice(users)
-            pipe = self.r.pipeline(transaction=True)
-            pipe.get(keys.recs(u))
-            pipe.sismember(keys.dirty(), u)
-            pipe.zscore(keys.refreshing(), u)
-            raw, dirty, claimed = pipe.execute()
+            raw, pending = self._get(keys=[keys.recs(u), keys.dirty(), keys.refreshing()], args=[u])
             t = time.time() * 1000.0
             self.reads += 1
             if raw is None:
@@ -234,7 +249,7 @@ class ListAgeProbe:
             self.hits += 1
             made = orjson.loads(raw)["ts"]
             missed = [c for c in list(self.commits.get(u, ())) if c > made]
-            if dirty or claimed is not None:
+            if pending:
                 self.pending_hits += 1
             self.ages.append(t - min(missed) if missed else 0.0)
 
@@ -280,11 +295,10 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
     backlog: list[int] = []
     probe = ListAgeProbe(r, keys, cap_ms=s.list_max_stale_ms) if refreshers and age_probe else None
 
+    waiting_script = r.register_script(_WAITING_LUA)
+
     def waiting() -> int:
-        pipe = r.pipeline(transaction=False)
-        pipe.scard(keys.dirty())
-        pipe.zcard(keys.refreshing())
-        return sum(pipe.execute())
+        return int(waiting_script(keys=[keys.dirty(), keys.refreshing()]))
 
     try:
         if probe is not None:

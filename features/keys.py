@@ -33,8 +33,10 @@ key                         type    value
                                     ``cat:{category}``
 ``trend:meta``              HASH    ``ref_ms``: reference time of the decayed scores
 ``covis:{item_id}``         ZSET    item_id -> decayed co-visitation weight
-``dirty``                   SET     users whose state changed but whose list is not yet
-                                    recomputed (cleared when the list is written; a
+``dirty``                   ZSET    user_id -> time (ms) of the first batch their list
+                                    misses: users whose state changed but whose list is
+                                    not yet recomputed (refreshers claim the oldest
+                                    first; cleared when the list is written; a
                                     restarted worker refreshes whoever is left)
 ``refreshing``              ZSET    user_id -> claim time (ms): users a list refresher took
                                     off ``dirty`` and is refreshing; claims older than

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import orjson
@@ -85,13 +86,19 @@ end
 return out
 """
 
-# The commit's dirty marks (spliced into _COMMIT_LUA). A marked user's stored list misses the
+# The commit's dirty marks (spliced into _COMMIT_LUA). ``dirty`` is a ZSET of user -> time
+# (ms, Redis clock) of the first batch their list misses (NX: later batches keep it), so
+# refreshers claim the longest-waiting users first. A marked user's stored list misses the
 # batch, so its key may live at most ``stale_ms`` more: PEXPIRE to the cap when it has no TTL or
 # a longer one; a shorter one is kept, so repeated touches never push the deadline out (Redis
 # 6.2 has no PEXPIRE LT). A refresher's list write sets the full TTL again (see _LISTS_LUA).
 _MARK_DIRTY_LUA = """
 if #a['dirty'] > 0 then
-  redis.call('SADD', a['dirty_key'], unpack(a['dirty']))
+  local t = redis.call('TIME')
+  local at = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  local marks = {}
+  for i, u in ipairs(a['dirty']) do marks[2 * i - 1] = at; marks[2 * i] = u end
+  redis.call('ZADD', a['dirty_key'], 'NX', unpack(marks))
   local stale, prefix = a['stale_ms'], a['recs_prefix']
   if stale > 0 then
     for _, u in ipairs(a['dirty']) do
@@ -200,7 +207,7 @@ for _, r in ipairs(a['recs']) do
       store = false  -- claimed again after a newer batch: that refresher's list (made or to come) wins
     else
       redis.call('ZREM', a['claims_key'], r[4])
-      if a['stale_ms'] > 0 and redis.call('SISMEMBER', a['dirty_key'], r[4]) == 1 then
+      if a['stale_ms'] > 0 and redis.call('ZSCORE', a['dirty_key'], r[4]) then
         store = left ~= -2
         if store then redis.call('SET', r[1], r[2], 'PX', left > 0 and left or a['stale_ms']) end
       else
@@ -209,7 +216,7 @@ for _, r in ipairs(a['recs']) do
     end
   else
     redis.call('SET', r[1], r[2], 'EX', a['ttl'])
-    redis.call('SREM', a['dirty_key'], r[4])
+    redis.call('ZREM', a['dirty_key'], r[4])
   end
   if store then
     for _, lk in ipairs(r[3]) do
@@ -228,20 +235,26 @@ return {in_time, gone}
 
 # Moves up to ARGV[1] users from ``dirty`` (KEYS[1]) to the claims ZSET (KEYS[2], score =
 # claim time ARGV[2]) in one step, so a refresher that dies leaves them claimed, never lost.
+# The users marked longest ago come first: the order that keeps the fewest lists past the
+# ``list_max_stale_ms`` deadline for a given mean wait (see docs/realtime.md, "List age").
 _CLAIM_LUA = """
-local users = redis.call('SPOP', KEYS[1], tonumber(ARGV[1]))
-for _, u in ipairs(users) do redis.call('ZADD', KEYS[2], ARGV[2], u) end
+local got = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[1]))
+local users = {}
+for i = 1, #got, 2 do
+  users[#users + 1] = got[i]
+  redis.call('ZADD', KEYS[2], ARGV[2], got[i])
+end
 return users
 """
 
 # Claims (KEYS[2]) older than ARGV[1] go back to ``dirty`` (KEYS[1]): their refresher died.
 _REQUEUE_LUA = """
-local users = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, u in ipairs(users) do
-  redis.call('SADD', KEYS[1], u)
-  redis.call('ZREM', KEYS[2], u)
+local got = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'WITHSCORES')
+for i = 1, #got, 2 do
+  redis.call('ZADD', KEYS[1], 'NX', got[i + 1], got[i])
+  redis.call('ZREM', KEYS[2], got[i])
 end
-return #users
+return #got / 2
 """
 
 # KEYS[1] = listed:{item}; ARGV[1] = item_id, ARGV[2] = prefix of recs keys
@@ -564,7 +577,7 @@ class UserStateStore:
         return int(in_time), int(gone)
 
     async def claim_dirty(self, limit: int, *, now_ms: int) -> list[str]:
-        """Take up to ``limit`` users off ``dirty`` for a refresh (one atomic call).
+        """Take up to ``limit`` users off ``dirty`` for a refresh (one atomic call), longest waiting first.
 
         They stay in the ``refreshing`` claims until :meth:`write_lists` with
         ``claimed=True`` releases them; :meth:`requeue_claims` puts back the
@@ -580,7 +593,7 @@ class UserStateStore:
         if not user_ids:
             return
         pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(self.keys.dirty(), *user_ids)
+        pipe.zadd(self.keys.dirty(), dict.fromkeys(user_ids, int(time.time() * 1000)), nx=True)
         pipe.zrem(self.keys.refreshing(), *user_ids)
         await pipe.execute()
 
@@ -590,7 +603,7 @@ class UserStateStore:
 
     async def dirty_users(self, limit: int = 10_000) -> list[str]:
         """Users whose list was not refreshed after their last state change (e.g. after a crash)."""
-        return [u.decode() for u in await self.client.srandmember(self.keys.dirty(), limit)]
+        return [u.decode() for u in await self.client.zrange(self.keys.dirty(), 0, limit - 1)]
 
     async def unlist(self, item_ids: Iterable[str]) -> int:
         """Remove items from every stored list that holds them; returns lists changed."""

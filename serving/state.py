@@ -101,7 +101,7 @@ for u = 0, n - 1 do
   local recs = false
   if ARGV[2 + u] == '1' then
     local id = ARGV[2 + n + u]
-    if redis.call('SISMEMBER', KEYS[1], id) == 0 and not redis.call('ZSCORE', KEYS[2], id) then
+    if not redis.call('ZSCORE', KEYS[1], id) and not redis.call('ZSCORE', KEYS[2], id) then
       recs = redis.call('GET', KEYS[b + 1])
     end
   end
@@ -215,7 +215,7 @@ class UserStateReader:
             return []
         k = self.keys
         pipe = self.client.pipeline(transaction=True)
-        pipe.srem(k.dirty(), *ids)
+        pipe.zrem(k.dirty(), *ids)
         pipe.zadd(k.refreshing(), dict.fromkeys(ids, mark))
         for uid in ids:
             pipe.lrange(k.history(uid), 0, self.history_cap - 1)

@@ -91,7 +91,7 @@ async def test_without_a_refresh_the_stale_list_is_gone_after_the_cap(parts, red
     await asyncio.sleep(CAP_MS / 1000 + 0.5)  # comfortably past the cap
     assert redis_client.get(ws.keys.recs("u1")) is None  # a reader goes to the API
     assert redis_client.get(ws.keys.recs("u2")) is not None  # untouched: its list still holds
-    assert redis_client.sismember(ws.keys.dirty(), "u1")  # and the refresh is still owed
+    assert redis_client.zscore(ws.keys.dirty(), "u1") is not None  # and the refresh is still owed
     assert await refresher.cycle() == 1
     assert redis_client.get(ws.keys.recs("u1")) is not None  # a later GET hits again
     assert redis_client.hget(ws.keys.metrics(), "lists_after_expiry") == b"3"  # 2 first lists + u1's late one
@@ -114,7 +114,7 @@ async def test_a_list_that_misses_a_batch_committed_after_its_read_keeps_the_dea
     assert await ws.store.write_lists({"u1": (b'{"items": [], "v": 2}', [])}, claimed=True, mark=mark) == (1, 0)
     assert redis_client.get(key) == b'{"items": [], "v": 2}'  # newer than the old list, so stored...
     assert 0 < redis_client.pttl(key) <= left  # ...but it misses i2: same deadline
-    assert redis_client.sismember(ws.keys.dirty(), "u1") and redis_client.zcard(ws.keys.refreshing()) == 0
+    assert redis_client.zscore(ws.keys.dirty(), "u1") is not None and redis_client.zcard(ws.keys.refreshing()) == 0
     # the deadline passed before the write: nothing is stored (no list beats a list older than the cap)
     assert await ws.store.claim_dirty(10, now_ms=now_ms()) == ["u1"]
     mark = now_ms() + 0.5
@@ -159,3 +159,13 @@ async def test_a_cap_of_zero_leaves_the_ttl_alone(settings: Settings, redis_clie
         assert redis_client.pttl(ws.keys.recs("u1")) > 60_000
     finally:
         await ws.client.aclose()
+
+
+async def test_refreshers_claim_the_users_waiting_longest_first(parts, redis_client) -> None:  # noqa: ANN001
+    ws, proc, _ = parts
+    for n, u in enumerate(["u3", "u1", "u2"]):  # one batch each, in this order
+        await proc.process(batch([(u, "i0")], start=n), refresh=False)
+        await asyncio.sleep(0.005)  # distinct mark times (ms)
+    await proc.process(batch([("u3", "i1"), ("u4", "i1")], start=3), refresh=False)  # u3 again: keeps its mark
+    assert await ws.store.claim_dirty(2, now_ms=now_ms()) == ["u3", "u1"]
+    assert await ws.store.claim_dirty(5, now_ms=now_ms()) == ["u2", "u4"]

@@ -87,7 +87,7 @@ def test_events_reach_redis_and_first_event_is_fast(settings: Settings, redis_cl
     hist = [orjson.loads(x) for x in redis_client.lrange(keys.history("u0"), 0, -1)]
     assert [h[2] for h in hist] == sorted((e["ts"] for e in events if e["user_id"] == "u0"), reverse=True)
     # a refresher moves users from dirty to refreshing before it writes their lists
-    wait_until(lambda: not redis_client.scard(keys.dirty()) and not redis_client.zcard(keys.refreshing()),
+    wait_until(lambda: not redis_client.zcard(keys.dirty()) and not redis_client.zcard(keys.refreshing()),
                what="every list refreshed")
     recs = orjson.loads(redis_client.get(keys.recs("u0")))
     assert recs["rec_id"] and recs["items"], recs
@@ -321,7 +321,7 @@ def test_a_killed_refresher_is_replaced_and_lists_keep_coming(settings: Settings
     wait_until(lambda: applied(redis_client, keys) == 28, what="8 more events")
     wait_until(lambda: rec_id(redis_client, keys, "u0") not in (None, before),
                what="u0's list refreshed by the new refresher")
-    wait_until(lambda: not redis_client.scard(keys.dirty()) and not redis_client.zcard(keys.refreshing()),
+    wait_until(lambda: not redis_client.zcard(keys.dirty()) and not redis_client.zcard(keys.refreshing()),
                what="nothing left dirty")
 
 
