@@ -94,6 +94,12 @@ return out
 # 6.2 has no PEXPIRE LT). A refresher's list write sets the full TTL again (see _LISTS_LUA).
 _MARK_DIRTY_LUA = """
 if #a['dirty'] > 0 then
+  if redis.call('TYPE', a['dirty_key'])['ok'] == 'set' then
+    -- left by a release whose dirty was a SET: its users first (mark 0)
+    local old = redis.call('SMEMBERS', a['dirty_key'])
+    redis.call('DEL', a['dirty_key'])
+    for _, u in ipairs(old) do redis.call('ZADD', a['dirty_key'], 0, u) end
+  end
   local t = redis.call('TIME')
   local at = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   local marks = {}

@@ -169,3 +169,13 @@ async def test_refreshers_claim_the_users_waiting_longest_first(parts, redis_cli
     await proc.process(batch([("u3", "i1"), ("u4", "i1")], start=3), refresh=False)  # u3 again: keeps its mark
     assert await ws.store.claim_dirty(2, now_ms=now_ms()) == ["u3", "u1"]
     assert await ws.store.claim_dirty(5, now_ms=now_ms()) == ["u2", "u4"]
+
+
+async def test_a_dirty_set_left_by_an_older_release_is_converted_by_the_next_commit(
+    parts, redis_client  # noqa: ANN001
+) -> None:
+    ws, proc, _ = parts
+    redis_client.sadd(ws.keys.dirty(), "old1", "old2")
+    await proc.process(batch([("u1", "i0")], start=0), refresh=False)
+    assert redis_client.zrange(ws.keys.dirty(), 0, -1, withscores=True)[:2] == [(b"old1", 0.0), (b"old2", 0.0)]
+    assert sorted(await ws.store.claim_dirty(10, now_ms=now_ms())) == ["old1", "old2", "u1"]
