@@ -31,6 +31,14 @@ catalog in Redis, as a running shop does (its catalog topic is empty): a
 backlog of 100k catalog upserts would otherwise compete with the events at
 start-up and is not what this benchmark measures.
 
+List age (issue #5): a commit caps the TTL of a touched user's list at
+``LIFTREC_LIST_MAX_STALE_MS``; each refresh reports whether the user's key
+was still there (``lists_refreshed_in_time``) or gone (``lists_after_expiry``,
+which also counts every user's first list: ``lists_first_of_user``), and a
+probe (:class:`ListAgeProbe`) GETs a tenth of the users' keys during the run
+and records how far each list it gets is behind the user's oldest batch it
+misses (``list_age_probe``; ``--no-list-age-probe`` skips it).
+
 Goals (Real-time path issue): >= 10,000 events/s per worker, i.e. >= 75% of
 the no-op Faust floor, and two workers >= 1.7x one.
 
