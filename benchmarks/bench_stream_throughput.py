@@ -31,6 +31,14 @@ catalog in Redis, as a running shop does (its catalog topic is empty): a
 backlog of 100k catalog upserts would otherwise compete with the events at
 start-up and is not what this benchmark measures.
 
+List age (issue #5): a commit caps the TTL of a touched user's list at
+``LIFTREC_LIST_MAX_STALE_MS``; each refresh reports whether the user's key
+was still there (``lists_refreshed_in_time``) or gone (``lists_after_expiry``,
+which also counts every user's first list: ``lists_first_of_user``), and a
+probe (:class:`ListAgeProbe`) GETs a tenth of the users' keys during the run
+and records how far each list it gets is behind the user's oldest batch it
+misses (``list_age_probe``; ``--no-list-age-probe`` skips it).
+
 Goals (Real-time path issue): >= 10,000 events/s per worker, i.e. >= 75% of
 the no-op Faust floor, and two workers >= 1.7x one.
 
@@ -43,17 +51,20 @@ import asyncio
 import collections
 import contextlib
 import os
+import random
 import shlex
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 from _common import BENCH_DIR, base_parser, process_tree, write_result
@@ -153,8 +164,127 @@ async def _preload_catalog(s: Settings, items: list[CatalogItem]) -> None:
         await client.aclose()
 
 
+# Users waiting for a list: ``dirty`` (a SET before the oldest-first claims, a ZSET since: both
+# read, so older trees can be measured with this script) plus the claims.
+_WAITING_LUA = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+local n = t == 'zset' and redis.call('ZCARD', KEYS[1]) or (t == 'set' and redis.call('SCARD', KEYS[1]) or 0)
+return n + redis.call('ZCARD', KEYS[2])
+"""
+
+# The probe's read: the user's list, and whether the user is waiting for a refresh (dirty or claimed).
+_PROBE_GET_LUA = """
+local t = redis.call('TYPE', KEYS[2])['ok']
+local dirty = (t == 'zset' and redis.call('ZSCORE', KEYS[2], ARGV[1]))
+              or (t == 'set' and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1)
+local pending = (dirty or redis.call('ZSCORE', KEYS[3], ARGV[1])) and 1 or 0
+return {redis.call('GET', KEYS[1]), pending}
+"""
+
+
+class ListAgeProbe:
+    """Measures the age of the lists a frontend's GET actually gets while liftrec runs.
+
+    Age of a list read at ``t`` = ``t`` minus the commit time of the oldest batch of
+    the user's that the list misses (0 when it misses none). Commit times come
+    from Redis keyspace notifications of the ``hist:<user>`` key (each applied
+    event's commit LPUSHes to it), for the users whose id ends in ``digit`` (a
+    tenth of the shop, so the subscriber keeps up); the batches a list misses are
+    those committed after its ``ts`` (when the refresher computed it, right after
+    reading the state). A reader thread GETs random sampled users' ``recs`` keys
+    (about ``reads_per_s``) in one Lua read with their ``dirty`` / ``refreshing``
+    marks. The notification reaches the probe a moment after the commit, so an
+    age is short by that delivery time (milliseconds); a batch committed between
+    the refresher's read and the list's ``ts`` (well under a millisecond) counts
+    as included.
+    """
+
+    def __init__(self, r: redis.Redis, keys: KeySchema, *, cap_ms: int, digit: str = "7",
+                 reads_per_s: float = 300.0) -> None:
+        self.r, self.keys, self.cap_ms = r, keys, cap_ms
+        self.prefix = keys.history("")
+        self.db = int(r.connection_pool.connection_kwargs.get("db", 0))
+        self.pattern = f"__keyspace@{self.db}__:{self.prefix}*{digit}"
+        self.period = 1.0 / reads_per_s
+        self.commits: dict[str, list[float]] = {}
+        self.stop = threading.Event()
+        self.ages: list[float] = []
+        self.pending_hits = 0
+        self.hits = self.misses = self.reads = 0
+        self._threads: list[threading.Thread] = []
+        self._old_config = ""
+        self._get = r.register_script(_PROBE_GET_LUA)
+
+    def start(self) -> None:
+        self._old_config = str(self.r.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
+        flags = set(self._old_config) | {"K", "l"}
+        self.r.config_set("notify-keyspace-events", "".join(sorted(flags)))
+        self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(self.pattern)
+        self._threads = [threading.Thread(target=self._listen, daemon=True),
+                         threading.Thread(target=self._read, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _listen(self) -> None:
+        cut = len(f"__keyspace@{self.db}__:{self.prefix}")
+        while not self.stop.is_set():
+            msg = self._pubsub.get_message(timeout=0.1)
+            if msg is None or msg["data"] != b"lpush":
+                continue
+            t = time.time() * 1000.0
+            user = msg["channel"][cut:].decode()
+            times = self.commits.setdefault(user, [])
+            times.append(t)
+            if len(times) > 64:
+                del times[:32]
+
+    def _read(self) -> None:
+        rng = random.Random(5)
+        keys = self.keys
+        while not self.stop.is_set():
+            time.sleep(self.period)
+            users = list(self.commits)
+            if not users:
+                continue
+            u = rng.choice(users)
+            raw, pending = self._get(keys=[keys.recs(u), keys.dirty(), keys.refreshing()], args=[u])
+            t = time.time() * 1000.0
+            self.reads += 1
+            if raw is None:
+                self.misses += 1
+                continue
+            self.hits += 1
+            made = orjson.loads(raw)["ts"]
+            missed = [c for c in list(self.commits.get(u, ())) if c > made]
+            if pending:
+                self.pending_hits += 1
+            self.ages.append(t - min(missed) if missed else 0.0)
+
+    def finish(self) -> dict[str, float]:
+        self.stop.set()
+        for t in self._threads:
+            t.join(5)
+        with contextlib.suppress(redis.RedisError):
+            self._pubsub.close()
+            self.r.config_set("notify-keyspace-events", self._old_config)
+        stale = sorted(a for a in self.ages if a > 0)
+
+        def q(p: float) -> float:
+            return stale[min(len(stale) - 1, int(p * len(stale)))] if stale else 0.0
+
+        return {
+            "reads": self.reads, "hits": self.hits, "misses_no_key": self.misses,
+            "hit_share": self.hits / max(1, self.reads),
+            "hits_missing_events": len(stale), "hits_while_pending": self.pending_hits,
+            "stale_age_ms_p50": q(0.5), "stale_age_ms_p99": q(0.99), "age_ms_max": max(self.ages, default=0.0),
+            "hits_older_than_cap": sum(1 for a in self.ages if a > self.cap_ms), "cap_ms": self.cap_ms,
+            "users_sampled": len(self.commits),
+        }
+
+
 def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tmp: Path,
-                catalog: list[CatalogItem], refreshers: int = 1) -> dict[str, float]:
+                catalog: list[CatalogItem], refreshers: int = 1, age_probe: bool = True) -> dict[str, float]:
     """One timed run; ``refreshers=0``: the state path alone (no list refresh competing for the cores)."""
     run = uuid.uuid4().hex[:6]
     s = base.model_copy(update={"key_prefix": f"bench{run}", "app_id": f"bench-{run}", "state_dir": tmp / run,
@@ -171,14 +301,16 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
     proc = subprocess.Popen(argv, env=_env(s, registry), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=(tmp / f"{run}.log").open("wb"))
     backlog: list[int] = []
+    probe = ListAgeProbe(r, keys, cap_ms=s.list_max_stale_ms) if refreshers and age_probe else None
+
+    waiting_script = r.register_script(_WAITING_LUA)
 
     def waiting() -> int:
-        pipe = r.pipeline(transaction=False)
-        pipe.scard(keys.dirty())
-        pipe.zcard(keys.refreshing())
-        return sum(pipe.execute())
+        return int(waiting_script(keys=[keys.dirty(), keys.refreshing()]))
 
     try:
+        if probe is not None:
+            probe.start()
         lists0 = int(r.hget(keys.metrics(), "lists") or 0)
         t0 = time.perf_counter()
         rate, cpu = _timed(lambda: int(r.hget(keys.metrics(), "events") or 0), total, proc,
@@ -189,7 +321,11 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
         while refreshers and waiting() and time.perf_counter() - t_last < 120:
             time.sleep(0.02)
         drain = time.perf_counter() - t_last
+        age = probe.finish() if probe is not None else {}
         lists = int(r.hget(keys.metrics(), "lists") or 0) - lists0
+        in_time = int(r.hget(keys.metrics(), "lists_in_time") or 0)
+        gone = int(r.hget(keys.metrics(), "lists_after_expiry") or 0)
+        first = int(r.zcard(keys.active()))  # each user's first list finds no key either (fresh prefix)
         batches = int(r.hget(keys.metrics(), "batches") or 0)
         events = total
         return {
@@ -211,6 +347,16 @@ def run_liftrec(base: Settings, registry: Path, total: int, concurrency: int, tm
             "list_wait_mean_s": (statistics.fmean(backlog) / (lists_during / (t_last - t0))
                                  if backlog and lists_during else float("nan")),
             "events_per_batch": total / max(1, batches),
+            # list age (issue #5): a commit caps a dirty user's list TTL at list_max_stale_ms; a refresh
+            # that finds the key still there was in time, one that finds it gone came after a reader
+            # had no list (and computed on read through the API) or is the user's first list
+            "list_max_stale_ms": s.list_max_stale_ms,
+            "lists_refreshed_in_time": in_time,
+            "lists_after_expiry": gone,
+            "lists_first_of_user": first,
+            "lists_in_time_share": in_time / max(1, in_time + gone),
+            "lists_in_time_share_excluding_first": in_time / max(1, in_time + gone - first),
+            "list_age_probe": age,
         }
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the whole group: sh and its workers in the state-only runs
@@ -263,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="skip the two-process runs (quicker; no scaling numbers)")
     parser.add_argument("--state-only", action="store_true",
                         help="skip the runs with list refreshers (the state path and the floors only)")
+    parser.add_argument("--no-list-age-probe", action="store_true",
+                        help="do not measure the age of the lists readers get (the probe turns on Redis "
+                             "keyspace notifications for history keys, which costs Redis a little)")
     args = parser.parse_args(argv)
     items = args.items or (20_000 if args.quick else 100_000)
     users = args.users or (1500 if args.quick else 5000)
@@ -303,8 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             noop2 = run_noop(s, total, processes=2) if not args.one_worker_only else nan
             noop2_uv = run_noop(s, total, processes=2, fast=True) if not args.one_worker_only else nan
             catalog = list(shop.catalog_items())
-            one = run_liftrec(s, registry, total, 1, tmp, catalog) if not args.state_only else nan
-            two = run_liftrec(s, registry, total, 2, tmp, catalog) if not (args.one_worker_only or args.state_only) else nan
+            probe = not args.no_list_age_probe
+            one = run_liftrec(s, registry, total, 1, tmp, catalog, age_probe=probe) if not args.state_only else nan
+            two = run_liftrec(s, registry, total, 2, tmp, catalog, age_probe=probe) if not (args.one_worker_only or args.state_only) else nan
             one_state = run_liftrec(s, registry, total, 1, tmp, catalog, refreshers=0)
             two_state = (run_liftrec(s, registry, total, 2, tmp, catalog, refreshers=0)
                          if not args.one_worker_only else nan)
@@ -344,9 +494,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"({one_state['events_per_s'] / f1:.0%} of no-op Faust), 2 workers {two_state['events_per_s']:,.0f} "
                f"(x{two_state['events_per_s'] / one_state['events_per_s']:.2f}); "
                f"bare aiokafka {bare:,.0f} ev/s; {total:,} events")
+    if not args.state_only:
+        p = one["list_age_probe"]
+        summary += (f"; list age (cap {one['list_max_stale_ms']} ms): {one['lists_in_time_share']:.0%} of refreshes "
+                    f"in time ({one['lists_in_time_share_excluding_first']:.0%} not counting first lists), reader "
+                    f"GETs hit {p.get('hit_share', float('nan')):.0%}, oldest list read "
+                    f"{p.get('age_ms_max', float('nan')):.0f} ms")
     write_result(NAME, results, summary=summary, out_dir=args.out_dir,
                  params={"quick": args.quick, "items": items, "users": users, "days": days,
-                         "state_only": args.state_only, "one_worker_only": args.one_worker_only})
+                         "state_only": args.state_only, "one_worker_only": args.one_worker_only,
+                         "list_age_probe": not args.no_list_age_probe})
     print(summary)
     return 0
 

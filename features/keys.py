@@ -16,7 +16,10 @@ key                         type    value
 ``uvec:{user_id}``          HASH    ``vec`` float32 bytes, ``model`` version, ``ts`` ms
 ``recs:{user_id}``          STRING  orjson list: ``rec_id``, ``user_id``, ``model``,
                                     ``ts``, ``source``, ``items`` [{item_id, score,
-                                    reason}] - the frontend's one GET
+                                    reason}] - the frontend's one GET; a commit that
+                                    changes the user's state caps its remaining TTL at
+                                    ``list_max_stale_ms`` until the refresh (no key:
+                                    ask the API)
 ``bought:{user_id}``        HASH    item_id -> ts (ms) of the user's last purchase
 ``shown:{user_id}``         HASH    item_id -> impressions since the user last engaged
                                     with it (frequency capping; reset by a click,
@@ -30,8 +33,10 @@ key                         type    value
                                     ``cat:{category}``
 ``trend:meta``              HASH    ``ref_ms``: reference time of the decayed scores
 ``covis:{item_id}``         ZSET    item_id -> decayed co-visitation weight
-``dirty``                   SET     users whose state changed but whose list is not yet
-                                    recomputed (cleared when the list is written; a
+``dirty``                   ZSET    user_id -> time (ms) of the first batch their list
+                                    misses: users whose state changed but whose list is
+                                    not yet recomputed (refreshers claim the oldest
+                                    first; cleared when the list is written; a
                                     restarted worker refreshes whoever is left)
 ``refreshing``              ZSET    user_id -> claim time (ms): users a list refresher took
                                     off ``dirty`` and is refreshing; claims older than
@@ -46,7 +51,9 @@ key                         type    value
                                     MULTI/EXEC as the state it produced)
 ``metrics``                 HASH    counters: ``events``, ``dlq``, ``dlq:{reason}``,
                                     ``batches``, ``duplicates``, ``replayed``,
-                                    ``lists`` (lists written)
+                                    ``lists`` (lists written), ``lists_in_time`` /
+                                    ``lists_after_expiry`` (written while the user's
+                                    key was still there / gone)
 ``model:current``           STRING  version of the model bundle in use
 ``model:announce``          PUBSUB  channel announcing a newly published bundle
 ``experiment:defs``         HASH    experiment name -> orjson definition (variants and

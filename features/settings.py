@@ -106,6 +106,15 @@ class Settings(BaseSettings):
     recs_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     """TTL of the precomputed list and other per-user keys (seconds)."""
 
+    list_max_stale_ms: int = Field(default=1000, ge=0, le=24 * 3600 * 1000)
+    """Longest a stored list (``recs:<user>``) outlives the first batch it misses
+    (ms). The commit that marks a user ``dirty`` caps the remaining TTL of their
+    list at this (never lengthening a shorter one); a refresher's write sets the
+    full ``recs_ttl_s`` again. A reader whose GET finds no key goes to the API,
+    which computes the list. So no list a reader can GET misses an applied
+    event for longer than this. ``0`` turns the cap off (a stale list then lives
+    until its refresh)."""
+
     max_payload_bytes: int = Field(default=64 * 1024, ge=256)
     """Largest accepted event payload."""
 

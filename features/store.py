@@ -88,6 +88,35 @@ end
 return out
 """
 
+# The commit's dirty marks (spliced into _COMMIT_LUA). ``dirty`` is a ZSET of user -> time
+# (ms, Redis clock) of the first batch their list misses (NX: later batches keep it), so
+# refreshers claim the longest-waiting users first. A marked user's stored list misses the
+# batch, so its key may live at most ``stale_ms`` more: PEXPIRE to the cap when it has no TTL or
+# a longer one; a shorter one is kept, so repeated touches never push the deadline out (Redis
+# 6.2 has no PEXPIRE LT). A refresher's list write sets the full TTL again (see _LISTS_LUA).
+_MARK_DIRTY_LUA = """
+if #a['dirty'] > 0 then
+  if redis.call('TYPE', a['dirty_key'])['ok'] == 'set' then
+    -- left by a release whose dirty was a SET: its users first (mark 0)
+    local old = redis.call('SMEMBERS', a['dirty_key'])
+    redis.call('DEL', a['dirty_key'])
+    for _, u in ipairs(old) do redis.call('ZADD', a['dirty_key'], 0, u) end
+  end
+  local t = redis.call('TIME')
+  local at = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  local marks = {}
+  for i, u in ipairs(a['dirty']) do marks[2 * i - 1] = at; marks[2 * i] = u end
+  redis.call('ZADD', a['dirty_key'], 'NX', unpack(marks))
+  local stale, prefix = a['stale_ms'], a['recs_prefix']
+  if stale > 0 then
+    for _, u in ipairs(a['dirty']) do
+      local left = redis.call('PTTL', prefix .. u)
+      if left == -1 or left > stale then redis.call('PEXPIRE', prefix .. u, stale) end
+    end
+  end
+end
+"""
+
 # One call writes a whole batch atomically (a Lua script runs without interleaving),
 # offsets included. ARGV[1] = orjson payload built by UserStateStore.commit;
 # ARGV[2..] = float32 user-vector bytes, in the order of payload["vecs"].
@@ -201,49 +230,89 @@ for first = 1, #seen, 1000 do
 end
 if #seen > 0 then redis.call('ZREMRANGEBYSCORE', a['seen_key'], '-inf', a['seen_until']) end
 for j = 1, #a['metrics'], 2 do redis.call('HINCRBY', a['metrics_key'], a['metrics'][j], a['metrics'][j + 1]) end
-if #a['dirty'] > 0 then redis.call('SADD', a['dirty_key'], unpack(a['dirty'])) end
+__MARK_DIRTY__
 if #a['offsets'] > 0 then redis.call('HSET', a['offsets_key'], unpack(a['offsets'])) end
 return 1
 """.replace("__LIMIT__", repr(_RESCALE_HALF_LIVES)).replace("__GRID__", repr(_REF_GRID_HALF_LIVES))
+_COMMIT_LUA = _COMMIT_LUA.replace("__MARK_DIRTY__", _MARK_DIRTY_LUA.strip())
 
 
-# ARGV[1] = orjson {"ttl", "dirty_key", "claims_key", "metrics_key", "recs": [[recs key, value, [listed keys], user]]}.
+# ARGV[1] = orjson {"ttl", "stale_ms", "mark", "dirty_key", "claims_key", "metrics_key",
+#                   "recs": [[recs key, value, [listed keys], user]]}.
 # A list computed from a claim (see _CLAIM_LUA) releases the claim and leaves ``dirty``
 # alone: the user may have been marked dirty again by a batch committed since the claim.
+# The refresher reads its users' state in the same transaction as it takes them off
+# ``dirty`` and stamps their claims with ``mark`` (UserStateReader.read_claimed). A user
+# found in ``dirty`` here had a batch committed after the read: the list misses it, so it
+# keeps the deadline that commit gave the key (_MARK_DIRTY_LUA); with no key left the
+# deadline has passed and the list is not stored (the user's owed refresh stores one). A
+# user whose claim no longer carries the mark was claimed again (by another refresher,
+# after a newer batch, or requeued as dead): the list is not stored and that claim stays,
+# so an older list never overwrites a newer one. ``mark`` "" releases the claim
+# unconditionally (callers that do not stamp). Returns
+# {lists whose key was still there (refreshed in time), lists whose key was gone
+# (expired, or the user's first list: a reader meanwhile found no list)}.
 _LISTS_LUA = """
 local a = cjson.decode(ARGV[1])
+local in_time, gone = 0, 0
+local mark = a['mark'] ~= '' and tonumber(a['mark']) or nil
 for _, r in ipairs(a['recs']) do
-  redis.call('SET', r[1], r[2], 'EX', a['ttl'])
-  for _, lk in ipairs(r[3]) do
-    redis.call('SADD', lk, r[4])
-    redis.call('EXPIRE', lk, a['ttl'])
-  end
+  local left = redis.call('PTTL', r[1])
+  if left == -2 then gone = gone + 1 else in_time = in_time + 1 end
+  local store = true
   if a['claims_key'] ~= '' then
-    redis.call('ZREM', a['claims_key'], r[4])
+    if mark and tonumber(redis.call('ZSCORE', a['claims_key'], r[4]) or '-1') ~= mark then
+      store = false  -- claimed again after a newer batch: that refresher's list (made or to come) wins
+    else
+      redis.call('ZREM', a['claims_key'], r[4])
+      if a['stale_ms'] > 0 and redis.call('ZSCORE', a['dirty_key'], r[4]) then
+        store = left ~= -2
+        if store then redis.call('SET', r[1], r[2], 'PX', left > 0 and left or a['stale_ms']) end
+      else
+        redis.call('SET', r[1], r[2], 'EX', a['ttl'])
+      end
+    end
   else
-    redis.call('SREM', a['dirty_key'], r[4])
+    redis.call('SET', r[1], r[2], 'EX', a['ttl'])
+    redis.call('ZREM', a['dirty_key'], r[4])
+  end
+  if store then
+    for _, lk in ipairs(r[3]) do
+      redis.call('SADD', lk, r[4])
+      redis.call('EXPIRE', lk, a['ttl'])
+    end
   end
 end
-if #a['recs'] > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists', #a['recs']) end
-return #a['recs']
+if #a['recs'] > 0 then
+  redis.call('HINCRBY', a['metrics_key'], 'lists', #a['recs'])
+  if in_time > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists_in_time', in_time) end
+  if gone > 0 then redis.call('HINCRBY', a['metrics_key'], 'lists_after_expiry', gone) end
+end
+return {in_time, gone}
 """
 
 # Moves up to ARGV[1] users from ``dirty`` (KEYS[1]) to the claims ZSET (KEYS[2], score =
 # claim time ARGV[2]) in one step, so a refresher that dies leaves them claimed, never lost.
+# The users marked longest ago come first: the order that keeps the fewest lists past the
+# ``list_max_stale_ms`` deadline for a given mean wait (see docs/realtime.md, "List age").
 _CLAIM_LUA = """
-local users = redis.call('SPOP', KEYS[1], tonumber(ARGV[1]))
-for _, u in ipairs(users) do redis.call('ZADD', KEYS[2], ARGV[2], u) end
+local got = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[1]))
+local users = {}
+for i = 1, #got, 2 do
+  users[#users + 1] = got[i]
+  redis.call('ZADD', KEYS[2], ARGV[2], got[i])
+end
 return users
 """
 
 # Claims (KEYS[2]) older than ARGV[1] go back to ``dirty`` (KEYS[1]): their refresher died.
 _REQUEUE_LUA = """
-local users = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, u in ipairs(users) do
-  redis.call('SADD', KEYS[1], u)
-  redis.call('ZREM', KEYS[2], u)
+local got = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'WITHSCORES')
+for i = 1, #got, 2 do
+  redis.call('ZADD', KEYS[1], 'NX', got[i + 1], got[i])
+  redis.call('ZREM', KEYS[2], got[i])
 end
-return #users
+return #got / 2
 """
 
 # KEYS[1] = listed:{item}; ARGV[1] = item_id, ARGV[2] = prefix of recs keys
@@ -382,6 +451,9 @@ class UserStateStore:
         Consumer group and topic whose applied offsets this store tracks.
     history_cap, ttl_s, dedup_ttl_s : int
         Length of the history list, TTL of per-user keys, TTL of dedup markers.
+    list_max_stale_ms : int, optional
+        Longest a stored list outlives the first batch it misses (``0``: no cap);
+        see :attr:`~features.settings.Settings.list_max_stale_ms`.
     half_life_s : float
         Half-life of trending counts.
     """
@@ -397,6 +469,7 @@ class UserStateStore:
         ttl_s: int = 7 * 24 * 3600,
         dedup_ttl_s: int = 24 * 3600,
         half_life_s: float = 6 * 3600.0,
+        list_max_stale_ms: int = 1000,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -406,6 +479,7 @@ class UserStateStore:
         self.ttl_s = ttl_s
         self.dedup_ttl_s = dedup_ttl_s
         self.half_life_ms = half_life_s * 1000.0
+        self.list_max_stale_ms = list_max_stale_ms
         self._offsets_key = keys.offsets(group, topic)
         self._snapshot = client.register_script(_SNAPSHOT_LUA)
         self._commit = client.register_script(_COMMIT_LUA)
@@ -520,10 +594,13 @@ class UserStateStore:
             "expect": [[str(p), str(o)] for p, o in w.expect_offsets.items()],
             "dirty_key": k.dirty(),
             "dirty": w.dirty,
+            "recs_prefix": k.recs(""),
+            "stale_ms": self.list_max_stale_ms,
         }
         return bool(await self._commit(args=[orjson.dumps(payload), *(w.vectors[u] for u in vec_users)]))
 
-    async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]], *, claimed: bool = False) -> None:
+    async def write_lists(self, lists: Mapping[str, tuple[bytes, Sequence[str]]], *,
+                          claimed: bool = False, mark: float | None = None) -> tuple[int, int]:
         """Store precomputed lists (value, item ids) in one call.
 
         Parameters
@@ -534,23 +611,41 @@ class UserStateStore:
             ``False`` (inline refresh): clear the users' ``dirty`` marks.
             ``True`` (lists of users taken with :meth:`claim_dirty`): release
             their claims and leave ``dirty`` alone, so a batch committed after
-            the claim still gets its own refresh.
+            the claim still gets its own refresh. Such a user's list (the batch
+            committed after :meth:`~serving.state.UserStateReader.read_many` took
+            them off ``dirty``) misses that batch: it keeps the remaining TTL the
+            commit gave the old list, and is not stored when that has run out.
+        mark : float, optional
+            With ``claimed``: the stamp :meth:`~serving.state.UserStateReader.read_claimed`
+            put on the claims when it read the users' state. A user whose claim no
+            longer carries it was claimed again after a newer batch (another
+            refresher, or a requeue): their list is not stored and the claim stays.
+
+        Returns
+        -------
+        (int, int)
+            Lists whose user's key was still there (refreshed before the
+            ``list_max_stale_ms`` deadline) and lists whose key was gone (expired,
+            or the user's first list): a reader meanwhile found no list.
         """
         if not lists:
-            return
+            return 0, 0
         k = self.keys
         payload = {
             "ttl": self.ttl_s,
+            "stale_ms": self.list_max_stale_ms,
+            "mark": repr(mark) if claimed and mark is not None else "",
             "dirty_key": k.dirty(),
             "claims_key": k.refreshing() if claimed else "",
             "metrics_key": k.metrics(),
             "recs": [[k.recs(u), value.decode(), [k.listed(i) for i in items], u]
                      for u, (value, items) in lists.items()],
         }
-        await self._lists(args=[orjson.dumps(payload)])
+        in_time, gone = await self._lists(args=[orjson.dumps(payload)])
+        return int(in_time), int(gone)
 
     async def claim_dirty(self, limit: int, *, now_ms: int) -> list[str]:
-        """Take up to ``limit`` users off ``dirty`` for a refresh (one atomic call).
+        """Take up to ``limit`` users off ``dirty`` for a refresh (one atomic call), longest waiting first.
 
         They stay in the ``refreshing`` claims until :meth:`write_lists` with
         ``claimed=True`` releases them; :meth:`requeue_claims` puts back the
@@ -566,7 +661,7 @@ class UserStateStore:
         if not user_ids:
             return
         pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(self.keys.dirty(), *user_ids)
+        pipe.zadd(self.keys.dirty(), dict.fromkeys(user_ids, int(time.time() * 1000)), nx=True)
         pipe.zrem(self.keys.refreshing(), *user_ids)
         await pipe.execute()
 
@@ -576,7 +671,7 @@ class UserStateStore:
 
     async def dirty_users(self, limit: int = 10_000) -> list[str]:
         """Users whose list was not refreshed after their last state change (e.g. after a crash)."""
-        return [u.decode() for u in await self.client.srandmember(self.keys.dirty(), limit)]
+        return [u.decode() for u in await self.client.zrange(self.keys.dirty(), 0, limit - 1)]
 
     async def unlist(self, item_ids: Iterable[str]) -> int:
         """Remove items from every stored list that holds them; returns lists changed."""

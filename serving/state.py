@@ -101,7 +101,7 @@ for u = 0, n - 1 do
   local recs = false
   if ARGV[2 + u] == '1' then
     local id = ARGV[2 + n + u]
-    if redis.call('SISMEMBER', KEYS[1], id) == 0 and not redis.call('ZSCORE', KEYS[2], id) then
+    if not redis.call('ZSCORE', KEYS[1], id) and not redis.call('ZSCORE', KEYS[2], id) then
       recs = redis.call('GET', KEYS[b + 1])
     end
   end
@@ -191,6 +191,40 @@ class UserStateReader:
         res = await pipe.execute()
         return [decode_state(uid, *res[5 * i:5 * i + 5]) for i, uid in enumerate(ids)]
 
+    async def read_claimed(self, user_ids: Sequence[str], *, mark: float) -> list[UserState]:
+        """The states of users a list refresher claimed, read as it takes them off ``dirty``.
+
+        One transaction (``MULTI``/``EXEC``): remove the users from ``dirty``, stamp
+        their claims in ``refreshing`` with ``mark`` (claiming them again if a
+        requeue gave them back meanwhile), then
+        read their state as :meth:`read_many` does. A user in ``dirty`` again when
+        the list is written (or whose claim lost the stamp) had a batch committed
+        after this read; :meth:`features.store.UserStateStore.write_lists` then keeps
+        the old list's deadline (see ``list_max_stale_ms``).
+
+        Parameters
+        ----------
+        user_ids : sequence of str
+            Claimed users, in order.
+        mark : float
+            The stamp (claim scores are integer ms; a stamp with a fraction, such as
+            ``now_ms() + 0.5``, cannot equal another refresher's claim).
+        """
+        ids = list(user_ids)
+        if not ids:
+            return []
+        k = self.keys
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(k.dirty(), *ids)
+        pipe.zadd(k.refreshing(), dict.fromkeys(ids, mark))
+        for uid in ids:
+            pipe.lrange(k.history(uid), 0, self.history_cap - 1)
+            pipe.hgetall(k.bought(uid))
+            pipe.hmget(k.user_vector(uid), "vec", "model")
+            pipe.hgetall(k.shown(uid))
+            pipe.hget(k.session(uid), "start")
+        res = (await pipe.execute())[2:]
+        return [decode_state(uid, *res[5 * i:5 * i + 5]) for i, uid in enumerate(ids)]
 
     async def fetch_many(self, user_ids: Sequence[str], *, with_recs: Sequence[bool] | None = None
                          ) -> list[StateReply]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["BATCH_SECONDS", "DLQ", "EVENTS", "LAG", "PAUSED", "REDIS_RETRIES", "REFRESHES", "REFRESH_SECONDS"]
+__all__ = ["BATCH_SECONDS", "DLQ", "EVENTS", "LAG", "LISTS_AFTER_EXPIRY", "LISTS_IN_TIME", "PAUSED", "REDIS_RETRIES",
+           "REFRESHES", "REFRESH_SECONDS"]
 
 EVENTS = Counter("liftrec_stream_events_total", "Consumed events by result", ["result"])
 DLQ = Counter("liftrec_stream_dlq_total", "Records sent to the dead-letter topic", ["reason"])
@@ -17,6 +18,10 @@ REDIS_RETRIES = Counter("liftrec_stream_redis_retries_total", "Redis calls retri
 LAG = Gauge("liftrec_stream_consumer_lag", "Records in the partition not yet applied to Redis", ["partition"])
 PAUSED = Gauge("liftrec_stream_paused", "1 while the worker's partitions are paused (Redis unavailable)")
 REFRESHES = Counter("liftrec_stream_list_refreshes_total", "Precomputed lists recomputed")
+LISTS_IN_TIME = Counter("liftrec_stream_lists_in_time_total",
+                        "Refreshed lists whose user's key was still there (before the list_max_stale_ms deadline)")
+LISTS_AFTER_EXPIRY = Counter("liftrec_stream_lists_after_expiry_total",
+                             "Refreshed lists whose user's key was gone (expired or first list: readers went to the API)")
 REFRESH_SECONDS = Histogram(
     "liftrec_stream_refresh_seconds",
     "Wall time of one batched list refresh",

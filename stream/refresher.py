@@ -12,11 +12,20 @@ beside the worker(s), turns those marks into lists:
    window ends, so a hot user costs one list per window however many events
    they send — and the list made when the window ends reads the state then,
    so it reflects their last event;
-3. **read** the users' states (one pipelined round trip), **recompute** their
-   lists with one batched :meth:`~serving.recommender.Recommender.recommend_many`
-   (one fold-in, one retrieval call, one ONNX call) and **write** them with
-   one Lua call that also releases the claims. A user marked ``dirty`` again
-   after the claim stays ``dirty`` and gets its own refresh.
+3. **read** the users' states (one ``MULTI`` that also takes them off ``dirty``
+   again and stamps their claims), **recompute** their lists with one batched
+   :meth:`~serving.recommender.Recommender.recommend_many` (one fold-in, one
+   retrieval call, one ONNX call) and **write** them with one Lua call that
+   also releases the claims. A user marked ``dirty`` again after the read stays
+   ``dirty`` and gets its own refresh; the list written meanwhile misses that
+   batch, so it keeps the deadline the batch's commit gave the key
+   (``list_max_stale_ms``, see :meth:`features.store.UserStateStore.write_lists`).
+
+The write reports whether each user's key was still there (refreshed before
+the ``list_max_stale_ms`` deadline) or gone (a reader meanwhile found no list
+and went to the API): ``liftrec_stream_lists_in_time_total`` and
+``liftrec_stream_lists_after_expiry_total``, and ``lists_in_time`` /
+``lists_after_expiry`` in the Redis metrics hash.
 
 Claims older than ``refresh_claim_timeout_s`` (their refresher died) go back to
 ``dirty``; every refresher checks for them every few seconds and at start.
@@ -141,13 +150,16 @@ class ListRefresher:
             return 0
         try:
             t0 = time.perf_counter()
-            states = await self.reader.read_many(users)
+            trending = await self.trending()
+            mark = now_ms() + 0.5  # claims are integer ms: no other refresher's claim equals it
+            states = await self.reader.read_claimed(users, mark=mark)
             lists = self.recommender.recommend_many(
-                states, self.request, bundle=self.bundle(), trending=await self.trending(),
+                states, self.request, bundle=self.bundle(), trending=trending,
                 catalog=self.catalog, now_ms=now_ms(),
             )
-            await self.store.write_lists({u: (rl.encode(), [i.item_id for i in rl.items])
-                                          for u, rl in zip(users, lists, strict=True)}, claimed=True)
+            in_time, gone = await self.store.write_lists(
+                {u: (rl.encode(), [i.item_id for i in rl.items]) for u, rl in zip(users, lists, strict=True)},
+                claimed=True, mark=mark)
         except BaseException:
             try:
                 await asyncio.shield(self.store.release_claims(users))
@@ -159,6 +171,8 @@ class ListRefresher:
             self._last[u] = done
         self._prune(done)
         metrics.REFRESHES.inc(len(users))
+        metrics.LISTS_IN_TIME.inc(in_time)
+        metrics.LISTS_AFTER_EXPIRY.inc(gone)
         metrics.REFRESH_SECONDS.observe(time.perf_counter() - t0)
         log.debug("lists refreshed users=%d deferred=%d ms=%.1f", len(users), len(self._deferred),
                   (time.perf_counter() - t0) * 1000)

@@ -55,6 +55,7 @@ class WorkerState:
             topic=settings.events_topic,
             history_cap=settings.history_cap,
             ttl_s=settings.recs_ttl_s,
+            list_max_stale_ms=settings.list_max_stale_ms,
             dedup_ttl_s=settings.dedup_window_s,
             half_life_s=settings.trending_half_life_s,
         )

@@ -159,7 +159,7 @@ async def test_a_fresh_precomputed_list_answers_from_the_batched_read(
     assert other.status_code == 200 and not other.json()["source"].startswith("precomputed:")
     keys = KeySchema(settings.key_prefix)
     client = aioredis.Redis.from_url(endpoints.redis_url)
-    for mark in (lambda: client.sadd(keys.dirty(), "alice"), lambda: client.zadd(keys.refreshing(), {"alice": NOW})):
+    for mark in (lambda: client.zadd(keys.dirty(), {"alice": NOW}), lambda: client.zadd(keys.refreshing(), {"alice": NOW})):
         await mark()   # events applied after the stored list: it is stale whatever its age
         waiting = (await api.get("/v1/users/alice/recommendations", params={"k": 6})).json()
         assert waiting["rec_id"] != "f" * 32 and not waiting["source"].startswith("precomputed:")

@@ -69,11 +69,11 @@ async def test_batches_mark_users_dirty_and_a_cycle_writes_their_lists(parts, re
     ws, proc, refresher, _ = parts
     await proc.process(batch([("u1", "i0", "view"), ("u2", "i1", "click"), ("u1", "i2", "view")], start=0),
                        refresh=False)
-    assert redis_client.smembers(ws.keys.dirty()) == {b"u1", b"u2"}
+    assert set(redis_client.zrange(ws.keys.dirty(), 0, -1)) == {b"u1", b"u2"}
     assert not redis_client.exists(ws.keys.recs("u1"))
     assert proc.pending == {}  # nothing kept in the worker for lists it does not make
     assert await refresher.cycle() == 2
-    assert redis_client.scard(ws.keys.dirty()) == 0 and redis_client.zcard(ws.keys.refreshing()) == 0
+    assert redis_client.zcard(ws.keys.dirty()) == 0 and redis_client.zcard(ws.keys.refreshing()) == 0
     assert set(listed_items(redis_client, ws, "u1")) >= {"i0", "i1", "i2"}  # trending, nothing bought
     assert await refresher.cycle() == 0
 
@@ -85,13 +85,13 @@ async def test_a_refresher_that_dies_leaves_its_users_claimed_and_they_are_refre
     await proc.process(batch([("u1", "i0", "view"), ("u2", "i1", "view")], start=0), refresh=False)
     claimed = await ws.store.claim_dirty(10, now_ms=now_ms())  # a refresher takes them, then is killed
     assert sorted(claimed) == ["u1", "u2"]
-    assert redis_client.scard(ws.keys.dirty()) == 0 and redis_client.zcard(ws.keys.refreshing()) == 2
+    assert redis_client.zcard(ws.keys.dirty()) == 0 and redis_client.zcard(ws.keys.refreshing()) == 2
     assert await refresher.cycle() == 0  # another refresher sees nothing dirty meanwhile
     await asyncio.sleep(0.1)  # past refresh_claim_timeout_s
     assert await refresher.requeue_dead_claims() == 2
     assert await refresher.cycle() == 2
     assert redis_client.exists(ws.keys.recs("u1"), ws.keys.recs("u2")) == 2
-    assert redis_client.zcard(ws.keys.refreshing()) == 0 and redis_client.scard(ws.keys.dirty()) == 0
+    assert redis_client.zcard(ws.keys.refreshing()) == 0 and redis_client.zcard(ws.keys.dirty()) == 0
 
 
 async def test_a_batch_committed_during_a_refresh_keeps_the_user_dirty(parts, redis_client) -> None:  # noqa: ANN001
@@ -100,7 +100,7 @@ async def test_a_batch_committed_during_a_refresh_keeps_the_user_dirty(parts, re
     assert await ws.store.claim_dirty(10, now_ms=now_ms()) == ["u1"]
     await proc.process(batch([("u1", "i1", "view")], start=1), refresh=False)  # while the list is computed
     await ws.store.write_lists({"u1": (b'{"items": []}', [])}, claimed=True)
-    assert redis_client.smembers(ws.keys.dirty()) == {b"u1"}  # the second batch still gets its refresh
+    assert redis_client.zrange(ws.keys.dirty(), 0, -1) == [b"u1"]  # the second batch still gets its refresh
     assert redis_client.zcard(ws.keys.refreshing()) == 0
 
 
@@ -124,7 +124,7 @@ async def test_debounce_defers_a_hot_user_and_the_late_list_has_the_last_event(
     assert refresher.deferred == 0
     assert orjson.loads(redis_client.get(ws.keys.recs("hot")))["rec_id"] != first["rec_id"]
     assert "i1" not in listed_items(redis_client, ws, "hot")  # bought by the last event: off the list
-    assert redis_client.scard(ws.keys.dirty()) == 0 and redis_client.zcard(ws.keys.refreshing()) == 0
+    assert redis_client.zcard(ws.keys.dirty()) == 0 and redis_client.zcard(ws.keys.refreshing()) == 0
 
 
 async def test_a_failed_refresh_gives_its_users_back(parts, redis_client) -> None:  # noqa: ANN001
@@ -137,5 +137,5 @@ async def test_a_failed_refresh_gives_its_users_back(parts, redis_client) -> Non
     refresher.recommender.recommend_many = broken  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="ranker exploded"):
         await refresher.cycle()
-    assert redis_client.smembers(ws.keys.dirty()) == {b"u1"}
+    assert redis_client.zrange(ws.keys.dirty(), 0, -1) == [b"u1"]
     assert redis_client.zcard(ws.keys.refreshing()) == 0
