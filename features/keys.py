@@ -43,7 +43,10 @@ key                         type    value
                                     ``refresh_claim_timeout_s`` go back to ``dirty``
 ``active``                  ZSET    user_id -> ts (ms) of the user's newest event (the
                                     backfill after a model switch folds these in first)
-``seen:{event_id}``         STRING  dedup marker with TTL ``dedup_window_s``
+``seen``                    ZSET    event_id -> time (ms) its batch was applied: the dedup
+                                    markers; a marker counts for ``dedup_window_s`` and
+                                    each commit removes the older ones (one ZADD per batch
+                                    instead of a ``SET ... EX`` per event)
 ``offsets:{group}:{topic}`` HASH    partition -> last applied offset (written in the same
                                     MULTI/EXEC as the state it produced)
 ``metrics``                 HASH    counters: ``events``, ``dlq``, ``dlq:{reason}``,
@@ -138,8 +141,8 @@ class KeySchema:
     def active(self) -> str:
         return f"{self._base}active"
 
-    def seen(self, event_id: str) -> str:
-        return f"{self._base}seen:{event_id}"
+    def seen(self) -> str:
+        return f"{self._base}seen"
 
     def offsets(self, group: str, topic: str) -> str:
         return f"{self._base}offsets:{group}:{topic}"

@@ -49,7 +49,8 @@ _REF_GRID_HALF_LIVES = 32.0
 
 # One call reads everything a batch needs (a Lua script is one command, so the
 # client's per-command overhead is paid once, not a few thousand times).
-# ARGV[1] = orjson {"offsets": key, "cap": n, "seen": [keys], "users": [[hist, sess, bought, shown]],
+# ARGV[1] = orjson {"offsets": key, "seen_key": key, "since": ms, "seen": [event ids],
+#                   "users": [[hist, sess, bought, shown]],
 #                   "check": [[hist, sess, id, start, last, n]]}
 # ``bought``/``shown`` may be "" (not needed: a worker whose lists are made elsewhere).
 # ``check`` users are cached by the caller with that session fingerprint: when the stored
@@ -57,11 +58,12 @@ _REF_GRID_HALF_LIVES = 32.0
 _SNAPSHOT_LUA = """
 local a = cjson.decode(ARGV[1])
 local out = {redis.call('HGETALL', a['offsets'])}
--- one MGET per 1,000 dedup markers instead of one EXISTS per event (a missing key reads as false)
-local keys, seen = a['seen'], {}
-for first = 1, #keys, 1000 do
-  local got = redis.call('MGET', unpack(keys, first, math.min(first + 999, #keys)))
-  for j = 1, #got do seen[first + j - 1] = got[j] and 1 or 0 end
+-- one ZMSCORE per 1,000 event ids: seen when marked after ``since`` (older markers are
+-- outside the dedup window; the next commit removes them)
+local ids, seen, since = a['seen'], {}, a['since']
+for first = 1, #ids, 1000 do
+  local got = redis.call('ZMSCORE', a['seen_key'], unpack(ids, first, math.min(first + 999, #ids)))
+  for j = 1, #got do seen[first + j - 1] = (got[j] and tonumber(got[j]) > since) and 1 or 0 end
 end
 out[2] = seen
 local n = 2
@@ -121,6 +123,40 @@ end
 # Integers that must stay exact (ts, offsets) travel as strings.
 _COMMIT_LUA = """
 local a = cjson.decode(ARGV[1])
+-- adds (member, increment) pairs times ``mul`` to a sorted set: what one ZINCRBY per member
+-- stores, bit for bit (old + inc in doubles; a Lua number reaches redis.call as a string that
+-- round-trips the double), with one ZMSCORE and one ZADD per 1,000 members instead of a call
+-- per member. Returns how many members may be new (a ZINCRBY alone does not tell).
+local function zincr(key, pairs, mul)
+  if #pairs == 2 then  -- one member: one call either way
+    redis.call('ZINCRBY', key, pairs[2] * mul, pairs[1])
+    return 1
+  end
+  local added = 0
+  for first = 1, #pairs, 2000 do
+    local last = math.min(first + 1999, #pairs)
+    local members, n = {}, 0
+    for j = first, last, 2 do
+      n = n + 1
+      members[n] = pairs[j]
+    end
+    local old = redis.call('ZMSCORE', key, unpack(members))
+    local args = {}
+    for j = 1, n do
+      local inc = pairs[first + 2 * j - 1] * mul
+      local prev = old[j]
+      if prev then
+        args[2 * j - 1] = inc + tonumber(prev)
+      else
+        args[2 * j - 1] = inc
+        added = added + 1
+      end
+      args[2 * j] = members[j]
+    end
+    redis.call('ZADD', key, unpack(args))
+  end
+  return added
+end
 -- fence: the batch was computed from these applied offsets; another writer (a second worker
 -- that took the partition in a rebalance) moved one since: write nothing, the caller re-reads
 for _, x in ipairs(a['expect']) do
@@ -168,15 +204,31 @@ if #a['trend'] > 0 then
     redis.call('HSET', meta, 'ref_ms', string.format('%d', ref))
   end
   local scale = 2 ^ ((ts - ref) / hl)
-  for _, t in ipairs(a['trend']) do redis.call('ZINCRBY', t[1], t[3] * scale, t[2]) end
-  redis.call('SADD', keyset, unpack(a['trend_sets']))
+  local sets = {}
+  for i, t in ipairs(a['trend']) do
+    zincr(t[1], t[2], scale)
+    sets[i] = t[1]
+  end
+  redis.call('SADD', keyset, unpack(sets))
 end
+-- a set is trimmed after every commit that can have grown it, so one without new members
+-- is still within the cap
 for _, c in ipairs(a['covis']) do
-  for j = 1, #c[2], 2 do redis.call('ZINCRBY', c[1], c[2][j + 1], c[2][j]) end
-  redis.call('ZREMRANGEBYRANK', c[1], 0, -(a['covis_cap'] + 1))
+  if zincr(c[1], c[2], 1) > 0 then redis.call('ZREMRANGEBYRANK', c[1], 0, -(a['covis_cap'] + 1)) end
 end
 if #a['active'] > 0 then redis.call('ZADD', a['active_key'], 'GT', unpack(a['active'])) end
-for _, key in ipairs(a['seen']) do redis.call('SET', key, 1, 'EX', a['dedup_ttl']) end
+-- dedup markers: the batch's event ids at the batch's time; those older than the window leave
+local seen = a['seen']
+for first = 1, #seen, 1000 do
+  local args, n = {}, 0
+  for j = first, math.min(first + 999, #seen) do
+    args[n + 1] = a['seen_at']
+    args[n + 2] = seen[j]
+    n = n + 2
+  end
+  redis.call('ZADD', a['seen_key'], unpack(args))
+end
+if #seen > 0 then redis.call('ZREMRANGEBYSCORE', a['seen_key'], '-inf', a['seen_until']) end
 for j = 1, #a['metrics'], 2 do redis.call('HINCRBY', a['metrics_key'], a['metrics'][j], a['metrics'][j + 1]) end
 __MARK_DIRTY__
 if #a['offsets'] > 0 then redis.call('HSET', a['offsets_key'], unpack(a['offsets'])) end
@@ -366,6 +418,9 @@ class BatchWrite:
     """(trending key scope: "" for all or a category, item_id) -> weight at ``batch_ts``."""
     batch_ts: int = 0
     seen: list[str] = dataclasses.field(default_factory=list)
+    """Event ids applied (dedup markers), marked at ``seen_at``."""
+    seen_at: int = 0
+    """Time (ms) of the batch: its markers count until ``seen_at + dedup window``."""
     vectors: dict[str, bytes] = dataclasses.field(default_factory=dict)
     """user_id -> float32 user vector bytes, folded into ``model_version``."""
     model_version: str | None = None
@@ -373,8 +428,8 @@ class BatchWrite:
     """Users whose list must be recomputed from the new state."""
     active: dict[str, int] = dataclasses.field(default_factory=dict)
     """user_id -> ts of the user's newest event in the batch."""
-    covis: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
-    """(item, neighbour) -> co-visitation weight to add."""
+    covis: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """item -> neighbour -> co-visitation weight to add."""
     shown_incr: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     shown_reset: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     offsets: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -441,7 +496,7 @@ class UserStateStore:
 
     async def snapshot(self, user_ids: Iterable[str], event_ids: Sequence[str], *,
                        cached: Mapping[str, UserSnapshot] | None = None,
-                       lists_state: bool = True) -> Snapshot:
+                       lists_state: bool = True, now_ms: int | None = None) -> Snapshot:
         """Read offsets, dedup markers and the users' state in one call.
 
         Parameters
@@ -458,6 +513,9 @@ class UserStateStore:
             Also read purchases and impression counts (needed to build a
             list, not to apply events); without them a user's ``bought`` and
             ``shown`` are empty.
+        now_ms : int, optional
+            The batch's time (default: now): event ids marked within the
+            dedup window before it are ``seen``.
         """
         users = list(dict.fromkeys(user_ids))
         cached = cached or {}
@@ -467,7 +525,9 @@ class UserStateStore:
         payload = orjson.dumps({
             "offsets": self._offsets_key,
             "cap": self.history_cap,
-            "seen": [k.seen(e) for e in event_ids],
+            "seen_key": k.seen(),
+            "since": (int(time.time() * 1000) if now_ms is None else now_ms) - self.dedup_ttl_s * 1000,
+            "seen": list(event_ids),
             "users": [[k.history(u), k.session(u), k.bought(u) if lists_state else "",
                        k.shown(u) if lists_state else ""] for u in full],
             "check": [[k.history(u), k.session(u), *_fingerprint(cached[u])] for u in check],
@@ -497,14 +557,14 @@ class UserStateStore:
         overlapping in a rebalance). The caller reads the state again.
         """
         k = self.keys
-        covis: dict[str, list[object]] = {}
-        for (a, b), weight in w.covis.items():
-            covis.setdefault(a, []).extend((b, weight))
+        trend: dict[str, list[object]] = {}
+        for (scope, item), weight in w.trending.items():
+            trend.setdefault(scope, []).extend((item, weight))
         vec_users = list(w.vectors) if w.model_version is not None else []
+        seen_at = w.seen_at or int(time.time() * 1000)
         payload = {
             "ttl": self.ttl_s,
             "cap": self.history_cap,
-            "dedup_ttl": self.dedup_ttl_s,
             "hist": [[k.history(u), [orjson.dumps(e).decode() for e in entries]] for u, entries in w.history.items()],
             "sess": [[k.session(u), sid, str(start), str(last), n] for u, (sid, start, last, n) in w.sessions.items()],
             "bought": [[k.bought(u), [x for item, ts in items.items() for x in (item, str(ts))]]
@@ -518,13 +578,15 @@ class UserStateStore:
             "hl": self.half_life_ms,
             "trend_meta": k.trending_meta(),
             "trend_keys": k.trending_meta() + ":keys",
-            "trend": [[k.trending(scope or None), item, weight] for (scope, item), weight in w.trending.items()],
-            "trend_sets": [k.trending(scope or None) for scope in {scope for scope, _ in w.trending}],
-            "covis": [[k.covis(a), pairs] for a, pairs in covis.items()],
+            "trend": [[k.trending(scope or None), pairs] for scope, pairs in trend.items()],
+            "covis": [[k.covis(a), [x for pair in pairs.items() for x in pair]] for a, pairs in w.covis.items() if pairs],
             "covis_cap": COVIS_CAP,
             "active_key": k.active(),
             "active": [x for u, ts in w.active.items() for x in (str(ts), u)],
-            "seen": [k.seen(e) for e in w.seen],
+            "seen_key": k.seen(),
+            "seen": w.seen,
+            "seen_at": str(seen_at),
+            "seen_until": str(seen_at - self.dedup_ttl_s * 1000),
             "metrics_key": k.metrics(),
             "metrics": [x for name, n in w.metrics.items() if n for x in (name, n)],
             "offsets_key": self._offsets_key,

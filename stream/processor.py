@@ -236,7 +236,7 @@ class BatchProcessor:
         use_cache = self.cache_users > 0 and not lists_state
         cache = self._cache if use_cache else None
         snap = await self.store.snapshot((ev.user_id for _, ev in valid), [ev.event_id for _, ev in valid],
-                                         cached=cache, lists_state=lists_state)
+                                         cached=cache, lists_state=lists_state, now_ms=now)
         if cache is not None:
             st = self.cache_stats
             hits = sum(1 for u in snap.users if u in cache) - len(snap.reread)
@@ -316,17 +316,24 @@ class BatchProcessor:
                 if items is None:
                     items = session_items[uid] = self._session_items(users[uid], sid, start)
                 # pair the event's item with the session's recent items (both directions)
+                mine = None
                 for other, other_ts in items[-_COVIS_LOOKBACK:]:
                     if other == item or ts - other_ts > _COVIS_WINDOW_MS:
                         continue
                     inc = weight / (1.0 + (ts - other_ts) / 600_000.0)
-                    key = (item, other)
-                    covis[key] = covis.get(key, 0.0) + inc
-                    key = (other, item)
-                    covis[key] = covis.get(key, 0.0) + inc
+                    if mine is None:
+                        mine = covis.get(item)
+                        if mine is None:
+                            mine = covis[item] = {}
+                    mine[other] = mine.get(other, 0.0) + inc
+                    theirs = covis.get(other)
+                    if theirs is None:
+                        theirs = covis[other] = {}
+                    theirs[item] = theirs.get(item, 0.0) + inc
                 items.append((item, ts))
         w.sessions = sessions  # type: ignore[assignment]
         w.seen = list(seen_now)
+        w.seen_at = now
 
         cap = self.settings.history_cap
         merged: dict[str, list[tuple[str, str, int]]] = {}

@@ -79,6 +79,23 @@ async def test_replay_and_duplicates_are_not_applied_twice(proc, redis_client) -
     assert int(redis_client.hget(k.metrics(), "events")) == 2
 
 
+async def test_dedup_markers_count_for_the_window_only(proc, redis_client, settings: Settings) -> None:
+    k, window_ms = proc.ws.keys, settings.dedup_window_s * 1000
+    await proc.process(records([ev(0, "u1", "i0"), ev(1, "u1", "i1")]))
+    marked = dict(redis_client.zrange(k.seen(), 0, -1, withscores=True))
+    assert set(marked) == {b"e0", b"e1"} and abs(marked[b"e0"] - now_ms()) < 60_000
+    # e0 was marked longer ago than the window: a new copy of it is applied again
+    redis_client.zadd(k.seen(), {"e0": now_ms() - window_ms - 1000})
+    again = await proc.process(records([ev(0, "u1", "i0"), ev(1, "u1", "i1")], start=2))
+    assert (again.applied, again.duplicates) == (1, 1)
+    assert redis_client.llen(k.history("u1")) == 3
+    # the commit removed the expired marker and marked e0 anew
+    assert now_ms() - redis_client.zscore(k.seen(), "e0") < 60_000
+    redis_client.zadd(k.seen(), {"old": now_ms() - window_ms - 1000})
+    await proc.process(records([ev(2, "u1", "i2")], start=4))
+    assert redis_client.zscore(k.seen(), "old") is None and redis_client.zcard(k.seen()) == 3
+
+
 async def test_poison_event_goes_to_dlq_rest_applies(proc, redis_client) -> None:
     batch = records([ev(0, "u1", "i0"), b"{not json", ev(2, "u1", "i2", type_="teleport"), ev(3, "u1", "i3")])
     stats = await proc.process(batch)

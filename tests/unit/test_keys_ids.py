@@ -14,7 +14,7 @@ def test_keys_are_prefixed_versioned_and_distinct() -> None:
     keys = [
         k.history("u"), k.session("u"), k.user_vector("u"), k.recs("u"), k.bought("u"), k.shown("u"),
         k.item("i"), k.covis("i"), k.listed("i"), k.active(), k.trending(), k.trending("shoes"), k.trending_meta(),
-        k.seen("e"), k.offsets("g", "t"), k.metrics(), k.model_current(), k.model_announce(),
+        k.seen(), k.offsets("g", "t"), k.metrics(), k.model_current(), k.model_announce(),
     ]
     assert all(key.startswith("shop1:v1:") for key in keys)
     assert len(set(keys)) == len(keys)
@@ -33,7 +33,7 @@ def test_every_key_is_documented() -> None:
     import features.keys as mod
 
     doc = mod.__doc__ or ""
-    for kind in ["hist:", "sess:", "uvec:", "recs:", "bought:", "shown:", "listed:", "active", "item:", "trend:", "covis:", "seen:", "offsets:", "metrics", "model:current"]:
+    for kind in ["hist:", "sess:", "uvec:", "recs:", "bought:", "shown:", "listed:", "active", "item:", "trend:", "covis:", "seen", "offsets:", "metrics", "model:current"]:
         assert kind in doc, kind
 
 
