@@ -41,7 +41,7 @@ import numpy as np
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache
-from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features
+from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features, row_ranges
 from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
 from features.vectors import aggregate_confidences, fold_in_batch
@@ -314,29 +314,39 @@ class Recommender:
             return [self._fallback(s, r, trending, catalog, now) for s, r in zip(states, reqs, strict=True)]
         aux = self.aux(bundle)
         tr = self.trending_arrays(trending, aux)
-        users = [self._resolve(s, r, aux, now) for s, r in zip(states, reqs, strict=True)]
-        self._vectors(users, aux)
-        self._session_knn(users, sessions if sessions is not None else aux.sessions)
-        als = self._retrieve(users, aux)
+        # requests of the same state object with the same context item and category filter share
+        # everything up to eligibility (candidates, features and ranker scores do not depend on the
+        # request's exclusions, price filter, boosts, k or explain); each request then takes its own
+        # eligible subset of the shared, scored rows
+        unit_of, firsts = _units(states, reqs)
+        base = [self._resolve(states[j], reqs[j], aux, now) for j in firsts]
+        self._vectors(base, aux)
+        self._session_knn(base, sessions if sessions is not None else aux.sessions)
+        als = self._retrieve(base, aux)
         inputs = [CandidateInput(recent=u.recent, session=u.session, context=u.context,
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity,
                                  session_knn=u.sknn)
-                  for u, a in zip(users, als, strict=True)]
+                  for u, a in zip(base, als, strict=True)]
         anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
         raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
         live = self._live_attrs(aux, catalog, raw.items)
-        kept = self._eligible_many(raw, users, live, len(aux.bundle.items))
-        cands = [c for c, _ in kept]
+        n_items = len(aux.bundle.items)
         decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
-        contexts = [self._context_of(u, tr, decay, now) for u in users]
-        if len(users) == 1:   # one user: the plain builder has less set-up (same matrix)
-            X = build_features(contexts[0], cands[0].items, bundle.tables)
+        if len(firsts) == len(states):   # every request its own unit
+            users = base
+            kept = self._eligible_many(raw, users, live, n_items)
+            cands = [c for c, _ in kept]
+            X = self._features([self._context_of(u, tr, decay, now) for u in users], cands, bundle)
+            sizes = np.cumsum([len(c) for c in cands])[:-1]
+            feats = np.split(X, sizes)
+            scores = np.split(self._score(X, bundle), sizes)
         else:
-            X = build_features_many(contexts, [c.items for c in cands], bundle.tables)
-        sizes = np.cumsum([len(c) for c in cands])[:-1]
-        feats = np.split(X, sizes)
-        scores = np.split(self._score(X, bundle), sizes)
+            users = [base[g] if firsts[g] == j else self._for_request(base[g], states[j], reqs[j], aux, now)
+                     for j, g in enumerate(unit_of)]
+            kept, feats, scores = self._shared_units(raw, base, users, unit_of, live, n_items, bundle,
+                                                     [self._context_of(u, tr, decay, now) for u in base])
+            cands = [c for c, _ in kept]
         ordered = [self._order(u, c, s, aux, live, live.code[at])
                    for u, (c, at), s in zip(users, kept, scores, strict=True)]
         anchored = self._reason_anchors(users, cands, ordered, aux)
@@ -344,6 +354,47 @@ class Recommender:
         return [self._finish(u, c, x, o, an, aux, catalog, live, now, ranked=ranked, rec_id=rid)
                 for u, c, x, o, an, rid in zip(users, cands, feats, ordered, anchored, new_rec_ids(len(users)),
                                                strict=True)]
+
+    @staticmethod
+    def _features(contexts: list[RankingContext], cands: list[CandidateSet], bundle: Bundle) -> np.ndarray:
+        """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix)."""
+        if len(contexts) == 1:   # one user: the plain builder has less set-up (same matrix)
+            return build_features(contexts[0], cands[0].items, bundle.tables)
+        return build_features_many(contexts, [c.items for c in cands], bundle.tables)
+
+    def _shared_units(self, raw: CandidateBatch, base: list[_User], users: list[_User], unit_of: list[int],
+                      live: LiveAttrs, n_items: int, bundle: Bundle, contexts: list[RankingContext]
+                      ) -> tuple[list[tuple[CandidateSet, np.ndarray]], list[np.ndarray], list[np.ndarray]]:
+        """Eligibility per request on its unit's candidates; features and scores once per unit, for the rows
+        eligible for at least one of its requests (features are per row: a row's values do not depend on the
+        other candidates). Returns what :meth:`_eligible_many` returns, plus each request's feature rows and
+        scores."""
+        src = row_ranges(raw.bounds, np.asarray(unit_of, dtype=np.int64))   # unit rows of every request
+        lengths = np.diff(raw.bounds)[unit_of]
+        bounds = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        expanded = CandidateBatch(bounds, raw.items[src], raw.scores[src], raw.first[src])
+        ok, at = self._eligible_mask(expanded, users, live, n_items)
+        ok_pos = np.flatnonzero(ok)
+        unit_ok = np.zeros(len(raw.items), dtype=bool)
+        unit_ok[src[ok_pos]] = True
+        unit_rows = np.flatnonzero(unit_ok)
+        ub = np.searchsorted(unit_rows, raw.bounds).tolist()
+        ucands = [CandidateSet(raw.items[unit_rows[lo:hi]], raw.scores[unit_rows[lo:hi]], raw.first[unit_rows[lo:hi]])
+                  for lo, hi in zip(ub[:-1], ub[1:], strict=True)]
+        X = self._features(contexts, ucands, bundle)
+        S = self._score(X, bundle)
+        row = (np.cumsum(unit_ok) - 1)[src[ok_pos]]   # each kept request row's row of X
+        items, sc, first = raw.items[unit_rows], raw.scores[unit_rows], raw.first[unit_rows]
+        at = at[ok_pos]
+        nb = np.searchsorted(ok_pos, bounds).tolist()
+        kept, feats, scores = [], [], []
+        for lo, hi in zip(nb[:-1], nb[1:], strict=True):
+            r = row[lo:hi]
+            kept.append((CandidateSet(items[r], sc[r], first[r]), at[lo:hi]))
+            feats.append(X[r])
+            scores.append(S[r])
+        return kept, feats, scores
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -387,12 +438,8 @@ class Recommender:
         recent = np.fromiter(dict.fromkeys(hi.tolist()), dtype=np.int64)   # distinct, first occurrence first
         sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
-        blocked = blocked_items(bought=self._purchases(state), shown=state.shown, exclude=req.filters.exclude,
-                                config=self.rules, now_ms=now)
-        if req.context_item:
-            blocked.add(req.context_item)
-        blocked_rows = items.indices(blocked) if blocked else np.zeros(0, np.int64)
-        u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows[blocked_rows >= 0],
+        blocked, blocked_rows = self._blocked(state, req, aux, now)
+        u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
         u.reason_anchors = np.unique(np.concatenate([recent[:10], u.session]))
@@ -404,6 +451,21 @@ class Recommender:
         top = max(u.affinity.values(), default=0.0)
         u.affinity = {c: a / top for c, a in u.affinity.items()} if top else {}
         return u
+
+    def _blocked(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> tuple[set[str], np.ndarray]:
+        """The item ids the request must not list and their bundle rows."""
+        blocked = blocked_items(bought=self._purchases(state), shown=state.shown, exclude=req.filters.exclude,
+                                config=self.rules, now_ms=now)
+        if req.context_item:
+            blocked.add(req.context_item)
+        rows = aux.bundle.items.indices(blocked) if blocked else np.zeros(0, np.int64)
+        return blocked, rows[rows >= 0]
+
+    def _for_request(self, unit: _User, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
+        """Another request of a resolved unit (same state, context item and category filter): its own blocked
+        items, everything else shared."""
+        blocked, rows = self._blocked(state, req, aux, now)
+        return dataclasses.replace(unit, request=req, blocked=blocked, blocked_rows=rows)
 
     def _vectors(self, users: list[_User], aux: BundleAux) -> None:
         """Stored vectors of this model; else one batched fold-in; else the trained row."""
@@ -475,6 +537,18 @@ class Recommender:
     def _eligible_many(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
                        ) -> list[tuple[CandidateSet, np.ndarray]]:
         """:meth:`_eligible` of every user at once (blocked rows joined on ``user * n_items + item`` keys)."""
+        ok, at = Recommender._eligible_mask(batch, users, live, n_items)
+        kept = np.flatnonzero(ok)
+        items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
+        nb = np.searchsorted(kept, batch.bounds).tolist()
+        return [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
+                for lo, hi in zip(nb[:-1], nb[1:], strict=True)]
+
+    @staticmethod
+    def _eligible_mask(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The eligibility mask of every row of ``batch`` (user ``j``'s rules on user ``j``'s rows) and the
+        rows' positions in ``live``."""
         at = live.at(batch.items)
         ok = live.in_stock[at]
         bounds = batch.bounds.tolist()
@@ -489,11 +563,7 @@ class Recommender:
                 continue
             lo, hi = bounds[j], bounds[j + 1]
             _narrow_by_filters(ok[lo:hi], at[lo:hi], filters, live)  # a view: narrows ``ok`` in place
-        kept = np.flatnonzero(ok)
-        items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
-        nb = np.searchsorted(kept, batch.bounds).tolist()
-        return [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
-                for lo, hi in zip(nb[:-1], nb[1:], strict=True)]
+        return ok, at
 
     @staticmethod
     def _context_of(u: _User, tr: TrendingArrays, decay: float, now: int) -> RankingContext:
@@ -616,6 +686,23 @@ class Recommender:
                              trending=None, catalog=catalog, rules=self.rules, now_ms=now)
         out.extend(rest.items)
         return out
+
+
+def _units(states: Sequence[UserState], reqs: Sequence[RecRequest]) -> tuple[list[int], list[int]]:
+    """Group requests that share candidates, features and scores: the same state object with the same context
+    item and category filter. Returns each request's unit and each unit's first request."""
+    unit_of: list[int] = []
+    firsts: list[int] = []
+    seen: dict[tuple[int, str | None, frozenset[str] | None], int] = {}
+    for j, (s, r) in enumerate(zip(states, reqs, strict=True)):
+        cats = r.filters.categories
+        key = (id(s), r.context_item, None if cats is None else frozenset(cats))
+        g = seen.get(key)
+        if g is None:
+            g = seen[key] = len(firsts)
+            firsts.append(j)
+        unit_of.append(g)
+    return unit_of, firsts
 
 
 def _bought(state: UserState) -> Mapping[str, int]:
