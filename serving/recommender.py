@@ -278,8 +278,15 @@ class Recommender:
 
     def recommend_many(self, states: Sequence[UserState], requests: Sequence[RecRequest] | RecRequest,
                        *, bundle: Bundle | None, trending: TrendingSnapshot, catalog: CatalogCache,
-                       now_ms: int | None = None, sessions: SessionIndex | None = None) -> list[RecList]:
+                       now_ms: int | Sequence[int] | None = None,
+                       sessions: SessionIndex | None = None) -> list[RecList]:
         """Lists for many users with one fold-in solve, one retrieval call and one ONNX call.
+
+        Requests of the same state object with the same context item and category filter share the
+        candidates (and the resolved user, vector, session kNN, retrieval); those that also share the time
+        share the features and ranker scores, and each takes its own eligible subset of them (features are
+        per row: a row's values do not depend on the other candidates). The replay asks for its R and X
+        lists this way.
 
         Parameters
         ----------
@@ -293,8 +300,8 @@ class Recommender:
             Current trending lists.
         catalog : CatalogCache
             Live catalog (stock, category, price).
-        now_ms : int, optional
-            Current time (default: the clock).
+        now_ms : int or sequence of int, optional
+            Current time (default: the clock), or one per request.
         sessions : SessionIndex, optional
             Recent sessions on the bundle's item rows (e.g. kept by the stream); default: the bundle's.
 
@@ -307,19 +314,21 @@ class Recommender:
         if len(reqs) != len(states):
             raise ValueError(f"requests must be one RecRequest or one per state; got {len(reqs)} for "
                              f"{len(states)} states")
-        now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        if now_ms is None or isinstance(now_ms, (int, np.integer)):
+            nows = [int(time.time() * 1000) if now_ms is None else int(now_ms)] * len(states)
+        else:
+            nows = [int(t) for t in now_ms]
+            if len(nows) != len(states):
+                raise ValueError(f"now_ms must be one time or one per state; got {len(nows)} for "
+                                 f"{len(states)} states")
         if not states:
             return []
         if bundle is None:
-            return [self._fallback(s, r, trending, catalog, now) for s, r in zip(states, reqs, strict=True)]
+            return [self._fallback(s, r, trending, catalog, t) for s, r, t in zip(states, reqs, nows, strict=True)]
         aux = self.aux(bundle)
         tr = self.trending_arrays(trending, aux)
-        # requests of the same state object with the same context item and category filter share
-        # everything up to eligibility (candidates, features and ranker scores do not depend on the
-        # request's exclusions, price filter, boosts, k or explain); each request then takes its own
-        # eligible subset of the shared, scored rows
         unit_of, firsts = _units(states, reqs)
-        base = [self._resolve(states[j], reqs[j], aux, now) for j in firsts]
+        base = [self._resolve(states[j], reqs[j], aux, nows[j]) for j in firsts]
         self._vectors(base, aux)
         self._session_knn(base, sessions if sessions is not None else aux.sessions)
         als = self._retrieve(base, aux)
@@ -332,28 +341,32 @@ class Recommender:
         raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
         live = self._live_attrs(aux, catalog, raw.items)
         n_items = len(aux.bundle.items)
-        decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
-        if len(firsts) == len(states):   # every request its own unit
+
+        def decay(now: int) -> float:
+            return 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
+
+        if len(firsts) == len(states) and len(set(nows)) == 1:   # every request its own unit, one time
             users = base
             kept = self._eligible_many(raw, users, live, n_items)
             cands = [c for c, _ in kept]
-            X = self._features([self._context_of(u, tr, decay, now) for u in users], cands, bundle)
+            d = decay(nows[0])
+            X = self._features([self._context_of(u, tr, d, nows[0]) for u in users], cands, bundle)
             sizes = np.cumsum([len(c) for c in cands])[:-1]
             feats = np.split(X, sizes)
             scores = np.split(self._score(X, bundle), sizes)
         else:
-            users = [base[g] if firsts[g] == j else self._for_request(base[g], states[j], reqs[j], aux, now)
+            users = [base[g] if firsts[g] == j else self._for_request(base[g], states[j], reqs[j], aux, nows[j])
                      for j, g in enumerate(unit_of)]
-            kept, feats, scores = self._shared_units(raw, base, users, unit_of, live, n_items, bundle,
-                                                     [self._context_of(u, tr, decay, now) for u in base])
+            kept, feats, scores = self._shared_units(raw, base, users, unit_of, nows, live, n_items, bundle,
+                                                     tr, decay)
             cands = [c for c, _ in kept]
         ordered = [self._order(u, c, s, aux, live, live.code[at])
                    for u, (c, at), s in zip(users, kept, scores, strict=True)]
         anchored = self._reason_anchors(users, cands, ordered, aux)
         ranked = bundle.ranker is not None
-        return [self._finish(u, c, x, o, an, aux, catalog, live, now, ranked=ranked, rec_id=rid)
-                for u, c, x, o, an, rid in zip(users, cands, feats, ordered, anchored, new_rec_ids(len(users)),
-                                               strict=True)]
+        return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
+                for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows,
+                                                  new_rec_ids(len(users)), strict=True)]
 
     @staticmethod
     def _features(contexts: list[RankingContext], cands: list[CandidateSet], bundle: Bundle) -> np.ndarray:
@@ -363,29 +376,35 @@ class Recommender:
         return build_features_many(contexts, [c.items for c in cands], bundle.tables)
 
     def _shared_units(self, raw: CandidateBatch, base: list[_User], users: list[_User], unit_of: list[int],
-                      live: LiveAttrs, n_items: int, bundle: Bundle, contexts: list[RankingContext]
-                      ) -> tuple[list[tuple[CandidateSet, np.ndarray]], list[np.ndarray], list[np.ndarray]]:
-        """Eligibility per request on its unit's candidates; features and scores once per unit, for the rows
-        eligible for at least one of its requests (features are per row: a row's values do not depend on the
-        other candidates). Returns what :meth:`_eligible_many` returns, plus each request's feature rows and
-        scores."""
-        src = row_ranges(raw.bounds, np.asarray(unit_of, dtype=np.int64))   # unit rows of every request
-        lengths = np.diff(raw.bounds)[unit_of]
+                      nows: list[int], live: LiveAttrs, n_items: int, bundle: Bundle, tr: TrendingArrays,
+                      decay: Any) -> tuple[list[tuple[CandidateSet, np.ndarray]], list[np.ndarray], list[np.ndarray]]:
+        """Eligibility per request on its unit's candidates; features and scores once per unit and time (a
+        "score unit"), for the rows eligible for at least one of its requests. Returns what
+        :meth:`_eligible_many` returns, plus each request's feature rows and scores."""
+        score_unit: dict[tuple[int, int], int] = {}
+        s_of = [score_unit.setdefault((g, t), len(score_unit)) for g, t in zip(unit_of, nows, strict=True)]
+        s_keys = list(score_unit)   # (unit, time) of each score unit, in order
+        src1 = row_ranges(raw.bounds, np.array([g for g, _ in s_keys], dtype=np.int64))   # score-unit rows
+        b1 = np.zeros(len(s_keys) + 1, dtype=np.int64)
+        np.cumsum(np.diff(raw.bounds)[[g for g, _ in s_keys]], out=b1[1:])
+        src2 = row_ranges(b1, np.asarray(s_of, dtype=np.int64))   # each request's score-unit rows
         bounds = np.zeros(len(users) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=bounds[1:])
+        np.cumsum(np.diff(b1)[s_of], out=bounds[1:])
+        src = src1[src2]
         expanded = CandidateBatch(bounds, raw.items[src], raw.scores[src], raw.first[src])
         ok, at = self._eligible_mask(expanded, users, live, n_items)
         ok_pos = np.flatnonzero(ok)
-        unit_ok = np.zeros(len(raw.items), dtype=bool)
-        unit_ok[src[ok_pos]] = True
+        unit_ok = np.zeros(len(src1), dtype=bool)
+        unit_ok[src2[ok_pos]] = True
         unit_rows = np.flatnonzero(unit_ok)
-        ub = np.searchsorted(unit_rows, raw.bounds).tolist()
-        ucands = [CandidateSet(raw.items[unit_rows[lo:hi]], raw.scores[unit_rows[lo:hi]], raw.first[unit_rows[lo:hi]])
-                  for lo, hi in zip(ub[:-1], ub[1:], strict=True)]
+        rows_raw = src1[unit_rows]
+        items, sc, first = raw.items[rows_raw], raw.scores[rows_raw], raw.first[rows_raw]
+        ub = np.searchsorted(unit_rows, b1).tolist()
+        ucands = [CandidateSet(items[lo:hi], sc[lo:hi], first[lo:hi]) for lo, hi in zip(ub[:-1], ub[1:], strict=True)]
+        contexts = [self._context_of(base[g], tr, decay(t), t) for g, t in s_keys]
         X = self._features(contexts, ucands, bundle)
         S = self._score(X, bundle)
-        row = (np.cumsum(unit_ok) - 1)[src[ok_pos]]   # each kept request row's row of X
-        items, sc, first = raw.items[unit_rows], raw.scores[unit_rows], raw.first[unit_rows]
+        row = (np.cumsum(unit_ok) - 1)[src2[ok_pos]]   # each kept request row's row of X
         at = at[ok_pos]
         nb = np.searchsorted(ok_pos, bounds).tolist()
         kept, feats, scores = [], [], []

@@ -214,32 +214,28 @@ class PipelineModel:
     def recommend_variants(self, q: QueryBatch, rows: dict[str, np.ndarray], *, k: int, states: list[Any],
                            snapshot: Any) -> dict[str, list[Any]]:
         """RecLists of several variants (``rows[v]``: the queries that need variant ``v``), as
-        :meth:`recommend` per variant gives them, with the R Recommender.
+        :meth:`recommend` per variant gives them, in ONE ``recommend_many`` call of the R Recommender.
 
         An X request excludes every earlier item of the user, purchases included (``bought`` only holds
         items of the history), so under R's rules (no repurchase window) it blocks exactly what the X
-        Recommender blocks. Each variant's call ranks at the newest query time of its rows; variants whose
-        time is the same go into ONE ``recommend_many`` call, where the requests of a query share one state
-        object, so the Recommender builds their candidates, features and scores once. One Recommender also
-        keeps one trending snapshot cache for both variants.
+        Recommender blocks. Each variant ranks at the newest query time of its rows (as :meth:`recommend`
+        does), passed per request. The requests of a query share one state object, so the Recommender
+        gathers their candidates once, and ranks them once when the two times are the same
+        (:meth:`serving.recommender.Recommender.recommend_many`).
         """
-        by_now: dict[int, list[str]] = {}
+        all_states: list[Any] = []
+        all_reqs: list[Any] = []
+        nows: list[int] = []
+        spans = {}
         for v, rv in rows.items():
-            by_now.setdefault(int(q.now_ms[rv].max()), []).append(v)
-        out: dict[str, list[Any]] = {}
-        for now, vs in by_now.items():
-            all_states: list[Any] = []
-            all_reqs: list[Any] = []
-            spans = {}
-            for v in vs:
-                rv = rows[v].tolist()
-                spans[v] = (len(all_states), len(all_states) + len(rv))
-                all_states.extend(states[r] for r in rv)
-                all_reqs.extend(self._requests(q, rv, k=k, variant=v, explain=False))
-            got = self.rec["R"].recommend_many(all_states, all_reqs, bundle=self.bundle, trending=snapshot,
-                                               catalog=self.catalog, now_ms=now, sessions=self.sessions)
-            out.update({v: got[lo:hi] for v, (lo, hi) in spans.items()})
-        return out
+            r = rv.tolist()
+            spans[v] = (len(all_states), len(all_states) + len(r))
+            all_states.extend(states[i] for i in r)
+            all_reqs.extend(self._requests(q, r, k=k, variant=v, explain=False))
+            nows.extend([int(q.now_ms[rv].max())] * len(r))
+        got = self.rec["R"].recommend_many(all_states, all_reqs, bundle=self.bundle, trending=snapshot,
+                                           catalog=self.catalog, now_ms=nows, sessions=self.sessions)
+        return {v: got[lo:hi] for v, (lo, hi) in spans.items()}
 
     def observe_sessions(self, events: InteractionTable) -> None:
         """Keep the replayed events; rebuild the live session index every ``session_refresh`` events
