@@ -348,32 +348,70 @@ def row_ranges(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 class KeyJoin:
-    """Maps int64 keys onto the rows holding them (one stable sort of the row keys).
+    """Maps int64 keys onto the rows holding them.
 
     ``build_features`` joins item idxs onto candidate rows;
     :func:`features.ranking_batch.build_features_many` joins ``user * n_items + item``
     keys onto the rows of a whole batch.
+
+    Distinct keys spanning a small range (at most :data:`DENSE_SPAN_PER_KEY` slots per key,
+    or :data:`DENSE_MIN_SPAN` in all) get a dense table ``key - min -> row``: one scatter to
+    build and one gather per look-up. Other keys (wide ranges, duplicates) get one stable
+    sort and a ``searchsorted`` per look-up. Both give the same rows (with duplicates the
+    first row holding the key).
     """
 
-    __slots__ = ("_order", "_sorted", "n")
+    __slots__ = ("_dup", "_lo", "_order", "_sorted", "_table", "n")
 
     def __init__(self, keys: np.ndarray) -> None:
+        keys = np.asarray(keys, dtype=np.int64)
+        self.n = n = len(keys)
+        self._table: np.ndarray | None = None
+        self._dup = False
+        if n:
+            lo = int(keys.min())
+            span = int(keys.max()) - lo + 1
+            if span <= max(DENSE_SPAN_PER_KEY * n, DENSE_MIN_SPAN):
+                table = np.full(span, -1, dtype=np.int64)
+                at = keys - lo
+                rows = np.arange(n, dtype=np.int64)
+                table[at] = rows
+                if (table[at] == rows).all():   # distinct keys: the dense table is exact
+                    self._table, self._lo = table, lo
+                    return
         self._order = np.argsort(keys, kind="stable")
         self._sorted = keys[self._order]
-        self.n = len(keys)
+        self._dup = bool(n > 1 and (self._sorted[1:] == self._sorted[:-1]).any())
 
     def has_duplicates(self) -> bool:
         """True when a key occurs on two rows."""
-        return bool((self._sorted[1:] == self._sorted[:-1]).any())
+        return self._dup
 
     def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate row of each key that is a candidate, and the hit mask."""
         if self.n == 0 or len(keys) == 0:
             return _EMPTY_I, np.zeros(len(keys), dtype=bool)
+        table = self._table
+        if table is not None:
+            at = keys - self._lo
+            inside = (at >= 0) & (at < len(table))
+            if inside.all():
+                r = table[at]
+            else:
+                r = np.full(len(at), -1, dtype=np.int64)
+                r[inside] = table[at[inside]]
+            hit = r >= 0
+            return r[hit], hit
         p = np.searchsorted(self._sorted, keys)
         np.minimum(p, self.n - 1, out=p)
         hit = self._sorted[p] == keys
         return self._order[p[hit]], hit
+
+
+#: :class:`KeyJoin` uses a dense table when the keys span at most this many slots per key ...
+DENSE_SPAN_PER_KEY = 64
+#: ... or at most this many slots in all
+DENSE_MIN_SPAN = 1 << 16
 
 
 def build_features(ctx: RankingContext, candidates: np.ndarray,

@@ -41,7 +41,7 @@ import numpy as np
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache
-from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features
+from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features, row_ranges
 from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
 from features.vectors import aggregate_confidences, fold_in_batch
@@ -278,8 +278,15 @@ class Recommender:
 
     def recommend_many(self, states: Sequence[UserState], requests: Sequence[RecRequest] | RecRequest,
                        *, bundle: Bundle | None, trending: TrendingSnapshot, catalog: CatalogCache,
-                       now_ms: int | None = None, sessions: SessionIndex | None = None) -> list[RecList]:
+                       now_ms: int | Sequence[int] | None = None,
+                       sessions: SessionIndex | None = None) -> list[RecList]:
         """Lists for many users with one fold-in solve, one retrieval call and one ONNX call.
+
+        Requests of the same state object with the same context item and category filter share the
+        candidates (and the resolved user, vector, session kNN, retrieval); those that also share the time
+        share the features and ranker scores, and each takes its own eligible subset of them (features are
+        per row: a row's values do not depend on the other candidates). The replay asks for its R and X
+        lists this way.
 
         Parameters
         ----------
@@ -293,8 +300,8 @@ class Recommender:
             Current trending lists.
         catalog : CatalogCache
             Live catalog (stock, category, price).
-        now_ms : int, optional
-            Current time (default: the clock).
+        now_ms : int or sequence of int, optional
+            Current time (default: the clock), or one per request.
         sessions : SessionIndex, optional
             Recent sessions on the bundle's item rows (e.g. kept by the stream); default: the bundle's.
 
@@ -307,43 +314,106 @@ class Recommender:
         if len(reqs) != len(states):
             raise ValueError(f"requests must be one RecRequest or one per state; got {len(reqs)} for "
                              f"{len(states)} states")
-        now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        if now_ms is None or isinstance(now_ms, (int, np.integer)):
+            nows = [int(time.time() * 1000) if now_ms is None else int(now_ms)] * len(states)
+        else:
+            nows = [int(t) for t in now_ms]
+            if len(nows) != len(states):
+                raise ValueError(f"now_ms must be one time or one per state; got {len(nows)} for "
+                                 f"{len(states)} states")
         if not states:
             return []
         if bundle is None:
-            return [self._fallback(s, r, trending, catalog, now) for s, r in zip(states, reqs, strict=True)]
+            return [self._fallback(s, r, trending, catalog, t) for s, r, t in zip(states, reqs, nows, strict=True)]
         aux = self.aux(bundle)
         tr = self.trending_arrays(trending, aux)
-        users = [self._resolve(s, r, aux, now) for s, r in zip(states, reqs, strict=True)]
-        self._vectors(users, aux)
-        self._session_knn(users, sessions if sessions is not None else aux.sessions)
-        als = self._retrieve(users, aux)
+        unit_of, firsts = _units(states, reqs)
+        base = [self._resolve(states[j], reqs[j], aux, nows[j]) for j in firsts]
+        self._vectors(base, aux)
+        self._session_knn(base, sessions if sessions is not None else aux.sessions)
+        als = self._retrieve(base, aux)
         inputs = [CandidateInput(recent=u.recent, session=u.session, context=u.context,
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity,
                                  session_knn=u.sknn)
-                  for u, a in zip(users, als, strict=True)]
+                  for u, a in zip(base, als, strict=True)]
         anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
         raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
         live = self._live_attrs(aux, catalog, raw.items)
-        kept = self._eligible_many(raw, users, live, len(aux.bundle.items))
-        cands = [c for c, _ in kept]
-        decay = 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
-        contexts = [self._context_of(u, tr, decay, now) for u in users]
-        if len(users) == 1:   # one user: the plain builder has less set-up (same matrix)
-            X = build_features(contexts[0], cands[0].items, bundle.tables)
+        n_items = len(aux.bundle.items)
+
+        def decay(now: int) -> float:
+            return 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
+
+        if len(firsts) == len(states) and len(set(nows)) == 1:   # every request its own unit, one time
+            users = base
+            kept = self._eligible_many(raw, users, live, n_items)
+            cands = [c for c, _ in kept]
+            d = decay(nows[0])
+            X = self._features([self._context_of(u, tr, d, nows[0]) for u in users], cands, bundle)
+            sizes = np.cumsum([len(c) for c in cands])[:-1]
+            feats = np.split(X, sizes)
+            scores = np.split(self._score(X, bundle), sizes)
         else:
-            X = build_features_many(contexts, [c.items for c in cands], bundle.tables)
-        sizes = np.cumsum([len(c) for c in cands])[:-1]
-        feats = np.split(X, sizes)
-        scores = np.split(self._score(X, bundle), sizes)
+            users = [base[g] if firsts[g] == j else self._for_request(base[g], states[j], reqs[j], aux, nows[j])
+                     for j, g in enumerate(unit_of)]
+            kept, feats, scores = self._shared_units(raw, base, users, unit_of, nows, live, n_items, bundle,
+                                                     tr, decay)
+            cands = [c for c, _ in kept]
         ordered = [self._order(u, c, s, aux, live, live.code[at])
                    for u, (c, at), s in zip(users, kept, scores, strict=True)]
         anchored = self._reason_anchors(users, cands, ordered, aux)
         ranked = bundle.ranker is not None
-        return [self._finish(u, c, x, o, an, aux, catalog, live, now, ranked=ranked, rec_id=rid)
-                for u, c, x, o, an, rid in zip(users, cands, feats, ordered, anchored, new_rec_ids(len(users)),
-                                               strict=True)]
+        return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
+                for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows,
+                                                  new_rec_ids(len(users)), strict=True)]
+
+    @staticmethod
+    def _features(contexts: list[RankingContext], cands: list[CandidateSet], bundle: Bundle) -> np.ndarray:
+        """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix)."""
+        if len(contexts) == 1:   # one user: the plain builder has less set-up (same matrix)
+            return build_features(contexts[0], cands[0].items, bundle.tables)
+        return build_features_many(contexts, [c.items for c in cands], bundle.tables)
+
+    def _shared_units(self, raw: CandidateBatch, base: list[_User], users: list[_User], unit_of: list[int],
+                      nows: list[int], live: LiveAttrs, n_items: int, bundle: Bundle, tr: TrendingArrays,
+                      decay: Any) -> tuple[list[tuple[CandidateSet, np.ndarray]], list[np.ndarray], list[np.ndarray]]:
+        """Eligibility per request on its unit's candidates; features and scores once per unit and time (a
+        "score unit"), for the rows eligible for at least one of its requests. Returns what
+        :meth:`_eligible_many` returns, plus each request's feature rows and scores."""
+        score_unit: dict[tuple[int, int], int] = {}
+        s_of = [score_unit.setdefault((g, t), len(score_unit)) for g, t in zip(unit_of, nows, strict=True)]
+        s_keys = list(score_unit)   # (unit, time) of each score unit, in order
+        src1 = row_ranges(raw.bounds, np.array([g for g, _ in s_keys], dtype=np.int64))   # score-unit rows
+        b1 = np.zeros(len(s_keys) + 1, dtype=np.int64)
+        np.cumsum(np.diff(raw.bounds)[[g for g, _ in s_keys]], out=b1[1:])
+        src2 = row_ranges(b1, np.asarray(s_of, dtype=np.int64))   # each request's score-unit rows
+        bounds = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(np.diff(b1)[s_of], out=bounds[1:])
+        src = src1[src2]
+        expanded = CandidateBatch(bounds, raw.items[src], raw.scores[src], raw.first[src])
+        ok, at = self._eligible_mask(expanded, users, live, n_items)
+        ok_pos = np.flatnonzero(ok)
+        unit_ok = np.zeros(len(src1), dtype=bool)
+        unit_ok[src2[ok_pos]] = True
+        unit_rows = np.flatnonzero(unit_ok)
+        rows_raw = src1[unit_rows]
+        items, sc, first = raw.items[rows_raw], raw.scores[rows_raw], raw.first[rows_raw]
+        ub = np.searchsorted(unit_rows, b1).tolist()
+        ucands = [CandidateSet(items[lo:hi], sc[lo:hi], first[lo:hi]) for lo, hi in zip(ub[:-1], ub[1:], strict=True)]
+        contexts = [self._context_of(base[g], tr, decay(t), t) for g, t in s_keys]
+        X = self._features(contexts, ucands, bundle)
+        S = self._score(X, bundle)
+        row = (np.cumsum(unit_ok) - 1)[src2[ok_pos]]   # each kept request row's row of X
+        at = at[ok_pos]
+        nb = np.searchsorted(ok_pos, bounds).tolist()
+        kept, feats, scores = [], [], []
+        for lo, hi in zip(nb[:-1], nb[1:], strict=True):
+            r = row[lo:hi]
+            kept.append((CandidateSet(items[r], sc[r], first[r]), at[lo:hi]))
+            feats.append(X[r])
+            scores.append(S[r])
+        return kept, feats, scores
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -387,12 +457,8 @@ class Recommender:
         recent = np.fromiter(dict.fromkeys(hi.tolist()), dtype=np.int64)   # distinct, first occurrence first
         sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
-        blocked = blocked_items(bought=self._purchases(state), shown=state.shown, exclude=req.filters.exclude,
-                                config=self.rules, now_ms=now)
-        if req.context_item:
-            blocked.add(req.context_item)
-        blocked_rows = items.indices(blocked) if blocked else np.zeros(0, np.int64)
-        u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows[blocked_rows >= 0],
+        blocked, blocked_rows = self._blocked(state, req, aux, now)
+        u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
         u.reason_anchors = np.unique(np.concatenate([recent[:10], u.session]))
@@ -404,6 +470,21 @@ class Recommender:
         top = max(u.affinity.values(), default=0.0)
         u.affinity = {c: a / top for c, a in u.affinity.items()} if top else {}
         return u
+
+    def _blocked(self, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> tuple[set[str], np.ndarray]:
+        """The item ids the request must not list and their bundle rows."""
+        blocked = blocked_items(bought=self._purchases(state), shown=state.shown, exclude=req.filters.exclude,
+                                config=self.rules, now_ms=now)
+        if req.context_item:
+            blocked.add(req.context_item)
+        rows = aux.bundle.items.indices(blocked) if blocked else np.zeros(0, np.int64)
+        return blocked, rows[rows >= 0]
+
+    def _for_request(self, unit: _User, state: UserState, req: RecRequest, aux: BundleAux, now: int) -> _User:
+        """Another request of a resolved unit (same state, context item and category filter): its own blocked
+        items, everything else shared."""
+        blocked, rows = self._blocked(state, req, aux, now)
+        return dataclasses.replace(unit, request=req, blocked=blocked, blocked_rows=rows)
 
     def _vectors(self, users: list[_User], aux: BundleAux) -> None:
         """Stored vectors of this model; else one batched fold-in; else the trained row."""
@@ -475,6 +556,18 @@ class Recommender:
     def _eligible_many(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
                        ) -> list[tuple[CandidateSet, np.ndarray]]:
         """:meth:`_eligible` of every user at once (blocked rows joined on ``user * n_items + item`` keys)."""
+        ok, at = Recommender._eligible_mask(batch, users, live, n_items)
+        kept = np.flatnonzero(ok)
+        items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
+        nb = np.searchsorted(kept, batch.bounds).tolist()
+        return [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
+                for lo, hi in zip(nb[:-1], nb[1:], strict=True)]
+
+    @staticmethod
+    def _eligible_mask(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The eligibility mask of every row of ``batch`` (user ``j``'s rules on user ``j``'s rows) and the
+        rows' positions in ``live``."""
         at = live.at(batch.items)
         ok = live.in_stock[at]
         bounds = batch.bounds.tolist()
@@ -489,11 +582,7 @@ class Recommender:
                 continue
             lo, hi = bounds[j], bounds[j + 1]
             _narrow_by_filters(ok[lo:hi], at[lo:hi], filters, live)  # a view: narrows ``ok`` in place
-        kept = np.flatnonzero(ok)
-        items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
-        nb = np.searchsorted(kept, batch.bounds).tolist()
-        return [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
-                for lo, hi in zip(nb[:-1], nb[1:], strict=True)]
+        return ok, at
 
     @staticmethod
     def _context_of(u: _User, tr: TrendingArrays, decay: float, now: int) -> RankingContext:
@@ -616,6 +705,23 @@ class Recommender:
                              trending=None, catalog=catalog, rules=self.rules, now_ms=now)
         out.extend(rest.items)
         return out
+
+
+def _units(states: Sequence[UserState], reqs: Sequence[RecRequest]) -> tuple[list[int], list[int]]:
+    """Group requests that share candidates, features and scores: the same state object with the same context
+    item and category filter. Returns each request's unit and each unit's first request."""
+    unit_of: list[int] = []
+    firsts: list[int] = []
+    seen: dict[tuple[int, str | None, frozenset[str] | None], int] = {}
+    for j, (s, r) in enumerate(zip(states, reqs, strict=True)):
+        cats = r.filters.categories
+        key = (id(s), r.context_item, None if cats is None else frozenset(cats))
+        g = seen.get(key)
+        if g is None:
+            g = seen[key] = len(firsts)
+            firsts.append(j)
+        unit_of.append(g)
+    return unit_of, firsts
 
 
 def _bought(state: UserState) -> Mapping[str, int]:

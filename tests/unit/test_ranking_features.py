@@ -244,3 +244,31 @@ def test_batched_builder_with_duplicates_and_bad_input() -> None:
     with pytest.raises(ValueError, match="same length"):
         build_features_many(contexts, cands[:2], tables)
     assert build_features_many([], [], tables).shape == (0, len(FEATURE_NAMES))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_key_join_dense_table_equals_the_sorted_join(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense key table and the sorted keys give the same rows (first row of a duplicate key), hit masks and
+    duplicate flag, for keys inside and outside the candidates' range."""
+    import features.ranking as fr
+
+    rng = np.random.default_rng(seed)
+    span = int(rng.integers(50, 5000))
+    n = int(rng.integers(1, 300))
+    keys = rng.integers(1000, 1000 + span, n)
+    if seed % 2:
+        keys = np.unique(keys)
+        rng.shuffle(keys)
+    queries = rng.integers(900, 1100 + span, 2000)
+    dense = fr.KeyJoin(keys)
+    monkeypatch.setattr(fr, "DENSE_MIN_SPAN", 0)
+    monkeypatch.setattr(fr, "DENSE_SPAN_PER_KEY", 0)
+    plain = fr.KeyJoin(keys)
+    assert plain._table is None
+    assert (dense._table is not None) == (not plain.has_duplicates())
+    assert dense.has_duplicates() == plain.has_duplicates() == (len(np.unique(keys)) < len(keys))
+    for a, b in zip(dense.rows(queries), plain.rows(queries), strict=True):
+        np.testing.assert_array_equal(a, b)
+    r, hit = dense.rows(queries)
+    np.testing.assert_array_equal(keys[r], queries[hit])
+    assert set(queries[hit].tolist()) == set(queries.tolist()) & set(keys.tolist())

@@ -452,3 +452,84 @@ def test_an_empty_live_catalog_gives_the_bundle_attributes() -> None:
     assert dense.dense and rec._live_attrs(aux, CatalogCache(), rows) is dense   # built once per bundle
     for name in ("code", "price", "in_stock"):
         np.testing.assert_array_equal(getattr(dense, name)[dense.at(rows)], getattr(built, name)[built.at(rows)])
+
+
+def test_requests_sharing_a_state_equal_each_request_alone() -> None:
+    """Requests of one state object with the same context item and category filter share candidates, features and
+    scores in ``recommend_many``; each still gets exactly the list it gets alone."""
+    from serving.recommender import _units
+
+    bundle = random_bundle()
+    catalog = random_catalog()
+    rng = np.random.default_rng(8)
+    states = []
+    for u in range(6):
+        items = rng.integers(0, N_ITEMS, 20)
+        hist = tuple((f"i{int(i)}", ("view", "click", "purchase")[j % 3], NOW - 60_000 * j)
+                     for j, i in enumerate(items))
+        states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                                vector_model=VERSION if u % 2 else "stale", session_items=tuple(h[0] for h in hist[:3]),
+                                bought={hist[2][0]: NOW - 1000}))
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(50 - i)) for i in range(0, 100, 2)], by_category={},
+                                ref_ms=NOW)
+    seen = [frozenset(h[0] for h in s.history) for s in states]
+    calls: list[tuple[UserState, RecRequest]] = []
+    for j, s in enumerate(states):
+        calls.append((s, RecRequest(k=10)))
+        calls.append((s, RecRequest(k=10, filters=RequestFilters(exclude=seen[j]))))   # the replay's X request
+        if j % 2:
+            calls.append((s, RecRequest(k=5, explain=True, filters=RequestFilters(min_price=5, max_price=60,
+                                                                                 boost_categories={"c1": 1.0}))))
+            calls.append((s, RecRequest(k=10, context_item="i5")))      # another unit
+            calls.append((s, RecRequest(k=10, filters=RequestFilters(categories={"c2"}))))   # another unit
+    unit_of, firsts = _units([c[0] for c in calls], [c[1] for c in calls])
+    assert len(firsts) == 6 + 3 * 2 and len(set(unit_of)) == len(firsts)
+    for diversity in ("cap", "mmr"):
+        rec = Recommender(rules=RuleConfig(diversity=diversity, repurchase_window_ms=0), n_candidates=80)
+        many = rec.recommend_many([c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending,
+                                  catalog=catalog, now_ms=NOW)
+        for (state, request), got in zip(calls, many, strict=True):
+            one = rec.recommend(state, request, bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+            assert [(i.item_id, i.reason, i.source, i.reason_item, i.features) for i in got.items] == [
+                (i.item_id, i.reason, i.source, i.reason_item, i.features) for i in one.items]
+            np.testing.assert_allclose([i.score for i in got.items], [i.score for i in one.items], atol=1e-5)
+            assert got.source == one.source and len(got.items) == request.k
+            assert not {i.item_id for i in got.items} & set(request.filters.exclude)
+
+
+def test_requests_with_their_own_times_equal_each_request_alone() -> None:
+    """``now_ms`` per request: requests of one state at two times share candidates but are ranked at their own
+    time (trending decay, hours since the last event, the repurchase window); each equals its call alone."""
+    bundle = random_bundle(3)
+    catalog = random_catalog(4)
+    rng = np.random.default_rng(9)
+    states = []
+    for u in range(5):
+        items = rng.integers(0, N_ITEMS, 12)
+        hist = tuple((f"i{int(i)}", ("view", "purchase")[j % 2], NOW - 3_600_000 * j) for j, i in enumerate(items))
+        states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                                vector_model=VERSION, session_items=tuple(h[0] for h in hist[:2])))
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(60 - i)) for i in range(0, 120, 2)], by_category={},
+                                ref_ms=NOW)
+    calls = []
+    for j, s in enumerate(states):
+        calls.append((s, RecRequest(k=10), NOW + 7_200_000))
+        calls.append((s, RecRequest(k=10, filters=RequestFilters(exclude=frozenset(h[0] for h in s.history))),
+                      NOW + (7_200_000 if j % 2 else 0)))
+        calls.append((s, RecRequest(k=8, explain=True), NOW))
+    rec = Recommender(rules=RuleConfig(diversity="cap", repurchase_window_ms=5 * 3_600_000), n_candidates=80)
+    many = rec.recommend_many([c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending,
+                              catalog=catalog, now_ms=[c[2] for c in calls])
+    differs = 0
+    for (state, request, now), got in zip(calls, many, strict=True):
+        one = rec.recommend(state, request, bundle=bundle, trending=trending, catalog=catalog, now_ms=now)
+        assert [(i.item_id, i.reason, i.source, i.features) for i in got.items] == [
+            (i.item_id, i.reason, i.source, i.features) for i in one.items]
+        np.testing.assert_allclose([i.score for i in got.items], [i.score for i in one.items], atol=1e-5)
+        assert got.ts == now
+        later = rec.recommend(state, request, bundle=bundle, trending=trending, catalog=catalog,
+                              now_ms=NOW + 7_200_000 if now == NOW else NOW)
+        differs += [i.score for i in later.items] != [i.score for i in one.items]
+    assert differs > 0   # the time matters, so sharing it wrongly would show
+    with pytest.raises(ValueError, match="one per state"):
+        rec.recommend_many(states, RecRequest(), bundle=bundle, trending=trending, catalog=catalog, now_ms=[NOW])

@@ -188,25 +188,54 @@ class PipelineModel:
         return user_states(q, ids=self.ids, user_ids=self.user_ids, history_cap=self.cap,
                            session_gap_ms=self.gap, fold=self.fold, version=self.bundle.version)
 
-    def recommend(self, q: QueryBatch, *, k: int, variant: str, explain: bool = False,
-                  states: list[Any] | None = None, snapshot: Any = None) -> list[Any]:
-        """RecLists of one variant for a batch of queries."""
+    def _requests(self, q: QueryBatch, rows: Any, *, k: int, variant: str, explain: bool) -> list[Any]:
         from serving.recommender import RecRequest
         from serving.rules import RequestFilters
 
+        if variant != "X":
+            return [RecRequest(k=k, explain=explain)] * len(rows)
+        reqs = []
+        for r in rows:
+            seen = np.unique(q.history.recent(int(q.users[r]), int(q.hist_len[r]))[0])
+            reqs.append(RecRequest(k=k, explain=explain,
+                                   filters=RequestFilters(exclude=frozenset(self.ids[seen].tolist()))))
+        return reqs
+
+    def recommend(self, q: QueryBatch, *, k: int, variant: str, explain: bool = False,
+                  states: list[Any] | None = None, snapshot: Any = None) -> list[Any]:
+        """RecLists of one variant for a batch of queries."""
         states = states if states is not None else self.states(q)
         snap = snapshot if snapshot is not None else self.trend.snapshot()
-        if variant == "X":
-            reqs = []
-            for r in range(len(q)):
-                seen = np.unique(q.history.recent(int(q.users[r]), int(q.hist_len[r]))[0])
-                reqs.append(RecRequest(k=k, explain=explain,
-                                       filters=RequestFilters(exclude=frozenset(self.ids[seen].tolist()))))
-        else:
-            reqs = [RecRequest(k=k, explain=explain)] * len(q)
+        reqs = self._requests(q, range(len(q)), k=k, variant=variant, explain=explain)
         now = int(q.now_ms.max()) if len(q) else 0
         return self.rec[variant].recommend_many(states, reqs, bundle=self.bundle, trending=snap,
                                                catalog=self.catalog, now_ms=now, sessions=self.sessions)
+
+    def recommend_variants(self, q: QueryBatch, rows: dict[str, np.ndarray], *, k: int, states: list[Any],
+                           snapshot: Any) -> dict[str, list[Any]]:
+        """RecLists of several variants (``rows[v]``: the queries that need variant ``v``), as
+        :meth:`recommend` per variant gives them, in ONE ``recommend_many`` call of the R Recommender.
+
+        An X request excludes every earlier item of the user, purchases included (``bought`` only holds
+        items of the history), so under R's rules (no repurchase window) it blocks exactly what the X
+        Recommender blocks. Each variant ranks at the newest query time of its rows (as :meth:`recommend`
+        does), passed per request. The requests of a query share one state object, so the Recommender
+        gathers their candidates once, and ranks them once when the two times are the same
+        (:meth:`serving.recommender.Recommender.recommend_many`).
+        """
+        all_states: list[Any] = []
+        all_reqs: list[Any] = []
+        nows: list[int] = []
+        spans = {}
+        for v, rv in rows.items():
+            r = rv.tolist()
+            spans[v] = (len(all_states), len(all_states) + len(r))
+            all_states.extend(states[i] for i in r)
+            all_reqs.extend(self._requests(q, r, k=k, variant=v, explain=False))
+            nows.extend([int(q.now_ms[rv].max())] * len(r))
+        got = self.rec["R"].recommend_many(all_states, all_reqs, bundle=self.bundle, trending=snapshot,
+                                           catalog=self.catalog, now_ms=nows, sessions=self.sessions)
+        return {v: got[lo:hi] for v, (lo, hi) in spans.items()}
 
     def observe_sessions(self, events: InteractionTable) -> None:
         """Keep the replayed events; rebuild the live session index every ``session_refresh`` events
@@ -346,21 +375,21 @@ class LiftrecFull(Method):
         """Lists served by the Recommender for each variant."""
         states = self.model.states(q)
         snap = self.model.trend.snapshot()
+        rows = {}
+        for v in variants:
+            rv = np.arange(len(q))
+            if v == "X" and q.needs_x is not None:
+                rv = np.flatnonzero(q.needs_x)  # X lists of the other queries are never scored
+            if rv.size:
+                rows[v] = rv
+        got = self.model.recommend_variants(q, rows, k=k, states=states, snapshot=snap) if rows else {}
         out = {}
         for v in variants:
-            rows = np.arange(len(q))
-            if v == "X" and q.needs_x is not None:
-                rows = np.flatnonzero(q.needs_x)  # X lists of the other queries are never scored
-            if rows.size == 0:
-                out[v] = Lists(items=np.full((len(q), k), -1, dtype=np.int64), fallback=np.zeros((len(q), k), bool))
-                continue
-            sub = q if rows.size == len(q) else QueryBatch(users=q.users[rows], now_ms=q.now_ms[rows],
-                                                            hist_len=q.hist_len[rows], history=q.history)
-            got = self.model.lists(self.model.recommend(sub, k=k, variant=v, states=[states[r] for r in rows],
-                                                        snapshot=snap), k)
             items = np.full((len(q), k), -1, dtype=np.int64)
             fb = np.zeros((len(q), k), dtype=bool)
-            items[rows], fb[rows] = got.items, got.fallback
+            if v in got:
+                lists = self.model.lists(got[v], k)
+                items[rows[v]], fb[rows[v]] = lists.items, lists.fallback
             out[v] = Lists(items=items, fallback=fb)
         return out
 
