@@ -104,6 +104,8 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("log_minutes_since_last_event", "log(1 + minutes since the user's newest history event) "
                                                 "(per query); -1 without history"),
     FeatureSpec("session_knn_share", "session_knn / the largest session-kNN score of the query; 0 when none"),
+    FeatureSpec("als_score_in_category", "als_score minus the largest als_score among the query's candidates of "
+                                         "the item's category (<= 0; 0 without a vector or a category)"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -538,7 +540,25 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
     out[:, _COL["session_length"]] = len(ctx.session_items)
     out[:, _COL["log_history_length"]] = np.log1p(len(ctx.history_items))
     _session_features(ctx, cand, cat, sess, tables, join, out)
+    if ctx.user_vector is not None:
+        als_in_category(out, cat.astype(np.int64))
     return out
+
+
+def als_in_category(out: np.ndarray, key: np.ndarray) -> None:
+    """``als_score_in_category``: each row's ``als_score`` minus the best of the rows with its ``key``.
+
+    ``key`` is the candidate's category (one user) or ``user * width + category`` (a batch);
+    rows with a negative key (no category) keep 0. ``als_score`` must be filled.
+    """
+    ok = key >= 0
+    if not ok.any():
+        return
+    als = out[ok, _COL["als_score"]]
+    keys, inv = np.unique(key[ok], return_inverse=True)
+    best = np.full(len(keys), -np.inf, dtype=np.float32)
+    np.maximum.at(best, inv, als)
+    out[ok, _COL["als_score_in_category"]] = als - best[inv]
 
 
 def _session_features(ctx: RankingContext, cand: np.ndarray, cat: np.ndarray, sess: np.ndarray,

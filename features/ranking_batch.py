@@ -36,6 +36,7 @@ from features.ranking import (
     KeyJoin,
     RankingContext,
     RankingTables,
+    als_in_category,
     build_features,
     minutes_since_last_event,
     neighbour_features,
@@ -232,6 +233,10 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         rows, _ = join.rows(s_uid * n_items + s_items)
         out[rows, _COL["in_session"]] = 1.0
     _session_features_many(contexts, uid, cat, s_items, s_uid, tables, join, out)
+    has_vec = np.fromiter((c.user_vector is not None for c in contexts), dtype=bool, count=n_users)[uid]
+    if has_vec.any():   # als_score_in_category: per (user, category) among the user's candidates
+        width = n_cat + 1
+        als_in_category(out, np.where(has_vec & (cat >= 0), uid * width + cat, -1))
     per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items)),
                           minutes_since_last_event(c, n_items)] for c in contexts], dtype=np.float64)
     out[:, _COL["session_length"]] = per_user[uid, 0]

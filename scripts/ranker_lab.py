@@ -104,7 +104,7 @@ def collect_window(data: Any, plan: Any, chosen: np.ndarray, *, cfg: dict[str, A
         model.observe_sessions(applied)
     print(f"collected {n_done} queries, {sum(map(len, item))} rows, {time.process_time() - t0:.0f} s CPU",
           flush=True)
-    return {"X": np.concatenate(X), "item": np.concatenate(item), "qid": np.concatenate(qid),
+    return {"names": np.array(FEATURE_NAMES), "X": np.concatenate(X), "item": np.concatenate(item), "qid": np.concatenate(qid),
             "x": np.concatenate(var), "label": np.concatenate(lab)}
 
 
@@ -125,6 +125,8 @@ def _collect(a: argparse.Namespace) -> None:
     if a.als:   # e.g. factors=64,regularization=0.1,iterations=15
         cfg["als"] = {**cfg["als"], **{k: (int(v) if k in ("factors", "iterations") else float(v))
                                        for k, v in (kv.split("=") for kv in a.als.split(","))}}
+    if a.history_cap:
+        cfg["history_cap"] = a.history_cap
     ds = load_dataset(a.events, fmt=None, catalog=None, session_gap_s=1800.0, show_progress=False)
     table = ds.table
     win = replay_windows(table.ts)
@@ -202,8 +204,10 @@ def cmd_fit(a: argparse.Namespace) -> None:
 
     out = Path(a.out)
     te = dict(np.load(out / "test.npz"))
+    # the collection's columns (older collections: a prefix of today's names)
+    names = [str(n) for n in te["names"]] if "names" in te else list(FEATURE_NAMES[:te["X"].shape[1]])
     if a.score_by:   # one feature as the score (sanity: session_knn ~ SKNN, als_score ~ liftrec_als)
-        j = FEATURE_NAMES.index(a.score_by)
+        j = names.index(a.score_by)
         print(json.dumps({"tag": f"score_by {a.score_by}", **evaluate(te["X"][:, j].astype(np.float64), te)}))
         return
     tr = dict(np.load(out / "train.npz"))
@@ -234,7 +238,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
 
     Xt, yt, gt = take(blocks[~held])
     Xv, yv, gv = take(blocks[held])
-    cols = [i for i, n in enumerate(FEATURE_NAMES) if n not in set(a.drop or [])]
+    cols = [i for i, n in enumerate(names) if n not in set(a.drop or [])]
     params = {**DEFAULT_PARAMS, "seed": a.seed, "eval_at": [20], "num_leaves": a.leaves,
               "learning_rate": a.lr, "min_data_in_leaf": a.min_leaf,
               "lambdarank_truncation_level": a.trunc}
@@ -258,7 +262,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
     if a.importance:
         imp = bst.feature_importance("gain")
         for i in np.argsort(-imp)[:30]:
-            print(f"  {FEATURE_NAMES[cols[i]]:32s} {imp[i]:.0f}")
+            print(f"  {names[cols[i]]:32s} {imp[i]:.0f}")
 
 
 def main() -> None:
@@ -274,6 +278,7 @@ def main() -> None:
     c.add_argument("--train-queries", type=int, default=40_000)
     c.add_argument("--test-queries", type=int, default=8_000)
     c.add_argument("--n-candidates-x", type=int, default=300)
+    c.add_argument("--history-cap", type=int, default=None)
     c.add_argument("--als", default=None, help="ALS overrides, e.g. factors=64,regularization=0.1")
     f = sub.add_parser("fit")
     f.add_argument("--out", required=True)

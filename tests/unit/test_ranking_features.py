@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -117,7 +118,14 @@ def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.nd
         if top > 0 and c in set(ctx.session_knn_items.tolist()):
             f["session_knn_share"] = f["session_knn"] / float(top)
         rows.append([f[n] for n in FEATURE_NAMES])
-    return np.asarray(rows, dtype=np.float64)
+    out = np.asarray(rows, dtype=np.float64)
+    if ctx.user_vector is not None:   # als_score_in_category: against the best candidate of the same category
+        als, cats = out[:, FEATURE_NAMES.index("als_score")], [int(t.category[c]) for c in cands]
+        for r, cat in enumerate(cats):
+            if cat >= 0:
+                best = max(als[q] for q in range(len(cats)) if cats[q] == cat)
+                out[r, FEATURE_NAMES.index("als_score_in_category")] = als[r] - best
+    return out
 
 
 def test_names_are_unique_and_documented() -> None:
@@ -231,6 +239,20 @@ def test_batched_builder_equals_build_features_per_user(seed: int) -> None:
     want = np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, cands, strict=True)])
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, want)                     # bit for bit, every column
+
+
+def test_als_score_in_category_is_relative_to_the_best_candidate_of_the_category() -> None:
+    tables, ctx = make_tables(), make_ctx()
+    cands = np.arange(N_ITEMS)
+    X = build_features(ctx, cands, tables)
+    rel, als = X[:, FEATURE_NAMES.index("als_score_in_category")], X[:, FEATURE_NAMES.index("als_score")]
+    for cat in range(4):
+        m = tables.category[cands] == cat
+        assert rel[m].max() == 0 and (rel[m] <= 0).all()
+        np.testing.assert_allclose(rel[m], als[m] - als[m].max(), atol=1e-6)
+    assert (rel[tables.category[cands] < 0] == 0).all()
+    no_vec = dataclasses.replace(ctx, user_vector=None)
+    assert (build_features(no_vec, cands, tables)[:, FEATURE_NAMES.index("als_score_in_category")] == 0).all()
 
 
 def test_batched_builder_with_duplicates_and_bad_input() -> None:
