@@ -283,10 +283,10 @@ class Recommender:
         """Lists for many users with one fold-in solve, one retrieval call and one ONNX call.
 
         Requests of the same state object with the same context item and category filter share the
-        candidates (and the resolved user, vector, session kNN, retrieval); those that also share the time
-        share the features and ranker scores, and each takes its own eligible subset of them (features are
-        per row: a row's values do not depend on the other candidates). The replay asks for its R and X
-        lists this way.
+        candidates (and the resolved user, vector, session kNN, retrieval); each request's features and
+        ranker scores are built on its own eligible candidates (a feature may depend on the other
+        candidates of the request: ``als_score_in_category``), in the same ONNX call. The replay asks for
+        its R and X lists this way.
 
         Parameters
         ----------
@@ -378,12 +378,14 @@ class Recommender:
     def _shared_units(self, raw: CandidateBatch, base: list[_User], users: list[_User], unit_of: list[int],
                       nows: list[int], live: LiveAttrs, n_items: int, bundle: Bundle, tr: TrendingArrays,
                       decay: Any) -> tuple[list[tuple[CandidateSet, np.ndarray]], list[np.ndarray], list[np.ndarray]]:
-        """Eligibility per request on its unit's candidates; features and scores once per unit and time (a
-        "score unit"), for the rows eligible for at least one of its requests. Returns what
-        :meth:`_eligible_many` returns, plus each request's feature rows and scores."""
-        score_unit: dict[tuple[int, int], int] = {}
-        s_of = [score_unit.setdefault((g, t), len(score_unit)) for g, t in zip(unit_of, nows, strict=True)]
-        s_keys = list(score_unit)   # (unit, time) of each score unit, in order
+        """Eligibility per request on its unit's candidates, then features and scores per request (its "score
+        unit") on its eligible rows. Returns what :meth:`_eligible_many` returns, plus each request's feature
+        rows and scores."""
+        # One score unit per request: a feature may depend on the request's other eligible rows
+        # (``als_score_in_category`` is relative to the best of the request's candidates in the category), so
+        # features and scores are built on each request's own eligible rows, as a request alone gets them.
+        s_of = list(range(len(users)))
+        s_keys = list(zip(unit_of, nows, strict=True))   # (unit, time) of each score unit, in order
         src1 = row_ranges(raw.bounds, np.array([g for g, _ in s_keys], dtype=np.int64))   # score-unit rows
         b1 = np.zeros(len(s_keys) + 1, dtype=np.int64)
         np.cumsum(np.diff(raw.bounds)[[g for g, _ in s_keys]], out=b1[1:])
