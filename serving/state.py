@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -180,15 +181,23 @@ class UserStateReader:
         ids = list(user_ids)
         if not ids:
             return []
-        k = self.keys
         pipe = self.client.pipeline(transaction=False)
+        self._queue_reads(pipe, ids)
+        return self._decode(ids, await pipe.execute())
+
+    def _queue_reads(self, pipe: Any, ids: Sequence[str]) -> None:
+        """Queue the five reads of each user's state (history, purchases, vector, impressions, session)."""
+        k = self.keys
         for uid in ids:
             pipe.lrange(k.history(uid), 0, self.history_cap - 1)
             pipe.hgetall(k.bought(uid))
             pipe.hmget(k.user_vector(uid), "vec", "model")
             pipe.hgetall(k.shown(uid))
             pipe.hget(k.session(uid), "start")
-        res = await pipe.execute()
+
+    @staticmethod
+    def _decode(ids: Sequence[str], res: Sequence[Any]) -> list[UserState]:
+        """The states of :meth:`_queue_reads`'s replies, in order."""
         return [decode_state(uid, *res[5 * i:5 * i + 5]) for i, uid in enumerate(ids)]
 
     async def read_claimed(self, user_ids: Sequence[str], *, mark: float) -> list[UserState]:
@@ -217,14 +226,8 @@ class UserStateReader:
         pipe = self.client.pipeline(transaction=True)
         pipe.zrem(k.dirty(), *ids)
         pipe.zadd(k.refreshing(), dict.fromkeys(ids, mark))
-        for uid in ids:
-            pipe.lrange(k.history(uid), 0, self.history_cap - 1)
-            pipe.hgetall(k.bought(uid))
-            pipe.hmget(k.user_vector(uid), "vec", "model")
-            pipe.hgetall(k.shown(uid))
-            pipe.hget(k.session(uid), "start")
-        res = (await pipe.execute())[2:]
-        return [decode_state(uid, *res[5 * i:5 * i + 5]) for i, uid in enumerate(ids)]
+        self._queue_reads(pipe, ids)
+        return self._decode(ids, (await pipe.execute())[2:])
 
     async def fetch_many(self, user_ids: Sequence[str], *, with_recs: Sequence[bool] | None = None
                          ) -> list[StateReply]:
