@@ -8,12 +8,13 @@ import asyncio
 import orjson
 import pytest
 
-from features.events import CatalogItem, now_ms
+from features.events import now_ms
 from features.settings import Settings
 from serving.state import UserStateReader
-from stream.processor import BatchProcessor, DeadLetter, Record
+from stream.processor import Record
 from stream.refresher import ListRefresher
-from stream.worker_state import WorkerState
+
+from ._list_parts import state_and_processor
 
 pytestmark = pytest.mark.integration
 
@@ -30,15 +31,7 @@ def batch(events: list[tuple[str, str]], *, start: int) -> list[Record]:
 
 async def _parts(settings: Settings, stale_ms: int):  # noqa: ANN202
     settings = settings.model_copy(update={"list_max_stale_ms": stale_ms, "refresh_debounce_ms": 0})
-    ws = WorkerState(settings, settings.redis_url or "")
-    await ws.catalog_store.upsert([CatalogItem(item_id=f"i{j}", ts=1, category="c") for j in range(8)])
-    await ws.catalog_store.load_into(ws.catalog)
-
-    async def no_letters(letters: list[DeadLetter]) -> None:
-        raise AssertionError(f"unexpected dead letters {letters}")
-
-    proc = BatchProcessor(settings, ws.store, ws.catalog, trending=ws.trending, dead_letter=no_letters,
-                          track_pending=False)
+    ws, proc = await state_and_processor(settings)
     refresher = ListRefresher(settings, ws.store, UserStateReader(ws.client, ws.keys), ws.recommender,
                               catalog=ws.catalog, trending=ws.trending, bundle=lambda: None)
     return ws, proc, refresher

@@ -7,12 +7,14 @@ import asyncio
 import orjson
 import pytest
 
-from features.events import CatalogItem, now_ms
+from features.events import now_ms
 from features.settings import Settings
 from serving.state import UserStateReader
-from stream.processor import BatchProcessor, DeadLetter, Record
+from stream.processor import Record
 from stream.refresher import ListRefresher
 from stream.worker_state import WorkerState
+
+from ._list_parts import state_and_processor
 
 pytestmark = pytest.mark.integration
 
@@ -40,15 +42,7 @@ def batch(events: list[tuple[str, str, str]], *, start: int) -> list[Record]:
 @pytest.fixture
 async def parts(settings: Settings, redis_client):  # noqa: ANN001 - redis_client cleans up the keys
     settings = settings.model_copy(update={"refresh_debounce_ms": 200, "refresh_claim_timeout_s": 0.05})
-    ws = WorkerState(settings, settings.redis_url or "")
-    await ws.catalog_store.upsert([CatalogItem(item_id=f"i{j}", ts=1, category="c") for j in range(8)])
-    await ws.catalog_store.load_into(ws.catalog)
-
-    async def no_letters(letters: list[DeadLetter]) -> None:
-        raise AssertionError(f"unexpected dead letters {letters}")
-
-    proc = BatchProcessor(settings, ws.store, ws.catalog, trending=ws.trending, dead_letter=no_letters,
-                          track_pending=False)
+    ws, proc = await state_and_processor(settings)
     clock = Clock()
 
     async def fresh_trending():  # noqa: ANN202 - the cache would hide this test's own events
