@@ -345,21 +345,24 @@ class Recommender:
         def decay(now: int) -> float:
             return 1.0 if trending.ref_ms is None else 2.0 ** ((trending.ref_ms - now) / self.half_life_ms)
 
-        if len(firsts) == len(states) and len(set(nows)) == 1:   # every request its own unit, one time
-            users = base
-            kept = self._eligible_many(raw, users, live, n_items)
-            cands = [c for c, _ in kept]
-            d = decay(nows[0])
-            X = self._features([self._context_of(u, tr, d, nows[0]) for u in users], cands, bundle)
-            sizes = np.cumsum([len(c) for c in cands])[:-1]
-            feats = np.split(X, sizes)
-            scores = np.split(self._score(X, bundle), sizes)
-        else:
+        if len(firsts) == len(states):   # every request its own unit
+            users, batch = base, raw
+        else:   # each request gets a copy of its unit's candidate rows
             users = [base[g] if firsts[g] == j else self._for_request(base[g], states[j], reqs[j], aux, nows[j])
                      for j, g in enumerate(unit_of)]
-            kept, feats, scores = self._shared_units(raw, base, users, unit_of, nows, live, n_items, bundle,
-                                                     tr, decay)
-            cands = [c for c, _ in kept]
+            src = row_ranges(raw.bounds, np.asarray(unit_of, dtype=np.int64))
+            bounds = np.zeros(len(users) + 1, dtype=np.int64)
+            np.cumsum(np.diff(raw.bounds)[unit_of], out=bounds[1:])
+            batch = CandidateBatch(bounds, raw.items[src], raw.scores[src], raw.first[src])
+        # eligibility, features and ranker scores per request, on its own eligible rows (a feature may depend
+        # on the request's other candidates: ``als_score_in_category``), all in one ONNX call
+        kept = self._eligible_many(batch, users, live, n_items)
+        cands = [c for c, _ in kept]
+        X = self._features([self._context_of(base[g], tr, decay(t), t) for g, t in zip(unit_of, nows, strict=True)],
+                           cands, bundle)
+        sizes = np.cumsum([len(c) for c in cands])[:-1]
+        feats = np.split(X, sizes)
+        scores = np.split(self._score(X, bundle), sizes)
         ordered = [self._order(u, c, s, aux, live, live.code[at])
                    for u, (c, at), s in zip(users, kept, scores, strict=True)]
         anchored = self._reason_anchors(users, cands, ordered, aux)
@@ -374,48 +377,6 @@ class Recommender:
         if len(contexts) == 1:   # one user: the plain builder has less set-up (same matrix)
             return build_features(contexts[0], cands[0].items, bundle.tables)
         return build_features_many(contexts, [c.items for c in cands], bundle.tables)
-
-    def _shared_units(self, raw: CandidateBatch, base: list[_User], users: list[_User], unit_of: list[int],
-                      nows: list[int], live: LiveAttrs, n_items: int, bundle: Bundle, tr: TrendingArrays,
-                      decay: Any) -> tuple[list[tuple[CandidateSet, np.ndarray]], list[np.ndarray], list[np.ndarray]]:
-        """Eligibility per request on its unit's candidates, then features and scores per request (its "score
-        unit") on its eligible rows. Returns what :meth:`_eligible_many` returns, plus each request's feature
-        rows and scores."""
-        # One score unit per request: a feature may depend on the request's other eligible rows
-        # (``als_score_in_category`` is relative to the best of the request's candidates in the category), so
-        # features and scores are built on each request's own eligible rows, as a request alone gets them.
-        s_of = list(range(len(users)))
-        s_keys = list(zip(unit_of, nows, strict=True))   # (unit, time) of each score unit, in order
-        src1 = row_ranges(raw.bounds, np.array([g for g, _ in s_keys], dtype=np.int64))   # score-unit rows
-        b1 = np.zeros(len(s_keys) + 1, dtype=np.int64)
-        np.cumsum(np.diff(raw.bounds)[[g for g, _ in s_keys]], out=b1[1:])
-        src2 = row_ranges(b1, np.asarray(s_of, dtype=np.int64))   # each request's score-unit rows
-        bounds = np.zeros(len(users) + 1, dtype=np.int64)
-        np.cumsum(np.diff(b1)[s_of], out=bounds[1:])
-        src = src1[src2]
-        expanded = CandidateBatch(bounds, raw.items[src], raw.scores[src], raw.first[src])
-        ok, at = self._eligible_mask(expanded, users, live, n_items)
-        ok_pos = np.flatnonzero(ok)
-        unit_ok = np.zeros(len(src1), dtype=bool)
-        unit_ok[src2[ok_pos]] = True
-        unit_rows = np.flatnonzero(unit_ok)
-        rows_raw = src1[unit_rows]
-        items, sc, first = raw.items[rows_raw], raw.scores[rows_raw], raw.first[rows_raw]
-        ub = np.searchsorted(unit_rows, b1).tolist()
-        ucands = [CandidateSet(items[lo:hi], sc[lo:hi], first[lo:hi]) for lo, hi in zip(ub[:-1], ub[1:], strict=True)]
-        contexts = [self._context_of(base[g], tr, decay(t), t) for g, t in s_keys]
-        X = self._features(contexts, ucands, bundle)
-        S = self._score(X, bundle)
-        row = (np.cumsum(unit_ok) - 1)[src2[ok_pos]]   # each kept request row's row of X
-        at = at[ok_pos]
-        nb = np.searchsorted(ok_pos, bounds).tolist()
-        kept, feats, scores = [], [], []
-        for lo, hi in zip(nb[:-1], nb[1:], strict=True):
-            r = row[lo:hi]
-            kept.append((CandidateSet(items[r], sc[r], first[r]), at[lo:hi]))
-            feats.append(X[r])
-            scores.append(S[r])
-        return kept, feats, scores
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:

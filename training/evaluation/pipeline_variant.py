@@ -220,7 +220,7 @@ class PipelineModel:
         items of the history), so under R's rules (no repurchase window) it blocks exactly what the X
         Recommender blocks. Each variant ranks at the newest query time of its rows (as :meth:`recommend`
         does), passed per request. The requests of a query share one state object, so the Recommender
-        gathers their candidates once, and ranks them once when the two times are the same
+        gathers their candidates once and ranks each request on its own eligible rows
         (:meth:`serving.recommender.Recommender.recommend_many`).
         """
         all_states: list[Any] = []
