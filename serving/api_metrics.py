@@ -19,6 +19,8 @@ metric                                 type       labels / meaning
 ``liftrec_api_batch_wait_seconds``     histogram  ``stage`` (``read``, ``compute``): wait of a
                                                   batch's oldest request before the batch ran
 ``liftrec_api_compute_seconds``        histogram  run time of one coalesced ``recommend_many`` call
+``liftrec_api_compute_cpu_seconds_total`` counter   process CPU time spent in ``recommend_many`` (the
+                                                  API's CPU outside it is the rest of the process's)
 ``liftrec_api_fast_path_total``        counter    list requests answered without FastAPI's
                                                   parameter machinery (``routes_recs.fast_path``)
 ``liftrec_api_gc_pause_seconds``       histogram  ``generation``: pause of one garbage
@@ -71,6 +73,8 @@ class ApiMetrics:
                                     ["stage"], buckets=_BUCKETS, registry=r)
         self.compute_seconds = Histogram("liftrec_api_compute_seconds", "Run time of one recommend_many call",
                                          buckets=_BUCKETS, registry=r)
+        self.compute_cpu = Counter("liftrec_api_compute_cpu_seconds_total", "Process CPU time in recommend_many",
+                                   registry=r)
         self.fast_path = Counter("liftrec_api_fast_path_total", "List requests on the fast path",
                                  registry=r)
         self.gc_pause = Histogram("liftrec_api_gc_pause_seconds", "Pause of one garbage collection",

@@ -110,9 +110,12 @@ async def test_concurrent_requests_get_the_lists_of_sequential_ones(app_client: 
         alone.append(r.json())
     calls0, lists0 = histogram(runtime, "liftrec_api_batch_size")
     assert (calls0, lists0) == (len(SPECS), len(SPECS))
+    cpu0 = runtime.metrics.registry.get_sample_value("liftrec_api_compute_cpu_seconds_total")
+    assert cpu0 > 0   # the recommender's CPU time is counted (the benchmark's split of the API's CPU)
     together = await asyncio.gather(*(api.get(f"/v1/users/{u}/recommendations", params=p) for u, p in SPECS))
     calls1, lists1 = histogram(runtime, "liftrec_api_batch_size")
     assert lists1 - lists0 == len(SPECS) and calls1 - calls0 < len(SPECS)   # they did share calls
+    assert runtime.metrics.registry.get_sample_value("liftrec_api_compute_cpu_seconds_total") > cpu0
     for (user, params), a, t in zip(SPECS, alone, together, strict=True):
         assert t.status_code == 200, t.text
         body = t.json()
