@@ -389,7 +389,8 @@ def listening_sockets(port: int) -> int:
 
 
 def batch_stats(base: str) -> tuple[float, ...]:
-    """(``recommend_many`` calls, lists, seconds in it) of the API so far, from ``/metrics``.
+    """(``recommend_many`` calls, lists, seconds in it, GC and batch waits, CPU seconds in it) of the API so
+    far, from ``/metrics``.
 
     With several workers, one of them answers: the numbers are that worker's.
     """
@@ -410,7 +411,8 @@ def batch_stats(base: str) -> tuple[float, ...]:
             value('liftrec_api_batch_wait_seconds_count{stage="read"}'),
             value('liftrec_api_batch_wait_seconds_sum{stage="read"}'),
             value('liftrec_api_batch_wait_seconds_count{stage="compute"}'),
-            value('liftrec_api_batch_wait_seconds_sum{stage="compute"}'))
+            value('liftrec_api_batch_wait_seconds_sum{stage="compute"}'),
+            value("liftrec_api_compute_cpu_seconds_total"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -556,14 +558,14 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     """
     pids = tree_pids(pid)
     per0 = [cpu_seconds([p]) for p in pids]
-    calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 11
+    calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 12
     api0, redis0, gen0 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     sys0 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
     res = runner.run(run_rate(port, requests, rate, seconds))
     api1, redis1, gen1 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     per1 = [cpu_seconds([p]) for p in pids]
     sys1 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
-    calls1, lists1, comp1, *gc1 = batch_stats(base) if api_stats else (0.0,) * 11
+    calls1, lists1, comp1, *gc1 = batch_stats(base) if api_stats else (0.0,) * 12
     n = res["requests"]
     res["cpu_ms_per_request"] = {"api": 1000 * (api1 - api0) / n, "redis": 1000 * (redis1 - redis0) / n,
                                  "generator": 1000 * (gen1 - gen0) / n}
@@ -576,6 +578,10 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
                             if b - a > 0]
     res["mean_batch"] = (lists1 - lists0) / (calls1 - calls0) if calls1 > calls0 else None
     res["recommend_ms_per_list"] = 1000 * (comp1 - comp0) / (lists1 - lists0) if lists1 > lists0 else None
+    # the recommender's process CPU per list, and the API's CPU per request outside it (1 worker)
+    res["recommend_cpu_ms_per_list"] = 1000 * (gc1[8] - gc0[8]) / (lists1 - lists0) if lists1 > lists0 else None
+    res["api_cpu_outside_recommend_ms_per_request"] = (1000 * ((api1 - api0) - (gc1[8] - gc0[8])) / n
+                                                       if api_stats else None)
     res["gc"] = {"full": gc1[0] - gc0[0], "full_ms": 1000 * (gc1[1] - gc0[1]), "young": gc1[2] - gc0[2],
                  "young_ms": 1000 * (gc1[3] - gc0[3])} if api_stats else None
     # mean wait of a batch's oldest request before its stage ran it (the API's own queues)
@@ -586,7 +592,8 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     c = res["cpu_ms_per_request"]
     tqdm.write(f"offered {rate:.0f}/s achieved {res['achieved_rps']:.0f}/s p50 {res['p50_ms']:.1f} "
                f"p99 {res['p99_ms']:.1f} ms errors {res['errors']} cpu/req api {c['api']:.2f} "
-               f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms (system {res['system_cpu_ms_per_request']}) batch {res['mean_batch']} gc {res['gc']} "
+               f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms (recommend_many {res['recommend_cpu_ms_per_list']} "
+               f"per list, outside it {res['api_cpu_outside_recommend_ms_per_request']} per request) (system {res['system_cpu_ms_per_request']}) batch {res['mean_batch']} gc {res['gc']} "
                f"load {res['load_avg_1m']:.1f} where {res['where_ms']} waits {res['batch_wait_ms']}")
     return res
 

@@ -2,28 +2,30 @@
 
 ``GET /metrics`` (:mod:`serving.routes_metrics`) exposes them:
 
-=====================================  =========  ===========================================
-metric                                 type       labels / meaning
-=====================================  =========  ===========================================
-``liftrec_api_requests_total``         counter    ``route``, ``status``
-``liftrec_api_request_seconds``        histogram  ``route``: handler time
-``liftrec_api_lists_total``            counter    ``route``, ``source``: first source of the
-                                                  chain that served the list
-``liftrec_api_fallback_total``         counter    ``reason``: ``no_model`` (no bundle),
-                                                  ``short`` (list shorter than k)
-``liftrec_api_model_swaps_total``      counter    bundles swapped in
-``liftrec_api_model_info``             gauge      ``version`` of the bundle in use (1)
-``liftrec_api_catalog_items``          gauge      items in the API's catalog cache
-``liftrec_api_read_batch_size``        histogram  user list requests per coalesced Redis read
-``liftrec_api_batch_size``             histogram  lists per coalesced ``recommend_many`` call
-``liftrec_api_batch_wait_seconds``     histogram  ``stage`` (``read``, ``compute``): wait of a
-                                                  batch's oldest request before the batch ran
-``liftrec_api_compute_seconds``        histogram  run time of one coalesced ``recommend_many`` call
-``liftrec_api_fast_path_total``        counter    list requests answered without FastAPI's
-                                                  parameter machinery (``routes_recs.fast_path``)
-``liftrec_api_gc_pause_seconds``       histogram  ``generation``: pause of one garbage
-                                                  collection of the process (while watched)
-=====================================  =========  ===========================================
+==========================================  =========  ===========================================
+metric                                      type       labels / meaning
+==========================================  =========  ===========================================
+``liftrec_api_requests_total``              counter    ``route``, ``status``
+``liftrec_api_request_seconds``             histogram  ``route``: handler time
+``liftrec_api_lists_total``                 counter    ``route``, ``source``: first source of the
+                                                       chain that served the list
+``liftrec_api_fallback_total``              counter    ``reason``: ``no_model`` (no bundle),
+                                                       ``short`` (list shorter than k)
+``liftrec_api_model_swaps_total``           counter    bundles swapped in
+``liftrec_api_model_info``                  gauge      ``version`` of the bundle in use (1)
+``liftrec_api_catalog_items``               gauge      items in the API's catalog cache
+``liftrec_api_read_batch_size``             histogram  user list requests per coalesced Redis read
+``liftrec_api_batch_size``                  histogram  lists per coalesced ``recommend_many`` call
+``liftrec_api_batch_wait_seconds``          histogram  ``stage`` (``read``, ``compute``): wait of a
+                                                       batch's oldest request before the batch ran
+``liftrec_api_compute_seconds``             histogram  run time of one coalesced ``recommend_many`` call
+``liftrec_api_compute_cpu_seconds_total``   counter    process CPU time spent in ``recommend_many`` (the
+                                                       API's CPU outside it is the rest of the process's)
+``liftrec_api_fast_path_total``             counter    list requests answered without FastAPI's
+                                                       parameter machinery (``routes_recs.fast_path``)
+``liftrec_api_gc_pause_seconds``            histogram  ``generation``: pause of one garbage
+                                                       collection of the process (while watched)
+==========================================  =========  ===========================================
 
 Garbage collection pauses are observed only between :meth:`ApiMetrics.watch_gc`
 and :meth:`ApiMetrics.unwatch_gc` (the runtime's lifespan): ``gc.callbacks`` is
@@ -71,6 +73,8 @@ class ApiMetrics:
                                     ["stage"], buckets=_BUCKETS, registry=r)
         self.compute_seconds = Histogram("liftrec_api_compute_seconds", "Run time of one recommend_many call",
                                          buckets=_BUCKETS, registry=r)
+        self.compute_cpu = Counter("liftrec_api_compute_cpu_seconds_total", "Process CPU time in recommend_many",
+                                   registry=r)
         self.fast_path = Counter("liftrec_api_fast_path_total", "List requests on the fast path",
                                  registry=r)
         self.gc_pause = Histogram("liftrec_api_gc_pause_seconds", "Pause of one garbage collection",

@@ -43,8 +43,10 @@ one Redis round trip between two compute batches.
 A ``recommend_many`` call runs on the event loop, so while it runs nothing else
 of this process does: the compute stage therefore also keeps a batch within a
 time budget (``batch_budget_s``, default 8 ms): its cap is the budget divided by
-the measured time per list (moving average), between 1 and ``batch_max``. A
-faster recommender thus gets bigger batches by itself.
+the measured CPU time per list (moving average), between 1 and ``batch_max``. A
+faster recommender thus gets bigger batches by itself. CPU time, not wall time:
+a process that waits for a core (a shared box) would otherwise shrink its
+batches exactly when CPU is scarce.
 
 Each stage holds at most ``batch_max`` requests per call and refuses new ones
 (HTTP 503) past ``batch_max_pending`` waiting. Failures are per request: when
@@ -202,7 +204,7 @@ class ServingRuntime:
         self.batch_max = batch_max
         self.batch_budget_s = batch_budget_s
         self.gc_freeze = gc_freeze
-        self._per_list_s: float | None = None   # moving average of recommend_many seconds per list
+        self._per_list_s: float | None = None   # moving average of recommend_many CPU seconds per list
         #: Wall clock of the list stages (epoch ms); one reading per batch, so a batch's lists share it.
         self.clock_ms: Callable[[], int] = _wall_clock_ms
         self._compute_end = -1e9   # perf_counter when the last compute batch ended
@@ -357,13 +359,14 @@ class ServingRuntime:
         states = [s for s, _ in items]
         reqs = [r for _, r in items]
         now_ms = self.clock_ms()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             lists = list(self.recommender.recommend_many(states, reqs, bundle=bundle, trending=trending,
                                                          catalog=self.catalog, now_ms=now_ms))
-            took = time.perf_counter() - t0
+            took, cpu = time.perf_counter() - t0, time.process_time() - c0
+            self.metrics.compute_cpu.inc(cpu)
             self.metrics.compute_seconds.observe(took)
-            self._fit_batch(took / len(items))
+            self._fit_batch(cpu / len(items))
             return lists
         except Exception as err:  # noqa: BLE001 - isolate the failing user below
             if len(items) == 1:
@@ -379,7 +382,12 @@ class ServingRuntime:
         return out
 
     def _fit_batch(self, per_list_s: float) -> None:
-        """Update the time per list and the compute stage's cap (see the module docstring)."""
+        """Update the time per list and the compute stage's cap (see the module docstring).
+
+        ``per_list_s`` is the process CPU time per list, not the wall time: on a shared machine the
+        wall time of a batch includes the time the process waited for a core, which made the cap
+        fall to 1 exactly when the CPU was scarce (every list then paid the per-call cost alone).
+        """
         avg = self._per_list_s
         avg = per_list_s if avg is None else 0.8 * avg + 0.2 * per_list_s
         self._per_list_s = avg

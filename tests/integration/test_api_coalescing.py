@@ -110,9 +110,12 @@ async def test_concurrent_requests_get_the_lists_of_sequential_ones(app_client: 
         alone.append(r.json())
     calls0, lists0 = histogram(runtime, "liftrec_api_batch_size")
     assert (calls0, lists0) == (len(SPECS), len(SPECS))
+    cpu0 = runtime.metrics.registry.get_sample_value("liftrec_api_compute_cpu_seconds_total")
+    assert cpu0 > 0   # the recommender's CPU time is counted (the benchmark's split of the API's CPU)
     together = await asyncio.gather(*(api.get(f"/v1/users/{u}/recommendations", params=p) for u, p in SPECS))
     calls1, lists1 = histogram(runtime, "liftrec_api_batch_size")
     assert lists1 - lists0 == len(SPECS) and calls1 - calls0 < len(SPECS)   # they did share calls
+    assert runtime.metrics.registry.get_sample_value("liftrec_api_compute_cpu_seconds_total") > cpu0
     for (user, params), a, t in zip(SPECS, alone, together, strict=True):
         assert t.status_code == 200, t.text
         body = t.json()
@@ -274,3 +277,28 @@ async def test_the_next_read_is_in_flight_while_a_batch_computes(app_client: tup
     # bob's read went to Redis before alice's batch computed, not after its 500 ms window
     assert order == [("read", "bob"), ("compute", "alice"), ("compute", "bob")], order
     assert time.perf_counter() - t0 < 0.5
+
+
+class StalledRecommender(Recommender):
+    """The real recommender, plus 30 ms of wall time per call without CPU (a process waiting for a core)."""
+
+    def recommend_many(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.03)
+        return super().recommend_many(*args, **kwargs)
+
+
+async def test_the_batch_cap_follows_cpu_time_not_wall_time(app_client: tuple[httpx.AsyncClient, Any]) -> None:
+    """The compute stage's cap is its budget over the CPU time per list: a batch that took long on the
+    clock because the process waited for a core must not shrink the next batches (on a shared box the
+    cap fell to 1 exactly when CPU was scarce)."""
+    api, runtime = app_client
+    runtime.batch_budget_s = 0.008
+    runtime.recommender = StalledRecommender.from_settings(runtime.settings)
+    for user in USERS:
+        r = await api.get(f"/v1/users/{user}/recommendations", params={"k": 5})
+        assert r.status_code == 200, r.text
+    _, wall = histogram(runtime, "liftrec_api_compute_seconds")
+    assert wall / len(USERS) > runtime.batch_budget_s   # by the clock, not even one list fits the budget
+    per_list_cpu = runtime.metrics.registry.get_sample_value("liftrec_api_compute_cpu_seconds_total") / len(USERS)
+    if per_list_cpu < runtime.batch_budget_s / 2:        # a list's CPU leaves room for two per batch
+        assert runtime.computes.max_batch >= 2

@@ -114,6 +114,20 @@ def test_exact_index_matches_brute_force_in_batches() -> None:
         ExactIndex(y).search(np.zeros((2, 3)), 5)
 
 
+@pytest.mark.parametrize("m", [2, 3, 5, 32])
+def test_exact_index_batch_scores_are_those_of_the_query_by_item_product(m: int) -> None:
+    """The batched search multiplies as ``Y @ Q^T`` (faster for a few queries); its scores and rows must be
+    exactly those of ``Q @ Y^T`` (what it computed before), so the change left every list as it was."""
+    rng = np.random.default_rng(m)
+    y = rng.normal(size=(20_000, 64)).astype(np.float32)   # the sampled-threshold path of a 20k catalog
+    q = rng.normal(size=(m, 64)).astype(np.float32)
+    idx, sc = ExactIndex(y).search(q, 150)
+    full = q @ y.T
+    for r in range(m):
+        np.testing.assert_array_equal(idx[r], top_k(full[r], 150))
+        np.testing.assert_array_equal(sc[r], full[r][idx[r]])
+
+
 def test_ivf_index_recall_on_clustered_factors() -> None:
     rng = np.random.default_rng(2)
     centers = rng.normal(size=(20, 16)).astype(np.float32)
