@@ -153,6 +153,15 @@ def test_redis_has_aof_on_a_volume(services: dict[str, Any]) -> None:
     assert f"redis-data:{data_dir}" in [v.rsplit(":rw", 1)[0] for v in redis_svc["volumes"]]
 
 
+def test_redis_keeps_full_covis_sets_compact(services: dict[str, Any]) -> None:
+    """Redis 7's listpacks cost no more CPU than skiplists for 100-member sets (docs/deployment.md)."""
+    from features.store import COVIS_CAP
+
+    cmd = services["redis"]["command"]
+    opts = dict(zip(cmd[1::2], cmd[2::2], strict=True))
+    assert int(opts["--zset-max-listpack-entries"]) >= COVIS_CAP
+
+
 # -- health, order, restarts, limits ---------------------------------------------
 
 
