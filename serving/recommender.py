@@ -479,11 +479,16 @@ class Recommender:
         """Each user's session-kNN items: their current (or last) session vs the index's past sessions."""
         if index is None or index.n_sessions == 0:
             return
+        asking: list[_User] = []
+        queries: list[tuple[np.ndarray, int | None, int | None]] = []
         for u in users:
             query, start = query_session(u.session, u.hist_items, u.hist_ts, gap_ms=index.gap_ms)
             if len(query):
-                key = user_key(u.state.user_id) if u.state.user_id else None
-                u.sknn = index.scores(query, params=self.session_knn, user=key, since_ms=start)
+                asking.append(u)
+                queries.append((query, user_key(u.state.user_id) if u.state.user_id else None, start))
+        # all users' neighbours and scores in one pass (the same arrays as one ``scores`` call per user)
+        for u, got in zip(asking, index.scores_many(queries, params=self.session_knn), strict=True):
+            u.sknn = got
 
     def _retrieve(self, users: list[_User], aux: BundleAux) -> list[tuple[np.ndarray, np.ndarray] | None]:
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(users)
