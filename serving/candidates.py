@@ -303,8 +303,21 @@ def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
     return aggregate_by_key(indices[pos].astype(np.int64), values[pos].astype(np.float32), how=how)
 
 
-def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ``keys`` (sorted) and the ``sum`` or ``max`` of their float32 ``values``."""
+def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str, size: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``keys`` (sorted) and the ``sum`` or ``max`` of their float32 ``values``.
+
+    With ``size`` (keys lie in ``[0, size)``) and at least one key per 8 slots, the keys are counted in
+    dense ``size``-long arrays instead of sorted: the same keys, and the same sums (each key's values are
+    added in input order either way).
+    """
+    if size is not None and len(keys) * 8 >= size:
+        uniq = np.flatnonzero(np.bincount(keys, minlength=size))
+        if how == "sum":
+            return uniq, np.bincount(keys, weights=values, minlength=size)[uniq].astype(np.float32)
+        dense = np.full(size, -np.inf, dtype=np.float32)
+        np.maximum.at(dense, keys, values)
+        return uniq, dense[uniq]
     uniq, inv = np.unique(keys, return_inverse=True)
     if how == "sum":
         return uniq, np.bincount(inv, weights=values, minlength=len(uniq)).astype(np.float32)

@@ -28,6 +28,7 @@ from serving.candidates import (
     CandidateInput,
     CandidateSet,
     TrendingArrays,
+    aggregate_by_key,
     gather,
     gather_many,
 )
@@ -359,6 +360,22 @@ def test_batched_anchor_proposals_give_the_one_user_candidates(seed: int) -> Non
             np.testing.assert_array_equal(got.scores, want.scores)
             np.testing.assert_array_equal(got.first, want.first)
     assert any(len(a.session[0]) for a in anchored) and any(len(a.bought_together[0]) for a in anchored)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_key_aggregation_equals_the_sorted_one(seed: int) -> None:
+    """``aggregate_by_key(..., size=)`` counts keys in dense arrays when they are many: same keys, same bits."""
+    rng = np.random.default_rng(seed)
+    size = 500
+    for n in (3, 70, 2000):
+        keys = rng.integers(0, size, n)
+        values = (rng.random(n) * 10.0 ** rng.integers(-3, 4, n)).astype(np.float32)
+        for how in ("sum", "max"):
+            want = aggregate_by_key(keys, values, how=how)
+            got = aggregate_by_key(keys, values, how=how, size=size)
+            assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
+            np.testing.assert_array_equal(got[0], want[0])
+            assert got[1].tobytes() == want[1].tobytes()
 
 
 @pytest.mark.parametrize("seed", range(4))
