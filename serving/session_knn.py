@@ -86,7 +86,7 @@ def _count(values: np.ndarray, size: int, weights: np.ndarray | None = None) -> 
 def _distinct_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values (ascending) and how often each occurs (int64), by one sort: the posting tails of a
     query are a few thousand sessions, where a bincount over every session number costs more."""
-    s = np.sort(values)
+    s = np.sort(values, kind="stable")   # posting lists are ascending runs: a merge sort is several times faster
     if len(s) == 0:
         return s, np.zeros(0, np.int64)
     first = np.empty(len(s), dtype=bool)
