@@ -436,6 +436,20 @@ def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return srt[new], perm[new], inv
 
 
+def _unique_keys(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_unique` of keys in ``[0, size)`` (non-empty): on dense ``size``-long arrays when there is at
+    least one key per 8 slots (a count, a ``minimum.at`` for the first positions and a slot table), else
+    by :func:`_unique`'s sort. The same three arrays either way."""
+    if len(keys) * 8 < size:
+        return _unique(keys)
+    uniq = np.flatnonzero(np.bincount(keys, minlength=size))
+    first = np.full(size, len(keys), dtype=np.int64)
+    np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))
+    slot = np.empty(size, dtype=np.int64)
+    slot[uniq] = np.arange(len(uniq), dtype=np.int64)
+    return uniq, first[uniq], slot[keys]
+
+
 def _quotas(n_candidates: int) -> dict[str, int]:
     return {name: _quota(n_candidates, name) for name in QUOTAS}
 
@@ -564,7 +578,7 @@ def _best_many(items: Sequence[np.ndarray], scores: Sequence[np.ndarray], n: Seq
     uid = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
     keys = uid * n_items + np.concatenate(items)
     vals = np.concatenate(scores).astype(np.float32, copy=False)
-    uniq, _, inv = _unique(keys)
+    uniq, _, inv = _unique_keys(keys, n_users * n_items)
     agg = np.zeros(len(uniq), dtype=np.float32)
     np.add.at(agg, inv, vals)
     u, it = uniq // n_items, uniq % n_items
@@ -588,7 +602,7 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     src = np.repeat(np.fromiter((s for s, _, _ in flat), dtype=np.int8, count=len(flat)), lengths)
     keys = uid * n_items + np.concatenate([i for _, i, _ in flat])
     scores = np.concatenate([s for _, _, s in flat])
-    uniq, first_pos, inv = _unique(keys)
+    uniq, first_pos, inv = _unique_keys(keys, n_users * n_items)
     table = np.zeros((len(uniq), n_src), dtype=np.float32)
     np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")   # users stay in order: their positions are contiguous

@@ -379,6 +379,20 @@ def test_dense_key_aggregation_equals_the_sorted_one(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_dense_unique_keys_equal_the_sorted_unique(seed: int) -> None:
+    """``_unique_keys`` (dense arrays when keys are many) gives ``_unique``'s distinct keys, first positions and
+    inverse."""
+    from serving.candidates import _unique, _unique_keys
+    rng = np.random.default_rng(seed)
+    for n, size in ((5, 1000), (900, 1000), (5000, 1000), (1, 1)):
+        keys = rng.integers(0, size, n).astype(np.int64)
+        want, got = _unique(keys), _unique_keys(keys, size)
+        for w, g in zip(want, got, strict=True):
+            assert w.dtype == g.dtype
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_batched_gather_gives_the_one_user_candidates(seed: int) -> None:
     """gather_many (trending aggregation and merge on (user, item) keys) equals gather per user."""
     aux = BundleAux(random_bundle(seed))
