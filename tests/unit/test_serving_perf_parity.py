@@ -425,6 +425,22 @@ def test_strongest_at_positions_equals_strongest_of_all() -> None:
         assert strongest_at(cands, positions).tolist() == strongest_sources(cands)[positions].tolist()
 
 
+def test_strongest_of_stacked_sets_equals_each_set_alone() -> None:
+    """``strongest_at_many`` over stacked candidate sets (empty ones too) equals ``strongest_at`` per set."""
+    from serving.explain import strongest_at_many
+    rng = np.random.default_rng(9)
+    sizes = [0, 5, 1, 0, 60, 33, 0]
+    sets = [(rng.random((n, len(SOURCES))) * (rng.random((n, len(SOURCES))) < 0.4)).astype(np.float32)
+            for n in sizes]
+    positions = [rng.permutation(n)[: int(rng.integers(0, n + 1))] if n else np.zeros(0, np.int64) for n in sizes]
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    got = strongest_at_many(np.concatenate(sets), bounds, positions)
+    for sc, pos, g in zip(sets, positions, got, strict=True):
+        want = strongest_at(CandidateSet(np.arange(len(sc)), sc, np.zeros(len(sc), np.int8)), pos)
+        assert g.tolist() == want.tolist()
+    assert sum(len(p) for p in positions) > 20
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_top_k_of_all_rows_equals_top_k_of_each_row(seed: int) -> None:
     from serving.index import ExactIndex, top_k, top_k_rows
@@ -564,3 +580,48 @@ def test_requests_with_their_own_times_equal_each_request_alone() -> None:
     assert differs > 0   # the time matters, so sharing it wrongly would show
     with pytest.raises(ValueError, match="one per state"):
         rec.recommend_many(states, RecRequest(), bundle=bundle, trending=trending, catalog=catalog, now_ms=[NOW])
+
+
+class _PerRequestOrder(Recommender):
+    """The Recommender with the per-request ``_order`` instead of the batched ``_order_many`` (the reference)."""
+
+    def _order_many(self, users, cands, rows, scores, aux, live):  # type: ignore[no-untyped-def]
+        b = rows.bounds.tolist()
+        return [self._order(u, c, scores[b[j]:b[j + 1]], aux, live, live.code[rows.at[b[j]:b[j + 1]]])
+                for j, (u, c) in enumerate(zip(users, cands, strict=True))]
+
+
+@pytest.mark.parametrize("diversity", ["none", "cap", "mmr"])
+def test_batched_ordering_equals_the_per_request_order(diversity: str) -> None:
+    """``_order_many`` (one lexsort, strongest sources at once) lists what ``_order`` per request lists: plain, X,
+    boosted, context, filtered-to-nothing and explain requests; scores, reasons, sources and chains to the bit."""
+    bundle = random_bundle(5)
+    catalog = random_catalog(6)
+    rng = np.random.default_rng(10)
+    calls = []
+    for u in range(7):
+        items = rng.integers(0, N_ITEMS, 15)
+        hist = tuple((f"i{int(i)}", ("view", "click", "purchase")[j % 3], NOW - 90_000 * j)
+                     for j, i in enumerate(items))
+        s = UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                      vector_model=VERSION if u % 3 else "stale", session_items=tuple(h[0] for h in hist[:2]))
+        calls.append((s, RecRequest(k=10)))
+        calls.append((s, RecRequest(k=12, filters=RequestFilters(exclude=frozenset(h[0] for h in hist)))))
+        if u % 2:
+            calls.append((s, RecRequest(k=6, explain=True, filters=RequestFilters(boost_categories={"c1": 1.0}))))
+            calls.append((s, RecRequest(k=10, context_item="i7")))
+            calls.append((s, RecRequest(k=10, filters=RequestFilters(categories={"no such category"}))))
+    calls.append((UserState(user_id="new"), RecRequest(k=10)))
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(40 - i)) for i in range(0, 80, 2)], by_category={},
+                                ref_ms=NOW)
+    rules = RuleConfig(diversity=diversity, repurchase_window_ms=0)
+    got = Recommender(rules=rules, n_candidates=90).recommend_many(
+        [c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+    want = _PerRequestOrder(rules=rules, n_candidates=90).recommend_many(
+        [c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+    for g, w in zip(got, want, strict=True):
+        assert g.source == w.source and g.ranked == w.ranked
+        assert [(i.item_id, i.score, i.reason, i.source, i.reason_item, i.features, i.source_scores)
+                for i in g.items] == [(i.item_id, i.score, i.reason, i.source, i.reason_item, i.features,
+                                       i.source_scores) for i in w.items]
+    assert "context" in {i.source for g in got for i in g.items} and any(not g.items for g in got)
