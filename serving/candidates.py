@@ -30,8 +30,10 @@ order, per-category item lists, factor norms, ``YtY`` for fold-in).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import types
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -450,8 +452,10 @@ def _unique_keys(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, n
     return uniq, first[uniq], slot[keys]
 
 
-def _quotas(n_candidates: int) -> dict[str, int]:
-    return {name: _quota(n_candidates, name) for name in QUOTAS}
+@functools.lru_cache(maxsize=64)
+def _quotas(n_candidates: int) -> Mapping[str, int]:
+    """Each source's quota for ``n_candidates`` (computed once per value: read-only)."""
+    return types.MappingProxyType({name: _quota(n_candidates, name) for name in QUOTAS})
 
 
 def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_candidates: int,
@@ -497,8 +501,10 @@ def _add(proposals: _Proposals, source: int, items: np.ndarray, scores: np.ndarr
 
 
 def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
-                     anchored: AnchorProposals | None) -> _Proposals:
-    """Every source before ``trending``, in chain order."""
+                     anchored: AnchorProposals | None,
+                     session_knn: tuple[np.ndarray, np.ndarray] | None = None) -> _Proposals:
+    """Every source before ``trending``, in chain order (``session_knn``: the user's session-kNN proposals
+    when already cut to the quota, see :func:`gather_many`)."""
     t = aux.bundle.tables
     quota = _quotas(n_candidates)
     proposals: _Proposals = []
@@ -531,7 +537,9 @@ def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
         norm = float(np.linalg.norm(q))
         if norm > 0:
             add("content", *aux.similar_by_content(q / norm, quota["content"], exclude=anchors))
-    if inp.session_knn is not None:
+    if session_knn is not None:
+        add("session_knn", *session_knn)
+    elif inp.session_knn is not None:
         add("session_knn", *_best(*inp.session_knn, quota["session_knn"]))
     return proposals
 
@@ -554,7 +562,22 @@ def gather_many(inputs: Sequence[CandidateInput], aux: BundleAux, trending: Tren
     """
     n_users = len(inputs)
     n_items = len(aux.bundle.items)
-    props = [_first_proposals(inp, aux, n_candidates, None if anchored is None else anchored[j])
+    # every user's session-kNN proposals cut to the quota at once: the items of a user are distinct and
+    # ascending, so the per-item sums are the scores themselves and the order is _best's (score, then item)
+    with_sknn = [j for j, inp in enumerate(inputs) if inp.session_knn is not None]
+    sknn: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n_users
+    if len(with_sknn) > 1:
+        sk_items = [np.asarray(inputs[j].session_knn[0], dtype=np.int64) for j in with_sknn]  # type: ignore[index]
+        keys = np.concatenate([it + j * n_items for j, it in enumerate(sk_items)])
+        flat = np.concatenate(sk_items)
+        # only when every user's items are distinct, ascending and in range (what SessionIndex.scores returns)
+        if len(flat) and int(flat.min()) >= 0 and int(flat.max()) < n_items and bool((keys[1:] > keys[:-1]).all()):
+            q_sk = _quota(n_candidates, "session_knn")
+            cut = _best_many(sk_items, [inputs[j].session_knn[1] for j in with_sknn],  # type: ignore[index]
+                             [q_sk] * len(with_sknn), n_items)
+            for j, got in zip(with_sknn, cut, strict=True):
+                sknn[j] = got
+    props = [_first_proposals(inp, aux, n_candidates, None if anchored is None else anchored[j], sknn[j])
              for j, inp in enumerate(inputs)]
     q_tr = _quota(n_candidates, "trending")
     n_tr = [max(q_tr, max(0, n_candidates - sum(len(p[1]) for p in pr)) // 2) for pr in props]

@@ -11,6 +11,8 @@ API's use of a fresh precomputed list (:mod:`serving.precomputed`).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -401,8 +403,18 @@ def test_batched_gather_gives_the_one_user_candidates(seed: int) -> None:
                   np.round(rng.random(12) * 3, 1).astype(np.float32)) for c in range(N_CAT)}   # overlaps, ties
     trending = TrendingArrays(overall=(np.arange(0, 120, 3, dtype=np.int64), np.linspace(9, 1, 40).astype(np.float32)),
                               by_category=by_cat)
-    inputs = _inputs(aux, seed)
-    for n_candidates in (30, 120, 400):
+    plain = _inputs(aux, seed)
+    # session-kNN proposals as SessionIndex.scores gives them (distinct, ascending; tied scores), and in an
+    # order it never gives (descending, a repeated item: each user's own cut)
+    sknn = []
+    for _ in range(len(plain)):
+        items = np.sort(rng.choice(N_ITEMS, int(rng.choice([0, 3, 80])), replace=False)).astype(np.int64)
+        sknn.append((items, np.round(rng.random(len(items)) * 2, 1).astype(np.float32) + np.float32(0.1)))
+    sorted_in = [dataclasses.replace(inp, session_knn=sk) if j % 4 else inp
+                 for j, (inp, sk) in enumerate(zip(plain, sknn, strict=True))]
+    unsorted_in = [dataclasses.replace(inp, session_knn=(np.append(sk[0][::-1], sk[0][:1]), np.append(sk[1][::-1], sk[1][:1])))
+                   for inp, sk in zip(plain, sknn, strict=True)]
+    for inputs, n_candidates in itertools.product((plain, sorted_in, unsorted_in), (30, 120, 400)):
         anchored = anchor_proposals_many(inputs, aux, n_candidates=n_candidates)
         for an in (None, anchored):
             batch = gather_many(inputs, aux, trending, n_candidates=n_candidates, anchored=an)
