@@ -562,8 +562,10 @@ class Recommender:
         item is one stable ``lexsort`` for all (per request: best first, ties by position, as the per-request
         stable ``argsort``), and the strongest sources of all listed items are found at once
         (:func:`serving.explain.strongest_at_many`). Same positions, scores and sources."""
-        s_all = np.asarray(scores, dtype=np.float64)
         b = rows.bounds.tolist()
+        if len(users) == 1:   # one request (the API): the per-request form has less set-up
+            return [self._order(users[0], cands[0], scores, aux, live, live.code[rows.at])]
+        s_all = np.asarray(scores, dtype=np.float64)
         owner = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(rows.bounds))
         ranked = np.lexsort((-s_all, owner))
         codes_all = live.code[rows.at]
