@@ -90,7 +90,7 @@ def _neighbours_many(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray
     if len(pos) == 0:
         return [empty] * n_users
     keys = np.repeat(a_uid, indptr[a_items + 1] - indptr[a_items]) * n_items + indices[pos]
-    uniq, agg = aggregate_by_key(keys, values[pos].astype(np.float32), how=how)
+    uniq, agg = aggregate_by_key(keys, values[pos].astype(np.float32), how=how, size=n_users * n_items)
     uid, items = uniq // n_items, uniq % n_items
     order = np.lexsort((items, -agg, uid))           # per user: best score, then lowest item
     uid, items, agg = uid[order], items[order], agg[order]

@@ -30,8 +30,10 @@ order, per-category item lists, factor norms, ``YtY`` for fold-in).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import types
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -303,8 +305,21 @@ def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
     return aggregate_by_key(indices[pos].astype(np.int64), values[pos].astype(np.float32), how=how)
 
 
-def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ``keys`` (sorted) and the ``sum`` or ``max`` of their float32 ``values``."""
+def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str, size: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``keys`` (sorted) and the ``sum`` or ``max`` of their float32 ``values``.
+
+    With ``size`` (keys lie in ``[0, size)``) and at least one key per 8 slots, the keys are counted in
+    dense ``size``-long arrays instead of sorted: the same keys, and the same sums (each key's values are
+    added in input order either way).
+    """
+    if size is not None and len(keys) * 8 >= size:
+        uniq = np.flatnonzero(np.bincount(keys, minlength=size))
+        if how == "sum":
+            return uniq, np.bincount(keys, weights=values, minlength=size)[uniq].astype(np.float32)
+        dense = np.full(size, -np.inf, dtype=np.float32)
+        np.maximum.at(dense, keys, values)
+        return uniq, dense[uniq]
     uniq, inv = np.unique(keys, return_inverse=True)
     if how == "sum":
         return uniq, np.bincount(inv, weights=values, minlength=len(uniq)).astype(np.float32)
@@ -423,8 +438,24 @@ def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return srt[new], perm[new], inv
 
 
-def _quotas(n_candidates: int) -> dict[str, int]:
-    return {name: _quota(n_candidates, name) for name in QUOTAS}
+def _unique_keys(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_unique` of keys in ``[0, size)`` (non-empty): on dense ``size``-long arrays when there is at
+    least one key per 8 slots (a count, a ``minimum.at`` for the first positions and a slot table), else
+    by :func:`_unique`'s sort. The same three arrays either way."""
+    if len(keys) * 8 < size:
+        return _unique(keys)
+    uniq = np.flatnonzero(np.bincount(keys, minlength=size))
+    first = np.full(size, len(keys), dtype=np.int64)
+    np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))
+    slot = np.empty(size, dtype=np.int64)
+    slot[uniq] = np.arange(len(uniq), dtype=np.int64)
+    return uniq, first[uniq], slot[keys]
+
+
+@functools.lru_cache(maxsize=64)
+def _quotas(n_candidates: int) -> Mapping[str, int]:
+    """Each source's quota for ``n_candidates`` (computed once per value: read-only)."""
+    return types.MappingProxyType({name: _quota(n_candidates, name) for name in QUOTAS})
 
 
 def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_candidates: int,
@@ -470,8 +501,10 @@ def _add(proposals: _Proposals, source: int, items: np.ndarray, scores: np.ndarr
 
 
 def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
-                     anchored: AnchorProposals | None) -> _Proposals:
-    """Every source before ``trending``, in chain order."""
+                     anchored: AnchorProposals | None,
+                     session_knn: tuple[np.ndarray, np.ndarray] | None = None) -> _Proposals:
+    """Every source before ``trending``, in chain order (``session_knn``: the user's session-kNN proposals
+    when already cut to the quota, see :func:`gather_many`)."""
     t = aux.bundle.tables
     quota = _quotas(n_candidates)
     proposals: _Proposals = []
@@ -504,7 +537,9 @@ def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
         norm = float(np.linalg.norm(q))
         if norm > 0:
             add("content", *aux.similar_by_content(q / norm, quota["content"], exclude=anchors))
-    if inp.session_knn is not None:
+    if session_knn is not None:
+        add("session_knn", *session_knn)
+    elif inp.session_knn is not None:
         add("session_knn", *_best(*inp.session_knn, quota["session_knn"]))
     return proposals
 
@@ -527,7 +562,22 @@ def gather_many(inputs: Sequence[CandidateInput], aux: BundleAux, trending: Tren
     """
     n_users = len(inputs)
     n_items = len(aux.bundle.items)
-    props = [_first_proposals(inp, aux, n_candidates, None if anchored is None else anchored[j])
+    # every user's session-kNN proposals cut to the quota at once: the items of a user are distinct and
+    # ascending, so the per-item sums are the scores themselves and the order is _best's (score, then item)
+    with_sknn = [j for j, inp in enumerate(inputs) if inp.session_knn is not None]
+    sknn: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n_users
+    if len(with_sknn) > 1:
+        sk_items = [np.asarray(inputs[j].session_knn[0], dtype=np.int64) for j in with_sknn]  # type: ignore[index]
+        keys = np.concatenate([it + j * n_items for j, it in enumerate(sk_items)])
+        flat = np.concatenate(sk_items)
+        # only when every user's items are distinct, ascending and in range (what SessionIndex.scores returns)
+        if len(flat) and int(flat.min()) >= 0 and int(flat.max()) < n_items and bool((keys[1:] > keys[:-1]).all()):
+            q_sk = _quota(n_candidates, "session_knn")
+            cut = _best_many(sk_items, [inputs[j].session_knn[1] for j in with_sknn],  # type: ignore[index]
+                             [q_sk] * len(with_sknn), n_items)
+            for j, got in zip(with_sknn, cut, strict=True):
+                sknn[j] = got
+    props = [_first_proposals(inp, aux, n_candidates, None if anchored is None else anchored[j], sknn[j])
              for j, inp in enumerate(inputs)]
     q_tr = _quota(n_candidates, "trending")
     n_tr = [max(q_tr, max(0, n_candidates - sum(len(p[1]) for p in pr)) // 2) for pr in props]
@@ -551,7 +601,7 @@ def _best_many(items: Sequence[np.ndarray], scores: Sequence[np.ndarray], n: Seq
     uid = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
     keys = uid * n_items + np.concatenate(items)
     vals = np.concatenate(scores).astype(np.float32, copy=False)
-    uniq, _, inv = _unique(keys)
+    uniq, _, inv = _unique_keys(keys, n_users * n_items)
     agg = np.zeros(len(uniq), dtype=np.float32)
     np.add.at(agg, inv, vals)
     u, it = uniq // n_items, uniq % n_items
@@ -575,7 +625,7 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     src = np.repeat(np.fromiter((s for s, _, _ in flat), dtype=np.int8, count=len(flat)), lengths)
     keys = uid * n_items + np.concatenate([i for _, i, _ in flat])
     scores = np.concatenate([s for _, _, s in flat])
-    uniq, first_pos, inv = _unique(keys)
+    uniq, first_pos, inv = _unique_keys(keys, n_users * n_items)
     table = np.zeros((len(uniq), n_src), dtype=np.float32)
     np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")   # users stay in order: their positions are contiguous

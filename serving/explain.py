@@ -34,7 +34,7 @@ import numpy as np
 from serving.candidates import SOURCES, BundleAux, CandidateSet, isin_rows
 
 __all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "reason_for_source", "reason_tuples",
-           "source_scores", "strongest_at", "strongest_sources"]
+           "source_scores", "strongest_at", "strongest_at_many", "strongest_sources"]
 
 #: Weight of each source's relative strength when choosing the reason.
 SOURCE_WEIGHTS: Mapping[str, float] = {
@@ -78,6 +78,40 @@ def strongest_at(cands: CandidateSet, positions: np.ndarray) -> np.ndarray:
     top = cands.scores.max(axis=0)
     rel = cands.scores[positions] / np.where(top > 0, top, 1.0)
     return np.argmax(rel * _W, axis=1)
+
+
+def strongest_at_many(scores: np.ndarray, bounds: np.ndarray, positions: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:func:`strongest_at` of many candidate sets stacked in one array, in a few calls for all.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        Source scores of every set's candidates, stacked (set ``j`` at rows ``bounds[j]:bounds[j+1]``).
+    bounds : numpy.ndarray
+        ``len(positions) + 1`` row bounds.
+    positions : sequence of numpy.ndarray
+        Positions within each set.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Per set, what :func:`strongest_at` gives (each source's best score still taken over all of the
+        set's candidates: one ``maximum.reduceat``, the same float32 maxima).
+    """
+    n = len(positions)
+    lengths = np.fromiter(map(len, positions), dtype=np.int64, count=n)
+    b = np.asarray(bounds, dtype=np.int64)
+    if int(lengths.sum()) == 0:
+        return [np.zeros(0, dtype=np.int64)] * n
+    filled = np.flatnonzero(b[1:] > b[:-1])     # reduceat needs non-empty segments
+    top = np.zeros((n, scores.shape[1]), dtype=scores.dtype)
+    top[filled] = np.maximum.reduceat(scores, b[filled], axis=0)
+    owner = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    rows = np.concatenate([np.asarray(p, dtype=np.int64) for p in positions]) + b[owner]
+    rel = scores[rows] / np.where(top > 0, top, 1.0)[owner]
+    best = np.argmax(rel * _W, axis=1)
+    cut = np.cumsum(lengths).tolist()
+    return [best[hi - ln:hi] for hi, ln in zip(cut, lengths.tolist(), strict=True)]
 
 
 def _anchor_max(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, anchors: np.ndarray,

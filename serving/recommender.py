@@ -56,7 +56,13 @@ from serving.candidates import (
     gather_many,
     isin_rows,
 )
-from serving.explain import best_anchors_many, reason_tuples, source_scores, strongest_at
+from serving.explain import (
+    best_anchors_many,
+    reason_tuples,
+    source_scores,
+    strongest_at,
+    strongest_at_many,
+)
 from serving.item_lists import fallback_list, item_list
 from serving.live import LiveAttrs, LiveTable, TrackedCatalogCache
 from serving.reclist import RecList, Recommendation, RecRequest, new_rec_ids, recommendations
@@ -118,6 +124,19 @@ class _Ordered:
     pos: np.ndarray
     strongest: np.ndarray
     codes: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rows:
+    """Every request's eligible candidates stacked (request ``j`` at ``bounds[j]:bounds[j+1]``): their source
+    scores and positions in the call's :class:`~serving.live.LiveAttrs` (internal)."""
+
+    bounds: np.ndarray
+    scores: np.ndarray
+    at: np.ndarray
+
+
+_EMPTY_POS = np.zeros(0, dtype=np.int64)
 
 
 def _narrow_by_filters(ok: np.ndarray, at: np.ndarray, filters: RequestFilters, live: LiveAttrs) -> None:
@@ -356,15 +375,13 @@ class Recommender:
             batch = CandidateBatch(bounds, raw.items[src], raw.scores[src], raw.first[src])
         # eligibility, features and ranker scores per request, on its own eligible rows (a feature may depend
         # on the request's other candidates: ``als_score_in_category``), all in one ONNX call
-        kept = self._eligible_many(batch, users, live, n_items)
+        kept, rows = self._eligible_rows(batch, users, live, n_items)
         cands = [c for c, _ in kept]
         X = self._features([self._context_of(base[g], tr, decay(t), t) for g, t in zip(unit_of, nows, strict=True)],
                            cands, bundle)
         sizes = np.cumsum([len(c) for c in cands])[:-1]
         feats = np.split(X, sizes)
-        scores = np.split(self._score(X, bundle), sizes)
-        ordered = [self._order(u, c, s, aux, live, live.code[at])
-                   for u, (c, at), s in zip(users, kept, scores, strict=True)]
+        ordered = self._order_many(users, cands, rows, self._score(X, bundle), aux, live)
         anchored = self._reason_anchors(users, cands, ordered, aux)
         ranked = bundle.ranker is not None
         return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
@@ -479,11 +496,16 @@ class Recommender:
         """Each user's session-kNN items: their current (or last) session vs the index's past sessions."""
         if index is None or index.n_sessions == 0:
             return
+        asking: list[_User] = []
+        queries: list[tuple[np.ndarray, int | None, int | None]] = []
         for u in users:
             query, start = query_session(u.session, u.hist_items, u.hist_ts, gap_ms=index.gap_ms)
             if len(query):
-                key = user_key(u.state.user_id) if u.state.user_id else None
-                u.sknn = index.scores(query, params=self.session_knn, user=key, since_ms=start)
+                asking.append(u)
+                queries.append((query, user_key(u.state.user_id) if u.state.user_id else None, start))
+        # all users' neighbours and scores in one pass (the same arrays as one ``scores`` call per user)
+        for u, got in zip(asking, index.scores_many(queries, params=self.session_knn), strict=True):
+            u.sknn = got
 
     def _retrieve(self, users: list[_User], aux: BundleAux) -> list[tuple[np.ndarray, np.ndarray] | None]:
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(users)
@@ -519,12 +541,62 @@ class Recommender:
     def _eligible_many(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
                        ) -> list[tuple[CandidateSet, np.ndarray]]:
         """:meth:`_eligible` of every user at once (blocked rows joined on ``user * n_items + item`` keys)."""
+        return Recommender._eligible_rows(batch, users, live, n_items)[0]
+
+    @staticmethod
+    def _eligible_rows(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
+                       ) -> tuple[list[tuple[CandidateSet, np.ndarray]], _Rows]:
+        """:meth:`_eligible_many`, and all users' eligible rows stacked (the sets are views of them)."""
         ok, at = Recommender._eligible_mask(batch, users, live, n_items)
         kept = np.flatnonzero(ok)
         items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
-        nb = np.searchsorted(kept, batch.bounds).tolist()
-        return [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
+        bounds = np.searchsorted(kept, batch.bounds)
+        nb = bounds.tolist()
+        sets = [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
                 for lo, hi in zip(nb[:-1], nb[1:], strict=True)]
+        return sets, _Rows(bounds, scores, at)
+
+    def _order_many(self, users: list[_User], cands: list[CandidateSet], rows: _Rows, scores: np.ndarray,
+                    aux: BundleAux, live: LiveAttrs) -> list[_Ordered]:
+        """:meth:`_order` of every request of the call: the ranking of requests without boosts or a context
+        item is one stable ``lexsort`` for all (per request: best first, ties by position, as the per-request
+        stable ``argsort``), and the strongest sources of all listed items are found at once
+        (:func:`serving.explain.strongest_at_many`). Same positions, scores and sources."""
+        b = rows.bounds.tolist()
+        if len(users) == 1:   # one request (the API): the per-request form has less set-up
+            return [self._order(users[0], cands[0], scores, aux, live, live.code[rows.at])]
+        s_all = np.asarray(scores, dtype=np.float64)
+        owner = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(rows.bounds))
+        ranked = np.lexsort((-s_all, owner))
+        codes_all = live.code[rows.at]
+        out: list[_Ordered] = []
+        for j, (u, c) in enumerate(zip(users, cands, strict=True)):
+            lo, hi = b[j], b[j + 1]
+            codes = codes_all[lo:hi]
+            if (u.request.filters.boost_categories or u.context >= 0) and hi > lo:
+                s, order = self._ranking(u, c, s_all[lo:hi], live, codes)
+            else:
+                s, order = s_all[lo:hi], ranked[lo:hi] - lo
+            vectors = aux.bundle.item_factors[c.items] if self.rules.diversity == "mmr" else None
+            pos = diversify(order, codes, u.request.k, self.rules, scores=s, vectors=vectors)
+            out.append(_Ordered(s, pos, _EMPTY_POS, codes))
+        for o, st in zip(out, strongest_at_many(rows.scores, rows.bounds, [o.pos for o in out]), strict=True):
+            o.strongest = st
+        return out
+
+    @staticmethod
+    def _ranking(u: _User, cands: CandidateSet, s: np.ndarray, live: LiveAttrs, codes: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The request's final scores (boosts, context) and its candidates best first (ties by position)."""
+        boosts = u.request.filters.boost_categories
+        if boosts and len(s):   # boosts as serving.rules.apply_boosts, on codes
+            spread = float(s.max() - s.min()) or 1.0
+            s = s + live.boost_per_code(boosts)[codes] * spread
+        if u.context >= 0 and len(s):  # a context request: the context item's neighbours lead the list
+            spread = float(s.max() - s.min()) or 1.0
+            ctx = cands.scores[:, _CONTEXT]
+            s = s + spread * ctx / (float(ctx.max()) or 1.0)
+        return s, np.argsort(-s, kind="stable")    # best first, ties by position
 
     @staticmethod
     def _eligible_mask(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
@@ -569,21 +641,11 @@ class Recommender:
 
     def _order(self, u: _User, cands: CandidateSet, scores: np.ndarray, aux: BundleAux, live: LiveAttrs,
                codes: np.ndarray) -> _Ordered:
-        """Boosts, diversity and the listed positions; ``codes`` are the candidates' live category codes."""
-        req = u.request
-        k = req.k
-        s = np.asarray(scores, dtype=np.float64)   # boosts as serving.rules.apply_boosts, on codes
-        boosts = req.filters.boost_categories
-        if boosts and len(s):
-            spread = float(s.max() - s.min()) or 1.0
-            s = s + live.boost_per_code(boosts)[codes] * spread
-        if u.context >= 0 and len(s):  # a context request: the context item's neighbours lead the list
-            spread = float(s.max() - s.min()) or 1.0
-            ctx = cands.scores[:, _CONTEXT]
-            s = s + spread * ctx / (float(ctx.max()) or 1.0)
-        order = np.argsort(-s, kind="stable")    # best first, ties by position
+        """Boosts, diversity and the listed positions of one request (the form :meth:`_order_many` must equal);
+        ``codes`` are the candidates' live category codes."""
+        s, order = self._ranking(u, cands, np.asarray(scores, dtype=np.float64), live, codes)
         vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
-        pos = diversify(order, codes, k, self.rules, scores=s, vectors=vectors)
+        pos = diversify(order, codes, u.request.k, self.rules, scores=s, vectors=vectors)
         return _Ordered(s, pos, strongest_at(cands, pos), codes)
 
     @staticmethod

@@ -95,3 +95,22 @@ def test_trending_lists_order_ties_by_id_descending() -> None:
     assert all(isinstance(x, float) for _, x in snap.overall)
     assert [i for i, _ in snap.by_category["x"]] == ["c", "a9"]
     assert [i for i, _ in snap.by_category["w"]] == ["a1", "z"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_trending_snapshot_equals_one_list_per_category(seed: int) -> None:
+    """The one-sort snapshot lists every category as its own ``_top`` does (ties, empty and unnamed codes)."""
+    from training.evaluation.live_state import TrendState
+    rng = np.random.default_rng(seed)
+    n = 300
+    ids = [f"i{int(v)}" for v in rng.permutation(n)]
+    cat = rng.integers(-1, 7, n).astype(np.int32)   # code 6 has no name: only in the overall list
+    tr = TrendState(n, weights=EVENT_WEIGHTS, half_life_ms=3_600_000.0, category=cat,
+                    category_names=[f"c{c}" for c in range(6)], ids=ids, top=40, top_per_category=int(rng.integers(3, 60)))
+    tr.score[:] = np.where(rng.random(n) < 0.3, 0.0, rng.integers(1, 6, n) / 4.0)   # many ties, some zeros
+    tr.score[cat == 2] = 0.0   # an empty category
+    tr.ref = 123
+    got, want = tr.snapshot(), tr._snapshot_per_category()
+    assert got.overall == want.overall and got.ref_ms == want.ref_ms
+    assert list(got.by_category.items()) == list(want.by_category.items())
+    assert "c2" not in got.by_category and len(got.by_category) == 5

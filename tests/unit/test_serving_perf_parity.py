@@ -11,6 +11,8 @@ API's use of a fresh precomputed list (:mod:`serving.precomputed`).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from serving.candidates import (
     CandidateInput,
     CandidateSet,
     TrendingArrays,
+    aggregate_by_key,
     gather,
     gather_many,
 )
@@ -362,6 +365,36 @@ def test_batched_anchor_proposals_give_the_one_user_candidates(seed: int) -> Non
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_dense_key_aggregation_equals_the_sorted_one(seed: int) -> None:
+    """``aggregate_by_key(..., size=)`` counts keys in dense arrays when they are many: same keys, same bits."""
+    rng = np.random.default_rng(seed)
+    size = 500
+    for n in (3, 70, 2000):
+        keys = rng.integers(0, size, n)
+        values = (rng.random(n) * 10.0 ** rng.integers(-3, 4, n)).astype(np.float32)
+        for how in ("sum", "max"):
+            want = aggregate_by_key(keys, values, how=how)
+            got = aggregate_by_key(keys, values, how=how, size=size)
+            assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
+            np.testing.assert_array_equal(got[0], want[0])
+            assert got[1].tobytes() == want[1].tobytes()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_unique_keys_equal_the_sorted_unique(seed: int) -> None:
+    """``_unique_keys`` (dense arrays when keys are many) gives ``_unique``'s distinct keys, first positions and
+    inverse."""
+    from serving.candidates import _unique, _unique_keys
+    rng = np.random.default_rng(seed)
+    for n, size in ((5, 1000), (900, 1000), (5000, 1000), (1, 1)):
+        keys = rng.integers(0, size, n).astype(np.int64)
+        want, got = _unique(keys), _unique_keys(keys, size)
+        for w, g in zip(want, got, strict=True):
+            assert w.dtype == g.dtype
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_batched_gather_gives_the_one_user_candidates(seed: int) -> None:
     """gather_many (trending aggregation and merge on (user, item) keys) equals gather per user."""
     aux = BundleAux(random_bundle(seed))
@@ -370,8 +403,18 @@ def test_batched_gather_gives_the_one_user_candidates(seed: int) -> None:
                   np.round(rng.random(12) * 3, 1).astype(np.float32)) for c in range(N_CAT)}   # overlaps, ties
     trending = TrendingArrays(overall=(np.arange(0, 120, 3, dtype=np.int64), np.linspace(9, 1, 40).astype(np.float32)),
                               by_category=by_cat)
-    inputs = _inputs(aux, seed)
-    for n_candidates in (30, 120, 400):
+    plain = _inputs(aux, seed)
+    # session-kNN proposals as SessionIndex.scores gives them (distinct, ascending; tied scores), and in an
+    # order it never gives (descending, a repeated item: each user's own cut)
+    sknn = []
+    for _ in range(len(plain)):
+        items = np.sort(rng.choice(N_ITEMS, int(rng.choice([0, 3, 80])), replace=False)).astype(np.int64)
+        sknn.append((items, np.round(rng.random(len(items)) * 2, 1).astype(np.float32) + np.float32(0.1)))
+    sorted_in = [dataclasses.replace(inp, session_knn=sk) if j % 4 else inp
+                 for j, (inp, sk) in enumerate(zip(plain, sknn, strict=True))]
+    unsorted_in = [dataclasses.replace(inp, session_knn=(np.append(sk[0][::-1], sk[0][:1]), np.append(sk[1][::-1], sk[1][:1])))
+                   for inp, sk in zip(plain, sknn, strict=True)]
+    for inputs, n_candidates in itertools.product((plain, sorted_in, unsorted_in), (30, 120, 400)):
         anchored = anchor_proposals_many(inputs, aux, n_candidates=n_candidates)
         for an in (None, anchored):
             batch = gather_many(inputs, aux, trending, n_candidates=n_candidates, anchored=an)
@@ -392,6 +435,22 @@ def test_strongest_at_positions_equals_strongest_of_all() -> None:
         cands = CandidateSet(np.arange(n), scores, np.zeros(n, np.int8))
         positions = rng.permutation(n)[: max(1, n // 3)]
         assert strongest_at(cands, positions).tolist() == strongest_sources(cands)[positions].tolist()
+
+
+def test_strongest_of_stacked_sets_equals_each_set_alone() -> None:
+    """``strongest_at_many`` over stacked candidate sets (empty ones too) equals ``strongest_at`` per set."""
+    from serving.explain import strongest_at_many
+    rng = np.random.default_rng(9)
+    sizes = [0, 5, 1, 0, 60, 33, 0]
+    sets = [(rng.random((n, len(SOURCES))) * (rng.random((n, len(SOURCES))) < 0.4)).astype(np.float32)
+            for n in sizes]
+    positions = [rng.permutation(n)[: int(rng.integers(0, n + 1))] if n else np.zeros(0, np.int64) for n in sizes]
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    got = strongest_at_many(np.concatenate(sets), bounds, positions)
+    for sc, pos, g in zip(sets, positions, got, strict=True):
+        want = strongest_at(CandidateSet(np.arange(len(sc)), sc, np.zeros(len(sc), np.int8)), pos)
+        assert g.tolist() == want.tolist()
+    assert sum(len(p) for p in positions) > 20
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -533,3 +592,48 @@ def test_requests_with_their_own_times_equal_each_request_alone() -> None:
     assert differs > 0   # the time matters, so sharing it wrongly would show
     with pytest.raises(ValueError, match="one per state"):
         rec.recommend_many(states, RecRequest(), bundle=bundle, trending=trending, catalog=catalog, now_ms=[NOW])
+
+
+class _PerRequestOrder(Recommender):
+    """The Recommender with the per-request ``_order`` instead of the batched ``_order_many`` (the reference)."""
+
+    def _order_many(self, users, cands, rows, scores, aux, live):  # type: ignore[no-untyped-def]
+        b = rows.bounds.tolist()
+        return [self._order(u, c, scores[b[j]:b[j + 1]], aux, live, live.code[rows.at[b[j]:b[j + 1]]])
+                for j, (u, c) in enumerate(zip(users, cands, strict=True))]
+
+
+@pytest.mark.parametrize("diversity", ["none", "cap", "mmr"])
+def test_batched_ordering_equals_the_per_request_order(diversity: str) -> None:
+    """``_order_many`` (one lexsort, strongest sources at once) lists what ``_order`` per request lists: plain, X,
+    boosted, context, filtered-to-nothing and explain requests; scores, reasons, sources and chains to the bit."""
+    bundle = random_bundle(5)
+    catalog = random_catalog(6)
+    rng = np.random.default_rng(10)
+    calls = []
+    for u in range(7):
+        items = rng.integers(0, N_ITEMS, 15)
+        hist = tuple((f"i{int(i)}", ("view", "click", "purchase")[j % 3], NOW - 90_000 * j)
+                     for j, i in enumerate(items))
+        s = UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                      vector_model=VERSION if u % 3 else "stale", session_items=tuple(h[0] for h in hist[:2]))
+        calls.append((s, RecRequest(k=10)))
+        calls.append((s, RecRequest(k=12, filters=RequestFilters(exclude=frozenset(h[0] for h in hist)))))
+        if u % 2:
+            calls.append((s, RecRequest(k=6, explain=True, filters=RequestFilters(boost_categories={"c1": 1.0}))))
+            calls.append((s, RecRequest(k=10, context_item="i7")))
+            calls.append((s, RecRequest(k=10, filters=RequestFilters(categories={"no such category"}))))
+    calls.append((UserState(user_id="new"), RecRequest(k=10)))
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(40 - i)) for i in range(0, 80, 2)], by_category={},
+                                ref_ms=NOW)
+    rules = RuleConfig(diversity=diversity, repurchase_window_ms=0)
+    got = Recommender(rules=rules, n_candidates=90).recommend_many(
+        [c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+    want = _PerRequestOrder(rules=rules, n_candidates=90).recommend_many(
+        [c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+    for g, w in zip(got, want, strict=True):
+        assert g.source == w.source and g.ranked == w.ranked
+        assert [(i.item_id, i.score, i.reason, i.source, i.reason_item, i.features, i.source_scores)
+                for i in g.items] == [(i.item_id, i.score, i.reason, i.source, i.reason_item, i.features,
+                                       i.source_scores) for i in w.items]
+    assert "context" in {i.source for g in got for i in g.items} and any(not g.items for g in got)

@@ -239,3 +239,35 @@ def test_memoized_scores_are_read_only() -> None:
     with pytest.raises(ValueError):
         scores[0] = 0.0
     assert ix.scores(np.array([1, 0]), params=SessionKnnParams(k=10, sample=10))[0] is items
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_batched_scores_equal_one_scores_call_per_query(seed: int) -> None:
+    """``scores_many`` gives every query the arrays ``scores`` gives it alone, bit for bit: small ``k`` and
+    ``sample`` (cuts and ties at the k-th place), own sessions skipped or not, empty and out-of-range queries."""
+    rng = np.random.default_rng(seed)
+    n_items, n_sessions = 30, 400
+    sizes = rng.integers(1, 7, n_sessions)
+    sid = np.repeat(np.arange(n_sessions), sizes)
+    item = rng.integers(0, n_items, len(sid))
+    owners = rng.integers(0, 6, n_sessions)
+    last = np.sort(rng.integers(0, 10**6, n_sessions))
+    ix = SessionIndex.build(session=sid, item=item, ts=last[sid], user=owners[sid], n_items=n_items, gap_ms=GAP)
+    for x in (ix, dataclasses_replace_last_ts(ix, rng)):
+        for p in (SessionKnnParams(k=3, sample=15), SessionKnnParams(k=10, sample=40),
+                  SessionKnnParams(k=50, sample=1000)):
+            queries = []
+            for _ in range(int(rng.integers(2, 25))):
+                q = rng.integers(-2, n_items + 2, int(rng.integers(0, 9)))
+                own = rng.random() < 0.7
+                queries.append((q, int(rng.integers(0, 6)) if own else None,
+                                int(rng.integers(0, 10**6)) if own else None))
+            got = x.scores_many(queries, params=p)
+            assert len(got) == len(queries)
+            fresh = SessionIndex.from_arrays(x.to_arrays(), n_items) if x is ix else x
+            for (q, u, t), (items, scores) in zip(queries, got, strict=True):
+                want_items, want_scores = fresh.scores(q, params=p, user=u, since_ms=t)
+                assert items.dtype == want_items.dtype and scores.dtype == want_scores.dtype
+                assert items.tolist() == want_items.tolist()
+                assert scores.tobytes() == want_scores.tobytes()
+                assert not scores.flags.writeable

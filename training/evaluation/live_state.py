@@ -174,7 +174,38 @@ class TrendState:
         return list(zip(self.ids[rows[order]].tolist(), sc[order].tolist(), strict=True))
 
     def snapshot(self) -> Any:
-        """The current :class:`~serving.trending.TrendingSnapshot`, as ``read_trending`` returns it."""
+        """The current :class:`~serving.trending.TrendingSnapshot`, as ``read_trending`` returns it.
+
+        The per-category lists come from one sort of every counted item by (category, score descending,
+        id descending), each category's head taken in turn: the lists :meth:`_top` gives per category.
+        """
+        from serving.trending import TrendingSnapshot
+
+        s = self.score
+        rows = np.flatnonzero(s > 0)
+        by_cat = {}
+        if rows.size:
+            cat = self.category[rows]
+            listed = (cat >= 0) & (cat < len(self.names))
+            rows, cat = rows[listed], cat[listed].astype(np.int64)
+            order = np.lexsort((-self._id_rank[rows], -s[rows], cat))
+            rows, cat = rows[order], cat[order]
+            bounds = np.searchsorted(cat, np.arange(len(self.names) + 1)).tolist()
+            n_max = self.top_per_category
+            heads = [(code, lo, min(hi, lo + n_max))
+                     for code, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if hi > lo]
+            if heads:
+                take = np.concatenate([np.arange(lo, hi) for _, lo, hi in heads])
+                ids = self.ids[rows[take]].tolist()
+                sc = s[rows[take]].tolist()
+                at = 0
+                for code, lo, hi in heads:
+                    by_cat[self.names[code]] = list(zip(ids[at:at + hi - lo], sc[at:at + hi - lo], strict=True))
+                    at += hi - lo
+        return TrendingSnapshot(overall=self._top(None, self.top), by_category=by_cat, ref_ms=self.ref)
+
+    def _snapshot_per_category(self) -> Any:
+        """:meth:`snapshot` with one :meth:`_top` per category (the reference its parity test compares with)."""
         from serving.trending import TrendingSnapshot
 
         by_cat = {}
