@@ -32,12 +32,17 @@ class RecRequest:
         Exclusions, category / price filters, category boosts.
     explain : bool
         Attach feature values and source scores to every item.
+    feature_rows : bool
+        Return the ranking feature rows of the listed candidates as one float32 matrix
+        (:attr:`RecList.feature_rows`), unrounded and without per-item dicts: what ranker training
+        collects (``training/evaluation/ranker_data.py``). The list itself is unchanged.
     """
 
     k: int = 20
     context_item: str | None = None
     filters: RequestFilters = dataclasses.field(default_factory=RequestFilters)
     explain: bool = False
+    feature_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -84,6 +89,10 @@ class RecList:
     ts: int
     ranked: bool = False
     """True when the bundle's ONNX ranker ordered the candidates."""
+    feature_rows: Any = None
+    """With ``RecRequest(feature_rows=True)``: float32 ``(n, len(FEATURE_NAMES))`` feature rows of the
+    first ``n`` items (the ranked candidates; backfilled items follow and have none). Not part of
+    :meth:`to_dict`."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the API answer and the ``recs`` key value)."""

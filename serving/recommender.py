@@ -705,7 +705,8 @@ class Recommender:
             recs.extend(more)
             chain.extend(dict.fromkeys(r.source for r in more if r.source not in chain))
         return RecList(rec_id=rec_id, user_id=u.state.user_id, model=aux.version,
-                       source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked)
+                       source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked,
+                       feature_rows=X[pos] if req.feature_rows else None)
 
     def _backfill(self, u: _User, aux: BundleAux, catalog: CatalogCache, taken: set[str], n: int,
                   now: int) -> list[Recommendation]:

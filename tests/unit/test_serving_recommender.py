@@ -171,6 +171,22 @@ def test_explanations_name_the_anchor() -> None:
     assert "i5" not in by_id  # bought
 
 
+def test_feature_rows_are_the_explained_features_of_the_ranked_items() -> None:
+    b = make_bundle(covis=[(4, 9, 5.0)], rules=[(5, 10, 0.9)])
+    state = UserState(user_id="new", history=(("i4", "view", NOW - 1000), ("i5", "purchase", NOW - 2000)))
+    explained = rec(state, bundle=b, k=N, explain=True)
+    plain = rec(state, bundle=b, k=N, feature_rows=True)
+    assert [(r.item_id, r.score, r.reason) for r in plain.items] == \
+        [(r.item_id, r.score, r.reason) for r in explained.items]
+    assert plain.items[0].features is None and explained.feature_rows is None
+    rows = plain.feature_rows
+    assert rows.dtype == np.float32 and rows.shape == (len(rows), len(FEATURE_NAMES)) and len(rows) >= 2
+    for r, row in zip(plain.items, rows, strict=False):
+        want = explained.items[[x.item_id for x in explained.items].index(r.item_id)].features
+        assert np.round(row.astype(np.float64), 6).tolist() == [want[f] for f in FEATURE_NAMES]
+    assert all(r.features is None for r in explained.items[len(rows):])   # backfill: no rows
+
+
 def test_context_item_neighbours_and_the_item_itself_left_out() -> None:
     b = make_bundle(covis=[(6, 11, 3.0)])
     out = rec(user(), bundle=b, k=3, context_item="i6")

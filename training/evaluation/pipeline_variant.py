@@ -188,25 +188,26 @@ class PipelineModel:
         return user_states(q, ids=self.ids, user_ids=self.user_ids, history_cap=self.cap,
                            session_gap_ms=self.gap, fold=self.fold, version=self.bundle.version)
 
-    def _requests(self, q: QueryBatch, rows: Any, *, k: int, variant: str, explain: bool) -> list[Any]:
+    def _requests(self, q: QueryBatch, rows: Any, *, k: int, variant: str, explain: bool,
+                  feature_rows: bool = False) -> list[Any]:
         from serving.recommender import RecRequest
         from serving.rules import RequestFilters
 
         if variant != "X":
-            return [RecRequest(k=k, explain=explain)] * len(rows)
+            return [RecRequest(k=k, explain=explain, feature_rows=feature_rows)] * len(rows)
         reqs = []
         for r in rows:
             seen = np.unique(q.history.recent(int(q.users[r]), int(q.hist_len[r]))[0])
-            reqs.append(RecRequest(k=k, explain=explain,
+            reqs.append(RecRequest(k=k, explain=explain, feature_rows=feature_rows,
                                    filters=RequestFilters(exclude=frozenset(self.ids[seen].tolist()))))
         return reqs
 
     def recommend(self, q: QueryBatch, *, k: int, variant: str, explain: bool = False,
-                  states: list[Any] | None = None, snapshot: Any = None) -> list[Any]:
-        """RecLists of one variant for a batch of queries."""
+                  states: list[Any] | None = None, snapshot: Any = None, feature_rows: bool = False) -> list[Any]:
+        """RecLists of one variant for a batch of queries (``feature_rows``: see :class:`RecRequest`)."""
         states = states if states is not None else self.states(q)
         snap = snapshot if snapshot is not None else self.trend.snapshot()
-        reqs = self._requests(q, range(len(q)), k=k, variant=variant, explain=explain)
+        reqs = self._requests(q, range(len(q)), k=k, variant=variant, explain=explain, feature_rows=feature_rows)
         now = int(q.now_ms.max()) if len(q) else 0
         return self.rec[variant].recommend_many(states, reqs, bundle=self.bundle, trending=snap,
                                                catalog=self.catalog, now_ms=now, sessions=self.sessions)

@@ -4,7 +4,7 @@
 as a ranker window, fits a bundle (no ranker) on the events before it, and
 replays the window with the evaluation protocol: for a seeded sample of
 queries the :class:`~serving.recommender.Recommender` gathers its candidates
-and returns their feature rows (``RecRequest(explain=True, k=n_candidates)``,
+and returns their feature rows (``RecRequest(feature_rows=True, k=n_candidates)``,
 heuristic order, no diversity). A share ``x_share`` of the sampled queries is
 served with the user's earlier items excluded (variant X; only queries whose
 group holds an item new to the user, the others have nothing to learn in X),
@@ -115,7 +115,7 @@ def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dic
                     continue
                 q = QueryBatch(users=plan.query_user[sel], now_ms=plan.query_ts[sel],
                                hist_len=plan.query_hist_len[sel], history=plan.history)
-                recs = model.recommend(q, k=n_candidates, variant=variant, explain=True, snapshot=snap)
+                recs = model.recommend(q, k=n_candidates, variant=variant, feature_rows=True, snapshot=snap)
                 for j, rl in enumerate(recs):
                     g = int(plan.query_group[sel[j]])
                     lo, hi = int(plan.group_start[g]), int(plan.group_start[g + 1])
@@ -123,15 +123,18 @@ def collect_ranker_data(data: FitData, *, als_params: dict[str, Any], cache: dic
                     for it, gr in zip(ev.item_idx[lo:hi].tolist(), grade[ev.type_code[lo:hi]].tolist(), strict=True):
                         if gr > lab.get(it, 0):
                             lab[it] = gr
-                    feats = [(model.table_items.get(r.item_id), r.features) for r in rl.items if r.features]
-                    if len(feats) < 2:
+                    frows = rl.feature_rows   # the ranked candidates, in list order (backfilled items have none)
+                    if len(frows) < 2:
                         continue
-                    y = np.array([lab.get(i, 0) for i, _ in feats], dtype=np.int32)
+                    y = np.array([lab.get(model.table_items.get(r.item_id), 0) for r in rl.items[:len(frows)]],
+                                 dtype=np.int32)
                     total += sum(1 for v in lab.values() if v > 0)
                     covered += int((y > 0).sum())
                     if not (y > 0).any():
                         continue
-                    Xs.append(np.array([[f[name] for name in FEATURE_NAMES] for _, f in feats], dtype=np.float32))
+                    # rounded to 6 decimals as the explained lists' feature values always were (np.round of a
+                    # float32 in float64 is exact: the same values as Python's round)
+                    Xs.append(np.round(frows.astype(np.float64), 6).astype(np.float32))
                     ys.append(y)
                     groups.append(len(y))
                     qusers.append(int(plan.query_user[sel[j]]))
