@@ -239,6 +239,8 @@ def cmd_fit(a: argparse.Namespace) -> None:
     Xt, yt, gt = take(blocks[~held])
     Xv, yv, gv = take(blocks[held])
     cols = [i for i, n in enumerate(names) if n not in set(a.drop or [])]
+    if a.keep:
+        cols = [i for i in cols if names[i] in set(a.keep) or names[i] in set(FEATURE_NAMES[:27])]
     params = {**DEFAULT_PARAMS, "seed": a.seed, "eval_at": [20], "num_leaves": a.leaves,
               "learning_rate": a.lr, "min_data_in_leaf": a.min_leaf,
               "lambdarank_truncation_level": a.trunc}
@@ -247,14 +249,22 @@ def cmd_fit(a: argparse.Namespace) -> None:
     if a.objective:
         params["objective"] = a.objective
     t0 = time.process_time()
-    dt = lgb.Dataset(Xt[:, cols], yt, group=gt)
-    dv = lgb.Dataset(Xv[:, cols], yv, group=gv, reference=dt)
-    bst = lgb.train(params, dt, num_boost_round=a.rounds, valid_sets=[dv],
-                    callbacks=[lgb.early_stopping(a.patience, verbose=False)])
+    sc = np.zeros(len(te["X"]))
+    trees = []
+    for b in range(a.bag):   # --bag N: N models, each on its own 80/20 split and LightGBM seed, scores averaged
+        if b:
+            held = np.random.default_rng([a.seed, b]).random(len(blocks)) < 0.2
+            Xt, yt, gt = take(blocks[~held])
+            Xv, yv, gv = take(blocks[held])
+        dt = lgb.Dataset(Xt[:, cols], yt, group=gt)
+        dv = lgb.Dataset(Xv[:, cols], yv, group=gv, reference=dt)
+        bst = lgb.train({**params, "seed": a.seed + 1000 * b}, dt, num_boost_round=a.rounds, valid_sets=[dv],
+                        callbacks=[lgb.early_stopping(a.patience, verbose=False)])
+        sc += bst.predict(te["X"][:, cols], num_iteration=bst.best_iteration or None)
+        trees.append(bst.best_iteration)
     cpu = time.process_time() - t0
-    sc = bst.predict(te["X"][:, cols], num_iteration=bst.best_iteration or None)
     res = evaluate(sc, te)
-    res.update({"trees": bst.best_iteration, "train_queries": int(len(gt)), "fit_cpu_s": round(cpu, 1),
+    res.update({"trees": trees if a.bag > 1 else trees[0], "train_queries": int(len(gt)), "fit_cpu_s": round(cpu, 1),
                 "valid_ndcg20": round(float(bst.best_score["valid_0"]["ndcg@20"]), 4)})
     tag = a.tag or ""
     print(json.dumps({"tag": tag, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}}),
@@ -295,6 +305,8 @@ def main() -> None:
     f.add_argument("--rounds", type=int, default=200)
     f.add_argument("--patience", type=int, default=20)
     f.add_argument("--drop", nargs="*")
+    f.add_argument("--keep", nargs="*", help="of the columns after the 27 of session 5, keep only these")
+    f.add_argument("--bag", type=int, default=1)
     f.add_argument("--tag", default=None)
     f.add_argument("--importance", action="store_true")
     f.add_argument("--score-by", default=None)

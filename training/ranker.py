@@ -433,8 +433,32 @@ def ndcg_at_k(scores: np.ndarray, labels: np.ndarray, group: np.ndarray, *, k: i
     return float(np.mean(out)) if out else 0.0
 
 
+def merge_boosters(boosters: list[Any]) -> Any:
+    """One LightGBM booster whose score is the sum of ``boosters``' scores (their trees, in turn).
+
+    The members must share objective and features; the merged model exports to ONNX like any other.
+    """
+    import re
+
+    import lightgbm as lgb
+
+    if len(boosters) == 1:
+        return boosters[0]
+    texts = [b.model_to_string() for b in boosters]
+    head, _, _ = texts[0].partition("\nTree=0\n")
+    head = "\n".join(line for line in head.split("\n") if not line.startswith("tree_sizes="))
+    tail = texts[0].partition("end of trees")[2]
+    trees: list[str] = []
+    for text in texts:
+        body = "Tree=0\n" + text.partition("\nTree=0\n")[2].partition("end of trees")[0].strip("\n")
+        trees.extend(t.strip("\n") for t in re.split(r"\n+(?=Tree=\d+\n)", body))
+    trees = [re.sub(r"^Tree=\d+", f"Tree={i}", t) for i, t in enumerate(trees)]
+    return lgb.Booster(model_str=head.rstrip("\n") + "\n\n" + "\n\n".join(trees) + "\n\nend of trees" + tail)
+
+
 def fit_ranker(data: RankerData, *, valid_share: float = 0.2, params: dict[str, Any] | None = None,
-               num_boost_round: int = 200, n_reference: int = 64, seed: int = 0) -> RankerResult:
+               num_boost_round: int = 200, n_reference: int = 64, seed: int = 0,
+               n_models: int = 1) -> RankerResult:
     """Train on a query split, export to ONNX, check parity, pick a reference sample.
 
     Parameters
@@ -449,6 +473,11 @@ def fit_ranker(data: RankerData, *, valid_share: float = 0.2, params: dict[str, 
         Rows stored in the bundle for the load-time parity check.
     seed : int, optional
         Seed of the split and of LightGBM.
+    n_models : int, optional
+        Bagging: members trained on their own held-out split and LightGBM seed (member 0 is the
+        single model of ``n_models=1``), merged into one model scoring the sum of theirs.
+        Metrics and the parity check use member 0's held-out queries (the other members saw
+        some of them).
 
     Returns
     -------
@@ -465,6 +494,15 @@ def fit_ranker(data: RankerData, *, valid_share: float = 0.2, params: dict[str, 
     train, valid = data.take_queries(~held), data.take_queries(held)
     booster = train_ranker(train, valid=valid if len(valid.group) else None, params=params,
                            num_boost_round=num_boost_round, seed=seed)
+    members = [booster]
+    for b in range(1, n_models):
+        held_b = np.random.default_rng([seed, b]).random(nq) < valid_share
+        if held_b.all() or not held_b.any():
+            held_b = held
+        valid_b = data.take_queries(held_b)
+        members.append(train_ranker(data.take_queries(~held_b), valid=valid_b if len(valid_b.group) else None,
+                                    params=params, num_boost_round=num_boost_round, seed=seed + 1000 * b))
+    booster = merge_boosters(members)
     model = export_onnx(booster)
     check_rows = valid.X if len(valid.X) else train.X
     diff = check_parity(model, booster, check_rows)
@@ -474,6 +512,8 @@ def fit_ranker(data: RankerData, *, valid_share: float = 0.2, params: dict[str, 
     metrics = {f"ranker_{k}": v for k, v in data.stats.items()}
     metrics["ranker_onnx_max_abs_diff"] = diff
     metrics["ranker_rounds"] = float(booster.current_iteration())
+    if len(members) > 1:
+        metrics["ranker_models"] = float(len(members))
     if len(valid.group):
         pred = booster.predict(valid.X)
         metrics["ranker_ndcg@10"] = ndcg_at_k(pred, valid.y, valid.group)

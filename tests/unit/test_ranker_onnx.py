@@ -120,6 +120,23 @@ def test_fit_export_parity_and_quality(dataset: RankerData) -> None:
     assert m["ranker_ndcg@10"] > random_ndcg + 0.05
 
 
+def test_bagged_ranker_is_one_model_scoring_the_sum_of_its_members(dataset: RankerData) -> None:
+    one = fit_ranker(dataset, num_boost_round=40, n_reference=32)
+    bag = fit_ranker(dataset, num_boost_round=40, n_reference=32, n_models=3)
+    assert "ranker_models" not in one.metrics and bag.metrics["ranker_models"] == 3
+    assert bag.metrics["ranker_onnx_max_abs_diff"] <= 1e-5
+    # member 0 is the single model; the others are trained on other splits and seeds
+    members = bag.booster.num_trees() - one.booster.num_trees()
+    assert members > 0
+    X = dataset.X[:200]
+    first = one.booster.predict(X)
+    np.testing.assert_allclose(bag.booster.predict(X, start_iteration=0, num_iteration=one.booster.num_trees()),
+                               first, atol=1e-9)
+    assert not np.allclose(bag.booster.predict(X), first)
+    onnx = OnnxRanker(bag.onnx_model, features=FEATURE_NAMES).predict(X)
+    np.testing.assert_allclose(onnx, bag.booster.predict(X), atol=1e-5)
+
+
 def test_parity_on_held_out_rows(dataset: RankerData) -> None:
     half = np.arange(len(dataset.group)) % 2 == 0
     booster = train_ranker(dataset.take_queries(half), num_boost_round=30)

@@ -300,6 +300,9 @@ class LiftrecFull(Method):
         LightGBM LambdaRank ``num_leaves``, ``learning_rate``, maximum boosting rounds
         (early stopping on the held-out queries' NDCG@20, the replay's list length, picks the
         number used) and ``min_data_in_leaf``.
+    ranker_models : int
+        Bagged ranker: members on their own held-out split and seed, merged into one ONNX model
+        (:func:`training.ranker.fit_ranker`'s ``n_models``; 1 = one model).
     """
 
     name = "liftrec_full"
@@ -313,7 +316,7 @@ class LiftrecFull(Method):
                  history_cap: int | None = None, trending_half_life_h: float = 6.0, ranker_x_share: float = 0.5,
                  session_knn_k: int = 100, session_knn_sample: int = 1000, max_sessions: int = 50_000,
                  ranker_leaves: int = 31, ranker_lr: float = 0.05,
-                 ranker_rounds: int = 200, ranker_min_leaf: int = 20,
+                 ranker_rounds: int = 200, ranker_min_leaf: int = 20, ranker_models: int = 1,
                  cache: dict[Any, Any] | None = None, fallback: Any = None) -> None:
         super().__init__(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
                          half_life_days=half_life_days, n_candidates=n_candidates, diversity=diversity,
@@ -323,7 +326,8 @@ class LiftrecFull(Method):
                          trending_half_life_h=trending_half_life_h, ranker_x_share=ranker_x_share,
                          session_knn_k=session_knn_k, session_knn_sample=session_knn_sample,
                          max_sessions=max_sessions, ranker_leaves=ranker_leaves,
-                         ranker_lr=ranker_lr, ranker_rounds=ranker_rounds, ranker_min_leaf=ranker_min_leaf)
+                         ranker_lr=ranker_lr, ranker_rounds=ranker_rounds, ranker_min_leaf=ranker_min_leaf,
+                         ranker_models=ranker_models)
         self._cache = cache
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -355,7 +359,8 @@ class LiftrecFull(Method):
                                                        "learning_rate": float(p["ranker_lr"]),
                                                        "min_data_in_leaf": int(p["ranker_min_leaf"]),
                                                        "eval_at": [20]},
-                                               num_boost_round=int(p["ranker_rounds"]))
+                                               num_boost_round=int(p["ranker_rounds"]),
+                                               n_models=int(p["ranker_models"]))
             bundle, known = build_bundle(data, Path(tmp.name) / "final", als_params=self._als_params(), cache=cache,
                                          min_support=p["min_support"], covis_window_s=p["covis_window_s"],
                                          ranker=ranker, max_sessions=p["max_sessions"])

@@ -51,10 +51,12 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
                           n_candidates: int, days: float, max_queries: int, min_support: float,
                           covis_window_s: float, trending_half_life_s: float = 6 * 3600.0,
                           x_share: float = 0.5, session_knn: Any = None, max_sessions: int = 50_000,
-                          params: dict[str, Any] | None = None, num_boost_round: int = 200) -> Any:
+                          params: dict[str, Any] | None = None, num_boost_round: int = 200,
+                          n_models: int = 1) -> Any:
     """A :class:`training.ranker.RankerResult` trained on the last ``days`` of ``data.train``.
 
-    ``params`` (LightGBM overrides) and ``num_boost_round`` go to :func:`training.ranker.fit_ranker`.
+    ``params`` (LightGBM overrides), ``num_boost_round`` and ``n_models`` (bagged members) go to
+    :func:`training.ranker.fit_ranker`.
 
     Returns None when the window yields fewer than two usable queries.
     """
@@ -67,7 +69,7 @@ def train_pipeline_ranker(data: FitData, *, als_params: dict[str, Any], cache: d
     if len(rd.group) < 2:
         log.warning("ranker skipped: %d usable queries", len(rd.group))
         return None
-    result = fit_ranker(rd, seed=data.seed, params=params, num_boost_round=num_boost_round)
+    result = fit_ranker(rd, seed=data.seed, params=params, num_boost_round=num_boost_round, n_models=n_models)
     log.info("pipeline ranker trained queries=%d rows=%d metrics=%s", len(rd.group), len(rd.y), result.metrics)
     return result
 

@@ -125,7 +125,7 @@ def method_specs(*, quick: bool = False, iterations: int = 15) -> list[MethodSpe
              "diversity": Dim(("none",) if quick else ("none", "cap")),
              "session_knn_k": Dim((100, 400), widen=2.0, lo=10, hi=5000, integer=True)},
             fixed={"n_candidates": 300, "ranker": True, "ranker_days": 60.0, "session_knn_sample": 2000,
-                   "ranker_queries": 8000}, mode="coordinate", max_widen=2),
+                   "ranker_queries": 12000}, mode="coordinate", max_widen=2),
             inherit="liftrec_als"),
     ]
     return specs
