@@ -7,6 +7,7 @@ the same scores in either encoding (the sums ``ZINCRBY`` would store, compared e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,38 +16,49 @@ import redis.asyncio as aioredis
 from features.keys import KeySchema
 from features.settings import Settings
 from features.store import BatchWrite, UserStateStore
-from liftrec.stack import REDIS_TUNING, Endpoints
+from liftrec.stack import REDIS_TUNING, EmbeddedStack
 
 pytestmark = pytest.mark.integration
 
 THRESHOLD = int(REDIS_TUNING["zset-max-ziplist-entries"])
 
 
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """An embedded stack of this module's own: the settings under test are the embedded Redis's,
+    whatever servers the rest of the session uses (an external Redis keeps its operator's)."""
+    s = Settings(state_dir=tmp_path_factory.mktemp("tuned"), kafka_bootstrap=None, redis_url=None)
+    with EmbeddedStack(s) as ep:
+        yield Settings(state_dir=s.state_dir, kafka_bootstrap=ep.kafka_bootstrap, redis_url=ep.redis_url,
+                       key_prefix="tuning")
+
+
 @pytest.fixture
-def embedded(endpoints: Endpoints) -> None:
-    if not endpoints.embedded:
-        pytest.skip("external Redis: its settings are the operator's")
+def redis_client(embedded: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(embedded.redis_url or "")
+    try:
+        yield client
+    finally:
+        client.close()
 
 
-@pytest.mark.usefixtures("embedded")
 def test_embedded_redis_has_the_settings(redis_client: redis.Redis) -> None:
     for name, value in REDIS_TUNING.items():
         assert redis_client.config_get(name) == {name: value}
 
 
-@pytest.mark.usefixtures("embedded")
-def test_sorted_sets_above_the_threshold_are_skiplists(redis_client: redis.Redis, settings: Settings) -> None:
-    key = f"{settings.key_prefix}:z"
+def test_sorted_sets_above_the_threshold_are_skiplists(redis_client: redis.Redis, embedded: Settings) -> None:
+    key = f"{embedded.key_prefix}:z"
     redis_client.zadd(key, {f"m{i}": i for i in range(THRESHOLD)})
     assert redis_client.object("encoding", key) in (b"ziplist", b"listpack")
     redis_client.zadd(key, {"one-more": 0.5})
     assert redis_client.object("encoding", key) == b"skiplist"
 
 
-@pytest.mark.usefixtures("embedded")
 def test_covis_commit_stores_the_same_scores_in_either_encoding(redis_client: redis.Redis,
-                                                                settings: Settings) -> None:
+                                                                embedded: Settings) -> None:
     """Two sets fed the same increments, one kept small (compact), one past the threshold."""
+    settings = embedded
     keys = KeySchema(settings.key_prefix)
     small = {f"s{i}": 0.1 * (i + 1) / 3 for i in range(3)}
     big = {f"b{i}": 0.1 * (i + 1) / 3 for i in range(THRESHOLD + 5)}
