@@ -116,7 +116,7 @@ class _User:
     reason_anchors: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Ordered:
     """One user's final scores, listed positions, their strongest sources and the candidates' codes (internal)."""
 
@@ -135,8 +135,6 @@ class _Rows:
     scores: np.ndarray
     at: np.ndarray
 
-
-_EMPTY_POS = np.zeros(0, dtype=np.int64)
 
 
 def _narrow_by_filters(ok: np.ndarray, at: np.ndarray, filters: RequestFilters, live: LiveAttrs) -> None:
@@ -538,15 +536,10 @@ class Recommender:
         return cands.take(ok), at[ok]
 
     @staticmethod
-    def _eligible_many(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
-                       ) -> list[tuple[CandidateSet, np.ndarray]]:
-        """:meth:`_eligible` of every user at once (blocked rows joined on ``user * n_items + item`` keys)."""
-        return Recommender._eligible_rows(batch, users, live, n_items)[0]
-
-    @staticmethod
     def _eligible_rows(batch: CandidateBatch, users: list[_User], live: LiveAttrs, n_items: int
                        ) -> tuple[list[tuple[CandidateSet, np.ndarray]], _Rows]:
-        """:meth:`_eligible_many`, and all users' eligible rows stacked (the sets are views of them)."""
+        """:meth:`_eligible` of every user at once (blocked rows joined on ``user * n_items + item`` keys), and
+        all users' eligible rows stacked (the sets are views of them)."""
         ok, at = Recommender._eligible_mask(batch, users, live, n_items)
         kept = np.flatnonzero(ok)
         items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
@@ -569,7 +562,7 @@ class Recommender:
         owner = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(rows.bounds))
         ranked = np.lexsort((-s_all, owner))
         codes_all = live.code[rows.at]
-        out: list[_Ordered] = []
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # per request: scores, positions, codes
         for j, (u, c) in enumerate(zip(users, cands, strict=True)):
             lo, hi = b[j], b[j + 1]
             codes = codes_all[lo:hi]
@@ -579,10 +572,9 @@ class Recommender:
                 s, order = s_all[lo:hi], ranked[lo:hi] - lo
             vectors = aux.bundle.item_factors[c.items] if self.rules.diversity == "mmr" else None
             pos = diversify(order, codes, u.request.k, self.rules, scores=s, vectors=vectors)
-            out.append(_Ordered(s, pos, _EMPTY_POS, codes))
-        for o, st in zip(out, strongest_at_many(rows.scores, rows.bounds, [o.pos for o in out]), strict=True):
-            o.strongest = st
-        return out
+            parts.append((s, pos, codes))
+        strongest = strongest_at_many(rows.scores, rows.bounds, [pos for _, pos, _ in parts])
+        return [_Ordered(s, pos, st, codes) for (s, pos, codes), st in zip(parts, strongest, strict=True)]
 
     @staticmethod
     def _ranking(u: _User, cands: CandidateSet, s: np.ndarray, live: LiveAttrs, codes: np.ndarray

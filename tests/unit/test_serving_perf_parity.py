@@ -141,7 +141,7 @@ def test_eligibility_on_codes_equals_eligible_on_names() -> None:
     # all users at once (blocked rows joined on (user, item) keys) as each alone
     batch = CandidateBatch(np.arange(0, 200 * (len(sets) + 1), 200), np.concatenate([c.items for c in sets]),
                            np.concatenate([c.scores for c in sets]), np.concatenate([c.first for c in sets]))
-    many = Recommender._eligible_many(batch, users, live, N_ITEMS)
+    many, _ = Recommender._eligible_rows(batch, users, live, N_ITEMS)
     for (got, at), user, cands in zip(many, users, sets, strict=True):
         want_c, want_at = Recommender._eligible(cands, user, live)
         assert got.items.tolist() == want_c.items.tolist() and at.tolist() == want_at.tolist()
