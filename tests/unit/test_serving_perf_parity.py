@@ -231,15 +231,20 @@ def test_explanations_equal_the_one_item_reasons() -> None:
     assert named >= {"session", "bought_together", "als", "context"}   # every anchored reason was exercised
 
 
+def random_history(rng: np.random.Generator, n: int, *, types: tuple[str, ...] = ("view", "click", "purchase"),
+                   step_ms: int = 60_000) -> tuple[tuple[str, str, int], ...]:
+    """``n`` random items, newest first, ``step_ms`` apart, their event types cycling through ``types``."""
+    return tuple((f"i{int(i)}", types[j % len(types)], NOW - step_ms * j)
+                 for j, i in enumerate(rng.integers(0, N_ITEMS, n)))
+
+
 def test_batched_lists_equal_one_user_lists_with_a_live_catalog() -> None:
     bundle = random_bundle()
     catalog = random_catalog()
     rng = np.random.default_rng(6)
     states = []
     for u in range(12):
-        items = rng.integers(0, N_ITEMS, 15)
-        hist = tuple((f"i{int(i)}", ("view", "click", "purchase")[j % 3], NOW - 60_000 * j)
-                     for j, i in enumerate(items))
+        hist = random_history(rng, 15)
         states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
                                 vector_model=VERSION, shown={f"i{int(i)}": 7 for i in rng.integers(0, N_ITEMS, 5)},
                                 session_items=tuple(h[0] for h in hist[:3])))
@@ -523,9 +528,7 @@ def test_requests_sharing_a_state_equal_each_request_alone() -> None:
     rng = np.random.default_rng(8)
     states = []
     for u in range(6):
-        items = rng.integers(0, N_ITEMS, 20)
-        hist = tuple((f"i{int(i)}", ("view", "click", "purchase")[j % 3], NOW - 60_000 * j)
-                     for j, i in enumerate(items))
+        hist = random_history(rng, 20)
         states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
                                 vector_model=VERSION if u % 2 else "stale", session_items=tuple(h[0] for h in hist[:3]),
                                 bought={hist[2][0]: NOW - 1000}))
@@ -564,8 +567,7 @@ def test_requests_with_their_own_times_equal_each_request_alone() -> None:
     rng = np.random.default_rng(9)
     states = []
     for u in range(5):
-        items = rng.integers(0, N_ITEMS, 12)
-        hist = tuple((f"i{int(i)}", ("view", "purchase")[j % 2], NOW - 3_600_000 * j) for j, i in enumerate(items))
+        hist = random_history(rng, 12, types=("view", "purchase"), step_ms=3_600_000)
         states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
                                 vector_model=VERSION, session_items=tuple(h[0] for h in hist[:2])))
     trending = TrendingSnapshot(overall=[(f"i{i}", float(60 - i)) for i in range(0, 120, 2)], by_category={},
@@ -612,9 +614,7 @@ def test_batched_ordering_equals_the_per_request_order(diversity: str) -> None:
     rng = np.random.default_rng(10)
     calls = []
     for u in range(7):
-        items = rng.integers(0, N_ITEMS, 15)
-        hist = tuple((f"i{int(i)}", ("view", "click", "purchase")[j % 3], NOW - 90_000 * j)
-                     for j, i in enumerate(items))
+        hist = random_history(rng, 15, step_ms=90_000)
         s = UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
                       vector_model=VERSION if u % 3 else "stale", session_items=tuple(h[0] for h in hist[:2]))
         calls.append((s, RecRequest(k=10)))

@@ -189,16 +189,22 @@ def _reference_neighbours(ix: SessionIndex, query: np.ndarray, p: SessionKnnPara
     return sorted(cand, key=lambda c: (-c[1], -c[0]))[:p.k]
 
 
+def random_index(rng: np.random.Generator, n_items: int, n_sessions: int, *, max_size: int,
+                 n_users: int) -> SessionIndex:
+    """Sessions of 1..``max_size`` random items, owned by ``n_users`` users, ending in ascending order."""
+    sizes = rng.integers(1, max_size + 1, n_sessions)
+    sid = np.repeat(np.arange(n_sessions), sizes)
+    item = rng.integers(0, n_items, len(sid))
+    owners = rng.integers(0, n_users, n_sessions)
+    last = np.sort(rng.integers(0, 10**6, n_sessions))
+    return SessionIndex.build(session=sid, item=item, ts=last[sid], user=owners[sid], n_items=n_items, gap_ms=GAP)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_neighbours_match_a_brute_force_reference(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n_items, n_sessions = 40, 300
-    sizes = rng.integers(1, 6, n_sessions)
-    sid = np.repeat(np.arange(n_sessions), sizes)
-    item = rng.integers(0, n_items, len(sid))
-    owners = rng.integers(0, 5, n_sessions)
-    last = np.sort(rng.integers(0, 10**6, n_sessions))
-    ix = SessionIndex.build(session=sid, item=item, ts=last[sid], user=owners[sid], n_items=n_items, gap_ms=GAP)
+    ix = random_index(rng, n_items, n_sessions, max_size=5, n_users=5)
     # the same sessions with last_ts not sorted: the general own-session filter is taken
     shuffled = dataclasses_replace_last_ts(ix, rng)
     for _ in range(60):
@@ -247,12 +253,7 @@ def test_batched_scores_equal_one_scores_call_per_query(seed: int) -> None:
     ``sample`` (cuts and ties at the k-th place), own sessions skipped or not, empty and out-of-range queries."""
     rng = np.random.default_rng(seed)
     n_items, n_sessions = 30, 400
-    sizes = rng.integers(1, 7, n_sessions)
-    sid = np.repeat(np.arange(n_sessions), sizes)
-    item = rng.integers(0, n_items, len(sid))
-    owners = rng.integers(0, 6, n_sessions)
-    last = np.sort(rng.integers(0, 10**6, n_sessions))
-    ix = SessionIndex.build(session=sid, item=item, ts=last[sid], user=owners[sid], n_items=n_items, gap_ms=GAP)
+    ix = random_index(rng, n_items, n_sessions, max_size=6, n_users=6)
     for x in (ix, dataclasses_replace_last_ts(ix, rng)):
         for p in (SessionKnnParams(k=3, sample=15), SessionKnnParams(k=10, sample=40),
                   SessionKnnParams(k=50, sample=1000)):
