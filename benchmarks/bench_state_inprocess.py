@@ -191,7 +191,8 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, events: list[dic
     from stream.agents import WorkerState
     from stream.processor import BatchProcessor, Record
 
-    settings = Settings(redis_url=url, kafka_bootstrap=None, key_prefix=prefix, app_id=f"bench-{prefix}")
+    lookback = {} if args.covis_lookback is None else {"covis_lookback": args.covis_lookback}
+    settings = Settings(redis_url=url, kafka_bootstrap=None, key_prefix=prefix, app_id=f"bench-{prefix}", **lookback)
     ws = WorkerState(settings, url)
     for item, cat in categories.items():
         ws.catalog.put(item, ItemInfo(category=cat, price=1.0, in_stock=True, title=""))
@@ -203,10 +204,6 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, events: list[dic
     async def dead_letter(_batch: list) -> None:
         return None
 
-    if args.covis_lookback is not None:  # what-if: pair each event with fewer session items
-        import stream.processor
-
-        stream.processor._COVIS_LOOKBACK = args.covis_lookback  # noqa: SLF001
     proc = BatchProcessor(settings, ws.store, ws.catalog, trending=ws.trending, dead_letter=dead_letter,
                           fold_in_model=lambda: model, track_pending=False)
     writes: dict[str, int] = {}
@@ -293,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-config", nargs="*", default=None, metavar="NAME=VALUE",
                         help="server settings instead of the embedded stack's (e.g. zset-max-ziplist-entries=128)")
     parser.add_argument("--covis-lookback", type=int, default=None, metavar="N",
-                        help="what-if: pair an event with its session's last N items (default: the processor's 5;"
+                        help="pair an event with its session's last N items (default: Settings.covis_lookback;"
                              " the state differs)")
     parser.add_argument("--prefill-covis", action="store_true",
                         help="start with full co-visitation sets for every item the run touches (a shop's steady"

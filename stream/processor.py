@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Events that end an item's frequency cap (the shopper engaged with it).
 _ENGAGED = frozenset({"click", "add_to_cart", "purchase"})
-#: Session items an event is paired with, and the largest gap between them.
-_COVIS_LOOKBACK = 5
+#: Largest gap between two session items paired in the co-visitation (the number of
+#: earlier items is ``Settings.covis_lookback``).
 _COVIS_WINDOW_MS = 3_600_000
 #: Users whose state a worker without lists keeps between batches (the oldest touched leave first);
 #: about 9 kB each with a full history (RSS +43 MB for 5,000 users), so at most ~180 MB.
@@ -154,12 +154,15 @@ class BatchProcessor:
         self.cache_users = 0 if track_pending else CACHE_USERS
         self.cache_stats = {"hits": 0, "misses": 0, "reread": 0}
 
-    @staticmethod
-    def _session_items(user: object, sid: str | None, start: int) -> list[tuple[str, int]]:
-        """Items of the user's stored history inside the current session, oldest first."""
-        if sid is None or getattr(user, "session_id", None) != sid:
+    def _session_items(self, user: object, sid: str | None, start: int, lookback: int) -> list[tuple[str, int]]:
+        """The last ``lookback`` positive-weight items of the user's stored history inside the current session,
+        oldest first: the same items a batch holding the whole session would have paired with (impressions
+        and cart removals are never paired, whichever batch they came in)."""
+        if sid is None or lookback <= 0 or getattr(user, "session_id", None) != sid:
             return []
-        return [(item, ts) for item, _t, ts in reversed(user.history) if ts >= start][-_COVIS_LOOKBACK:]  # type: ignore[attr-defined]
+        weights = self.weights
+        return [(item, ts) for item, t, ts in reversed(user.history)  # type: ignore[attr-defined]
+                if ts >= start and weights.get(t, 0.0) > 0][-lookback:]
 
     async def refresh(self) -> int:
         """Recompute and write the lists of every user touched since the last refresh.
@@ -263,6 +266,7 @@ class BatchProcessor:
         session_items: dict[str, list[tuple[str, int]]] = {}
         applied = 0
         weights, half_life_ms, batch_ts, gap_ms = self.weights, self.half_life_ms, w.batch_ts, self.gap_ms
+        lookback = self.settings.covis_lookback
         trending, covis, category, users = w.trending, w.covis, self.catalog.category, snap.users
         history, active = w.history, w.active
         for rec, ev in valid:
@@ -314,10 +318,10 @@ class BatchProcessor:
                     trending[key] = trending.get(key, 0.0) + inc
                 items = session_items.get(uid)
                 if items is None:
-                    items = session_items[uid] = self._session_items(users[uid], sid, start)
+                    items = session_items[uid] = self._session_items(users[uid], sid, start, lookback)
                 # pair the event's item with the session's recent items (both directions)
                 mine = None
-                for other, other_ts in items[-_COVIS_LOOKBACK:]:
+                for other, other_ts in items[-lookback:] if lookback > 0 else ():
                     if other == item or ts - other_ts > _COVIS_WINDOW_MS:
                         continue
                     inc = weight / (1.0 + (ts - other_ts) / 600_000.0)

@@ -213,6 +213,38 @@ async def test_session_covisitation_and_frequency_caps(proc, redis_client) -> No
     assert redis_client.zscore(k.covis("i4"), "i0") is None
 
 
+async def test_covisitation_pairs_the_last_positive_session_items_whatever_the_batches(
+        proc, redis_client, settings: Settings) -> None:
+    k = proc.ws.keys
+    assert settings.covis_lookback == 2
+    steps = [("x0", "view"), ("x9", "impression"), ("x1", "view"), ("x8", "impression"),
+             ("x7", "impression"), ("x2", "click"), ("x3", "view")]
+    t0 = now_ms() - 60_000
+
+    def session(user: str, prefix: str, first: int) -> list[dict]:
+        return [ev(first + n, user, prefix + item, type_, ts=t0 + 1_000 * n, session_id=f"{user}-s")
+                for n, (item, type_) in enumerate(steps)]
+
+    # u1's session in one batch; u2's same session (its own items) split where impressions end a batch
+    await proc.process(records(session("u1", "a", 0)))
+    split = session("u2", "b", 100)
+    for lo, hi in ((0, 2), (2, 5), (5, 7)):
+        await proc.process(records(split[lo:hi], partition=1, start=lo))
+
+    def covis(prefix: str) -> dict:
+        out = {}
+        for key in redis_client.keys(k.covis(prefix + "*")):
+            item = key.decode().rsplit(":", 1)[1][1:]
+            out[item] = {m.decode()[1:]: s for m, s in redis_client.zrange(key, 0, -1, withscores=True)}
+        return out
+
+    one, split_ = covis("a"), covis("b")
+    assert one == split_  # batch boundaries do not change what is paired
+    assert set(one) == {"x0", "x1", "x2", "x3"}  # impressions are never paired
+    assert set(one["x3"]) == {"x1", "x2"}  # the two positive items before it, not x0
+    assert set(one["x2"]) == {"x0", "x1", "x3"}
+
+
 async def test_impressions_after_a_click_in_one_batch_count_again(proc, redis_client) -> None:
     k = proc.ws.keys
     await proc.process(records([ev(0, "u1", "i0", "impression"), ev(1, "u1", "i0", "impression")]))
