@@ -147,6 +147,7 @@ def _state_hash(r: redis.Redis, prefix: str, dump: Path | None = None) -> tuple[
     out = dump.open("wb") if dump is not None else None
     n = 0
     marked: list[bytes] = []  # dedup markers: which event ids, not when or in which layout
+    run_key, run_app = prefix.encode() + b":", b"bench-" + prefix.encode()
     for key in sorted(r.scan_iter(match=f"{prefix}:*", count=10_000)):
         n += 1
         kind = key[len(prefix):]
@@ -171,7 +172,10 @@ def _state_hash(r: redis.Redis, prefix: str, dump: Path | None = None) -> tuple[
             val = sorted(r.zrange(key, 0, -1, withscores=True))
         else:
             val = t
-        line = key[len(prefix):] + b"\0" + repr(val).encode() + b"\n"
+        # the run's prefix also sits inside names (the offsets key's app id, the trending key set): hash
+        # it as a placeholder, so two runs of one tree hash alike, not only the same run of two trees
+        line = (key[len(prefix):] + b"\0" + repr(val).encode()).replace(run_key, b"{run}:").replace(
+            run_app, b"bench-{run}") + b"\n"
         h.update(line)
         if out is not None:
             out.write(line)
