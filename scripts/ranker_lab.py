@@ -11,6 +11,11 @@ user, targets outside the candidates count as misses).
     python scripts/ranker_lab.py collect --events /tmp/q_shop/events.jsonl --out /tmp/lab
     python scripts/ranker_lab.py fit --out /tmp/lab [--labels binary] [--queries 40000] ...
 
+``collect --window validation`` moves the whole lab one window earlier: the validation window (the 30 days
+before the test start) is scored (``test.npz`` then holds validation queries) with a bundle fitted before it,
+and the ranker's training queries come from the window before that (as ``liftrec evaluate`` trains the
+ranker when it tunes on validation). Choices made there never look at the test window.
+
 Diagnosis only (not used by ``liftrec evaluate``).
 """
 
@@ -130,12 +135,15 @@ def _collect(a: argparse.Namespace) -> None:
     ds = load_dataset(a.events, fmt=None, catalog=None, session_gap_s=1800.0, show_progress=False)
     table = ds.table
     win = replay_windows(table.ts)
+    # --window validation: the whole lab one window earlier (the validation window stands for the test
+    # window, the ranker window lies before it), so that a choice made in the lab never sees the test window
+    t_start, t_end = (win.test_start, win.end) if a.window == "test" else (win.valid_start, win.test_start)
     meta = {k: ds.item_meta[k] for k in ("price", "category", "category_names", "in_stock")
             if ds.item_meta.get(k) is not None}
     opts = {"session_gap_ms": 1800_000, "history_cap": cfg["history_cap"], "seed": a.seed, **meta}
     rng = np.random.default_rng(a.seed + 11)
     if a.part in ("test", "both"):
-        tplan = build_plan(table, start=win.test_start, end=win.end)
+        tplan = build_plan(table, start=t_start, end=t_end)
         tdata = fit_data(tplan, **opts)
         chosen = np.zeros(tplan.n_queries, bool)
         chosen[rng.choice(tplan.n_queries, min(a.test_queries, tplan.n_queries), replace=False)] = True
@@ -144,7 +152,7 @@ def _collect(a: argparse.Namespace) -> None:
                  target_new=tplan.target_new, chosen=chosen, query_has_new=tplan.query_has_new,
                  query_user=tplan.query_user)
     if a.part in ("train", "both"):
-        tplan = build_plan(table, start=win.test_start, end=win.end)
+        tplan = build_plan(table, start=t_start, end=t_end)
         tdata = fit_data(tplan, **opts)
         train = tdata.train
         first = int(train.ts.min())
@@ -156,7 +164,8 @@ def _collect(a: argparse.Namespace) -> None:
         d = collect_window(pre, plan, chosen, cfg=cfg, tmp=out / "bundle-train")
         np.savez(out / "train.npz", **d, query_ts=plan.query_ts, query_user=plan.query_user,
                  query_has_new=plan.query_has_new)
-    (out / "info.json").write_text(json.dumps({"shop": a.shop, "events": a.events, "seed": a.seed}))
+    (out / "info.json").write_text(json.dumps({"shop": a.shop, "events": a.events, "seed": a.seed,
+                                               "window": a.window}))
 
 
 def _groups(qid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,6 +298,8 @@ def main() -> None:
     c.add_argument("--test-queries", type=int, default=8_000)
     c.add_argument("--n-candidates-x", type=int, default=300)
     c.add_argument("--history-cap", type=int, default=None)
+    c.add_argument("--window", choices=("test", "validation"), default="test",
+                   help="validation: the validation window plays the test window (tune there, not on the test)")
     c.add_argument("--als", default=None, help="ALS overrides, e.g. factors=64,regularization=0.1")
     f = sub.add_parser("fit")
     f.add_argument("--out", required=True)
