@@ -55,7 +55,9 @@ per list than a two-list call (the recommender's per-call set-up, and caches tha
 went cold while the process waited). With a hold, a lone list waits for a second
 one, at most ``min(batch_hold_s, 1.5 x the mean gap between lists)``, and only
 while lists arrive at least every ``batch_hold_s`` (a moving average kept by the
-compute stage); the call starts the moment the companion arrives. Lists that
+compute stage) and their CPU time fills at least :data:`HOLD_MIN_BUSY` of the
+gaps (an API that mostly idles has CPU to spare: no wait); the call starts the
+moment the companion arrives. Lists that
 queued behind a running batch never wait for it.
 
 Each stage holds at most ``batch_max`` requests per call and refuses new ones
@@ -108,6 +110,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_BUDGET_S = 0.008
 #: Longest wait of a lone list to compute for a companion (seconds; 0: none), see :class:`ServingRuntime`.
 DEFAULT_HOLD_S = 0.0
+#: ... and only while the compute stage is busy at least this share of the time (CPU per list / gap).
+HOLD_MIN_BUSY = 0.3
 #: Trending lists are re-read at most this often (seconds).
 TRENDING_TTL_S = 1.0
 _RETRY_S = 1.0
@@ -368,6 +372,9 @@ class ServingRuntime:
             return 0.0
         gap = self.computes.arrival_gap_s
         if gap is None or gap > hold:
+            return 0.0
+        per_list = self._per_list_s
+        if per_list is None or per_list < HOLD_MIN_BUSY * gap:   # the stage mostly idles: CPU is not scarce
             return 0.0
         return min(hold, 1.5 * gap)
 

@@ -333,6 +333,9 @@ async def test_a_lone_list_waits_for_a_companion_only_with_the_hold(app_client: 
     assert (calls, lists) == (2, 2)
     runtime.batch_hold_s = 5.0
     runtime.computes._gap = 1.0   # noqa: SLF001 - lists arrive about once a second: hold min(5, 1.5 x 1) s
+    runtime._per_list_s = 0.001   # noqa: SLF001 - ... but a list takes 1 ms: the stage idles, no hold
+    assert runtime._hold() == 0.0   # noqa: SLF001
+    runtime._per_list_s = 0.5   # noqa: SLF001 - a list takes half the gap: CPU is scarce, hold
     assert runtime._hold() == pytest.approx(1.5, rel=0.05)   # noqa: SLF001
     t0 = time.perf_counter()
     calls, lists, held = await staggered()
