@@ -111,7 +111,7 @@ DEFAULT_BATCH_BUDGET_S = 0.008
 #: Longest wait of a lone list to compute for a companion (seconds; 0: none), see :class:`ServingRuntime`.
 DEFAULT_HOLD_S = 0.0
 #: ... and only while the compute stage is busy at least this share of the time (CPU per list / gap).
-HOLD_MIN_BUSY = 0.3
+HOLD_MIN_BUSY = 0.2
 #: Trending lists are re-read at most this often (seconds).
 TRENDING_TTL_S = 1.0
 _RETRY_S = 1.0
