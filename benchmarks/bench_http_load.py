@@ -45,7 +45,8 @@ would after their events; the API answers their plain requests from it
 lists stay fresh). With 0, every user request computes its list.
 
     python benchmarks/bench_http_load.py [--quick] [--items N] [--workers W] [--rates 100,200,...]
-        [--precomputed 0.8] [--batch-window-ms 1.5] [--batch-max 16] [--api-nice 5] [--profile out.prof]
+        [--precomputed 0.8] [--batch-window-ms 1.5] [--batch-max 16] [--batch-hold-ms 5] [--api-nice 5]
+        [--profile out.prof]
 """
 
 from __future__ import annotations
@@ -427,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-window-ms", type=float, default=None,
                         help="API coalescing window (default: the API's); 0 disables coalescing")
     parser.add_argument("--batch-max", type=int, default=None, help="API coalescing batch cap (default: the API's)")
+    parser.add_argument("--batch-hold-ms", type=float, default=None,
+                        help="API: longest wait of a lone list to compute for a companion (default: the API's)")
     parser.add_argument("--fastapi-only", action="store_true",
                         help="add an unknown query parameter so user list requests skip the API's fast path")
     parser.add_argument("--profile", type=Path, default=None,
@@ -472,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cmd += ["--batch-window-ms", str(args.batch_window_ms)]
             if args.batch_max is not None:
                 cmd += ["--batch-max", str(args.batch_max)]
+            if args.batch_hold_ms is not None:
+                cmd += ["--batch-hold-ms", str(args.batch_hold_ms)]
             if args.profile is not None:
                 cmd[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve())]
             log = Path(tmp) / "serve.log"
@@ -500,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  params={"quick": args.quick, "items": n_items, "workers": args.workers, "seconds": seconds,
                          "precomputed": args.precomputed, "similar": args.similar,
                          "batch_window_ms": args.batch_window_ms, "batch_max": args.batch_max,
+                         "batch_hold_ms": args.batch_hold_ms,
                          "fastapi_only": args.fastapi_only, "trials": args.trials, "api_nice": args.api_nice,
                          "generator": "asyncio protocol callbacks on uvloop, keep-alive, open-loop",
                          "concurrency": CONCURRENCY, "rates": rates, "goal_p99_ms": GOAL_P99_MS},

@@ -18,6 +18,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 #: Environment through which the parent hands the coalescing options to its worker processes.
 _WINDOW_ENV = "LIFTREC_SERVE_BATCH_WINDOW_MS"
 _MAX_ENV = "LIFTREC_SERVE_BATCH_MAX"
+_HOLD_ENV = "LIFTREC_SERVE_BATCH_HOLD_MS"
 #: uvicorn options of every worker: uvloop + httptools (with a response's head and body sent in
 #: one write, see :mod:`liftrec._http`), no access log (one INFO line per request cost a few
 #: percent of the CPU under load; the Prometheus metrics count requests).
@@ -37,7 +38,8 @@ def app_factory() -> FastAPI:
     if not (settings.kafka_bootstrap and settings.redis_url):
         raise RuntimeError("app_factory needs KAFKA_BOOTSTRAP and REDIS_URL; start it with `liftrec serve`")
     return create_app(settings, Endpoints(settings.kafka_bootstrap, settings.redis_url, embedded=embedded),
-                      **_batching(os.environ.get(_WINDOW_ENV), os.environ.get(_MAX_ENV)))
+                      **_batching(os.environ.get(_WINDOW_ENV), os.environ.get(_MAX_ENV),
+                                 os.environ.get(_HOLD_ENV)))
 
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,13 @@ def _run_workers(host: str, port: int, workers: int, level: str) -> None:
         hold.close()
 
 
-def _batching(window_ms: float | str | None, batch_max: int | str | None) -> dict[str, float | int]:
+def _batching(window_ms: float | str | None, batch_max: int | str | None,
+              hold_ms: float | str | None = None) -> dict[str, float | int]:
     out: dict[str, float | int] = {}
     if window_ms is not None:
         out["batch_window_s"] = float(window_ms) / 1000.0
+    if hold_ms is not None:
+        out["batch_hold_s"] = float(hold_ms) / 1000.0
     if batch_max is not None:
         out["batch_max"] = int(batch_max)
     return out
@@ -145,6 +150,10 @@ def serve(
         "call (default 1 ms; 0: only requests arriving together)."),
     batch_max: int = typer.Option(None, min=1, max=256,
                                   help="Most user lists per coalesced call (default 16; 1: no coalescing)."),
+    batch_hold_ms: float = typer.Option(
+        None, min=0.0, max=100.0,
+        help="Longest wait of a lone list to compute for a second one to share its recommender call, used "
+        "only while such requests arrive at least that often (default 0: no wait)."),
 ) -> None:
     """Serve the HTTP API: recommendations, similar, bought-together, profiles, POST /v1/events, /health, /metrics; docs at /docs."""
     import uvicorn
@@ -163,7 +172,7 @@ def serve(
         err=True,
     )
     if workers == 1:
-        uvicorn.run(create_app(settings, ep, **_batching(batch_window_ms, batch_max)), host=host, port=port,
+        uvicorn.run(create_app(settings, ep, **_batching(batch_window_ms, batch_max, batch_hold_ms)), host=host, port=port,
                     log_level=level, **_UVICORN)  # type: ignore[arg-type]
         return
     os.environ["KAFKA_BOOTSTRAP"] = ep.kafka_bootstrap
@@ -173,6 +182,8 @@ def serve(
         os.environ[_WINDOW_ENV] = str(batch_window_ms)
     if batch_max is not None:
         os.environ[_MAX_ENV] = str(batch_max)
+    if batch_hold_ms is not None:
+        os.environ[_HOLD_ENV] = str(batch_hold_ms)
     _run_workers(host, port, workers, level)
 
 

@@ -51,6 +51,7 @@ from features.producer import EventProducer
 from features.settings import Settings
 from serving.batching import DEFAULT_MAX_BATCH as DEFAULT_BATCH_MAX
 from serving.batching import DEFAULT_WINDOW_S
+from serving.runtime import DEFAULT_HOLD_S
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -334,6 +335,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     batch_window_s: float = DEFAULT_WINDOW_S,
     batch_max: int = DEFAULT_BATCH_MAX,
+    batch_hold_s: float = DEFAULT_HOLD_S,
 ) -> LiftrecApp:
     """Build the liftrec HTTP API.
 
@@ -352,6 +354,9 @@ def create_app(
         ``recommend_many`` call (seconds; 0: only requests of the same event-loop iteration).
     batch_max : int
         Most user lists per coalesced call (1: every request alone).
+    batch_hold_s : float
+        Longest wait of a lone list to compute for a companion when requests arrive at least that often
+        (seconds; 0, the default: no wait; see :class:`serving.runtime.ServingRuntime`).
 
     Returns
     -------
@@ -365,8 +370,9 @@ def create_app(
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    if batch_window_s < 0 or batch_max < 1:
-        raise ValueError(f"batch_window_s must be >= 0 and batch_max >= 1; got {batch_window_s}, {batch_max}")
+    if batch_window_s < 0 or batch_max < 1 or batch_hold_s < 0:
+        raise ValueError(f"batch_window_s and batch_hold_s must be >= 0 and batch_max >= 1; got {batch_window_s}, "
+                         f"{batch_hold_s}, {batch_max}")
     if max_body_bytes < settings.max_payload_bytes:
         raise ValueError(f"max_body_bytes must be >= settings.max_payload_bytes "
                          f"({settings.max_payload_bytes}), got {max_body_bytes}")
@@ -385,6 +391,7 @@ def create_app(
     app.state.max_body_bytes = max_body_bytes
     app.state.batch_window_s = batch_window_s
     app.state.batch_max = batch_max
+    app.state.batch_hold_s = batch_hold_s
     app.add_exception_handler(LiftrecError, _on_liftrec_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_request_invalid)

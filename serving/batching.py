@@ -21,6 +21,13 @@ Invariants:
   batch starts at once (the API: while its compute stage is busy, or right
   after a compute batch, the requests that reach the read stage have already
   waited behind it). :meth:`Coalescer.flush` starts a waiting batch now.
+* **Holding a lone item** (optional ``hold``): when a lone item would start a
+  batch at once, ``hold()`` seconds (if > 0) it waits for a companion instead,
+  and the batch starts as soon as a second item arrives (the API's compute
+  stage: two lists per call cost less CPU each than one; see
+  :class:`serving.runtime.ServingRuntime`). :attr:`Coalescer.arrival_gap_s`
+  (moving average of the time between submissions) lets ``hold`` judge whether
+  a companion is likely to come soon.
 * **One batch at a time** per coalescer (the work is CPU-bound on one core).
 * **Bounded queue.** Past ``max_pending`` waiting items, :meth:`Coalescer.submit`
   raises :class:`Overloaded` (HTTP 503 with ``Retry-After``) instead of letting
@@ -54,6 +61,9 @@ DEFAULT_WINDOW_S = 0.001
 DEFAULT_MAX_BATCH = 16
 #: Most items waiting (not yet in a running batch) before submissions are refused.
 DEFAULT_MAX_PENDING = 1024
+#: Weight of the newest gap in :attr:`Coalescer.arrival_gap_s`, and the longest gap it counts (seconds).
+_GAP_WEIGHT = 0.1
+_GAP_CAP_S = 1.0
 
 
 class Overloaded(LiftrecError):
@@ -80,6 +90,9 @@ class Coalescer(Generic[T, R]):
     hurry : callable, optional
         ``hurry() -> bool``, asked when an item would start the window: True starts the
         batch in the next loop iteration instead (see the module docstring).
+    hold : callable, optional
+        ``hold() -> seconds``, asked when a lone item would start a batch at once: a positive
+        answer makes it wait that long for a companion (the batch starts when one arrives).
 
     Examples
     --------
@@ -93,7 +106,8 @@ class Coalescer(Generic[T, R]):
                  window_s: float = DEFAULT_WINDOW_S, max_batch: int = DEFAULT_MAX_BATCH,
                  max_pending: int = DEFAULT_MAX_PENDING,
                  on_batch: Callable[[int, float], None] | None = None,
-                 hurry: Callable[[], bool] | None = None) -> None:
+                 hurry: Callable[[], bool] | None = None,
+                 hold: Callable[[], float] | None = None) -> None:
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0 seconds; got {window_s}")
         if max_batch < 1:
@@ -107,6 +121,10 @@ class Coalescer(Generic[T, R]):
         self.max_pending = max_pending
         self._on_batch = on_batch
         self._hurry = hurry
+        self._hold = hold
+        self._holding = False   # the timer holds a lone item for a companion (see ``hold``)
+        self._last_submit: float | None = None
+        self._gap: float | None = None
         self._pending: list[tuple[T, asyncio.Future[R], float]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -121,6 +139,11 @@ class Coalescer(Generic[T, R]):
     def pending(self) -> int:
         """Items waiting for a batch."""
         return len(self._pending)
+
+    @property
+    def arrival_gap_s(self) -> float | None:
+        """Moving average of the time between submissions (seconds; ``None`` before the second)."""
+        return self._gap
 
     @property
     def busy(self) -> bool:
@@ -140,7 +163,12 @@ class Coalescer(Generic[T, R]):
                              f"{self.max_pending}); retry later")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
-        self._pending.append((item, fut, loop.time()))
+        now = loop.time()
+        if self._last_submit is not None:
+            gap = min(now - self._last_submit, _GAP_CAP_S)
+            self._gap = gap if self._gap is None else (1.0 - _GAP_WEIGHT) * self._gap + _GAP_WEIGHT * gap
+        self._last_submit = now
+        self._pending.append((item, fut, now))
         self._schedule(loop)
         return await fut
 
@@ -151,7 +179,19 @@ class Coalescer(Generic[T, R]):
             self._start()
         elif self._timer is None:
             now = self.window_s == 0 or (self._hurry is not None and self._hurry())
-            self._timer = loop.call_soon(self._start) if now else loop.call_later(self.window_s, self._start)
+            if not now:
+                self._timer = loop.call_later(self.window_s, self._start)
+                return
+            hold = self._hold() if self._hold is not None and len(self._pending) == 1 else 0.0
+            if hold > 0:   # a lone item: wait for a companion, at most ``hold``
+                self._holding = True
+                self._timer = loop.call_later(hold, self._start)
+            else:
+                self._timer = loop.call_soon(self._start)
+        elif self._holding:   # the companion arrived: start now
+            self._timer.cancel()
+            self._holding = False
+            self._timer = loop.call_soon(self._start)
 
     def flush(self) -> bool:
         """Start the waiting items' batch now (without the rest of its window).
@@ -168,6 +208,7 @@ class Coalescer(Generic[T, R]):
         return True
 
     def _start(self) -> None:
+        self._holding = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -212,6 +253,7 @@ class Coalescer(Generic[T, R]):
 
     async def close(self) -> None:
         """Stop: waiting items fail with :class:`Overloaded`; a running batch is cancelled."""
+        self._holding = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     runtime = ServingRuntime(state.settings, state.redis, redis_url=state.endpoints.redis_url,
-                             batch_window_s=state.batch_window_s, batch_max=state.batch_max)
+                             batch_window_s=state.batch_window_s, batch_max=state.batch_max,
+                             batch_hold_s=state.batch_hold_s)
     await runtime.start()
     state.serving = runtime
     log.info("recommendation routes ready model=%s", runtime.models.version)

@@ -309,3 +309,38 @@ async def test_the_batch_cap_follows_cpu_time_not_wall_time(app_client: tuple[ht
     assert estimate is not None and estimate < StalledRecommender.STALL_S
     if estimate < runtime.batch_budget_s / 2:        # a list's CPU leaves room for two per batch
         assert runtime.computes.max_batch >= 2
+
+
+async def test_a_lone_list_waits_for_a_companion_only_with_the_hold(app_client: tuple[httpx.AsyncClient, Any]
+                                                                   ) -> None:
+    """``batch_hold_s``: a lone list to compute waits (at most the hold) for a second one to share its
+    recommender call while lists arrive at least that often; without the hold (the default) it is computed
+    at once. Two requests 50 ms apart: one call with the hold, two without."""
+    api, runtime = app_client
+
+    async def staggered() -> tuple[float, float, list[Any]]:
+        calls0, lists0 = histogram(runtime, "liftrec_api_batch_size")
+        first = asyncio.create_task(api.get("/v1/users/alice/recommendations", params={"k": 5}))
+        await asyncio.sleep(0.05)
+        second = await api.get("/v1/users/bob/recommendations", params={"k": 5})
+        got = [await first, second]
+        calls1, lists1 = histogram(runtime, "liftrec_api_batch_size")
+        assert all(r.status_code == 200 for r in got), [r.text for r in got]
+        return calls1 - calls0, lists1 - lists0, [r.json() for r in got]
+
+    assert runtime.batch_hold_s == 0.0                   # off by default
+    calls, lists, alone = await staggered()
+    assert (calls, lists) == (2, 2)
+    runtime.batch_hold_s = 5.0
+    runtime.computes._gap = 1.0   # noqa: SLF001 - lists arrive about once a second: hold min(5, 1.5 x 1) s
+    runtime._per_list_s = 0.001   # noqa: SLF001 - ... but a list takes 1 ms: the stage idles, no hold
+    assert runtime._hold() == 0.0   # noqa: SLF001
+    runtime._per_list_s = 0.5   # noqa: SLF001 - a list takes half the gap: CPU is scarce, hold
+    assert runtime._hold() == pytest.approx(1.5, rel=0.05)   # noqa: SLF001
+    t0 = time.perf_counter()
+    calls, lists, held = await staggered()
+    assert (calls, lists) == (1, 2)                      # the second joined the first's call
+    assert time.perf_counter() - t0 < 1.4                # which started when it came, not after the hold
+    assert [content(b) for b in held] == [content(b) for b in alone]
+    runtime.computes._gap = 6.0   # noqa: SLF001 - lists arrive less often than the hold: no wait
+    assert runtime._hold() == 0.0   # noqa: SLF001

@@ -134,6 +134,71 @@ async def test_hurry_skips_the_window_only_while_it_says_so() -> None:
         await lone
 
 
+async def test_hold_keeps_a_lone_item_for_a_companion_and_starts_when_it_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a virtual loop clock: a lone item waits for a companion (at most the hold) and the batch starts as
+    soon as the companion arrives, not at the end of the hold; with no companion it starts when the hold ends."""
+    loop = asyncio.get_running_loop()
+    now = [loop.time()]
+    monkeypatch.setattr(loop, "time", lambda: now[0])
+    run = Recorder()
+    hold = [0.005]
+    c = Coalescer(run, window_s=0.0, max_batch=8, hold=lambda: hold[0])
+    first = asyncio.create_task(c.submit(2))
+    await spin()
+    now[0] += 0.003
+    await spin()
+    assert run.batches == [] and c.pending == 1          # without the hold it would have run at once
+    second = asyncio.create_task(c.submit(3))
+    await spin()
+    assert run.batches == [[2, 3]]                         # the companion came: started, 2 ms before the hold ends
+    assert (first.result(), second.result()) == (4, 9)
+    lone = asyncio.create_task(c.submit(5))
+    await spin()
+    now[0] += 0.0049
+    await spin()
+    assert not lone.done() and c.pending == 1
+    now[0] += 0.0002
+    await spin()
+    assert lone.result() == 25 and run.batches == [[2, 3], [5]]   # no companion: the hold ended
+    hold[0] = 0.0                                                # no hold: a lone item runs at once
+    assert await asyncio.wait_for(c.submit(6), timeout=5) == 36
+
+
+async def test_hold_does_not_delay_items_that_queued_behind_a_batch() -> None:
+    gate = asyncio.Event()
+    run = Recorder(gate=gate)
+    c = Coalescer(run, window_s=0.0, max_batch=8, hold=lambda: 1000.0)
+    a = asyncio.create_task(c.submit(1))
+    b = asyncio.create_task(c.submit(2))
+    await spin()
+    assert run.batches == [[1, 2]] and c.busy              # a pair does not wait for the hold
+    late = asyncio.create_task(c.submit(3))
+    await spin()
+    gate.set()
+    # the late item already waited behind the running batch: it runs right after it, alone
+    assert await asyncio.wait_for(late, timeout=5) == 9
+    assert (a.result(), b.result()) == (1, 4) and run.batches == [[1, 2], [3]]
+
+
+async def test_arrival_gap_is_a_moving_average_of_the_time_between_submissions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    now = [loop.time()]
+    monkeypatch.setattr(loop, "time", lambda: now[0])
+    c = Coalescer(Recorder(), window_s=0.0)
+    assert c.arrival_gap_s is None
+    await c.submit(1)
+    assert c.arrival_gap_s is None
+    for _ in range(200):
+        now[0] += 0.004
+        await c.submit(1)
+    assert c.arrival_gap_s == pytest.approx(0.004)
+    now[0] += 0.020
+    await c.submit(1)
+    assert c.arrival_gap_s == pytest.approx(0.9 * 0.004 + 0.1 * 0.020)
+
+
 async def test_flush_starts_the_waiting_batch_now() -> None:
     gate = asyncio.Event()
     run = Recorder(gate=gate)
