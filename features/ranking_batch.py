@@ -236,13 +236,33 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     has_vec = np.fromiter((c.user_vector is not None for c in contexts), dtype=bool, count=n_users)[uid]
     if has_vec.any():   # als_score_in_category: per (user, category) among the user's candidates
         width = n_cat + 1
-        als_in_category(out, np.where(has_vec & (cat >= 0), uid * width + cat, -1))
+        _als_in_category_keys(out, np.where(has_vec & (cat >= 0), uid * width + cat, -1), n_users * width)
     per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items)),
                           minutes_since_last_event(c, n_items)] for c in contexts], dtype=np.float64)
     out[:, _COL["session_length"]] = per_user[uid, 0]
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
     out[:, _COL["log_minutes_since_last_event"]] = per_user[uid, 2]
     return out
+
+
+def _als_in_category_keys(out: np.ndarray, key: np.ndarray, span: int) -> None:
+    """:func:`features.ranking.als_in_category` for batch keys in ``[-1, span)``: the best ``als_score`` per key
+    is kept in a dense table (one ``maximum.at``) instead of ``np.unique``'s sort when ``span`` is small.
+
+    Same values: a maximum does not depend on the order its values come in, and each row subtracts the
+    same float32 maximum from its own score.
+    """
+    if span > max(4 * len(key), 1 << 16):   # sparse keys (many categories): the sorted form
+        als_in_category(out, key)
+        return
+    ok = key >= 0
+    if not ok.any():
+        return
+    k = key[ok]
+    als = out[ok, _COL["als_score"]]
+    best = np.full(span, -np.inf, dtype=np.float32)
+    np.maximum.at(best, k, als)
+    out[ok, _COL["als_score_in_category"]] = als - best[k]
 
 
 def _session_features_many(contexts: Sequence[RankingContext], uid: np.ndarray, cat: np.ndarray,

@@ -294,3 +294,26 @@ def test_key_join_dense_table_equals_the_sorted_join(seed: int, monkeypatch: pyt
     r, hit = dense.rows(queries)
     np.testing.assert_array_equal(keys[r], queries[hit])
     assert set(queries[hit].tolist()) == set(queries.tolist()) & set(keys.tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_als_in_category_equals_the_sorted_form(seed: int) -> None:
+    """The batch's dense per-(user, category) maximum gives ``als_in_category``'s column bit for bit, keys
+    without a category (-1) untouched, and the sparse fallback the same."""
+    from features.ranking import als_in_category
+    from features.ranking_batch import _als_in_category_keys
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    span = int(rng.integers(1, 60))
+    key = np.where(rng.random(n) < 0.2, -1, rng.integers(0, span, n))
+    X = np.zeros((n, len(FEATURE_NAMES)), np.float32)
+    col = FEATURE_NAMES.index("als_score")
+    # ties, negative scores and repeated maxima
+    X[:, col] = np.round(rng.normal(size=n), 1 if seed % 2 else 6).astype(np.float32)
+    want = X.copy()
+    als_in_category(want, key)
+    for s in (span, 1 << 20):   # dense table, then a span too wide for it (sorted fallback)
+        got = X.copy()
+        _als_in_category_keys(got, key, s)
+        np.testing.assert_array_equal(got, want)
