@@ -54,6 +54,7 @@ from serving.candidates import (
     CandidateSet,
     TrendingArrays,
     gather_many,
+    group_desc_order,
     isin_rows,
 )
 from serving.explain import (
@@ -560,7 +561,8 @@ class Recommender:
             return [self._order(users[0], cands[0], scores, aux, live, live.code[rows.at])]
         s_all = np.asarray(scores, dtype=np.float64)
         owner = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(rows.bounds))
-        ranked = np.lexsort((-s_all, owner))
+        # = lexsort((-s_all, owner)): float32 scores order as their float64 copies
+        ranked = group_desc_order(owner, scores if scores.dtype == np.float32 else s_all)
         codes_all = live.code[rows.at]
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # per request: scores, positions, codes
         for j, (u, c) in enumerate(zip(users, cands, strict=True)):

@@ -385,6 +385,32 @@ def test_dense_key_aggregation_equals_the_sorted_one(seed: int) -> None:
             assert got[1].tobytes() == want[1].tobytes()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_group_desc_order_equals_the_lexsort(seed: int) -> None:
+    """``group_desc_order`` (one argsort of int64 keys) is ``lexsort((-values, group))``: ties (including
+    ``-0.0`` against ``+0.0``), negative values, infinities, and the lexsort fallback (NaN, float64)."""
+    from serving.candidates import group_desc_order
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    group = np.sort(rng.integers(0, int(rng.integers(1, 60)), n)) if seed % 2 else rng.integers(0, 40, n)
+    values = np.round(rng.normal(size=n), int(rng.integers(0, 3))).astype(np.float32)
+    values[rng.random(n) < 0.05] = np.float32(-0.0)
+    values[rng.random(n) < 0.02] = np.float32(np.inf)
+    values[rng.random(n) < 0.02] = np.float32(-np.inf)
+    want = np.lexsort((-values, group))
+    np.testing.assert_array_equal(group_desc_order(group, values), want)
+    np.testing.assert_array_equal(group_desc_order(group, values.astype(np.float64)), want)
+    with_nan = values.copy()
+    with_nan[0] = np.nan
+    np.testing.assert_array_equal(group_desc_order(group, with_nan), np.lexsort((-with_nan, group)))
+    # keys sorted by (group, item): the order of lexsort((item, -value, group))
+    item = rng.permutation(n)
+    by = np.lexsort((item, group))
+    g2, v2, i2 = group[by], values[by], item[by]
+    np.testing.assert_array_equal(group_desc_order(g2, v2), np.lexsort((i2, -v2, g2)))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_dense_unique_keys_equal_the_sorted_unique(seed: int) -> None:
     """``_unique_keys`` (dense arrays when keys are many) gives ``_unique``'s distinct keys, first positions and
