@@ -129,9 +129,12 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         s_items, s_uid = s_items[keep], s_uid[keep]
     # anchors: the newest distinct history items + session items, sorted per user
     r_key = r_uid * n_items + r_items
-    first = np.sort(np.unique(r_key, return_index=True)[1])
+    span = n_users * n_items
+    dense = span <= max(8 * (len(r_key) + len(s_items)), 1 << 16)   # keys as slots of a small table
+    first = _first_positions(r_key, span) if dense else np.sort(np.unique(r_key, return_index=True)[1])
     newest_key = r_key[first][_rank_in_group(r_uid[first]) < N_RECENT_ANCHORS]
-    a_key = np.unique(np.concatenate([newest_key, s_uid * n_items + s_items]))
+    a_key = np.concatenate([newest_key, s_uid * n_items + s_items])
+    a_key = _distinct(a_key, span) if dense else np.unique(a_key)
     a_uid, a_items = a_key // n_items, a_key % n_items
 
     # collaborative score (per user: the same matrix-vector product as build_features)
@@ -243,6 +246,22 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
     out[:, _COL["log_minutes_since_last_event"]] = per_user[uid, 2]
     return out
+
+
+def _first_positions(keys: np.ndarray, span: int) -> np.ndarray:
+    """Ascending positions of the first occurrence of each distinct key in ``[0, span)``: ``np.sort`` of
+    ``np.unique(keys, return_index=True)[1]``, from a dense table of each key's smallest position."""
+    at = np.arange(len(keys), dtype=np.int64)
+    pos = np.full(span, len(keys), dtype=np.int64)
+    np.minimum.at(pos, keys, at)
+    return np.flatnonzero(pos[keys] == at)
+
+
+def _distinct(keys: np.ndarray, span: int) -> np.ndarray:
+    """``np.unique(keys)`` of int64 keys in ``[0, span)``, from a dense mark table."""
+    mark = np.zeros(span, dtype=bool)
+    mark[keys] = True
+    return np.flatnonzero(mark).astype(np.int64, copy=False)
 
 
 def _als_in_category_keys(out: np.ndarray, key: np.ndarray, span: int) -> None:

@@ -317,3 +317,17 @@ def test_dense_als_in_category_equals_the_sorted_form(seed: int) -> None:
         got = X.copy()
         _als_in_category_keys(got, key, s)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_first_positions_and_distinct_keys_equal_np_unique(seed: int) -> None:
+    """The batch builder's dense forms of ``np.unique``: first positions (sorted) and distinct keys."""
+    from features.ranking_batch import _distinct, _first_positions
+
+    rng = np.random.default_rng(seed)
+    for n, span in ((0, 10), (1, 1), (50, 40), (3000, 500), (7, 100_000)):
+        keys = rng.integers(0, span, n).astype(np.int64)
+        np.testing.assert_array_equal(_first_positions(keys, span), np.sort(np.unique(keys, return_index=True)[1]))
+        got = _distinct(keys, span)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.unique(keys))
