@@ -647,7 +647,8 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     scores = np.concatenate([s for _, _, s in flat])
     uniq, first_pos, inv = _unique_keys(keys, n_users * n_items)
     table = np.zeros((len(uniq), n_src), dtype=np.float32)
-    np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
+    # on the flat table: ufunc.at's one-index fast path (a maximum does not depend on the order)
+    np.maximum.at(table.reshape(-1), inv * n_src + src, np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")   # users stay in order: their positions are contiguous
     u = uid[first_pos[order]]
     bounds = np.searchsorted(u, np.arange(n_users + 1))
