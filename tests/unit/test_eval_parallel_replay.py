@@ -115,3 +115,28 @@ def test_replay_jobs() -> None:
     assert replay_jobs(0) >= 1 and replay_jobs(None) == replay_jobs(0)
     with pytest.raises(ValueError, match="jobs must be >= 0"):
         replay_jobs(-1)
+
+
+def test_the_heap_is_frozen_during_the_replay_only(shop: tuple[ReplayPlan, FitData]) -> None:
+    """The replay freezes the heap alive before it (``gc.freeze``) while it runs and unfreezes it after; a
+    caller's own freeze is left as it was."""
+    import gc
+
+    plan, data = shop
+    seen: list[int] = []
+
+    class Probe(Repeat):
+        def observe(self, events: object) -> None:
+            seen.append(gc.get_freeze_count())
+            super().observe(events)  # type: ignore[arg-type]
+
+    assert gc.get_freeze_count() == 0
+    replay(Probe(half_life_days=30.0), plan, data)
+    assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        replay(Probe(half_life_days=30.0), plan, data)
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()
