@@ -38,7 +38,6 @@ from features.ranking import (
     RankingTables,
     als_in_category,
     build_features,
-    minutes_since_last_event,
     neighbour_features,
     trending_feature,
 )
@@ -240,11 +239,31 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     if has_vec.any():   # als_score_in_category: per (user, category) among the user's candidates
         width = n_cat + 1
         _als_in_category_keys(out, np.where(has_vec & (cat >= 0), uid * width + cat, -1), n_users * width)
-    per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items)),
-                          minutes_since_last_event(c, n_items)] for c in contexts], dtype=np.float64)
+    per_user = np.empty((n_users, 3), dtype=np.float64)
+    per_user[:, 0] = np.fromiter((len(c.session_items) for c in contexts), dtype=np.int64, count=n_users)
+    per_user[:, 1] = np.log1p(np.fromiter((len(c.history_items) for c in contexts), dtype=np.int64,
+                                          count=n_users).astype(np.float64))
+    per_user[:, 2] = _minutes_since_last_event_many(contexts, h_ts, h_uid)
     out[:, _COL["session_length"]] = per_user[uid, 0]
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
     out[:, _COL["log_minutes_since_last_event"]] = per_user[uid, 2]
+    return out
+
+
+def _minutes_since_last_event_many(contexts: Sequence[RankingContext], h_ts: np.ndarray, h_uid: np.ndarray
+                                   ) -> np.ndarray:
+    """:func:`features.ranking.minutes_since_last_event` of every context from the batch's valid history rows
+    (``h_ts`` of user ``h_uid``): the newest ts per user by one ``maximum.at``, then the same float64 steps
+    (``max(now - newest, 0) / 60000``, ``log1p``) on arrays; -1 without history."""
+    n_users = len(contexts)
+    out = np.full(n_users, -1.0, dtype=np.float64)
+    if len(h_ts) == 0:
+        return out
+    newest = np.full(n_users, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(newest, h_uid, h_ts)
+    has = np.bincount(h_uid, minlength=n_users) > 0
+    now = np.fromiter((c.now_ms for c in contexts), dtype=np.int64, count=n_users)
+    out[has] = np.log1p(np.maximum(now[has] - newest[has], 0) / 60_000.0)
     return out
 
 

@@ -331,3 +331,19 @@ def test_dense_first_positions_and_distinct_keys_equal_np_unique(seed: int) -> N
         got = _distinct(keys, span)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, np.unique(keys))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batch_minutes_since_last_event_equal_the_per_context_value(seed: int) -> None:
+    """The batch's ``log_minutes_since_last_event`` column is ``minutes_since_last_event`` per context, bit
+    for bit (out-of-range history items ignored, -1 without history)."""
+    from features.ranking import minutes_since_last_event
+
+    tables = make_tables(seed)
+    contexts = _varied_contexts(seed)
+    contexts.append(dataclasses.replace(contexts[0], history_items=np.array([-1, N_ITEMS], np.int64),
+                                        history_types=np.zeros(2, np.int8), history_ts=np.array([5, 6], np.int64)))
+    cands = [np.arange(3) for _ in contexts]
+    got = build_features_many(contexts, cands, tables)[::3, FEATURE_NAMES.index("log_minutes_since_last_event")]
+    want = np.array([minutes_since_last_event(c, N_ITEMS) for c in contexts], dtype=np.float32)
+    assert got.tobytes() == want.tobytes() and want[-1] == -1.0
