@@ -38,7 +38,6 @@ from features.ranking import (
     RankingTables,
     als_in_category,
     build_features,
-    minutes_since_last_event,
     neighbour_features,
     trending_feature,
 )
@@ -129,9 +128,12 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         s_items, s_uid = s_items[keep], s_uid[keep]
     # anchors: the newest distinct history items + session items, sorted per user
     r_key = r_uid * n_items + r_items
-    first = np.sort(np.unique(r_key, return_index=True)[1])
+    span = n_users * n_items
+    dense = span <= max(8 * (len(r_key) + len(s_items)), 1 << 16)   # keys as slots of a small table
+    first = _first_positions(r_key, span) if dense else np.sort(np.unique(r_key, return_index=True)[1])
     newest_key = r_key[first][_rank_in_group(r_uid[first]) < N_RECENT_ANCHORS]
-    a_key = np.unique(np.concatenate([newest_key, s_uid * n_items + s_items]))
+    a_key = np.concatenate([newest_key, s_uid * n_items + s_items])
+    a_key = _distinct(a_key, span) if dense else np.unique(a_key)
     a_uid, a_items = a_key // n_items, a_key % n_items
 
     # collaborative score (per user: the same matrix-vector product as build_features)
@@ -236,13 +238,69 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     has_vec = np.fromiter((c.user_vector is not None for c in contexts), dtype=bool, count=n_users)[uid]
     if has_vec.any():   # als_score_in_category: per (user, category) among the user's candidates
         width = n_cat + 1
-        als_in_category(out, np.where(has_vec & (cat >= 0), uid * width + cat, -1))
-    per_user = np.array([[len(c.session_items), np.log1p(len(c.history_items)),
-                          minutes_since_last_event(c, n_items)] for c in contexts], dtype=np.float64)
+        _als_in_category_keys(out, np.where(has_vec & (cat >= 0), uid * width + cat, -1), n_users * width)
+    per_user = np.empty((n_users, 3), dtype=np.float64)
+    per_user[:, 0] = np.fromiter((len(c.session_items) for c in contexts), dtype=np.int64, count=n_users)
+    per_user[:, 1] = np.log1p(np.fromiter((len(c.history_items) for c in contexts), dtype=np.int64,
+                                          count=n_users).astype(np.float64))
+    per_user[:, 2] = _minutes_since_last_event_many(contexts, h_ts, h_uid)
     out[:, _COL["session_length"]] = per_user[uid, 0]
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
     out[:, _COL["log_minutes_since_last_event"]] = per_user[uid, 2]
     return out
+
+
+def _minutes_since_last_event_many(contexts: Sequence[RankingContext], h_ts: np.ndarray, h_uid: np.ndarray
+                                   ) -> np.ndarray:
+    """:func:`features.ranking.minutes_since_last_event` of every context from the batch's valid history rows
+    (``h_ts`` of user ``h_uid``): the newest ts per user by one ``maximum.at``, then the same float64 steps
+    (``max(now - newest, 0) / 60000``, ``log1p``) on arrays; -1 without history."""
+    n_users = len(contexts)
+    out = np.full(n_users, -1.0, dtype=np.float64)
+    if len(h_ts) == 0:
+        return out
+    newest = np.full(n_users, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(newest, h_uid, h_ts)
+    has = np.bincount(h_uid, minlength=n_users) > 0
+    now = np.fromiter((c.now_ms for c in contexts), dtype=np.int64, count=n_users)
+    out[has] = np.log1p(np.maximum(now[has] - newest[has], 0) / 60_000.0)
+    return out
+
+
+def _first_positions(keys: np.ndarray, span: int) -> np.ndarray:
+    """Ascending positions of the first occurrence of each distinct key in ``[0, span)``: ``np.sort`` of
+    ``np.unique(keys, return_index=True)[1]``, from a dense table of each key's smallest position."""
+    at = np.arange(len(keys), dtype=np.int64)
+    pos = np.full(span, len(keys), dtype=np.int64)
+    np.minimum.at(pos, keys, at)
+    return np.flatnonzero(pos[keys] == at)
+
+
+def _distinct(keys: np.ndarray, span: int) -> np.ndarray:
+    """``np.unique(keys)`` of int64 keys in ``[0, span)``, from a dense mark table."""
+    mark = np.zeros(span, dtype=bool)
+    mark[keys] = True
+    return np.flatnonzero(mark).astype(np.int64, copy=False)
+
+
+def _als_in_category_keys(out: np.ndarray, key: np.ndarray, span: int) -> None:
+    """:func:`features.ranking.als_in_category` for batch keys in ``[-1, span)``: the best ``als_score`` per key
+    is kept in a dense table (one ``maximum.at``) instead of ``np.unique``'s sort when ``span`` is small.
+
+    Same values: a maximum does not depend on the order its values come in, and each row subtracts the
+    same float32 maximum from its own score.
+    """
+    if span > max(4 * len(key), 1 << 16):   # sparse keys (many categories): the sorted form
+        als_in_category(out, key)
+        return
+    ok = key >= 0
+    if not ok.any():
+        return
+    k = key[ok]
+    als = out[ok, _COL["als_score"]]
+    best = np.full(span, -np.inf, dtype=np.float32)
+    np.maximum.at(best, k, als)
+    out[ok, _COL["als_score_in_category"]] = als - best[k]
 
 
 def _session_features_many(contexts: Sequence[RankingContext], uid: np.ndarray, cat: np.ndarray,

@@ -30,6 +30,7 @@ from serving.candidates import (
     CandidateInput,
     _quotas,
     aggregate_by_key,
+    group_desc_order,
 )
 
 __all__ = ["AnchorProposals", "anchor_proposals_many"]
@@ -92,7 +93,7 @@ def _neighbours_many(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray
     keys = np.repeat(a_uid, indptr[a_items + 1] - indptr[a_items]) * n_items + indices[pos]
     uniq, agg = aggregate_by_key(keys, values[pos].astype(np.float32), how=how, size=n_users * n_items)
     uid, items = uniq // n_items, uniq % n_items
-    order = np.lexsort((items, -agg, uid))           # per user: best score, then lowest item
+    order = group_desc_order(uid, agg)   # per user: best score, then lowest item (uniq is sorted by user, item)
     uid, items, agg = uid[order], items[order], agg[order]
     bounds = np.searchsorted(uid, np.arange(n_users + 1))
     return [(items[lo:min(hi, lo + n)], agg[lo:min(hi, lo + n)])

@@ -60,6 +60,7 @@ __all__ = [
     "gather",
     "gather_many",
     "CandidateBatch",
+    "group_desc_order",
     "isin_rows",
 ]
 
@@ -326,6 +327,25 @@ def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str, size: in
     agg = np.full(len(uniq), -np.inf, dtype=np.float32)
     np.maximum.at(agg, inv, values)
     return uniq, agg
+
+
+def group_desc_order(group: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.lexsort((-values, group))``: by ``group``, then ``values`` descending, ties in input order.
+
+    For float32 ``values`` without NaN and groups in ``[0, 2**31)`` it is one stable ``argsort`` of int64 keys
+    (the group in the high 32 bits, the value's order-preserving bits, descending, in the low ones), several
+    times faster than the two-key ``lexsort`` and the same permutation: equal floats have equal bits once
+    ``-0.0`` is made ``+0.0`` (they tie in ``lexsort`` too), and both sorts are stable. Other inputs take
+    ``lexsort``.
+    """
+    v = np.asarray(values)
+    g = np.asarray(group)
+    if (v.dtype != np.float32 or len(v) == 0 or g.dtype.kind not in "iu" or int(g.min()) < 0
+            or int(g.max()) >= 1 << 31 or bool(np.isnan(v).any())):
+        return np.lexsort((-v, g))
+    bits = (v + np.float32(0.0)).view(np.int32).astype(np.int64)   # -0.0 + 0.0 = +0.0
+    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # increases with the float
+    return np.argsort((g.astype(np.int64) << 32) + (0x7FFFFFFF - ordered), kind="stable")
 
 
 def _best(items: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -605,7 +625,7 @@ def _best_many(items: Sequence[np.ndarray], scores: Sequence[np.ndarray], n: Seq
     agg = np.zeros(len(uniq), dtype=np.float32)
     np.add.at(agg, inv, vals)
     u, it = uniq // n_items, uniq % n_items
-    order = np.lexsort((it, -agg, u))           # per user: best score, then lowest item
+    order = group_desc_order(u, agg)   # per user: best score, then lowest item (uniq is sorted by user, item)
     u, it, agg = u[order], it[order], agg[order]
     bounds = np.searchsorted(u, np.arange(n_users + 1)).tolist()
     return [(it[lo:min(hi, lo + k)], agg[lo:min(hi, lo + k)])
@@ -627,7 +647,8 @@ def _merge_many(props: Sequence[_Proposals], n_candidates: int, n_items: int, n_
     scores = np.concatenate([s for _, _, s in flat])
     uniq, first_pos, inv = _unique_keys(keys, n_users * n_items)
     table = np.zeros((len(uniq), n_src), dtype=np.float32)
-    np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
+    # on the flat table: ufunc.at's one-index fast path (a maximum does not depend on the order)
+    np.maximum.at(table.reshape(-1), inv * n_src + src, np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")   # users stay in order: their positions are contiguous
     u = uid[first_pos[order]]
     bounds = np.searchsorted(u, np.arange(n_users + 1))

@@ -186,7 +186,13 @@ def best_anchors_many(indptr: np.ndarray, indices: np.ndarray, values: np.ndarra
     i_len = np.fromiter((len(i) for i in items), dtype=np.int64, count=n_users)
     item_keys = np.repeat(np.arange(n_users, dtype=np.int64), i_len) * n_items + np.concatenate(
         [np.asarray(i, np.int64) for i in items])
-    keep = np.isin(keys, item_keys) & (values[pos] > 0)
+    span = n_users * n_items
+    if span <= max(8 * (len(keys) + len(item_keys)), 1 << 16):   # np.isin as a look-up in a dense mark table
+        mark = np.zeros(span, dtype=bool)
+        mark[item_keys] = True
+        keep = mark[keys] & (values[pos] > 0)
+    else:
+        keep = np.isin(keys, item_keys) & (values[pos] > 0)
     if not keep.any():
         return out
     keys, v, rank = keys[keep], values[pos[keep]], rank[keep]

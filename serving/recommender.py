@@ -54,6 +54,7 @@ from serving.candidates import (
     CandidateSet,
     TrendingArrays,
     gather_many,
+    group_desc_order,
     isin_rows,
 )
 from serving.explain import (
@@ -134,6 +135,9 @@ class _Rows:
     bounds: np.ndarray
     scores: np.ndarray
     at: np.ndarray
+    #: each row's position among its unit's candidates (a request's rows are its unit's, in order, minus the
+    #: ineligible ones)
+    pos: np.ndarray | None = None
 
 
 
@@ -379,7 +383,8 @@ class Recommender:
                            cands, bundle)
         sizes = np.cumsum([len(c) for c in cands])[:-1]
         feats = np.split(X, sizes)
-        ordered = self._order_many(users, cands, rows, self._score(X, bundle), aux, live)
+        ordered = self._order_many(users, cands, rows, self._score_shared(X, bundle, rows, unit_of, firsts, nows),
+                                   aux, live)
         anchored = self._reason_anchors(users, cands, ordered, aux)
         ranked = bundle.ranker is not None
         return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
@@ -439,7 +444,8 @@ class Recommender:
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
-        u.reason_anchors = np.unique(np.concatenate([recent[:10], u.session]))
+        # np.unique of the ~20 anchors, without its set-up: the same ascending int64 rows
+        u.reason_anchors = np.fromiter(sorted(set(recent[:10].tolist()).union(u.session.tolist())), dtype=np.int64)
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
         for rank, code in enumerate(cats.tolist()):
             if code >= 0:
@@ -547,7 +553,7 @@ class Recommender:
         nb = bounds.tolist()
         sets = [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
                 for lo, hi in zip(nb[:-1], nb[1:], strict=True)]
-        return sets, _Rows(bounds, scores, at)
+        return sets, _Rows(bounds, scores, at, kept - np.repeat(batch.bounds[:-1], np.diff(bounds)))
 
     def _order_many(self, users: list[_User], cands: list[CandidateSet], rows: _Rows, scores: np.ndarray,
                     aux: BundleAux, live: LiveAttrs) -> list[_Ordered]:
@@ -560,7 +566,8 @@ class Recommender:
             return [self._order(users[0], cands[0], scores, aux, live, live.code[rows.at])]
         s_all = np.asarray(scores, dtype=np.float64)
         owner = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(rows.bounds))
-        ranked = np.lexsort((-s_all, owner))
+        # = lexsort((-s_all, owner)): float32 scores order as their float64 copies
+        ranked = group_desc_order(owner, scores if scores.dtype == np.float32 else s_all)
         codes_all = live.code[rows.at]
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # per request: scores, positions, codes
         for j, (u, c) in enumerate(zip(users, cands, strict=True)):
@@ -630,6 +637,47 @@ class Recommender:
         Xh = X.copy()
         Xh[:, _COVIS] = np.log1p(np.maximum(Xh[:, _COVIS], 0))
         return Xh @ _HW
+
+    @classmethod
+    def _score_shared(cls, X: np.ndarray, bundle: Bundle, rows: _Rows, unit_of: list[int], firsts: list[int],
+                      nows: list[int]) -> np.ndarray:
+        """:meth:`_score` of the call's rows, each feature row scored once per unit and time.
+
+        A request sharing its unit (same state object) and its time with the unit's first request (the
+        replay's X request next to its R request) mostly has the first request's candidates with the very
+        same features (not those that depend on the other candidates, e.g. ``als_score_in_category``). Such a
+        row, equal bit for bit to the first request's row of the same candidate, takes that row's score: a
+        tree ensemble scores each row on its own, so the ranker would give the same float (checked by
+        ``tests/unit/test_serving_perf_parity.py``). Only with a one-thread ranker session (with more threads
+        onnxruntime may sum the trees in an order that depends on the batch).
+        """
+        ranker = bundle.ranker
+        if (ranker is None or len(firsts) == len(unit_of) or len(X) == 0 or X.dtype != np.float32
+                or not X.flags.c_contiguous or rows.pos is None or not _one_thread(ranker)):
+            return cls._score(X, bundle)
+        b = rows.bounds.tolist()
+        bits = X.view(np.int32)
+        take = None   # the row whose score each row takes
+        for j, g in enumerate(unit_of):
+            i = firsts[g]
+            lo, hi, ilo, ihi = b[j], b[j + 1], b[i], b[i + 1]
+            if i == j or nows[i] != nows[j] or hi == lo or ihi == ilo:
+                continue
+            ipos = rows.pos[ilo:ihi]   # ascending
+            p = np.minimum(np.searchsorted(ipos, rows.pos[lo:hi]), ihi - ilo - 1)
+            other = ilo + p
+            same = (ipos[p] == rows.pos[lo:hi]) & (bits[lo:hi] == bits[other]).all(axis=1)
+            if same.any():
+                if take is None:
+                    take = np.arange(len(X), dtype=np.int64)
+                take[lo:hi][same] = other[same]
+        if take is None:
+            return cls._score(X, bundle)
+        own = take == np.arange(len(X))
+        out = np.empty(len(X), dtype=np.float32)
+        out[own] = cls._score(X[own], bundle)
+        out[~own] = out[take[~own]]
+        return out
 
     def _order(self, u: _User, cands: CandidateSet, scores: np.ndarray, aux: BundleAux, live: LiveAttrs,
                codes: np.ndarray) -> _Ordered:
@@ -723,6 +771,14 @@ class Recommender:
                              trending=None, catalog=catalog, rules=self.rules, now_ms=now)
         out.extend(rest.items)
         return out
+
+
+def _one_thread(ranker: Any) -> bool:
+    """True when the ranker's onnxruntime session runs on one intra-op thread (rows summed tree by tree)."""
+    try:
+        return int(ranker._session.get_session_options().intra_op_num_threads) == 1
+    except AttributeError:
+        return False
 
 
 def _units(states: Sequence[UserState], reqs: Sequence[RecRequest]) -> tuple[list[int], list[int]]:

@@ -18,7 +18,13 @@ from training.evaluation.dataset import shop_dataset
 from training.evaluation.methods import FitData, Lists
 from training.evaluation.pipeline_variant import LiftrecFull
 from training.evaluation.protocol import QueryBatch, ReplayPlan, build_plan, replay_windows
-from training.evaluation.replay import ReplayResult, fit_data, replay, replay_jobs
+from training.evaluation.replay import (
+    GC_YOUNG_THRESHOLD,
+    ReplayResult,
+    fit_data,
+    replay,
+    replay_jobs,
+)
 from training.synthetic import SyntheticShop
 
 
@@ -115,3 +121,34 @@ def test_replay_jobs() -> None:
     assert replay_jobs(0) >= 1 and replay_jobs(None) == replay_jobs(0)
     with pytest.raises(ValueError, match="jobs must be >= 0"):
         replay_jobs(-1)
+
+
+def test_the_heap_is_frozen_during_the_replay_only(shop: tuple[ReplayPlan, FitData]) -> None:
+    """The replay freezes the heap alive before it (``gc.freeze``) while it runs and unfreezes it after; a
+    caller's own freeze is left as it was."""
+    import gc
+
+    plan, data = shop
+    seen: list[int] = []
+
+    thresholds: list[int] = []
+
+    class Probe(Repeat):
+        def observe(self, events: object) -> None:
+            seen.append(gc.get_freeze_count())
+            thresholds.append(gc.get_threshold()[0])
+            super().observe(events)  # type: ignore[arg-type]
+
+    was_frozen = gc.get_freeze_count() > 0   # another test (or library) of this process may have frozen it
+    gc.unfreeze()
+    try:
+        before = gc.get_threshold()
+        replay(Probe(half_life_days=30.0), plan, data)
+        assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+        assert set(thresholds) == {max(before[0], GC_YOUNG_THRESHOLD)} and gc.get_threshold() == before
+        gc.freeze()
+        replay(Probe(half_life_days=30.0), plan, data)
+        assert gc.get_freeze_count() > 0   # still frozen (the count drops as frozen objects are freed)
+    finally:
+        if not was_frozen:
+            gc.unfreeze()

@@ -294,3 +294,56 @@ def test_key_join_dense_table_equals_the_sorted_join(seed: int, monkeypatch: pyt
     r, hit = dense.rows(queries)
     np.testing.assert_array_equal(keys[r], queries[hit])
     assert set(queries[hit].tolist()) == set(queries.tolist()) & set(keys.tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_als_in_category_equals_the_sorted_form(seed: int) -> None:
+    """The batch's dense per-(user, category) maximum gives ``als_in_category``'s column bit for bit, keys
+    without a category (-1) untouched, and the sparse fallback the same."""
+    from features.ranking import als_in_category
+    from features.ranking_batch import _als_in_category_keys
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    span = int(rng.integers(1, 60))
+    key = np.where(rng.random(n) < 0.2, -1, rng.integers(0, span, n))
+    X = np.zeros((n, len(FEATURE_NAMES)), np.float32)
+    col = FEATURE_NAMES.index("als_score")
+    # ties, negative scores and repeated maxima
+    X[:, col] = np.round(rng.normal(size=n), 1 if seed % 2 else 6).astype(np.float32)
+    want = X.copy()
+    als_in_category(want, key)
+    for s in (span, 1 << 20):   # dense table, then a span too wide for it (sorted fallback)
+        got = X.copy()
+        _als_in_category_keys(got, key, s)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_first_positions_and_distinct_keys_equal_np_unique(seed: int) -> None:
+    """The batch builder's dense forms of ``np.unique``: first positions (sorted) and distinct keys."""
+    from features.ranking_batch import _distinct, _first_positions
+
+    rng = np.random.default_rng(seed)
+    for n, span in ((0, 10), (1, 1), (50, 40), (3000, 500), (7, 100_000)):
+        keys = rng.integers(0, span, n).astype(np.int64)
+        np.testing.assert_array_equal(_first_positions(keys, span), np.sort(np.unique(keys, return_index=True)[1]))
+        got = _distinct(keys, span)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.unique(keys))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batch_minutes_since_last_event_equal_the_per_context_value(seed: int) -> None:
+    """The batch's ``log_minutes_since_last_event`` column is ``minutes_since_last_event`` per context, bit
+    for bit (out-of-range history items ignored, -1 without history)."""
+    from features.ranking import minutes_since_last_event
+
+    tables = make_tables(seed)
+    contexts = _varied_contexts(seed)
+    contexts.append(dataclasses.replace(contexts[0], history_items=np.array([-1, N_ITEMS], np.int64),
+                                        history_types=np.zeros(2, np.int8), history_ts=np.array([5, 6], np.int64)))
+    cands = [np.arange(3) for _ in contexts]
+    got = build_features_many(contexts, cands, tables)[::3, FEATURE_NAMES.index("log_minutes_since_last_event")]
+    want = np.array([minutes_since_last_event(c, N_ITEMS) for c in contexts], dtype=np.float32)
+    assert got.tobytes() == want.tobytes() and want[-1] == -1.0

@@ -385,6 +385,32 @@ def test_dense_key_aggregation_equals_the_sorted_one(seed: int) -> None:
             assert got[1].tobytes() == want[1].tobytes()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_group_desc_order_equals_the_lexsort(seed: int) -> None:
+    """``group_desc_order`` (one argsort of int64 keys) is ``lexsort((-values, group))``: ties (including
+    ``-0.0`` against ``+0.0``), negative values, infinities, and the lexsort fallback (NaN, float64)."""
+    from serving.candidates import group_desc_order
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    group = np.sort(rng.integers(0, int(rng.integers(1, 60)), n)) if seed % 2 else rng.integers(0, 40, n)
+    values = np.round(rng.normal(size=n), int(rng.integers(0, 3))).astype(np.float32)
+    values[rng.random(n) < 0.05] = np.float32(-0.0)
+    values[rng.random(n) < 0.02] = np.float32(np.inf)
+    values[rng.random(n) < 0.02] = np.float32(-np.inf)
+    want = np.lexsort((-values, group))
+    np.testing.assert_array_equal(group_desc_order(group, values), want)
+    np.testing.assert_array_equal(group_desc_order(group, values.astype(np.float64)), want)
+    with_nan = values.copy()
+    with_nan[0] = np.nan
+    np.testing.assert_array_equal(group_desc_order(group, with_nan), np.lexsort((-with_nan, group)))
+    # keys sorted by (group, item): the order of lexsort((item, -value, group))
+    item = rng.permutation(n)
+    by = np.lexsort((item, group))
+    g2, v2, i2 = group[by], values[by], item[by]
+    np.testing.assert_array_equal(group_desc_order(g2, v2), np.lexsort((i2, -v2, g2)))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_dense_unique_keys_equal_the_sorted_unique(seed: int) -> None:
     """``_unique_keys`` (dense arrays when keys are many) gives ``_unique``'s distinct keys, first positions and
@@ -637,3 +663,97 @@ def test_batched_ordering_equals_the_per_request_order(diversity: str) -> None:
                 for i in g.items] == [(i.item_id, i.score, i.reason, i.source, i.reason_item, i.features,
                                        i.source_scores) for i in w.items]
     assert "context" in {i.source for g in got for i in g.items} and any(not g.items for g in got)
+
+
+
+
+class _RowRanker:
+    """A ranker stub scoring each row on its own (a float64 dot product with fixed weights), reporting a
+    one-thread session like :class:`features.ranking.OnnxRanker`'s."""
+
+    class _Options:
+        intra_op_num_threads = 1
+
+    class _Session:
+        def get_session_options(self) -> object:
+            return _RowRanker._Options()
+
+    def __init__(self) -> None:
+        from features.ranking import FEATURE_NAMES
+
+        self.features = FEATURE_NAMES
+        self._session = self._Session()
+        self.w = np.random.default_rng(3).normal(size=len(FEATURE_NAMES))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.array([float(np.dot(r.astype(np.float64), self.w)) for r in X], dtype=np.float32)
+
+
+def test_onnx_scores_a_row_the_same_in_any_batch(trained_registry: Path) -> None:
+    """What sharing scores between requests relies on: onnxruntime's one-thread tree ensemble gives each row
+    the same float whatever the batch around it."""
+    b = Bundle.load(trained_registry / (trained_registry / "CURRENT").read_text().strip())
+    ref_X = b.ranker_reference[0]
+    X = np.concatenate([ref_X, ref_X[::-1] * np.float32(1.5)])
+    whole = b.ranker.predict(X)
+    parts = np.concatenate([b.ranker.predict(X[lo:hi]) for lo, hi in ((0, 1), (1, 8), (8, 9), (9, len(X)))])
+    assert whole.tobytes() == parts.tobytes()
+    assert whole.tobytes() == b.ranker.predict(X[::-1])[::-1].tobytes()
+
+
+def test_shared_rows_are_scored_once_with_the_same_scores() -> None:
+    """A request sharing its unit and time with the unit's first request (the replay's R and X) takes the first
+    request's score for every bit-identical feature row, and only for those: the scores equal scoring every row,
+    with fewer rows scored; rows that differ (``als_score_in_category`` among fewer candidates, or an
+    ``als_score`` product computed in another shape) keep their own score."""
+    bundle = dataclasses.replace(random_bundle(11), ranker=_RowRanker())
+    catalog = random_catalog(12)
+    rng = np.random.default_rng(13)
+    states = []
+    for u in range(8):
+        hist = random_history(rng, 15)
+        states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                                vector_model=VERSION, session_items=tuple(h[0] for h in hist[:3])))
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(50 - i)) for i in range(0, 100, 2)], by_category={},
+                                ref_ms=NOW)
+    calls = []
+    for j, s in enumerate(states):
+        calls.append((s, RecRequest(k=10), NOW))
+        calls.append((s, RecRequest(k=10, filters=RequestFilters(exclude=frozenset(h[0] for h in s.history))),
+                      NOW if j % 3 else NOW - 60_000))   # a third at another time: nothing shared
+    args: list[tuple] = []
+
+    class Recording(Recommender):
+        @classmethod
+        def _score_shared(cls, *a):  # type: ignore[no-untyped-def]
+            args.append(a)
+            return super()._score_shared(*a)
+
+    rec = Recording(rules=RuleConfig(repurchase_window_ms=0), n_candidates=80)
+    many = rec.recommend_many([c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending,
+                              catalog=catalog, now_ms=[c[2] for c in calls])
+    (X, _, rows, unit_of, firsts, nows), = args
+    scored: list[int] = []
+
+    class Counting(Recommender):
+        @staticmethod
+        def _score(X: np.ndarray, bundle: Bundle) -> np.ndarray:
+            scored.append(len(X))
+            return Recommender._score(X, bundle)
+
+    got = Counting._score_shared(X, bundle, rows, unit_of, firsts, nows)
+    want = Recommender._score(X, bundle)
+    assert got.tobytes() == want.tobytes()
+    assert len(scored) == 1 and len(X) // 2 < scored[0] < len(X)   # X rows shared, but not all
+    b = rows.bounds
+    bits = X.view(np.int32)
+    differing = 0
+    for j in range(1, len(calls), 2):
+        if nows[j] == nows[j - 1]:
+            p = np.searchsorted(rows.pos[b[j - 1]:b[j]], rows.pos[b[j]:b[j + 1]])
+            differing += int((bits[b[j]:b[j + 1]] != bits[b[j - 1] + p]).any(axis=1).sum())
+    assert differing > 0   # rows of the same candidate that must not share
+    for (state, request, now), rl in zip(calls, many, strict=True):
+        one = Recommender(rules=RuleConfig(repurchase_window_ms=0), n_candidates=80).recommend(
+            state, request, bundle=bundle, trending=trending, catalog=catalog, now_ms=now)
+        assert [i.item_id for i in rl.items] == [i.item_id for i in one.items]

@@ -197,7 +197,8 @@ class PipelineModel:
             return [RecRequest(k=k, explain=explain, feature_rows=feature_rows)] * len(rows)
         reqs = []
         for r in rows:
-            seen = np.unique(q.history.recent(int(q.users[r]), int(q.hist_len[r]))[0])
+            # the distinct earlier items, ascending (np.unique's order, so the set is built in the same order)
+            seen = sorted(set(q.history.recent(int(q.users[r]), int(q.hist_len[r]))[0].tolist()))
             reqs.append(RecRequest(k=k, explain=explain, feature_rows=feature_rows,
                                    filters=RequestFilters(exclude=frozenset(self.ids[seen].tolist()))))
         return reqs
@@ -261,9 +262,9 @@ class PipelineModel:
         if flat:   # one fancy assignment for the whole batch (not one numpy scalar write per slot)
             rows = np.repeat(np.arange(len(recs)), n)
             cols = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)
-            items[rows, cols] = self.table_items.indices(it.item_id for it in flat)
-            fb[rows, cols] = np.fromiter((it.source in FALLBACK_SOURCES for it in flat), dtype=bool,
-                                         count=len(flat))
+            items[rows, cols] = self.table_items.indices([it.item_id for it in flat])
+            fb[rows, cols] = np.fromiter(map(FALLBACK_SOURCES.__contains__, [it.source for it in flat]),
+                                         dtype=bool, count=len(flat))
         return Lists(items=items, fallback=fb)
 
 
