@@ -238,6 +238,24 @@ def random_history(rng: np.random.Generator, n: int, *, types: tuple[str, ...] =
                  for j, i in enumerate(rng.integers(0, N_ITEMS, n)))
 
 
+def random_states(rng: np.random.Generator, n_users: int, n_hist: int, n_session: int,
+                  **history: object) -> list[UserState]:
+    """``n_users`` states with a :func:`random_history` each, a random vector and the newest ``n_session``
+    history items as the session (drawn in that order per user)."""
+    states = []
+    for u in range(n_users):
+        hist = random_history(rng, n_hist, **history)  # type: ignore[arg-type]
+        states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                                vector_model=VERSION, session_items=tuple(h[0] for h in hist[:n_session])))
+    return states
+
+
+def even_trending(top: int) -> TrendingSnapshot:
+    """Overall trending of the even items below ``2 * top``, scores ``top - i``; no categories."""
+    return TrendingSnapshot(overall=[(f"i{i}", float(top - i)) for i in range(0, 2 * top, 2)], by_category={},
+                            ref_ms=NOW)
+
+
 def test_batched_lists_equal_one_user_lists_with_a_live_catalog() -> None:
     bundle = random_bundle()
     catalog = random_catalog()
@@ -558,8 +576,7 @@ def test_requests_sharing_a_state_equal_each_request_alone() -> None:
         states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
                                 vector_model=VERSION if u % 2 else "stale", session_items=tuple(h[0] for h in hist[:3]),
                                 bought={hist[2][0]: NOW - 1000}))
-    trending = TrendingSnapshot(overall=[(f"i{i}", float(50 - i)) for i in range(0, 100, 2)], by_category={},
-                                ref_ms=NOW)
+    trending = even_trending(50)
     seen = [frozenset(h[0] for h in s.history) for s in states]
     calls: list[tuple[UserState, RecRequest]] = []
     for j, s in enumerate(states):
@@ -591,13 +608,8 @@ def test_requests_with_their_own_times_equal_each_request_alone() -> None:
     bundle = random_bundle(3)
     catalog = random_catalog(4)
     rng = np.random.default_rng(9)
-    states = []
-    for u in range(5):
-        hist = random_history(rng, 12, types=("view", "purchase"), step_ms=3_600_000)
-        states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
-                                vector_model=VERSION, session_items=tuple(h[0] for h in hist[:2])))
-    trending = TrendingSnapshot(overall=[(f"i{i}", float(60 - i)) for i in range(0, 120, 2)], by_category={},
-                                ref_ms=NOW)
+    states = random_states(rng, 5, 12, 2, types=("view", "purchase"), step_ms=3_600_000)
+    trending = even_trending(60)
     calls = []
     for j, s in enumerate(states):
         calls.append((s, RecRequest(k=10), NOW + 7_200_000))
@@ -650,8 +662,7 @@ def test_batched_ordering_equals_the_per_request_order(diversity: str) -> None:
             calls.append((s, RecRequest(k=10, context_item="i7")))
             calls.append((s, RecRequest(k=10, filters=RequestFilters(categories={"no such category"}))))
     calls.append((UserState(user_id="new"), RecRequest(k=10)))
-    trending = TrendingSnapshot(overall=[(f"i{i}", float(40 - i)) for i in range(0, 80, 2)], by_category={},
-                                ref_ms=NOW)
+    trending = even_trending(40)
     rules = RuleConfig(diversity=diversity, repurchase_window_ms=0)
     got = Recommender(rules=rules, n_candidates=90).recommend_many(
         [c[0] for c in calls], [c[1] for c in calls], bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
@@ -709,13 +720,8 @@ def test_shared_rows_are_scored_once_with_the_same_scores() -> None:
     bundle = dataclasses.replace(random_bundle(11), ranker=_RowRanker())
     catalog = random_catalog(12)
     rng = np.random.default_rng(13)
-    states = []
-    for u in range(8):
-        hist = random_history(rng, 15)
-        states.append(UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
-                                vector_model=VERSION, session_items=tuple(h[0] for h in hist[:3])))
-    trending = TrendingSnapshot(overall=[(f"i{i}", float(50 - i)) for i in range(0, 100, 2)], by_category={},
-                                ref_ms=NOW)
+    states = random_states(rng, 8, 15, 3)
+    trending = even_trending(50)
     calls = []
     for j, s in enumerate(states):
         calls.append((s, RecRequest(k=10), NOW))
