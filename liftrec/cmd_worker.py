@@ -61,17 +61,19 @@ def _spawn(argv: list[str], *, nice: int = 0) -> subprocess.Popen[bytes]:
 class _Refreshers:
     """The refresher children of this process, restarted when one dies."""
 
-    def __init__(self, n: int, argv: list[str], *, nice: int) -> None:
-        self.argv = argv
+    def __init__(self, n: int, argv: list[str], *, nice: int, metrics_port: int | None = None) -> None:
+        # refresher i serves its Prometheus metrics on metrics_port + i (a restarted one takes its place)
+        self.argvs = [argv if metrics_port is None else [*argv, "--metrics-port", str(metrics_port + i)]
+                      for i in range(n)]
         self.nice = nice
-        self.procs = [_spawn(argv, nice=nice) for _ in range(n)]
+        self.procs = [_spawn(a, nice=nice) for a in self.argvs]
         self.stopping = threading.Event()
 
     def restart_dead(self) -> None:
         for i, p in enumerate(self.procs):
             if p.poll() is not None and not self.stopping.is_set():
                 log.warning("list refresher pid=%d exited with %s; starting another", p.pid, p.returncode)
-                self.procs[i] = _spawn(self.argv, nice=self.nice)
+                self.procs[i] = _spawn(self.argvs[i], nice=self.nice)
 
     def watch(self) -> None:
         """Restart dead refreshers until :meth:`stop` (run in a daemon thread)."""
@@ -135,7 +137,10 @@ def worker(
     batch_size: int = typer.Option(None, help="Largest micro-batch."),
     batch_window: float = typer.Option(None, help="Longest wait for a micro-batch to fill (s)."),
     web_port: int = typer.Option(None, help="Serve Faust's web/health endpoints on this port."),
-    metrics_port: int = typer.Option(None, help="Expose Prometheus metrics on this port (first process)."),
+    metrics_port: int = typer.Option(
+        None, min=1, max=65535,
+        help="Expose Prometheus metrics: worker process i on this port + i, then list refresher j on this port + "
+        "the number of workers + j."),
     role: str = typer.Option("all", hidden=True, help="all, state (worker without lists) or refresher."),
 ) -> None:
     """Consume the clickstream and keep every shopper's state, vector and list fresh in Redis."""
@@ -149,11 +154,13 @@ def worker(
         if value is not None:
             common += [flag, str(value)]
     if role == "all":
-        refreshers_ = _Refreshers(n_refreshers, [*common, "--role", "refresher"], nice=settings.refresh_nice)
+        refreshers_ = _Refreshers(n_refreshers, [*common, "--role", "refresher"], nice=settings.refresh_nice,
+                                  metrics_port=None if metrics_port is None else metrics_port + concurrency)
         if concurrency > 1:
             worker_role = "state" if n_refreshers else "all"
-            workers = [_spawn([*common, "--role", worker_role, "--refreshers", "0", "--concurrency", "1"])
-                       for _ in range(concurrency)]
+            workers = [_spawn([*common, "--role", worker_role, "--refreshers", "0", "--concurrency", "1",
+                               *(() if metrics_port is None else ("--metrics-port", str(metrics_port + i)))])
+                       for i in range(concurrency)]
             raise typer.Exit(_supervise(workers, refreshers_))
         if n_refreshers:
             threading.Thread(target=refreshers_.watch, name="refresher-watch", daemon=True).start()
@@ -168,12 +175,10 @@ def worker(
         current = os.nice(0)
         if settings.refresh_nice > current:  # started directly, not by a parent that set it already
             os.nice(settings.refresh_nice - current)
+        _serve_metrics(metrics_port)
         _run_refresher(settings, ep.redis_url, registry)
         return
-    if metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port, addr="127.0.0.1")
+    _serve_metrics(metrics_port)
 
     import faust
 
@@ -190,6 +195,14 @@ def worker(
         refresh_lists=role == "all" and n_refreshers == 0,
     )
     faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+def _serve_metrics(port: int | None) -> None:
+    """This process's Prometheus metrics on ``127.0.0.1:port`` (each process has its own counters)."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1")
 
 
 def register(app: typer.Typer) -> None:

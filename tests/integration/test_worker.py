@@ -334,3 +334,54 @@ def test_refresher_stops_when_its_worker_is_killed(settings: Settings, redis_cli
     (child,) = refresher_pids(w.proc.pid)
     w.stop(signal.SIGKILL)
     wait_until(lambda: not alive(child), timeout_s=10, what="the orphaned refresher to exit")
+
+
+def _free_ports(n: int) -> int:
+    """A port P with P .. P + n - 1 all free (checked, then released)."""
+    import contextlib
+    import socket
+
+    for _ in range(50):
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for k in range(1, n):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port + k))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _metric(port: int, line_start: str) -> float | None:
+    """The value of the first sample on ``port``'s /metrics whose line starts with ``line_start``."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_worker_and_refresher_serves_its_metrics(settings: Settings, redis_client,  # noqa: ANN001
+                                                      start_worker, workers: int) -> None:
+    keys = KeySchema(settings.key_prefix)
+    port = _free_ports(workers + 1)
+    asyncio.run(produce(settings, make_events(20, users=4)))
+    start_worker("--metrics-port", str(port), "--concurrency", str(workers))
+    wait_until(lambda: applied(redis_client, keys) == 20, what="20 events")
+    applied_ = 'liftrec_stream_events_total{result="applied"}'
+    refreshed = "liftrec_stream_list_refreshes_total "
+    # worker i (port + i) applies its partitions' events; the refresher (port + workers) writes the lists
+    wait_until(lambda: sum(_metric(port + i, applied_) or 0 for i in range(workers)) == 20,
+               what="the workers' applied counters")
+    wait_until(lambda: (_metric(port + workers, refreshed) or 0) >= 4, timeout_s=60, what="the refresher's counter")
+    assert all(_metric(port + i, refreshed) == 0 for i in range(workers))
+    assert _metric(port + workers, applied_) in (None, 0)
