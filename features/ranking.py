@@ -646,16 +646,18 @@ class OnnxRanker:
         The feature columns the model expects, in order.
     intra_op_threads : int, optional
         onnxruntime intra-op threads (default 1: serving scores small batches
-        on many concurrent requests, where one thread each is fastest).
+        on many concurrent requests, where one thread each is fastest); kept as
+        the attribute of the same name.
     """
 
-    __slots__ = ("_input", "_output", "_session", "features")
+    __slots__ = ("_input", "_output", "_session", "features", "intra_op_threads")
 
     def __init__(self, model: bytes, *, features: Sequence[str], intra_op_threads: int = 1) -> None:
         import onnxruntime as ort
 
         if intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be >= 1; got {intra_op_threads}")
+        self.intra_op_threads = intra_op_threads
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1

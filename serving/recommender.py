@@ -775,10 +775,7 @@ class Recommender:
 
 def _one_thread(ranker: Any) -> bool:
     """True when the ranker's onnxruntime session runs on one intra-op thread (rows summed tree by tree)."""
-    try:
-        return int(ranker._session.get_session_options().intra_op_num_threads) == 1
-    except AttributeError:
-        return False
+    return getattr(ranker, "intra_op_threads", None) == 1
 
 
 def _units(states: Sequence[UserState], reqs: Sequence[RecRequest]) -> tuple[list[int], list[int]]:

@@ -156,6 +156,7 @@ def test_session_is_single_threaded_by_default(dataset: RankerData) -> None:
     model = export_onnx(train_ranker(dataset, num_boost_round=5))
     ranker = OnnxRanker(model, features=FEATURE_NAMES)
     assert ranker._session.get_session_options().intra_op_num_threads == 1
+    assert ranker.intra_op_threads == 1   # what the Recommender reads before sharing scores between rows
     with pytest.raises(ValueError, match=rf"expected a \(n, {len(FEATURE_NAMES)}\) feature matrix"):
         ranker.predict(np.zeros((3, 7), np.float32))
 

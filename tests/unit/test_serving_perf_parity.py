@@ -682,18 +682,12 @@ class _RowRanker:
     """A ranker stub scoring each row on its own (a float64 dot product with fixed weights), reporting a
     one-thread session like :class:`features.ranking.OnnxRanker`'s."""
 
-    class _Options:
-        intra_op_num_threads = 1
-
-    class _Session:
-        def get_session_options(self) -> object:
-            return _RowRanker._Options()
+    intra_op_threads = 1
 
     def __init__(self) -> None:
         from features.ranking import FEATURE_NAMES
 
         self.features = FEATURE_NAMES
-        self._session = self._Session()
         self.w = np.random.default_rng(3).normal(size=len(FEATURE_NAMES))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
