@@ -110,7 +110,10 @@ def test_trending_snapshot_equals_one_list_per_category(seed: int) -> None:
     tr.score[:] = np.where(rng.random(n) < 0.3, 0.0, rng.integers(1, 6, n) / 4.0)   # many ties, some zeros
     tr.score[cat == 2] = 0.0   # an empty category
     tr.ref = 123
-    got, want = tr.snapshot(), tr._snapshot_per_category()
-    assert got.overall == want.overall and got.ref_ms == want.ref_ms
-    assert list(got.by_category.items()) == list(want.by_category.items())
+    got = tr.snapshot()
+    # the reference: one _top per named category, in code order, empty categories left out
+    want = {name: rows for code, name in enumerate(tr.names)
+            if (rows := tr._top(tr.category == code, tr.top_per_category))}
+    assert got.overall == tr._top(None, tr.top) and got.ref_ms == tr.ref
+    assert list(got.by_category.items()) == list(want.items())
     assert "c2" not in got.by_category and len(got.by_category) == 5

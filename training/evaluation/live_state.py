@@ -204,17 +204,6 @@ class TrendState:
                     at += hi - lo
         return TrendingSnapshot(overall=self._top(None, self.top), by_category=by_cat, ref_ms=self.ref)
 
-    def _snapshot_per_category(self) -> Any:
-        """:meth:`snapshot` with one :meth:`_top` per category (the reference its parity test compares with)."""
-        from serving.trending import TrendingSnapshot
-
-        by_cat = {}
-        for code, name in enumerate(self.names):
-            rows = self._top(self.category == code, self.top_per_category)
-            if rows:
-                by_cat[name] = rows
-        return TrendingSnapshot(overall=self._top(None, self.top), by_category=by_cat, ref_ms=self.ref)
-
 
 def session_start(baskets: np.ndarray, ts: np.ndarray, *, gap_ms: int) -> int | None:
     """Start (ts) of the session of the newest event, by the worker's rule.
