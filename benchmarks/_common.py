@@ -298,6 +298,14 @@ def time_calls(fn: Callable[[], object], calls: int, *, warmup: int = 20) -> lis
     return out
 
 
+def proc_cpu_s(pid: int) -> tuple[float, float, float]:
+    """User and system CPU seconds of a process (all its threads), and those of the children it has
+    reaped (e.g. Redis's AOF rewrites), from Linux ``/proc/<pid>/stat``; ``OSError`` when it is gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (Linux ``/proc``), for CPU accounting per process."""
     out, todo = [], [pid]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import orjson
 import redis
-from _common import base_parser, process_tree, summarize, write_result
+from _common import base_parser, proc_cpu_s, process_tree, summarize, write_result
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
@@ -41,17 +41,16 @@ NAME = "freshness"
 
 def cpu_by_process() -> dict[str, float]:
     """CPU seconds used so far by this benchmark's broker, Redis, worker and refresher (``/proc``)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for p in process_tree(os.getpid())[1:]:
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            user, system, _ = proc_cpu_s(p)
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
         name = ("refresher" if b"--role refresher" in cmd else "worker" if b"liftrec worker" in cmd
                 else "broker" if b"tansu" in cmd else "redis" if b"redis" in cmd else "other")
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name] = out.get(name, 0.0) + user + system
     return out
 
 

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import orjson
 import redis
-from _common import ROOT, base_parser, write_result
+from _common import ROOT, base_parser, proc_cpu_s, write_result
 from bench_serving_latency import synthetic_bundle, synthetic_users, train_ranker
 from tqdm import tqdm
 
@@ -81,7 +81,6 @@ NAME = "http_load"
 GOAL_P99_MS = 20.0
 CONCURRENCY = 50
 PREFIX = "benchhttp"
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def publish_bundle(registry: Path, n_items: int, onnx: bytes, booster: Any) -> str:
@@ -212,14 +211,14 @@ def tree_pids(root: int) -> list[int]:
 
 def cpu_seconds(pids: Sequence[int], *, system: bool = False) -> float:
     """User + system CPU seconds of processes (missing ones count 0); ``system``: the system part only."""
-    total = 0
+    total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user, sys_s, _ = proc_cpu_s(pid)
         except OSError:
             continue
-        total += int(fields[12]) + (0 if system else int(fields[11]))
-    return total / _CLK_TCK
+        total += sys_s + (0.0 if system else user)
+    return total
 
 
 # -- the load generator ---------------------------------------------------------------

