@@ -60,6 +60,7 @@ from serving.candidates import (
 from serving.explain import (
     best_anchors_many,
     reason_tuples,
+    reason_tuples_many,
     source_scores,
     strongest_at,
     strongest_at_many,
@@ -387,6 +388,9 @@ class Recommender:
                                    aux, live)
         anchored = self._reason_anchors(users, cands, ordered, aux)
         ranked = bundle.ranker is not None
+        if len(users) > 2:   # many lists (the replay, precomputed lists): reasons and items for all at once
+            return self._finish_many(users, cands, feats, ordered, anchored, aux, catalog, live, nows,
+                                     ranked=ranked, rec_ids=new_rec_ids(len(users)))
         return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
                 for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows,
                                                   new_rec_ids(len(users)), strict=True)]
@@ -747,6 +751,59 @@ class Recommender:
         return RecList(rec_id=rec_id, user_id=u.state.user_id, model=aux.version,
                        source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked,
                        feature_rows=X[pos] if req.feature_rows else None)
+
+    def _finish_many(self, users: list[_User], cands: list[CandidateSet], feats: list[np.ndarray],
+                     ordered: list[_Ordered], anchored: list[dict[str, Mapping[int, int]]], aux: BundleAux,
+                     catalog: CatalogCache, live: LiveAttrs, nows: list[int], *, ranked: bool,
+                     rec_ids: list[str]) -> list[RecList]:
+        """:meth:`_finish` of every request of a call, the same lists: the requests without ``explain`` and
+        without a context item get their reasons from one :func:`serving.explain.reason_tuples_many` call and
+        their item ids, scores and category names from one gather each; the others go through
+        :meth:`_finish` one by one."""
+        plain = [j for j, u in enumerate(users) if not u.request.explain and u.context < 0]
+        out: list[RecList | None] = [None] * len(users)
+        if plain:
+            names: dict[int, str] = {}      # an anchor often names several items of the lists
+
+            def name(idx: int) -> str:
+                got = names.get(idx)
+                if got is None:
+                    item_id = aux.bundle.items.id(idx)
+                    info = catalog.get(item_id)
+                    got = names[idx] = info.title if info is not None and info.title else item_id
+                return got
+
+            pos = [ordered[j].pos for j in plain]
+            cut = np.cumsum([len(p) for p in pos]).tolist()
+            item_ids = aux.item_id_arr[np.concatenate([cands[j].items[p] for j, p in zip(plain, pos, strict=True)])
+                                       ].tolist()
+            final = [round(f, 6) for f in np.concatenate(
+                [ordered[j].scores[p] for j, p in zip(plain, pos, strict=True)]).tolist()]
+            cats = live.name_arr[np.concatenate([ordered[j].codes[p] for j, p in zip(plain, pos, strict=True)])
+                                 ].tolist()
+            reasons = reason_tuples_many(
+                [cands[j] for j in plain], pos, aux=aux, recent=[users[j].recent for j in plain], name=name,
+                categories=[cats[hi - len(p):hi] for p, hi in zip(pos, cut, strict=True)],
+                user_categories=[users[j].user_categories for j in plain],
+                position_sources=[ordered[j].strongest for j in plain], anchored=[anchored[j] for j in plain])
+            recs_all = recommendations(zip(item_ids, final, itertools.chain.from_iterable(reasons), strict=True))
+            for j, p, hi in zip(plain, pos, cut, strict=True):
+                u, k, now = users[j], users[j].request.k, nows[j]
+                recs = recs_all[hi - len(p):hi]
+                chain = [SOURCES[i] for i in sorted(set(ordered[j].strongest.tolist()))]
+                if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
+                    taken = u.blocked | {r.item_id for r in recs}
+                    more = self._backfill(u, aux, catalog, taken, k - len(recs), now)
+                    recs.extend(more)
+                    chain.extend(dict.fromkeys(r.source for r in more if r.source not in chain))
+                out[j] = RecList(rec_id=rec_ids[j], user_id=u.state.user_id, model=aux.version,
+                                 source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked,
+                                 feature_rows=feats[j][p] if u.request.feature_rows else None)
+        for j, u in enumerate(users):
+            if out[j] is None:
+                out[j] = self._finish(u, cands[j], feats[j], ordered[j], anchored[j], aux, catalog, live, nows[j],
+                                      ranked=ranked, rec_id=rec_ids[j])
+        return out  # type: ignore[return-value]
 
     def _backfill(self, u: _User, aux: BundleAux, catalog: CatalogCache, taken: set[str], n: int,
                   now: int) -> list[Recommendation]:

@@ -757,3 +757,58 @@ def test_shared_rows_are_scored_once_with_the_same_scores() -> None:
         one = Recommender(rules=RuleConfig(repurchase_window_ms=0), n_candidates=80).recommend(
             state, request, bundle=bundle, trending=trending, catalog=catalog, now_ms=now)
         assert [i.item_id for i in rl.items] == [i.item_id for i in one.items]
+
+
+class _PerRequestFinish(Recommender):
+    """The Recommender with :meth:`_finish` per request instead of the batched ``_finish_many`` (the reference)."""
+
+    def _finish_many(self, users, cands, feats, ordered, anchored, aux, catalog, live, nows, *, ranked,  # type: ignore[no-untyped-def]
+                     rec_ids):
+        return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
+                for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows, rec_ids, strict=True)]
+
+
+@pytest.mark.parametrize("content", [False, True])
+def test_batched_finish_equals_the_per_request_finish(content: bool) -> None:
+    """``_finish_many`` (reasons of all plain lists in one pass, items and scores gathered at once) gives what
+    ``_finish`` gives per request: plain, X, explain, context, feature-row, backfilled and history-less requests,
+    with and without content vectors; every field of every item, the chain and the feature rows."""
+    bundle = random_bundle(7)
+    rng = np.random.default_rng(11)
+    if content:
+        bundle = dataclasses.replace(bundle, content=rng.normal(size=(N_ITEMS, 5)).astype(np.float32))
+    catalog = random_catalog(8)
+    calls = []
+    for u in range(9):
+        hist = random_history(rng, 3 + 4 * u, step_ms=90_000)
+        s = UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                      vector_model=VERSION if u % 3 else "stale", session_items=tuple(h[0] for h in hist[:2]))
+        calls.append((s, RecRequest(k=10)))
+        calls.append((s, RecRequest(k=12, filters=RequestFilters(exclude=frozenset(h[0] for h in hist)))))
+        if u % 2:
+            calls.append((s, RecRequest(k=6, explain=True)))
+            calls.append((s, RecRequest(k=10, context_item="i7")))
+            calls.append((s, RecRequest(k=8, feature_rows=True)))
+            calls.append((s, RecRequest(k=10, filters=RequestFilters(categories={"c3"}, max_price=20))))  # backfill
+    calls.append((UserState(user_id="new"), RecRequest(k=10)))
+    calls.append((UserState(user_id="v", vector=rng.normal(size=F).astype(np.float32), vector_model=VERSION),
+                  RecRequest(k=10)))   # a vector, no history: no recent items to name
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(60 - i)) for i in range(0, 120, 2)],
+                                by_category={"c1": [("i3", 2.0), ("i7", 1.0)], "c2": [("i9", 3.0)]}, ref_ms=NOW)
+    rules = RuleConfig(diversity="cap", repurchase_window_ms=0)
+    args = dict(bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+    got = Recommender(rules=rules, n_candidates=90).recommend_many([c[0] for c in calls], [c[1] for c in calls],
+                                                                     **args)
+    want = _PerRequestFinish(rules=rules, n_candidates=90).recommend_many([c[0] for c in calls],
+                                                                          [c[1] for c in calls], **args)
+    for g, w in zip(got, want, strict=True):
+        assert (g.source, g.ranked, g.ts, g.user_id, g.model) == (w.source, w.ranked, w.ts, w.user_id, w.model)
+        assert g.items == w.items   # item id, score, reason, source, anchor, features, source scores
+        assert (g.feature_rows is None) == (w.feature_rows is None)
+        if g.feature_rows is not None:
+            assert g.feature_rows.tobytes() == w.feature_rows.tobytes()
+    reasons = {i.reason.split(" ")[0] for g in got for i in g.items}
+    sources = {i.source for g in got for i in g.items}
+    assert {"similar", "picked", "viewed", "often", "popular", "trending"} <= reasons
+    assert {"context", "als", "session", "bought_together", "popularity"} <= sources
+    assert any(len([i for i in g.items if i.score == 0.0]) for g in got)   # a backfilled list
