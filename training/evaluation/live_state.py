@@ -161,17 +161,21 @@ class TrendState:
             score[item] = score[item] + v * scale
 
     def _top(self, mask: np.ndarray | None, n_max: int) -> list[tuple[str, float]]:
+        rows = self._top_rows(mask, n_max)
+        return list(zip(self.ids[rows].tolist(), self.score[rows].tolist(), strict=True))
+
+    def _top_rows(self, mask: np.ndarray | None, n_max: int) -> np.ndarray:
+        """The rows :meth:`_top` lists, in its order."""
         s = self.score
         rows = np.flatnonzero(s > 0) if mask is None else np.flatnonzero(mask & (s > 0))
         if rows.size == 0:
-            return []
+            return rows
         if rows.size > n_max:   # only the n_max best scores (and ties with the last) can be listed
             kth = np.partition(s[rows], rows.size - n_max)[rows.size - n_max]
             rows = rows[s[rows] >= kth]
         # Redis ZREVRANGE: score descending, equal scores in reverse member order
-        sc = s[rows]
-        order = np.lexsort((-self._id_rank[rows], -sc))[:n_max]
-        return list(zip(self.ids[rows[order]].tolist(), sc[order].tolist(), strict=True))
+        order = np.lexsort((-self._id_rank[rows], -s[rows]))[:n_max]
+        return rows[order]
 
     def snapshot(self) -> Any:
         """The current :class:`~serving.trending.TrendingSnapshot`, as ``read_trending`` returns it.
@@ -179,11 +183,17 @@ class TrendState:
         The per-category lists come from one sort of every counted item by (category, score descending,
         id descending), each category's head taken in turn: the lists :meth:`_top` gives per category.
         """
+        return self.snapshot_rows()[0]
+
+    def snapshot_rows(self) -> tuple[Any, np.ndarray, list[tuple[str, np.ndarray]]]:
+        """:meth:`snapshot` with the item rows of its lists: the overall list's rows and each category's
+        ``(name, rows)``, in the snapshot's order (``score[rows]`` are the listed scores)."""
         from serving.trending import TrendingSnapshot
 
         s = self.score
         rows = np.flatnonzero(s > 0)
         by_cat = {}
+        cat_rows: list[tuple[str, np.ndarray]] = []
         if rows.size:
             cat = self.category[rows]
             listed = (cat >= 0) & (cat < len(self.names))
@@ -195,14 +205,17 @@ class TrendState:
             heads = [(code, lo, min(hi, lo + n_max))
                      for code, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if hi > lo]
             if heads:
-                take = np.concatenate([np.arange(lo, hi) for _, lo, hi in heads])
-                ids = self.ids[rows[take]].tolist()
-                sc = s[rows[take]].tolist()
+                taken = rows[np.concatenate([np.arange(lo, hi) for _, lo, hi in heads])]
+                ids = self.ids[taken].tolist()
+                sc = s[taken].tolist()
                 at = 0
                 for code, lo, hi in heads:
                     by_cat[self.names[code]] = list(zip(ids[at:at + hi - lo], sc[at:at + hi - lo], strict=True))
+                    cat_rows.append((self.names[code], taken[at:at + hi - lo]))
                     at += hi - lo
-        return TrendingSnapshot(overall=self._top(None, self.top), by_category=by_cat, ref_ms=self.ref)
+        top = self._top_rows(None, self.top)
+        overall = list(zip(self.ids[top].tolist(), s[top].tolist(), strict=True))
+        return TrendingSnapshot(overall=overall, by_category=by_cat, ref_ms=self.ref), top, cat_rows
 
 
 def session_start(baskets: np.ndarray, ts: np.ndarray, *, gap_ms: int) -> int | None:
