@@ -160,3 +160,63 @@ def test_replay_trending_arrays_equal_the_recommenders_mapping() -> None:
             checked += 1
         m.observe(plan.events.take(b.events))
     assert checked >= 5 and len(unknown)
+
+
+def _states_one_by_one(q, *, ids, user_ids, history_cap, session_gap_ms, fold, version):  # type: ignore[no-untyped-def]
+    """The per-query form of ``user_states`` (the reference the stacked form must equal)."""
+    from serving.state import UserState
+    from training.evaluation.live_state import _fold, session_start
+
+    purchase = TYPE_CODES.index("purchase")
+    out, parts, last = [], [], []
+    for r in range(len(q)):
+        u, hn = int(q.users[r]), int(q.hist_len[r])
+        items, types, ts, baskets = q.history.recent(u, hn, last=history_cap)
+        parts.append((items[::-1], types[::-1], ts[::-1]))
+        hist = tuple(zip(ids[items[::-1]].tolist(), _TYPE_NAMES[types[::-1]].tolist(), ts[::-1].tolist(), strict=True))
+        start = session_start(baskets, ts, gap_ms=session_gap_ms)
+        session = () if start is None else tuple(ids[items[ts >= start]].tolist())
+        all_items, all_types, all_ts, _ = q.history.recent(u, hn)
+        buy = all_types == purchase
+        out.append((user_ids.id(u), hist, dict(zip(ids[all_items[buy]].tolist(), all_ts[buy].tolist(), strict=True)),
+                    session))
+        last.append(int(ts[-1]) if ts.size else 0)
+    vecs, has = _fold(fold, parts, np.array(last, np.int64), ids)
+    return [UserState(user_id=a, history=h, bought=bt, session_items=s, vector=vecs[r] if has[r] else None,
+                      vector_model=version if has[r] else None) for r, (a, h, bt, s) in enumerate(out)]
+
+
+@pytest.mark.parametrize("cap", [4, 30])
+def test_stacked_user_states_equal_the_per_query_states(cap: int) -> None:
+    """``user_states`` builds every query's state from one stacked history; each state equals the per-query
+    form field by field (history, session with and without session ids, every purchase beyond the cap, the
+    vector's bits)."""
+    import dataclasses
+
+    from training.interactions import NO_BASKET
+
+    ds = shop_dataset(SyntheticShop(n_users=90, n_items=25, days=30, seed=6))
+    rng = np.random.default_rng(2)
+    t = ds.table
+    basket = np.where(rng.random(len(t)) < 0.3, NO_BASKET, t.basket)   # some events without a session id
+    t = dataclasses.replace(t, basket=basket)
+    w = replay_windows(t.ts, test_days=8.0, valid_days=8.0)
+    plan = build_plan(t, start=w.test_start, end=w.end)
+    ids = np.array(list(t.items.ids), dtype=object)
+    fold = _fold(ids, None, seed=1)
+    args = dict(ids=ids, user_ids=t.users, history_cap=cap, session_gap_ms=3_600_000, fold=fold, version="v2")
+    n_sessions = n_capped = 0
+    for b in list(plan.batches())[:12]:
+        q = b.queries
+        got, want = user_states(q, **args), _states_one_by_one(q, **args)
+        assert len(got) == len(want)
+        for g, w_ in zip(got, want, strict=True):
+            assert (g.user_id, g.history, g.session_items, g.vector_model) == (
+                w_.user_id, w_.history, w_.session_items, w_.vector_model)
+            assert list(g.bought.items()) == list(w_.bought.items())
+            assert (g.vector is None) == (w_.vector is None)
+            if g.vector is not None:
+                assert g.vector.tobytes() == w_.vector.tobytes()
+            n_sessions += 0 < len(g.session_items) < len(g.history)
+        n_capped += int((q.hist_len > cap).sum())
+    assert n_sessions > 5 and n_capped > 5

@@ -273,27 +273,55 @@ def user_states(q: QueryBatch, *, ids: np.ndarray, user_ids: Any, history_cap: i
     from serving.state import UserState
 
     n = len(q)
-    hists: list[tuple[tuple[str, str, int], ...]] = []
-    sessions: list[tuple[str, ...]] = []
-    boughts: list[dict[str, int]] = []
-    last_ts = np.zeros(n, dtype=np.int64)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # capped history, newest first
+    if n == 0:
+        return []
+    users, hist_len = q.users.tolist(), q.hist_len.tolist()
+    got = [q.history.recent(u, hn, last=history_cap) for u, hn in zip(users, hist_len, strict=True)]
+    # every query's capped history stacked (query r at rows starts[r]:ends[r]), oldest first, and newest first
+    items, types, ts, baskets = (np.concatenate([g[c] for g in got]) for c in range(4))
+    lens = np.fromiter((len(g[2]) for g in got), dtype=np.int64, count=n)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    b = [0, *ends.tolist()]
+    owner = np.repeat(np.arange(n, dtype=np.int64), lens)
+    at = np.arange(len(ts), dtype=np.int64)
+    newest_first = np.repeat(ends - 1, lens) - (at - np.repeat(starts, lens))
+    items_nf, types_nf, ts_nf = items[newest_first], types[newest_first], ts[newest_first]
+    parts = [(items_nf[lo:hi], types_nf[lo:hi], ts_nf[lo:hi]) for lo, hi in zip(b[:-1], b[1:], strict=True)]
+    id_l, type_l, ts_l = ids[items_nf].tolist(), _TYPE_NAMES[types_nf].tolist(), ts_nf.tolist()
+    hists = [tuple(zip(id_l[lo:hi], type_l[lo:hi], ts_l[lo:hi], strict=True))
+             for lo, hi in zip(b[:-1], b[1:], strict=True)]
+    # session: the events from the newest session start on (session_start's rule, on pairs within a query)
+    prev = np.maximum(at - 1, 0)
+    new = np.where(baskets != NO_BASKET, (baskets != baskets[prev]) | (baskets[prev] == NO_BASKET),
+                   (ts - ts[prev]) > session_gap_ms)
+    new[starts[lens > 0]] = False   # a query's oldest event has no predecessor
+    hits = np.flatnonzero(new)
+    first = starts.copy()   # each query's newest session starts at its newest boundary, else at its oldest event
+    if len(hits):
+        k = np.searchsorted(hits, ends, side="left") - 1   # the newest boundary before the query's end
+        h = hits[np.maximum(k, 0)]
+        inside = (k >= 0) & (h >= starts)
+        first[inside] = h[inside]
+    start_ts = ts[np.minimum(first, max(len(ts) - 1, 0))] if len(ts) else first
+    in_session = ts >= np.repeat(start_ts, lens)
+    sess_l = ids[items[in_session]].tolist()
+    sb = [0, *np.cumsum(np.bincount(owner[in_session], minlength=n)).tolist()]
+    sessions = [tuple(sess_l[lo:hi]) for lo, hi in zip(sb[:-1], sb[1:], strict=True)]
+    # bought: every visible purchase (from the capped history when it is all of it)
+    buy = types == _PURCHASE
+    buy_ids, buy_ts = ids[items[buy]].tolist(), ts[buy].tolist()
+    bb = [0, *np.cumsum(np.bincount(owner[buy], minlength=n)).tolist()]
+    boughts = []
     for r in range(n):
-        u, hn = int(q.users[r]), int(q.hist_len[r])
-        items, types, ts, baskets = q.history.recent(u, hn, last=history_cap)
-        items_nf, types_nf, ts_nf = items[::-1], types[::-1], ts[::-1]
-        parts.append((items_nf, types_nf, ts_nf))
-        hists.append(tuple(zip(ids[items_nf].tolist(), _TYPE_NAMES[types_nf].tolist(), ts_nf.tolist(),
-                               strict=True)))
-        start = session_start(baskets, ts, gap_ms=session_gap_ms)
-        sessions.append(() if start is None else tuple(ids[items[ts >= start]].tolist()))
-        if hn <= history_cap:   # the capped history is all of it
-            all_items, all_types, all_ts = items, types, ts
+        if hist_len[r] <= history_cap:
+            boughts.append(dict(zip(buy_ids[bb[r]:bb[r + 1]], buy_ts[bb[r]:bb[r + 1]], strict=True)))
         else:
-            all_items, all_types, all_ts, _ = q.history.recent(u, hn)
-        buy = all_types == _PURCHASE
-        boughts.append(dict(zip(ids[all_items[buy]].tolist(), all_ts[buy].tolist(), strict=True)))
-        last_ts[r] = ts[-1] if ts.size else 0
+            all_items, all_types, all_ts, _ = q.history.recent(users[r], hist_len[r])
+            all_buy = all_types == _PURCHASE
+            boughts.append(dict(zip(ids[all_items[all_buy]].tolist(), all_ts[all_buy].tolist(), strict=True)))
+    last_ts = np.zeros(n, dtype=np.int64)
+    last_ts[lens > 0] = ts[ends[lens > 0] - 1]
     vecs, has = _fold(fold, parts, last_ts, ids)
     return [UserState(user_id=user_ids.id(int(q.users[r])), history=hists[r], bought=boughts[r],
                       session_items=sessions[r], vector=vecs[r] if has[r] else None,
