@@ -464,49 +464,60 @@ def reason_tuples_many(cands: Sequence[CandidateSet], positions: Sequence[np.nda
     List ``j`` gets ``reason_tuples(cands[j], positions[j], context=-1, recent=recent[j],
     position_sources=position_sources[j], anchored=anchored[j], ...)``; ``categories[j]`` holds the
     category names of the *listed* items (``categories[positions]`` there). The factor / content
-    similarities are one matrix product per list, of the same shapes as there (so the same floats); the
-    choice of each item's most similar recent item (a mask, an ``argmax`` and the floor) runs once on all
-    lists' products, padded with ``-inf`` (which never wins over a real column: ``argmax`` takes the first
-    maximum, and a row that is all ``-inf`` picks column 0 either way). ``name`` is shared by the lists.
+    products are one matrix product per list, of the same shapes as there (so the same floats); the
+    cosine's division (element by element), the choice of each item's most similar recent item (a mask,
+    an ``argmax`` and the floor) run once on all lists' products, padded with ``-inf`` (which never wins
+    over a real column: ``argmax`` takes the first maximum, and a row that is all ``-inf`` picks column 0
+    either way). ``name`` is shared by the lists.
     """
     n = len(cands)
     src_of = [np.asarray(p, dtype=np.int64) for p in position_sources]
     chosen = [np.asarray(c.items[np.asarray(p, dtype=np.int64)], dtype=np.int64)
               for c, p in zip(cands, positions, strict=True)]
     similar: list[dict[int, int]] = [{} for _ in range(n)]
-    for src, floor in (("als", 0.2), ("content", 0.3)):
-        if src == "content" and aux.bundle.content is None:
-            continue
-        code = SOURCES.index(src)
-        parts = []   # (list, items, recent items, similarities)
-        for j in range(n):
-            rec = recent[j][:10]
-            if len(rec) == 0:
+    lengths = np.fromiter(map(len, chosen), dtype=np.int64, count=n)
+    if lengths.sum():
+        src_all = np.concatenate(src_of)
+        chosen_all = np.concatenate(chosen)
+        owner_all = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        recs = [r[:10] for r in recent]
+        for src, floor in (("als", 0.2), ("content", 0.3)):
+            if src == "content" and aux.bundle.content is None:
                 continue
-            items = chosen[j][src_of[j] == code]
-            if len(items):
-                parts.append((j, items, rec, _similarities(aux, src, items, rec)))
-        if not parts:
-            continue
-        lengths = [len(p[1]) for p in parts]
-        width = max(len(p[2]) for p in parts)
-        sims = np.full((sum(lengths), width), -np.inf, dtype=parts[0][3].dtype)
-        recs = np.full((len(sims), width), -1, dtype=np.int64)
-        lo = 0
-        for (_, _, rec, sim), m in zip(parts, lengths, strict=True):
-            sims[lo:lo + m, :len(rec)] = sim
-            recs[lo:lo + m, :len(rec)] = rec
-            lo += m
-        items_all = np.concatenate([p[1] for p in parts])
-        sims[items_all[:, None] == recs] = -np.inf
-        best_j = np.argmax(sims, axis=1)
-        at = np.arange(len(sims))
-        anchor = np.where(sims[at, best_j] >= floor, recs[at, best_j], -1).tolist()
-        items_l = items_all.tolist()
-        lo = 0
-        for (j, _, _, _), m in zip(parts, lengths, strict=True):
-            similar[j].update(zip(items_l[lo:lo + m], anchor[lo:lo + m], strict=True))
-            lo += m
+            m = aux.bundle.content if src == "content" else aux.bundle.item_factors
+            sel = src_all == SOURCES.index(src)
+            items_sel, owner_sel = chosen_all[sel], owner_all[sel]
+            cut = np.searchsorted(owner_sel, np.arange(n + 1, dtype=np.int64)).tolist()
+            parts = [j for j in range(n) if cut[j + 1] > cut[j] and len(recs[j])]
+            if not parts:
+                continue
+            width = max(len(recs[j]) for j in parts)
+            rows = sum(cut[j + 1] - cut[j] for j in parts)
+            prod = np.zeros((rows, width), dtype=np.float32)
+            rec_pad = np.full((rows, width), -1, dtype=np.int64)
+            keep = np.zeros(len(items_sel), dtype=bool)
+            lo = 0
+            for j in parts:   # one product per list, of the per-list shapes (the same floats)
+                items, rec = items_sel[cut[j]:cut[j + 1]], recs[j]
+                hi = lo + len(items)
+                prod[lo:hi, :len(rec)] = np.asarray(m[items], np.float32) @ np.asarray(m[rec], np.float32).T
+                rec_pad[lo:hi, :len(rec)] = rec
+                keep[cut[j]:cut[j + 1]] = True
+                lo = hi
+            items_all, owner_p = items_sel[keep], owner_sel[keep]
+            if src == "content":
+                sims = prod
+            else:   # the factor cosine, element by element as _similarities divides
+                norms = aux.factor_norms
+                sims = prod / np.maximum(norms[items_all][:, None] * norms[np.maximum(rec_pad, 0)], 1e-12)
+            sims[(rec_pad < 0) | (items_all[:, None] == rec_pad)] = -np.inf
+            best_j = np.argmax(sims, axis=1)
+            at = np.arange(len(sims))
+            anchor = np.where(sims[at, best_j] >= floor, rec_pad[at, best_j], -1).tolist()
+            items_l = items_all.tolist()
+            pb = np.searchsorted(owner_p, np.arange(n + 1, dtype=np.int64)).tolist()
+            for j in parts:
+                similar[j].update(zip(items_l[pb[j]:pb[j + 1]], anchor[pb[j]:pb[j + 1]], strict=True))
     ids = aux.item_id_arr
     names: dict[int, tuple[str, str]] = {}     # anchor -> (display name, id): anchors repeat across lists
 
