@@ -30,14 +30,15 @@ def _fold(ids: np.ndarray, half_life_ms: float | None, seed: int = 0) -> FoldInM
                        weights=weights, half_life_ms=half_life_ms)
 
 
+@pytest.mark.parametrize("n_ids", [60, 70_000])   # (query, item) keys summed in a dense table / after a sort
 @pytest.mark.parametrize("half_life_ms", [None, 3.0 * 86_400_000])
-def test_confidence_rows_equal_the_string_confidences(half_life_ms: float | None) -> None:
+def test_confidence_rows_equal_the_string_confidences(half_life_ms: float | None, n_ids: int) -> None:
     rng = np.random.default_rng(1)
-    ids = np.array([f"i{j}" for j in range(60)], dtype=object)
+    ids = np.array([f"i{j}" for j in range(n_ids)], dtype=object)
     fold = _fold(ids, half_life_ms)
     parts, at, hists = [], [], []
     for n in [0, 1, 5, 40, 100, 3]:
-        items = rng.integers(0, 12 if n > 20 else 60, n)     # repeats: sums per item
+        items = rng.integers(0, 12 if n > 20 else 60, n) * (n_ids // 60)    # repeats: sums per item
         types = rng.integers(0, len(TYPE_CODES), n).astype(np.int8)
         ts = np.sort(rng.integers(0, 30 * 86_400_000, n))[::-1].copy()   # newest first
         parts.append((items, types, ts))

@@ -387,10 +387,17 @@ def confidence_rows(fold: Any, parts: Sequence[tuple[np.ndarray, np.ndarray, np.
         hl = fold.half_life_ms
         w = w * np.array([2.0 ** (-a / hl) for a in age.tolist()], dtype=np.float64)
     n_rows = len(to_bundle) + 1
-    keys, inv = np.unique(owner * n_rows + rows, return_inverse=True)
-    sums = np.bincount(inv.ravel(), weights=w, minlength=len(keys))   # in history order per key, from 0.0
-    nz = sums != 0
-    keys, sums = keys[nz], sums[nz]
+    flat_keys = owner * n_rows + rows
+    span = n * n_rows
+    if span <= max(16 * len(flat_keys), 1 << 16):   # keys of a small range: one dense bincount, no sort
+        dense = np.bincount(flat_keys, weights=w, minlength=span)   # in history order per key, from 0.0
+        keys = np.flatnonzero(dense)   # ascending, zero sums dropped
+        sums = dense[keys]
+    else:
+        keys, inv = np.unique(flat_keys, return_inverse=True)
+        sums = np.bincount(inv.ravel(), weights=w, minlength=len(keys))   # in history order per key, from 0.0
+        nz = sums != 0
+        keys, sums = keys[nz], sums[nz]
     user_of = keys // n_rows
     bounds = np.searchsorted(user_of, np.arange(n + 1, dtype=np.int64))
     items = keys - user_of * n_rows
