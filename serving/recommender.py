@@ -386,11 +386,13 @@ class Recommender:
         feats = np.split(X, sizes)
         ordered = self._order_many(users, cands, rows, self._score_shared(X, bundle, rows, unit_of, firsts, nows),
                                    aux, live)
-        anchored = self._reason_anchors(users, cands, ordered, aux)
         ranked = bundle.ranker is not None
         if len(users) > 2:   # many lists (the replay, precomputed lists): reasons and items for all at once
+            listed = [c.items[o.pos] for c, o in zip(cands, ordered, strict=True)]
+            anchored = self._reason_anchors(users, cands, ordered, aux, listed=listed)
             return self._finish_many(users, cands, feats, ordered, anchored, aux, catalog, live, nows,
-                                     ranked=ranked, rec_ids=new_rec_ids(len(users)))
+                                     ranked=ranked, rec_ids=new_rec_ids(len(users)), listed=listed)
+        anchored = self._reason_anchors(users, cands, ordered, aux)
         return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
                 for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows,
                                                   new_rec_ids(len(users)), strict=True)]
@@ -693,19 +695,32 @@ class Recommender:
         return _Ordered(s, pos, strongest_at(cands, pos), codes)
 
     @staticmethod
-    def _reason_anchors(users: list[_User], cands: list[CandidateSet], ordered: list[_Ordered], aux: BundleAux
-                        ) -> list[dict[str, Mapping[int, int]]]:
+    def _reason_anchors(users: list[_User], cands: list[CandidateSet], ordered: list[_Ordered], aux: BundleAux,
+                        listed: list[np.ndarray] | None = None) -> list[dict[str, Mapping[int, int]]]:
         """The anchors named by the ``session`` / ``bought_together`` reasons of every user's listed items,
-        in one join per source (:func:`serving.explain.best_anchors_many`)."""
+        in one join per source (:func:`serving.explain.best_anchors_many`). ``listed``: each request's listed
+        items (``cands[j].items[ordered[j].pos]``), when known; each source's items are then picked from all
+        lists at once."""
         t = aux.bundle.tables
         n_items = len(aux.bundle.items)
         anchors = [u.reason_anchors for u in users]
+        if listed is not None:
+            n = len(users)
+            items_all = np.concatenate(listed)
+            strongest_all = np.concatenate([o.strongest for o in ordered])
+            owner = np.repeat(np.arange(n, dtype=np.int64), [len(x) for x in listed])
         out = []
         for src, (indptr, indices, values) in (
                 ("session", (t.covis_indptr, t.covis_indices, t.covis_scores)),
                 ("bought_together", (t.rules_indptr, t.rules_consequent, t.rules_confidence))):
             code = SOURCES.index(src)
-            items = [c.items[o.pos[o.strongest == code]] for c, o in zip(cands, ordered, strict=True)]
+            if listed is None:
+                items = [c.items[o.pos[o.strongest == code]] for c, o in zip(cands, ordered, strict=True)]
+            else:   # the same items: listed[j][strongest == code], split from one mask
+                mask = strongest_all == code
+                picked = items_all[mask]
+                cut = np.searchsorted(owner[mask], np.arange(n + 1, dtype=np.int64)).tolist()
+                items = [picked[cut[j]:cut[j + 1]] for j in range(n)]
             out.append(best_anchors_many(indptr, indices, values, anchors, items, n_items))
         return [{"session": a, "bought_together": b} for a, b in zip(out[0], out[1], strict=True)]
 
@@ -755,7 +770,7 @@ class Recommender:
     def _finish_many(self, users: list[_User], cands: list[CandidateSet], feats: list[np.ndarray],
                      ordered: list[_Ordered], anchored: list[dict[str, Mapping[int, int]]], aux: BundleAux,
                      catalog: CatalogCache, live: LiveAttrs, nows: list[int], *, ranked: bool,
-                     rec_ids: list[str]) -> list[RecList]:
+                     rec_ids: list[str], listed: list[np.ndarray]) -> list[RecList]:
         """:meth:`_finish` of every request of a call, the same lists: the requests without ``explain`` and
         without a context item get their reasons from one :func:`serving.explain.reason_tuples_many` call and
         their item ids, scores and category names from one gather each; the others go through
@@ -775,8 +790,7 @@ class Recommender:
 
             pos = [ordered[j].pos for j in plain]
             cut = np.cumsum([len(p) for p in pos]).tolist()
-            item_ids = aux.item_id_arr[np.concatenate([cands[j].items[p] for j, p in zip(plain, pos, strict=True)])
-                                       ].tolist()
+            item_ids = aux.item_id_arr[np.concatenate([listed[j] for j in plain])].tolist()
             final = [round(f, 6) for f in np.concatenate(
                 [ordered[j].scores[p] for j, p in zip(plain, pos, strict=True)]).tolist()]
             cats = live.name_arr[np.concatenate([ordered[j].codes[p] for j, p in zip(plain, pos, strict=True)])

@@ -760,10 +760,14 @@ def test_shared_rows_are_scored_once_with_the_same_scores() -> None:
 
 
 class _PerRequestFinish(Recommender):
-    """The Recommender with :meth:`_finish` per request instead of the batched ``_finish_many`` (the reference)."""
+    """The Recommender with :meth:`_finish` per request instead of the batched ``_finish_many``, and the reason
+    anchors picked list by list (the reference)."""
+
+    def _reason_anchors(self, users, cands, ordered, aux, listed=None):  # type: ignore[no-untyped-def]
+        return Recommender._reason_anchors(users, cands, ordered, aux)
 
     def _finish_many(self, users, cands, feats, ordered, anchored, aux, catalog, live, nows, *, ranked,  # type: ignore[no-untyped-def]
-                     rec_ids):
+                     rec_ids, listed):
         return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
                 for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows, rec_ids, strict=True)]
 
