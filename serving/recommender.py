@@ -791,8 +791,7 @@ class Recommender:
             pos = [ordered[j].pos for j in plain]
             cut = np.cumsum([len(p) for p in pos]).tolist()
             item_ids = aux.item_id_arr[np.concatenate([listed[j] for j in plain])].tolist()
-            final = [round(f, 6) for f in np.concatenate(
-                [ordered[j].scores[p] for j, p in zip(plain, pos, strict=True)]).tolist()]
+            final = _round6(np.concatenate([ordered[j].scores[p] for j, p in zip(plain, pos, strict=True)]))
             cats = live.name_arr[np.concatenate([ordered[j].codes[p] for j, p in zip(plain, pos, strict=True)])
                                  ].tolist()
             reasons = reason_tuples_many(
@@ -801,10 +800,19 @@ class Recommender:
                 user_categories=[users[j].user_categories for j in plain],
                 position_sources=[ordered[j].strongest for j in plain], anchored=[anchored[j] for j in plain])
             recs_all = recommendations(zip(item_ids, final, itertools.chain.from_iterable(reasons), strict=True))
-            for j, p, hi in zip(plain, pos, cut, strict=True):
+            # each list's source chain: the sources its items' reasons come from, in SOURCES order
+            present = np.zeros((len(plain), len(SOURCES)), dtype=bool)
+            present[np.repeat(np.arange(len(plain)), [len(p) for p in pos]),
+                    np.concatenate([ordered[j].strongest for j in plain]).astype(np.int64)] = True
+            chains: dict[bytes, list[str]] = {}
+            for j, p, hi, row in zip(plain, pos, cut, present, strict=True):
                 u, k, now = users[j], users[j].request.k, nows[j]
                 recs = recs_all[hi - len(p):hi]
-                chain = [SOURCES[i] for i in sorted(set(ordered[j].strongest.tolist()))]
+                key = row.tobytes()
+                chain = chains.get(key)
+                if chain is None:
+                    chain = chains[key] = [SOURCES[i] for i in np.flatnonzero(row).tolist()]
+                chain = list(chain)
                 if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
                     taken = u.blocked | {r.item_id for r in recs}
                     more = self._backfill(u, aux, catalog, taken, k - len(recs), now)
@@ -842,6 +850,21 @@ class Recommender:
                              trending=None, catalog=catalog, rules=self.rules, now_ms=now)
         out.extend(rest.items)
         return out
+
+
+def _round6(scores: np.ndarray) -> list[float]:
+    """``[round(s, 6) for s in scores]`` for a float64 array. A value that is a float32 (a ranker score) times
+    10**6 is exact in float64, so ``np.round`` (times 10**6, round half to even, divided by 10**6) gives the
+    double nearest the correctly rounded decimal, as ``round`` does; other values take ``round`` itself."""
+    s = np.asarray(scores, dtype=np.float64)
+    out = np.round(s, 6).tolist()
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = s.astype(np.float32).astype(np.float64) == s
+    if not exact.all():
+        values = s.tolist()
+        for i in np.flatnonzero(~exact).tolist():
+            out[i] = round(values[i], 6)
+    return out
 
 
 def _one_thread(ranker: Any) -> bool:

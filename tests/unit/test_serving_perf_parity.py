@@ -794,6 +794,7 @@ def test_batched_finish_equals_the_per_request_finish(content: bool) -> None:
             calls.append((s, RecRequest(k=10, context_item="i7")))
             calls.append((s, RecRequest(k=8, feature_rows=True)))
             calls.append((s, RecRequest(k=10, filters=RequestFilters(categories={"c3"}, max_price=20))))  # backfill
+            calls.append((s, RecRequest(k=10, filters=RequestFilters(boost_categories={"c1": 0.3}))))  # float64 scores
     calls.append((UserState(user_id="new"), RecRequest(k=10)))
     calls.append((UserState(user_id="v", vector=rng.normal(size=F).astype(np.float32), vector_model=VERSION),
                   RecRequest(k=10)))   # a vector, no history: no recent items to name
@@ -816,3 +817,19 @@ def test_batched_finish_equals_the_per_request_finish(content: bool) -> None:
     assert {"similar", "picked", "viewed", "often", "popular", "trending"} <= reasons
     assert {"context", "als", "session", "bought_together", "popularity"} <= sources
     assert any(len([i for i in g.items if i.score == 0.0]) for g in got)   # a backfilled list
+
+
+def test_round6_equals_python_round() -> None:
+    """The listed scores' rounding: ``np.round`` where the value is a float32 (exact times 10**6), Python's
+    ``round`` elsewhere; the same floats as ``round(x, 6)`` (signs of zero, halves, huge, inf and NaN too)."""
+    from serving.recommender import _round6
+
+    rng = np.random.default_rng(4)
+    x32 = np.concatenate([rng.normal(0, sc, 20_000) for sc in (1e-6, 1e-3, 1.0, 1e3, 1e30)]).astype(np.float32)
+    halves = (np.arange(-2000, 2000) + 0.5) / 1e6   # decimal halves (not exact in binary)
+    special = np.array([0.0, -0.0, 1e-7, -1e-7, 5e-7, -5e-7, 2.5e-6, np.inf, -np.inf, np.nan, 1e300, -1e300,
+                        0.1234565, 123456.7890125])
+    for x in (x32.astype(np.float64), rng.normal(0, 1, 20_000) * 1.1, halves, special):
+        got, want = _round6(x), [round(v, 6) for v in x.tolist()]
+        assert np.array(got).tobytes() == np.array(want).tobytes()
+        assert [np.signbit(v) for v in got] == [np.signbit(v) for v in want]
