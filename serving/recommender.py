@@ -350,7 +350,11 @@ class Recommender:
         aux = self.aux(bundle)
         tr = self.trending_arrays(trending, aux)
         unit_of, firsts = _units(states, reqs)
-        base = [self._resolve(states[j], reqs[j], aux, nows[j]) for j in firsts]
+        if len(firsts) > 2:   # many users (the replay, precomputed lists): their ids looked up at once
+            base = self._resolve_many([states[j] for j in firsts], [reqs[j] for j in firsts], aux,
+                                      [nows[j] for j in firsts])
+        else:
+            base = [self._resolve(states[j], reqs[j], aux, nows[j]) for j in firsts]
         self._vectors(base, aux)
         self._session_knn(base, sessions if sessions is not None else aux.sessions)
         als = self._retrieve(base, aux)
@@ -443,8 +447,45 @@ class Recommender:
         ok = (hi >= 0) & (ht >= 0)
         if not ok.all():
             hi, ht, hts = hi[ok], ht[ok], hts[ok]
+        return self._resolved(state, req, aux, now, hi, ht, hts, items.indices(state.session_items))
+
+    def _resolve_many(self, states: list[UserState], reqs: list[RecRequest], aux: BundleAux, nows: list[int]
+                      ) -> list[_User]:
+        """:meth:`_resolve` of many users: the history and session ids of all of them looked up at once (the
+        same rows, types and times per user, as read-only views of the call's arrays)."""
+        items = aux.bundle.items
+        n = len(states)
+        lens = np.fromiter((len(s.history) for s in states), dtype=np.int64, count=n)
+        m = int(lens.sum())
+        flat = list(itertools.chain.from_iterable(s.history for s in states))
+        ids, types, stamps = zip(*flat, strict=True) if m else ((), (), ())
+        hi_all = items.indices(ids)
+        ht_all = np.fromiter(map(TYPE_CODES.get, types, itertools.repeat(-1, m)), dtype=np.int64, count=m)
+        hts_all = np.array(stamps, dtype=np.int64)
+        s_lens = [len(s.session_items) for s in states]
+        sess_all = items.indices(list(itertools.chain.from_iterable(s.session_items for s in states)))
+        bad = np.flatnonzero((hi_all < 0) | (ht_all < 0))
+        n_bad = np.bincount(np.searchsorted(np.cumsum(lens), bad, side="right"), minlength=n).tolist()
+        for a in (hi_all, ht_all, hts_all, sess_all):
+            a.flags.writeable = False
+        hb = [0, *np.cumsum(lens).tolist()]
+        sb = [0, *itertools.accumulate(s_lens)]
+        out = []
+        for j in range(n):
+            lo, hi_ = hb[j], hb[j + 1]
+            hi, ht, hts = hi_all[lo:hi_], ht_all[lo:hi_], hts_all[lo:hi_]
+            if n_bad[j]:
+                ok = (hi >= 0) & (ht >= 0)
+                hi, ht, hts = hi[ok], ht[ok], hts[ok]
+            out.append(self._resolved(states[j], reqs[j], aux, nows[j], hi, ht, hts, sess_all[sb[j]:sb[j + 1]]))
+        return out
+
+    def _resolved(self, state: UserState, req: RecRequest, aux: BundleAux, now: int, hi: np.ndarray,
+                  ht: np.ndarray, hts: np.ndarray, sess: np.ndarray) -> _User:
+        """The rest of :meth:`_resolve` once the history's rows / type codes / times (known ones) and the
+        session's rows are looked up."""
+        items = aux.bundle.items
         recent = np.fromiter(dict.fromkeys(hi.tolist()), dtype=np.int64)   # distinct, first occurrence first
-        sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
         blocked, blocked_rows = self._blocked(state, req, aux, now)
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,

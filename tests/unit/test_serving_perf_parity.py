@@ -833,3 +833,36 @@ def test_round6_equals_python_round() -> None:
         got, want = _round6(x), [round(v, 6) for v in x.tolist()]
         assert np.array(got).tobytes() == np.array(want).tobytes()
         assert [np.signbit(v) for v in got] == [np.signbit(v) for v in want]
+
+
+def test_resolving_many_users_equals_each_alone() -> None:
+    """``_resolve_many`` (all users' history and session ids looked up at once) resolves every user as
+    ``_resolve`` does: unknown items and event types dropped, empty histories and sessions, exclusions."""
+    bundle = random_bundle(2)
+    rec = Recommender(rules=RuleConfig(repurchase_window_ms=3_600_000))
+    aux = rec.aux(bundle)
+    rng = np.random.default_rng(12)
+    states, reqs = [], []
+    for u in range(9):
+        hist = list(random_history(rng, int(rng.integers(1, 12)) if u else 0))
+        if u % 3 == 1 and hist:   # an item the bundle does not know, an event type the ranker does not know
+            hist[0] = ("not-an-item", "view", hist[0][2])
+            if u != 7:
+                hist[-1] = (hist[-1][0], "wishlist", hist[-1][2])
+        session = tuple(h[0] for h in hist[:3]) + (("gone",) if u % 4 == 0 else ())
+        states.append(UserState(user_id=f"u{u}", history=tuple(hist), session_items=session,
+                                bought={hist[1][0]: NOW - 10} if len(hist) > 1 else {}))
+        reqs.append(RecRequest(k=10, filters=RequestFilters(exclude=frozenset({"i3", "i5"})) if u % 2 else
+                               RequestFilters()))
+    nows = [NOW + 1000 * u for u in range(9)]
+    got = rec._resolve_many(states, reqs, aux, nows)
+    dropped = 0
+    for s, r, t, g in zip(states, reqs, nows, got, strict=True):
+        w = rec._resolve(s, r, aux, t)
+        for f in ("hist_items", "hist_types", "hist_ts", "recent", "session", "blocked_rows", "reason_anchors"):
+            a, b = getattr(g, f), getattr(w, f)
+            assert a.dtype == b.dtype and a.tolist() == b.tolist(), f
+        assert (g.state, g.request, g.context, g.blocked, g.affinity, g.user_categories) == (
+            w.state, w.request, w.context, w.blocked, w.affinity, w.user_categories)
+        dropped += len(s.history) - len(g.hist_items)
+    assert dropped >= 4 and any(not s.history for s in states)
