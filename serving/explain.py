@@ -34,7 +34,7 @@ import numpy as np
 from serving.candidates import SOURCES, BundleAux, CandidateSet, isin_rows
 
 __all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "reason_for_source", "reason_tuples",
-           "source_scores", "strongest_at", "strongest_at_many", "strongest_sources"]
+           "reason_tuples_many", "source_scores", "strongest_at", "strongest_at_many", "strongest_sources"]
 
 #: Weight of each source's relative strength when choosing the reason.
 SOURCE_WEIGHTS: Mapping[str, float] = {
@@ -375,13 +375,7 @@ def reason_tuples(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
         items = of(src)
         if len(items) == 0 or len(rec) == 0 or (src == "content" and aux.bundle.content is None):
             continue
-        if src == "content":
-            m = aux.bundle.content
-            sims = np.asarray(m[items], np.float32) @ np.asarray(m[rec], np.float32).T
-        else:
-            y = aux.bundle.item_factors
-            sims = (np.asarray(y[items], np.float32) @ np.asarray(y[rec], np.float32).T) / np.maximum(
-                aux.factor_norms[items][:, None] * aux.factor_norms[rec][None, :], 1e-12)
+        sims = _similarities(aux, src, items, rec)
         sims[items[:, None] == rec[None, :]] = -np.inf
         best_j = np.argmax(sims, axis=1)
         ok = sims[np.arange(len(items)), best_j] >= floor
@@ -396,13 +390,27 @@ def reason_tuples(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
             got = names[a] = (name(a), ids[a])
         return got
 
+    ctx = None
     if context >= 0:
         ctx_name, ctx_id = named(context)
-        ctx_text = (f"viewed together with {ctx_name}", f"often bought with {ctx_name}", f"similar to {ctx_name}")
-    out: list[tuple[str, str, str | None]] = []
+        ctx = (ctx_covis, ctx_rules, ctx_id,
+               (f"viewed together with {ctx_name}", f"often bought with {ctx_name}", f"similar to {ctx_name}"))
     cats = np.asarray(categories, dtype=object)[positions].tolist()
-    for s, item, category in zip(src_of.tolist(), chosen.tolist(), cats, strict=True):
-        if s == _CONTEXT and context >= 0:
+    return _worded(src_of.tolist(), chosen.tolist(), cats, session=session, bought=bought, similar=similar,
+                   user_categories=user_categories, named=named, ctx=ctx)
+
+
+def _worded(src_of: list[int], chosen: list[int], cats: list[str | None], *, session: Mapping[int, int],
+            bought: Mapping[int, int], similar: Mapping[int, int], user_categories: set[str],
+            named: Callable[[int], tuple[str, str]],
+            ctx: tuple[Mapping[int, int], Mapping[int, int], str, tuple[str, str, str]] | None,
+            ) -> list[tuple[str, str, str | None]]:
+    """The ``(source, text, item_id)`` of each listed item from its strongest source, its anchors and its
+    category (``ctx``: the context item's co-visitation and rule anchors, its id and the three texts)."""
+    out: list[tuple[str, str, str | None]] = []
+    for s, item, category in zip(src_of, chosen, cats, strict=True):
+        if s == _CONTEXT and ctx is not None:
+            ctx_covis, ctx_rules, ctx_id, ctx_text = ctx
             text = ctx_text[0] if item in ctx_covis else ctx_text[1] if item in ctx_rules else ctx_text[2]
             out.append(("context", text, ctx_id))
             continue
@@ -433,6 +441,96 @@ def reason_tuples(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
         else:
             out.append(("popularity", f"popular in {category}" if category else "popular now", None))
     return out
+
+
+def _similarities(aux: BundleAux, src: str, items: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    """Similarity of each of ``items`` (rows) to each of ``rec`` (columns): content cosine or factor cosine,
+    float32, one matrix product of exactly these shapes (the reasons' values, bit for bit)."""
+    if src == "content":
+        m = aux.bundle.content
+        return np.asarray(m[items], np.float32) @ np.asarray(m[rec], np.float32).T
+    y = aux.bundle.item_factors
+    return (np.asarray(y[items], np.float32) @ np.asarray(y[rec], np.float32).T) / np.maximum(
+        aux.factor_norms[items][:, None] * aux.factor_norms[rec][None, :], 1e-12)
+
+
+def reason_tuples_many(cands: Sequence[CandidateSet], positions: Sequence[np.ndarray], *, aux: BundleAux,
+                       recent: Sequence[np.ndarray], name: Callable[[int], str],
+                       categories: Sequence[list[str | None]], user_categories: Sequence[set[str]],
+                       position_sources: Sequence[np.ndarray],
+                       anchored: Sequence[Mapping[str, Mapping[int, int]]]) -> list[list[tuple[str, str, str | None]]]:
+    """:func:`reason_tuples` of many lists without a context item, the same tuples.
+
+    List ``j`` gets ``reason_tuples(cands[j], positions[j], context=-1, recent=recent[j],
+    position_sources=position_sources[j], anchored=anchored[j], ...)``; ``categories[j]`` holds the
+    category names of the *listed* items (``categories[positions]`` there). The factor / content
+    products are one matrix product per list, of the same shapes as there (so the same floats); the
+    cosine's division (element by element), the choice of each item's most similar recent item (a mask,
+    an ``argmax`` and the floor) run once on all lists' products, padded with ``-inf`` (which never wins
+    over a real column: ``argmax`` takes the first maximum, and a row that is all ``-inf`` picks column 0
+    either way). ``name`` is shared by the lists.
+    """
+    n = len(cands)
+    src_of = [np.asarray(p, dtype=np.int64) for p in position_sources]
+    chosen = [np.asarray(c.items[np.asarray(p, dtype=np.int64)], dtype=np.int64)
+              for c, p in zip(cands, positions, strict=True)]
+    similar: list[dict[int, int]] = [{} for _ in range(n)]
+    lengths = np.fromiter(map(len, chosen), dtype=np.int64, count=n)
+    if lengths.sum():
+        src_all = np.concatenate(src_of)
+        chosen_all = np.concatenate(chosen)
+        owner_all = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        recs = [r[:10] for r in recent]
+        for src, floor in (("als", 0.2), ("content", 0.3)):
+            if src == "content" and aux.bundle.content is None:
+                continue
+            m = aux.bundle.content if src == "content" else aux.bundle.item_factors
+            sel = src_all == SOURCES.index(src)
+            items_sel, owner_sel = chosen_all[sel], owner_all[sel]
+            cut = np.searchsorted(owner_sel, np.arange(n + 1, dtype=np.int64)).tolist()
+            parts = [j for j in range(n) if cut[j + 1] > cut[j] and len(recs[j])]
+            if not parts:
+                continue
+            width = max(len(recs[j]) for j in parts)
+            rows = sum(cut[j + 1] - cut[j] for j in parts)
+            prod = np.zeros((rows, width), dtype=np.float32)
+            rec_pad = np.full((rows, width), -1, dtype=np.int64)
+            keep = np.zeros(len(items_sel), dtype=bool)
+            lo = 0
+            for j in parts:   # one product per list, of the per-list shapes (the same floats)
+                items, rec = items_sel[cut[j]:cut[j + 1]], recs[j]
+                hi = lo + len(items)
+                prod[lo:hi, :len(rec)] = np.asarray(m[items], np.float32) @ np.asarray(m[rec], np.float32).T
+                rec_pad[lo:hi, :len(rec)] = rec
+                keep[cut[j]:cut[j + 1]] = True
+                lo = hi
+            items_all, owner_p = items_sel[keep], owner_sel[keep]
+            if src == "content":
+                sims = prod
+            else:   # the factor cosine, element by element as _similarities divides
+                norms = aux.factor_norms
+                sims = prod / np.maximum(norms[items_all][:, None] * norms[np.maximum(rec_pad, 0)], 1e-12)
+            sims[(rec_pad < 0) | (items_all[:, None] == rec_pad)] = -np.inf
+            best_j = np.argmax(sims, axis=1)
+            at = np.arange(len(sims))
+            anchor = np.where(sims[at, best_j] >= floor, rec_pad[at, best_j], -1).tolist()
+            items_l = items_all.tolist()
+            pb = np.searchsorted(owner_p, np.arange(n + 1, dtype=np.int64)).tolist()
+            for j in parts:
+                similar[j].update(zip(items_l[pb[j]:pb[j + 1]], anchor[pb[j]:pb[j + 1]], strict=True))
+    ids = aux.item_id_arr
+    names: dict[int, tuple[str, str]] = {}     # anchor -> (display name, id): anchors repeat across lists
+
+    def named(a: int) -> tuple[str, str]:
+        got = names.get(a)
+        if got is None:
+            got = names[a] = (name(a), ids[a])
+        return got
+
+    return [_worded(src_of[j].tolist(), chosen[j].tolist(), categories[j], session=anchored[j]["session"],
+                    bought=anchored[j]["bought_together"], similar=similar[j], user_categories=user_categories[j],
+                    named=named, ctx=None)
+            for j in range(n)]
 
 
 def source_scores(cands: CandidateSet, pos: int) -> dict[str, float]:

@@ -60,6 +60,7 @@ from serving.candidates import (
 from serving.explain import (
     best_anchors_many,
     reason_tuples,
+    reason_tuples_many,
     source_scores,
     strongest_at,
     strongest_at_many,
@@ -349,7 +350,11 @@ class Recommender:
         aux = self.aux(bundle)
         tr = self.trending_arrays(trending, aux)
         unit_of, firsts = _units(states, reqs)
-        base = [self._resolve(states[j], reqs[j], aux, nows[j]) for j in firsts]
+        if len(firsts) > 2:   # many users (the replay, precomputed lists): their ids looked up at once
+            base = self._resolve_many([states[j] for j in firsts], [reqs[j] for j in firsts], aux,
+                                      [nows[j] for j in firsts])
+        else:
+            base = [self._resolve(states[j], reqs[j], aux, nows[j]) for j in firsts]
         self._vectors(base, aux)
         self._session_knn(base, sessions if sessions is not None else aux.sessions)
         als = self._retrieve(base, aux)
@@ -385,8 +390,13 @@ class Recommender:
         feats = np.split(X, sizes)
         ordered = self._order_many(users, cands, rows, self._score_shared(X, bundle, rows, unit_of, firsts, nows),
                                    aux, live)
-        anchored = self._reason_anchors(users, cands, ordered, aux)
         ranked = bundle.ranker is not None
+        if len(users) > 2:   # many lists (the replay, precomputed lists): reasons and items for all at once
+            listed = [c.items[o.pos] for c, o in zip(cands, ordered, strict=True)]
+            anchored = self._reason_anchors(users, cands, ordered, aux, listed=listed)
+            return self._finish_many(users, cands, feats, ordered, anchored, aux, catalog, live, nows,
+                                     ranked=ranked, rec_ids=new_rec_ids(len(users)), listed=listed)
+        anchored = self._reason_anchors(users, cands, ordered, aux)
         return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
                 for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows,
                                                   new_rec_ids(len(users)), strict=True)]
@@ -437,8 +447,45 @@ class Recommender:
         ok = (hi >= 0) & (ht >= 0)
         if not ok.all():
             hi, ht, hts = hi[ok], ht[ok], hts[ok]
+        return self._resolved(state, req, aux, now, hi, ht, hts, items.indices(state.session_items))
+
+    def _resolve_many(self, states: list[UserState], reqs: list[RecRequest], aux: BundleAux, nows: list[int]
+                      ) -> list[_User]:
+        """:meth:`_resolve` of many users: the history and session ids of all of them looked up at once (the
+        same rows, types and times per user, as read-only views of the call's arrays)."""
+        items = aux.bundle.items
+        n = len(states)
+        lens = np.fromiter((len(s.history) for s in states), dtype=np.int64, count=n)
+        m = int(lens.sum())
+        flat = list(itertools.chain.from_iterable(s.history for s in states))
+        ids, types, stamps = zip(*flat, strict=True) if m else ((), (), ())
+        hi_all = items.indices(ids)
+        ht_all = np.fromiter(map(TYPE_CODES.get, types, itertools.repeat(-1, m)), dtype=np.int64, count=m)
+        hts_all = np.array(stamps, dtype=np.int64)
+        s_lens = [len(s.session_items) for s in states]
+        sess_all = items.indices(list(itertools.chain.from_iterable(s.session_items for s in states)))
+        bad = np.flatnonzero((hi_all < 0) | (ht_all < 0))
+        n_bad = np.bincount(np.searchsorted(np.cumsum(lens), bad, side="right"), minlength=n).tolist()
+        for a in (hi_all, ht_all, hts_all, sess_all):
+            a.flags.writeable = False
+        hb = [0, *np.cumsum(lens).tolist()]
+        sb = [0, *itertools.accumulate(s_lens)]
+        out = []
+        for j in range(n):
+            lo, hi_ = hb[j], hb[j + 1]
+            hi, ht, hts = hi_all[lo:hi_], ht_all[lo:hi_], hts_all[lo:hi_]
+            if n_bad[j]:
+                ok = (hi >= 0) & (ht >= 0)
+                hi, ht, hts = hi[ok], ht[ok], hts[ok]
+            out.append(self._resolved(states[j], reqs[j], aux, nows[j], hi, ht, hts, sess_all[sb[j]:sb[j + 1]]))
+        return out
+
+    def _resolved(self, state: UserState, req: RecRequest, aux: BundleAux, now: int, hi: np.ndarray,
+                  ht: np.ndarray, hts: np.ndarray, sess: np.ndarray) -> _User:
+        """The rest of :meth:`_resolve` once the history's rows / type codes / times (known ones) and the
+        session's rows are looked up."""
+        items = aux.bundle.items
         recent = np.fromiter(dict.fromkeys(hi.tolist()), dtype=np.int64)   # distinct, first occurrence first
-        sess = items.indices(state.session_items)
         context = items.get(req.context_item) if req.context_item else -1
         blocked, blocked_rows = self._blocked(state, req, aux, now)
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,
@@ -689,19 +736,32 @@ class Recommender:
         return _Ordered(s, pos, strongest_at(cands, pos), codes)
 
     @staticmethod
-    def _reason_anchors(users: list[_User], cands: list[CandidateSet], ordered: list[_Ordered], aux: BundleAux
-                        ) -> list[dict[str, Mapping[int, int]]]:
+    def _reason_anchors(users: list[_User], cands: list[CandidateSet], ordered: list[_Ordered], aux: BundleAux,
+                        listed: list[np.ndarray] | None = None) -> list[dict[str, Mapping[int, int]]]:
         """The anchors named by the ``session`` / ``bought_together`` reasons of every user's listed items,
-        in one join per source (:func:`serving.explain.best_anchors_many`)."""
+        in one join per source (:func:`serving.explain.best_anchors_many`). ``listed``: each request's listed
+        items (``cands[j].items[ordered[j].pos]``), when known; each source's items are then picked from all
+        lists at once."""
         t = aux.bundle.tables
         n_items = len(aux.bundle.items)
         anchors = [u.reason_anchors for u in users]
+        if listed is not None:
+            n = len(users)
+            items_all = np.concatenate(listed)
+            strongest_all = np.concatenate([o.strongest for o in ordered])
+            owner = np.repeat(np.arange(n, dtype=np.int64), [len(x) for x in listed])
         out = []
         for src, (indptr, indices, values) in (
                 ("session", (t.covis_indptr, t.covis_indices, t.covis_scores)),
                 ("bought_together", (t.rules_indptr, t.rules_consequent, t.rules_confidence))):
             code = SOURCES.index(src)
-            items = [c.items[o.pos[o.strongest == code]] for c, o in zip(cands, ordered, strict=True)]
+            if listed is None:
+                items = [c.items[o.pos[o.strongest == code]] for c, o in zip(cands, ordered, strict=True)]
+            else:   # the same items: listed[j][strongest == code], split from one mask
+                mask = strongest_all == code
+                picked = items_all[mask]
+                cut = np.searchsorted(owner[mask], np.arange(n + 1, dtype=np.int64)).tolist()
+                items = [picked[cut[j]:cut[j + 1]] for j in range(n)]
             out.append(best_anchors_many(indptr, indices, values, anchors, items, n_items))
         return [{"session": a, "bought_together": b} for a, b in zip(out[0], out[1], strict=True)]
 
@@ -748,6 +808,66 @@ class Recommender:
                        source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked,
                        feature_rows=X[pos] if req.feature_rows else None)
 
+    def _finish_many(self, users: list[_User], cands: list[CandidateSet], feats: list[np.ndarray],
+                     ordered: list[_Ordered], anchored: list[dict[str, Mapping[int, int]]], aux: BundleAux,
+                     catalog: CatalogCache, live: LiveAttrs, nows: list[int], *, ranked: bool,
+                     rec_ids: list[str], listed: list[np.ndarray]) -> list[RecList]:
+        """:meth:`_finish` of every request of a call, the same lists: the requests without ``explain`` and
+        without a context item get their reasons from one :func:`serving.explain.reason_tuples_many` call and
+        their item ids, scores and category names from one gather each; the others go through
+        :meth:`_finish` one by one."""
+        plain = [j for j, u in enumerate(users) if not u.request.explain and u.context < 0]
+        out: list[RecList | None] = [None] * len(users)
+        if plain:
+            names: dict[int, str] = {}      # an anchor often names several items of the lists
+
+            def name(idx: int) -> str:
+                got = names.get(idx)
+                if got is None:
+                    item_id = aux.bundle.items.id(idx)
+                    info = catalog.get(item_id)
+                    got = names[idx] = info.title if info is not None and info.title else item_id
+                return got
+
+            pos = [ordered[j].pos for j in plain]
+            cut = np.cumsum([len(p) for p in pos]).tolist()
+            item_ids = aux.item_id_arr[np.concatenate([listed[j] for j in plain])].tolist()
+            final = _round6(np.concatenate([ordered[j].scores[p] for j, p in zip(plain, pos, strict=True)]))
+            cats = live.name_arr[np.concatenate([ordered[j].codes[p] for j, p in zip(plain, pos, strict=True)])
+                                 ].tolist()
+            reasons = reason_tuples_many(
+                [cands[j] for j in plain], pos, aux=aux, recent=[users[j].recent for j in plain], name=name,
+                categories=[cats[hi - len(p):hi] for p, hi in zip(pos, cut, strict=True)],
+                user_categories=[users[j].user_categories for j in plain],
+                position_sources=[ordered[j].strongest for j in plain], anchored=[anchored[j] for j in plain])
+            recs_all = recommendations(zip(item_ids, final, itertools.chain.from_iterable(reasons), strict=True))
+            # each list's source chain: the sources its items' reasons come from, in SOURCES order
+            present = np.zeros((len(plain), len(SOURCES)), dtype=bool)
+            present[np.repeat(np.arange(len(plain)), [len(p) for p in pos]),
+                    np.concatenate([ordered[j].strongest for j in plain]).astype(np.int64)] = True
+            chains: dict[bytes, list[str]] = {}
+            for j, p, hi, row in zip(plain, pos, cut, present, strict=True):
+                u, k, now = users[j], users[j].request.k, nows[j]
+                recs = recs_all[hi - len(p):hi]
+                key = row.tobytes()
+                chain = chains.get(key)
+                if chain is None:
+                    chain = chains[key] = [SOURCES[i] for i in np.flatnonzero(row).tolist()]
+                chain = list(chain)
+                if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
+                    taken = u.blocked | {r.item_id for r in recs}
+                    more = self._backfill(u, aux, catalog, taken, k - len(recs), now)
+                    recs.extend(more)
+                    chain.extend(dict.fromkeys(r.source for r in more if r.source not in chain))
+                out[j] = RecList(rec_id=rec_ids[j], user_id=u.state.user_id, model=aux.version,
+                                 source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked,
+                                 feature_rows=feats[j][p] if u.request.feature_rows else None)
+        for j, u in enumerate(users):
+            if out[j] is None:
+                out[j] = self._finish(u, cands[j], feats[j], ordered[j], anchored[j], aux, catalog, live, nows[j],
+                                      ranked=ranked, rec_id=rec_ids[j])
+        return out  # type: ignore[return-value]
+
     def _backfill(self, u: _User, aux: BundleAux, catalog: CatalogCache, taken: set[str], n: int,
                   now: int) -> list[Recommendation]:
         out: list[Recommendation] = []
@@ -771,6 +891,21 @@ class Recommender:
                              trending=None, catalog=catalog, rules=self.rules, now_ms=now)
         out.extend(rest.items)
         return out
+
+
+def _round6(scores: np.ndarray) -> list[float]:
+    """``[round(s, 6) for s in scores]`` for a float64 array. A value that is a float32 (a ranker score) times
+    10**6 is exact in float64, so ``np.round`` (times 10**6, round half to even, divided by 10**6) gives the
+    double nearest the correctly rounded decimal, as ``round`` does; other values take ``round`` itself."""
+    s = np.asarray(scores, dtype=np.float64)
+    out = np.round(s, 6).tolist()
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = s.astype(np.float32).astype(np.float64) == s
+    if not exact.all():
+        values = s.tolist()
+        for i in np.flatnonzero(~exact).tolist():
+            out[i] = round(values[i], 6)
+    return out
 
 
 def _one_thread(ranker: Any) -> bool:

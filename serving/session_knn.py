@@ -405,10 +405,26 @@ class SessionIndex:
             if u is not None and t is not None:
                 has_user[j], ukey[j], since[j] = True, u, t
         if has_user.any():
-            own = has_user[s_owner] & (self.users[sess] == ukey[s_owner]) & (self.last_ts[sess] >= since[s_owner])
-            if own.any():
-                keep = ~own
-                s_owner, sess, overlap = s_owner[keep], sess[keep], overlap[keep]
+            if self._ts_sorted:
+                # last_ts is non-decreasing: a query's sessions numbered from ``first`` on (those ending at or
+                # after its since_ms) are the tail of its run of the ascending keys; only they are looked up
+                qj = np.flatnonzero(has_user)
+                first = np.searchsorted(self.last_ts, since[qj], side="left")
+                lo = np.searchsorted(skeys, qj * n_sessions + first, side="left")
+                hi = np.searchsorted(skeys, (qj + 1) * n_sessions, side="left")
+                n_tail = hi - lo
+                tail = np.arange(int(n_tail.sum()), dtype=np.int64) + np.repeat(lo - (np.cumsum(n_tail) - n_tail),
+                                                                                n_tail)
+                own_at = tail[self.users[sess[tail]] == np.repeat(ukey[qj], n_tail)]
+                if len(own_at):
+                    keep = np.ones(len(sess), dtype=bool)
+                    keep[own_at] = False
+                    s_owner, sess, overlap = s_owner[keep], sess[keep], overlap[keep]
+            else:
+                own = has_user[s_owner] & (self.users[sess] == ukey[s_owner]) & (self.last_ts[sess] >= since[s_owner])
+                if own.any():
+                    keep = ~own
+                    s_owner, sess, overlap = s_owner[keep], sess[keep], overlap[keep]
         # the ``sample`` most recent (largest numbers) of each query
         bounds = np.searchsorted(s_owner, np.arange(n + 1, dtype=np.int64))
         count = np.diff(bounds)

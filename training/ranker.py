@@ -399,7 +399,35 @@ def export_onnx(booster: Any, *, n_features: int = len(FEATURE_NAMES)) -> bytes:
 
     model = onnxmltools.convert_lightgbm(
         booster, initial_types=[("features", FloatTensorType([None, n_features]))], zipmap=False)
+    if not routes_missing(booster.model_to_string()):
+        drop_missing_tracks(model)
     return bytes(model.SerializeToString())
+
+
+def routes_missing(model: str) -> bool:
+    """True when a split of the LightGBM model string routes missing values itself (missing type ``Zero`` or
+    ``NaN``: bits 2-3 of a ``decision_type``); false when every split has missing type ``None``, as when the
+    training features had no NaN."""
+    return any(line.startswith("decision_type=") and any((int(v) >> 2) & 3 for v in line[14:].split())
+               for line in model.split("\n"))
+
+
+def drop_missing_tracks(model: Any) -> None:
+    """Clear ``nodes_missing_value_tracks_true`` of the ONNX model's tree ensembles (in place).
+
+    The flag only decides where a NaN input goes; without any set, onnxruntime takes its faster
+    one-comparison walk (about 3 % less CPU per row here), and every non-NaN row gets the same score
+    bit for bit. A NaN feature then takes the false branch at every split (with the flags: the
+    ``default_left`` side); neither is LightGBM's treatment of NaN under missing type ``None``
+    (NaN as 0), and the ranking features are never NaN.
+    """
+    for node in model.graph.node:
+        if node.op_type.startswith("TreeEnsemble"):
+            for attr in node.attribute:
+                if attr.name == "nodes_missing_value_tracks_true":
+                    n = len(attr.ints)
+                    del attr.ints[:]
+                    attr.ints.extend([0] * n)
 
 
 def check_parity(onnx_model: bytes, booster: Any, X: np.ndarray, *, atol: float = 1e-5) -> float:

@@ -30,14 +30,15 @@ def _fold(ids: np.ndarray, half_life_ms: float | None, seed: int = 0) -> FoldInM
                        weights=weights, half_life_ms=half_life_ms)
 
 
+@pytest.mark.parametrize("n_ids", [60, 70_000])   # (query, item) keys summed in a dense table / after a sort
 @pytest.mark.parametrize("half_life_ms", [None, 3.0 * 86_400_000])
-def test_confidence_rows_equal_the_string_confidences(half_life_ms: float | None) -> None:
+def test_confidence_rows_equal_the_string_confidences(half_life_ms: float | None, n_ids: int) -> None:
     rng = np.random.default_rng(1)
-    ids = np.array([f"i{j}" for j in range(60)], dtype=object)
+    ids = np.array([f"i{j}" for j in range(n_ids)], dtype=object)
     fold = _fold(ids, half_life_ms)
     parts, at, hists = [], [], []
     for n in [0, 1, 5, 40, 100, 3]:
-        items = rng.integers(0, 12 if n > 20 else 60, n)     # repeats: sums per item
+        items = rng.integers(0, 12 if n > 20 else 60, n) * (n_ids // 60)    # repeats: sums per item
         types = rng.integers(0, len(TYPE_CODES), n).astype(np.int8)
         ts = np.sort(rng.integers(0, 30 * 86_400_000, n))[::-1].copy()   # newest first
         parts.append((items, types, ts))
@@ -117,3 +118,106 @@ def test_trending_snapshot_equals_one_list_per_category(seed: int) -> None:
     assert got.overall == tr._top(None, tr.top) and got.ref_ms == tr.ref
     assert list(got.by_category.items()) == list(want.items())
     assert "c2" not in got.by_category and len(got.by_category) == 5
+
+
+def test_replay_trending_arrays_equal_the_recommenders_mapping() -> None:
+    """``PipelineModel.snapshot`` hands the Recommenders the trending lists already on bundle rows; they equal
+    what ``Recommender.trending_arrays`` makes of the snapshot's ids (order, dtypes, unknown items dropped,
+    category codes), step after step of a replay, and a snapshot it did not map is still mapped by id."""
+    from serving.candidates import TrendingArrays
+    from serving.recommender import Recommender
+    from training.evaluation.pipeline_variant import LiftrecFull
+    from training.evaluation.replay import fit_data
+
+    ds = shop_dataset(SyntheticShop(n_users=80, n_items=300, days=14, seed=2))   # some items new in the test
+    w = replay_windows(ds.table.ts, test_days=5.0, valid_days=5.0)
+    plan = build_plan(ds.table, start=w.test_start, end=w.end, batch_groups=16)
+    data = fit_data(plan, **{k: v for k, v in ds.item_meta.items() if v is not None})
+    m = LiftrecFull(factors=8, iterations=3, ranker=False, max_sessions=0, cache={})
+    m.fit(data)
+    model = m.model
+    unknown = np.flatnonzero(model._to_bundle < 0)
+    plain = Recommender()
+    aux = plain.aux(model.bundle)
+
+    def same(a: TrendingArrays, b: TrendingArrays) -> None:
+        pairs = [(a.overall, b.overall)] + [(a.by_category[c], b.by_category[c]) for c in b.by_category]
+        assert list(a.by_category) == list(b.by_category)
+        for (ai, asc), (bi, bsc) in pairs:
+            assert ai.dtype == bi.dtype == np.int64 and asc.dtype == bsc.dtype == np.float32
+            assert ai.tolist() == bi.tolist() and asc.tobytes() == bsc.tobytes()
+
+    checked = 0
+    for i, b in enumerate(plan.batches()):
+        if i % 3 == 0:
+            if i == 3 and len(unknown):   # an item the bundle does not know is trending: left out
+                model.trend.score[unknown[0]] = model.trend.score.max() + 1.0
+            snap = model.snapshot()
+            got = model.rec["R"].trending_arrays(snap, aux)
+            assert got is model.rec["X"].trending_arrays(snap, aux)   # the primed arrays, not a new mapping
+            same(got, plain.trending_arrays(snap, aux))
+            other = model.trend.snapshot()   # not primed: mapped by id, the same arrays
+            same(model.rec["R"].trending_arrays(other, aux), got)
+            checked += 1
+        m.observe(plan.events.take(b.events))
+    assert checked >= 5 and len(unknown)
+
+
+def _states_one_by_one(q, *, ids, user_ids, history_cap, session_gap_ms, fold, version):  # type: ignore[no-untyped-def]
+    """The per-query form of ``user_states`` (the reference the stacked form must equal)."""
+    from serving.state import UserState
+    from training.evaluation.live_state import _fold, session_start
+
+    purchase = TYPE_CODES.index("purchase")
+    out, parts, last = [], [], []
+    for r in range(len(q)):
+        u, hn = int(q.users[r]), int(q.hist_len[r])
+        items, types, ts, baskets = q.history.recent(u, hn, last=history_cap)
+        parts.append((items[::-1], types[::-1], ts[::-1]))
+        hist = tuple(zip(ids[items[::-1]].tolist(), _TYPE_NAMES[types[::-1]].tolist(), ts[::-1].tolist(), strict=True))
+        start = session_start(baskets, ts, gap_ms=session_gap_ms)
+        session = () if start is None else tuple(ids[items[ts >= start]].tolist())
+        all_items, all_types, all_ts, _ = q.history.recent(u, hn)
+        buy = all_types == purchase
+        out.append((user_ids.id(u), hist, dict(zip(ids[all_items[buy]].tolist(), all_ts[buy].tolist(), strict=True)),
+                    session))
+        last.append(int(ts[-1]) if ts.size else 0)
+    vecs, has = _fold(fold, parts, np.array(last, np.int64), ids)
+    return [UserState(user_id=a, history=h, bought=bt, session_items=s, vector=vecs[r] if has[r] else None,
+                      vector_model=version if has[r] else None) for r, (a, h, bt, s) in enumerate(out)]
+
+
+@pytest.mark.parametrize("cap", [4, 30])
+def test_stacked_user_states_equal_the_per_query_states(cap: int) -> None:
+    """``user_states`` builds every query's state from one stacked history; each state equals the per-query
+    form field by field (history, session with and without session ids, every purchase beyond the cap, the
+    vector's bits)."""
+    import dataclasses
+
+    from training.interactions import NO_BASKET
+
+    ds = shop_dataset(SyntheticShop(n_users=90, n_items=25, days=30, seed=6))
+    rng = np.random.default_rng(2)
+    t = ds.table
+    basket = np.where(rng.random(len(t)) < 0.3, NO_BASKET, t.basket)   # some events without a session id
+    t = dataclasses.replace(t, basket=basket)
+    w = replay_windows(t.ts, test_days=8.0, valid_days=8.0)
+    plan = build_plan(t, start=w.test_start, end=w.end)
+    ids = np.array(list(t.items.ids), dtype=object)
+    fold = _fold(ids, None, seed=1)
+    args = dict(ids=ids, user_ids=t.users, history_cap=cap, session_gap_ms=3_600_000, fold=fold, version="v2")
+    n_sessions = n_capped = 0
+    for b in list(plan.batches())[:12]:
+        q = b.queries
+        got, want = user_states(q, **args), _states_one_by_one(q, **args)
+        assert len(got) == len(want)
+        for g, w_ in zip(got, want, strict=True):
+            assert (g.user_id, g.history, g.session_items, g.vector_model) == (
+                w_.user_id, w_.history, w_.session_items, w_.vector_model)
+            assert list(g.bought.items()) == list(w_.bought.items())
+            assert (g.vector is None) == (w_.vector is None)
+            if g.vector is not None:
+                assert g.vector.tobytes() == w_.vector.tobytes()
+            n_sessions += 0 < len(g.session_items) < len(g.history)
+        n_capped += int((q.hist_len > cap).sum())
+    assert n_sessions > 5 and n_capped > 5

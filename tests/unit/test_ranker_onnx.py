@@ -187,3 +187,47 @@ def test_thresholds_between_adjacent_float32_values_keep_parity() -> None:
     data = RankerData(X, y.astype(np.int32), np.full(100, 20, np.int32), np.arange(100))
     booster = train_ranker(data, params={"min_data_in_leaf": 5}, num_boost_round=5)
     assert check_parity(export_onnx(booster), booster, X) <= 1e-5
+
+
+def _tracks(model: bytes) -> list[int]:
+    import onnx
+
+    node = next(n for n in onnx.load_from_string(model).graph.node if n.op_type.startswith("TreeEnsemble"))
+    return list(next(a for a in node.attribute if a.name == "nodes_missing_value_tracks_true").ints)
+
+
+def test_export_without_missing_tracks_scores_every_row_the_same(dataset: RankerData) -> None:
+    """Features without NaN: every split has missing type None, so the export clears the missing-value flags
+    (onnxruntime's faster walk) and scores every row exactly as the model with the flags; the model loads into
+    a bundle's ranker and ranks like it."""
+    import lightgbm as lgb
+    import onnx
+
+    from training.ranker import drop_missing_tracks, routes_missing
+
+    booster = train_ranker(dataset, num_boost_round=30)
+    assert not routes_missing(booster.model_to_string())
+    model = export_onnx(booster)
+    assert not any(_tracks(model))
+    import onnxmltools
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    flagged = onnxmltools.convert_lightgbm(booster, initial_types=[("features", FloatTensorType(
+        [None, len(FEATURE_NAMES)]))], zipmap=False).SerializeToString()
+    assert any(_tracks(flagged))   # the converter sets them: the test would see a change
+    X = np.concatenate([dataset.X, np.random.default_rng(0).normal(size=(500, len(FEATURE_NAMES)))]).astype(np.float32)
+    got = OnnxRanker(model, features=FEATURE_NAMES).predict(X)
+    want = OnnxRanker(flagged, features=FEATURE_NAMES).predict(X)
+    assert got.tobytes() == want.tobytes()
+    assert check_parity(model, booster, dataset.X) <= 1e-5
+    # NaN features are routed: a model trained with NaN keeps its flags
+    Xn = dataset.X.copy()
+    Xn[::7, 0] = np.nan
+    nan_booster = lgb.train({"objective": "lambdarank", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5},
+                            lgb.Dataset(Xn, dataset.y, group=dataset.group), num_boost_round=10)
+    assert routes_missing(nan_booster.model_to_string())
+    assert any(_tracks(export_onnx(nan_booster)))
+    cleared = onnx.load_from_string(flagged)
+    drop_missing_tracks(cleared)
+    assert not any(_tracks(cleared.SerializeToString()))
+    assert OnnxRanker(cleared.SerializeToString(), features=FEATURE_NAMES).predict(X).tobytes() == want.tobytes()

@@ -757,3 +757,112 @@ def test_shared_rows_are_scored_once_with_the_same_scores() -> None:
         one = Recommender(rules=RuleConfig(repurchase_window_ms=0), n_candidates=80).recommend(
             state, request, bundle=bundle, trending=trending, catalog=catalog, now_ms=now)
         assert [i.item_id for i in rl.items] == [i.item_id for i in one.items]
+
+
+class _PerRequestFinish(Recommender):
+    """The Recommender with :meth:`_finish` per request instead of the batched ``_finish_many``, and the reason
+    anchors picked list by list (the reference)."""
+
+    def _reason_anchors(self, users, cands, ordered, aux, listed=None):  # type: ignore[no-untyped-def]
+        return Recommender._reason_anchors(users, cands, ordered, aux)
+
+    def _finish_many(self, users, cands, feats, ordered, anchored, aux, catalog, live, nows, *, ranked,  # type: ignore[no-untyped-def]
+                     rec_ids, listed):
+        return [self._finish(u, c, x, o, an, aux, catalog, live, t, ranked=ranked, rec_id=rid)
+                for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows, rec_ids, strict=True)]
+
+
+@pytest.mark.parametrize("content", [False, True])
+def test_batched_finish_equals_the_per_request_finish(content: bool) -> None:
+    """``_finish_many`` (reasons of all plain lists in one pass, items and scores gathered at once) gives what
+    ``_finish`` gives per request: plain, X, explain, context, feature-row, backfilled and history-less requests,
+    with and without content vectors; every field of every item, the chain and the feature rows."""
+    bundle = random_bundle(7)
+    rng = np.random.default_rng(11)
+    if content:
+        bundle = dataclasses.replace(bundle, content=rng.normal(size=(N_ITEMS, 5)).astype(np.float32))
+    catalog = random_catalog(8)
+    calls = []
+    for u in range(9):
+        hist = random_history(rng, 3 + 4 * u, step_ms=90_000)
+        s = UserState(user_id=f"u{u}", history=hist, vector=rng.normal(size=F).astype(np.float32),
+                      vector_model=VERSION if u % 3 else "stale", session_items=tuple(h[0] for h in hist[:2]))
+        calls.append((s, RecRequest(k=10)))
+        calls.append((s, RecRequest(k=12, filters=RequestFilters(exclude=frozenset(h[0] for h in hist)))))
+        if u % 2:
+            calls.append((s, RecRequest(k=6, explain=True)))
+            calls.append((s, RecRequest(k=10, context_item="i7")))
+            calls.append((s, RecRequest(k=8, feature_rows=True)))
+            calls.append((s, RecRequest(k=10, filters=RequestFilters(categories={"c3"}, max_price=20))))  # backfill
+            calls.append((s, RecRequest(k=10, filters=RequestFilters(boost_categories={"c1": 0.3}))))  # float64 scores
+    calls.append((UserState(user_id="new"), RecRequest(k=10)))
+    calls.append((UserState(user_id="v", vector=rng.normal(size=F).astype(np.float32), vector_model=VERSION),
+                  RecRequest(k=10)))   # a vector, no history: no recent items to name
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(60 - i)) for i in range(0, 120, 2)],
+                                by_category={"c1": [("i3", 2.0), ("i7", 1.0)], "c2": [("i9", 3.0)]}, ref_ms=NOW)
+    rules = RuleConfig(diversity="cap", repurchase_window_ms=0)
+    args = dict(bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+    got = Recommender(rules=rules, n_candidates=90).recommend_many([c[0] for c in calls], [c[1] for c in calls],
+                                                                     **args)
+    want = _PerRequestFinish(rules=rules, n_candidates=90).recommend_many([c[0] for c in calls],
+                                                                          [c[1] for c in calls], **args)
+    for g, w in zip(got, want, strict=True):
+        assert (g.source, g.ranked, g.ts, g.user_id, g.model) == (w.source, w.ranked, w.ts, w.user_id, w.model)
+        assert g.items == w.items   # item id, score, reason, source, anchor, features, source scores
+        assert (g.feature_rows is None) == (w.feature_rows is None)
+        if g.feature_rows is not None:
+            assert g.feature_rows.tobytes() == w.feature_rows.tobytes()
+    reasons = {i.reason.split(" ")[0] for g in got for i in g.items}
+    sources = {i.source for g in got for i in g.items}
+    assert {"similar", "picked", "viewed", "often", "popular", "trending"} <= reasons
+    assert {"context", "als", "session", "bought_together", "popularity"} <= sources
+    assert any(len([i for i in g.items if i.score == 0.0]) for g in got)   # a backfilled list
+
+
+def test_round6_equals_python_round() -> None:
+    """The listed scores' rounding: ``np.round`` where the value is a float32 (exact times 10**6), Python's
+    ``round`` elsewhere; the same floats as ``round(x, 6)`` (signs of zero, halves, huge, inf and NaN too)."""
+    from serving.recommender import _round6
+
+    rng = np.random.default_rng(4)
+    x32 = np.concatenate([rng.normal(0, sc, 20_000) for sc in (1e-6, 1e-3, 1.0, 1e3, 1e30)]).astype(np.float32)
+    halves = (np.arange(-2000, 2000) + 0.5) / 1e6   # decimal halves (not exact in binary)
+    special = np.array([0.0, -0.0, 1e-7, -1e-7, 5e-7, -5e-7, 2.5e-6, np.inf, -np.inf, np.nan, 1e300, -1e300,
+                        0.1234565, 123456.7890125])
+    for x in (x32.astype(np.float64), rng.normal(0, 1, 20_000) * 1.1, halves, special):
+        got, want = _round6(x), [round(v, 6) for v in x.tolist()]
+        assert np.array(got).tobytes() == np.array(want).tobytes()
+        assert [np.signbit(v) for v in got] == [np.signbit(v) for v in want]
+
+
+def test_resolving_many_users_equals_each_alone() -> None:
+    """``_resolve_many`` (all users' history and session ids looked up at once) resolves every user as
+    ``_resolve`` does: unknown items and event types dropped, empty histories and sessions, exclusions."""
+    bundle = random_bundle(2)
+    rec = Recommender(rules=RuleConfig(repurchase_window_ms=3_600_000))
+    aux = rec.aux(bundle)
+    rng = np.random.default_rng(12)
+    states, reqs = [], []
+    for u in range(9):
+        hist = list(random_history(rng, int(rng.integers(1, 12)) if u else 0))
+        if u % 3 == 1 and hist:   # an item the bundle does not know, an event type the ranker does not know
+            hist[0] = ("not-an-item", "view", hist[0][2])
+            if u != 7:
+                hist[-1] = (hist[-1][0], "wishlist", hist[-1][2])
+        session = tuple(h[0] for h in hist[:3]) + (("gone",) if u % 4 == 0 else ())
+        states.append(UserState(user_id=f"u{u}", history=tuple(hist), session_items=session,
+                                bought={hist[1][0]: NOW - 10} if len(hist) > 1 else {}))
+        reqs.append(RecRequest(k=10, filters=RequestFilters(exclude=frozenset({"i3", "i5"})) if u % 2 else
+                               RequestFilters()))
+    nows = [NOW + 1000 * u for u in range(9)]
+    got = rec._resolve_many(states, reqs, aux, nows)
+    dropped = 0
+    for s, r, t, g in zip(states, reqs, nows, got, strict=True):
+        w = rec._resolve(s, r, aux, t)
+        for f in ("hist_items", "hist_types", "hist_ts", "recent", "session", "blocked_rows", "reason_anchors"):
+            a, b = getattr(g, f), getattr(w, f)
+            assert a.dtype == b.dtype and a.tolist() == b.tolist(), f
+        assert (g.state, g.request, g.context, g.blocked, g.affinity, g.user_categories) == (
+            w.state, w.request, w.context, w.blocked, w.affinity, w.user_categories)
+        dropped += len(s.history) - len(g.hist_items)
+    assert dropped >= 4 and any(not s.history for s in states)

@@ -161,17 +161,21 @@ class TrendState:
             score[item] = score[item] + v * scale
 
     def _top(self, mask: np.ndarray | None, n_max: int) -> list[tuple[str, float]]:
+        rows = self._top_rows(mask, n_max)
+        return list(zip(self.ids[rows].tolist(), self.score[rows].tolist(), strict=True))
+
+    def _top_rows(self, mask: np.ndarray | None, n_max: int) -> np.ndarray:
+        """The rows :meth:`_top` lists, in its order."""
         s = self.score
         rows = np.flatnonzero(s > 0) if mask is None else np.flatnonzero(mask & (s > 0))
         if rows.size == 0:
-            return []
+            return rows
         if rows.size > n_max:   # only the n_max best scores (and ties with the last) can be listed
             kth = np.partition(s[rows], rows.size - n_max)[rows.size - n_max]
             rows = rows[s[rows] >= kth]
         # Redis ZREVRANGE: score descending, equal scores in reverse member order
-        sc = s[rows]
-        order = np.lexsort((-self._id_rank[rows], -sc))[:n_max]
-        return list(zip(self.ids[rows[order]].tolist(), sc[order].tolist(), strict=True))
+        order = np.lexsort((-self._id_rank[rows], -s[rows]))[:n_max]
+        return rows[order]
 
     def snapshot(self) -> Any:
         """The current :class:`~serving.trending.TrendingSnapshot`, as ``read_trending`` returns it.
@@ -179,11 +183,17 @@ class TrendState:
         The per-category lists come from one sort of every counted item by (category, score descending,
         id descending), each category's head taken in turn: the lists :meth:`_top` gives per category.
         """
+        return self.snapshot_rows()[0]
+
+    def snapshot_rows(self) -> tuple[Any, np.ndarray, list[tuple[str, np.ndarray]]]:
+        """:meth:`snapshot` with the item rows of its lists: the overall list's rows and each category's
+        ``(name, rows)``, in the snapshot's order (``score[rows]`` are the listed scores)."""
         from serving.trending import TrendingSnapshot
 
         s = self.score
         rows = np.flatnonzero(s > 0)
         by_cat = {}
+        cat_rows: list[tuple[str, np.ndarray]] = []
         if rows.size:
             cat = self.category[rows]
             listed = (cat >= 0) & (cat < len(self.names))
@@ -195,14 +205,17 @@ class TrendState:
             heads = [(code, lo, min(hi, lo + n_max))
                      for code, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if hi > lo]
             if heads:
-                take = np.concatenate([np.arange(lo, hi) for _, lo, hi in heads])
-                ids = self.ids[rows[take]].tolist()
-                sc = s[rows[take]].tolist()
+                taken = rows[np.concatenate([np.arange(lo, hi) for _, lo, hi in heads])]
+                ids = self.ids[taken].tolist()
+                sc = s[taken].tolist()
                 at = 0
                 for code, lo, hi in heads:
                     by_cat[self.names[code]] = list(zip(ids[at:at + hi - lo], sc[at:at + hi - lo], strict=True))
+                    cat_rows.append((self.names[code], taken[at:at + hi - lo]))
                     at += hi - lo
-        return TrendingSnapshot(overall=self._top(None, self.top), by_category=by_cat, ref_ms=self.ref)
+        top = self._top_rows(None, self.top)
+        overall = list(zip(self.ids[top].tolist(), s[top].tolist(), strict=True))
+        return TrendingSnapshot(overall=overall, by_category=by_cat, ref_ms=self.ref), top, cat_rows
 
 
 def session_start(baskets: np.ndarray, ts: np.ndarray, *, gap_ms: int) -> int | None:
@@ -260,27 +273,55 @@ def user_states(q: QueryBatch, *, ids: np.ndarray, user_ids: Any, history_cap: i
     from serving.state import UserState
 
     n = len(q)
-    hists: list[tuple[tuple[str, str, int], ...]] = []
-    sessions: list[tuple[str, ...]] = []
-    boughts: list[dict[str, int]] = []
-    last_ts = np.zeros(n, dtype=np.int64)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # capped history, newest first
+    if n == 0:
+        return []
+    users, hist_len = q.users.tolist(), q.hist_len.tolist()
+    got = [q.history.recent(u, hn, last=history_cap) for u, hn in zip(users, hist_len, strict=True)]
+    # every query's capped history stacked (query r at rows starts[r]:ends[r]), oldest first, and newest first
+    items, types, ts, baskets = (np.concatenate([g[c] for g in got]) for c in range(4))
+    lens = np.fromiter((len(g[2]) for g in got), dtype=np.int64, count=n)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    b = [0, *ends.tolist()]
+    owner = np.repeat(np.arange(n, dtype=np.int64), lens)
+    at = np.arange(len(ts), dtype=np.int64)
+    newest_first = np.repeat(ends - 1, lens) - (at - np.repeat(starts, lens))
+    items_nf, types_nf, ts_nf = items[newest_first], types[newest_first], ts[newest_first]
+    parts = [(items_nf[lo:hi], types_nf[lo:hi], ts_nf[lo:hi]) for lo, hi in zip(b[:-1], b[1:], strict=True)]
+    id_l, type_l, ts_l = ids[items_nf].tolist(), _TYPE_NAMES[types_nf].tolist(), ts_nf.tolist()
+    hists = [tuple(zip(id_l[lo:hi], type_l[lo:hi], ts_l[lo:hi], strict=True))
+             for lo, hi in zip(b[:-1], b[1:], strict=True)]
+    # session: the events from the newest session start on (session_start's rule, on pairs within a query)
+    prev = np.maximum(at - 1, 0)
+    new = np.where(baskets != NO_BASKET, (baskets != baskets[prev]) | (baskets[prev] == NO_BASKET),
+                   (ts - ts[prev]) > session_gap_ms)
+    new[starts[lens > 0]] = False   # a query's oldest event has no predecessor
+    hits = np.flatnonzero(new)
+    first = starts.copy()   # each query's newest session starts at its newest boundary, else at its oldest event
+    if len(hits):
+        k = np.searchsorted(hits, ends, side="left") - 1   # the newest boundary before the query's end
+        h = hits[np.maximum(k, 0)]
+        inside = (k >= 0) & (h >= starts)
+        first[inside] = h[inside]
+    start_ts = ts[np.minimum(first, max(len(ts) - 1, 0))] if len(ts) else first
+    in_session = ts >= np.repeat(start_ts, lens)
+    sess_l = ids[items[in_session]].tolist()
+    sb = [0, *np.cumsum(np.bincount(owner[in_session], minlength=n)).tolist()]
+    sessions = [tuple(sess_l[lo:hi]) for lo, hi in zip(sb[:-1], sb[1:], strict=True)]
+    # bought: every visible purchase (from the capped history when it is all of it)
+    buy = types == _PURCHASE
+    buy_ids, buy_ts = ids[items[buy]].tolist(), ts[buy].tolist()
+    bb = [0, *np.cumsum(np.bincount(owner[buy], minlength=n)).tolist()]
+    boughts = []
     for r in range(n):
-        u, hn = int(q.users[r]), int(q.hist_len[r])
-        items, types, ts, baskets = q.history.recent(u, hn, last=history_cap)
-        items_nf, types_nf, ts_nf = items[::-1], types[::-1], ts[::-1]
-        parts.append((items_nf, types_nf, ts_nf))
-        hists.append(tuple(zip(ids[items_nf].tolist(), _TYPE_NAMES[types_nf].tolist(), ts_nf.tolist(),
-                               strict=True)))
-        start = session_start(baskets, ts, gap_ms=session_gap_ms)
-        sessions.append(() if start is None else tuple(ids[items[ts >= start]].tolist()))
-        if hn <= history_cap:   # the capped history is all of it
-            all_items, all_types, all_ts = items, types, ts
+        if hist_len[r] <= history_cap:
+            boughts.append(dict(zip(buy_ids[bb[r]:bb[r + 1]], buy_ts[bb[r]:bb[r + 1]], strict=True)))
         else:
-            all_items, all_types, all_ts, _ = q.history.recent(u, hn)
-        buy = all_types == _PURCHASE
-        boughts.append(dict(zip(ids[all_items[buy]].tolist(), all_ts[buy].tolist(), strict=True)))
-        last_ts[r] = ts[-1] if ts.size else 0
+            all_items, all_types, all_ts, _ = q.history.recent(users[r], hist_len[r])
+            all_buy = all_types == _PURCHASE
+            boughts.append(dict(zip(ids[all_items[all_buy]].tolist(), all_ts[all_buy].tolist(), strict=True)))
+    last_ts = np.zeros(n, dtype=np.int64)
+    last_ts[lens > 0] = ts[ends[lens > 0] - 1]
     vecs, has = _fold(fold, parts, last_ts, ids)
     return [UserState(user_id=user_ids.id(int(q.users[r])), history=hists[r], bought=boughts[r],
                       session_items=sessions[r], vector=vecs[r] if has[r] else None,
@@ -346,10 +387,17 @@ def confidence_rows(fold: Any, parts: Sequence[tuple[np.ndarray, np.ndarray, np.
         hl = fold.half_life_ms
         w = w * np.array([2.0 ** (-a / hl) for a in age.tolist()], dtype=np.float64)
     n_rows = len(to_bundle) + 1
-    keys, inv = np.unique(owner * n_rows + rows, return_inverse=True)
-    sums = np.bincount(inv.ravel(), weights=w, minlength=len(keys))   # in history order per key, from 0.0
-    nz = sums != 0
-    keys, sums = keys[nz], sums[nz]
+    flat_keys = owner * n_rows + rows
+    span = n * n_rows
+    if span <= max(16 * len(flat_keys), 1 << 16):   # keys of a small range: one dense bincount, no sort
+        dense = np.bincount(flat_keys, weights=w, minlength=span)   # in history order per key, from 0.0
+        keys = np.flatnonzero(dense)   # ascending, zero sums dropped
+        sums = dense[keys]
+    else:
+        keys, inv = np.unique(flat_keys, return_inverse=True)
+        sums = np.bincount(inv.ravel(), weights=w, minlength=len(keys))   # in history order per key, from 0.0
+        nz = sums != 0
+        keys, sums = keys[nz], sums[nz]
     user_of = keys // n_rows
     bounds = np.searchsorted(user_of, np.arange(n + 1, dtype=np.int64))
     items = keys - user_of * n_rows

@@ -50,6 +50,26 @@ FALLBACK_SOURCES = frozenset({"trending", "popularity", "catalog"})
 _TYPE_NAMES = np.array(TYPE_CODES, dtype=object)
 
 
+_PRIMED: dict[type, type] = {}
+
+
+def _primed_recommender_class(base: type) -> type:
+    """``base`` (:class:`serving.recommender.Recommender`) whose ``trending_arrays`` returns the arrays
+    :meth:`PipelineModel.snapshot` mapped for the snapshot it is asked about (``primed``), else maps it itself."""
+    cls = _PRIMED.get(base)
+    if cls is None:
+        def trending_arrays(self: Any, trending: Any, aux: Any) -> Any:
+            primed = self.primed
+            if primed is not None and primed[0] is trending and primed[1] == aux.version:
+                return primed[2]
+            return base.trending_arrays(self, trending, aux)
+
+        cls = _PRIMED[base] = type("ReplayRecommender", (base,), {
+            "primed": None, "trending_arrays": trending_arrays, "__module__": __name__,
+            "__doc__": "A Recommender taking the replay's trending arrays ready-mapped (same arrays)."})
+    return cls
+
+
 def _session_columns(data: FitData, events: InteractionTable) -> tuple[np.ndarray, ...]:
     keep = type_weights(data.weights)[events.type_code] > 0
     return events.basket[keep], events.item_idx[keep], events.ts[keep], events.user_idx[keep]
@@ -153,14 +173,17 @@ class PipelineModel:
         self.cap = data.history_cap
         self.gap = data.session_gap_ms
         common = {"frequency_cap": 0, "diversity": diversity}
+        rec_class = _primed_recommender_class(Recommender)
         self.rec = {
-            "R": Recommender(rules=RuleConfig(repurchase_window_ms=0, **common), n_candidates=n_candidates,
-                             event_weights=data.weights, trending_half_life_s=trending_half_life_s,
-                             session_knn=session_knn),
-            "X": Recommender(rules=RuleConfig(repurchase_window_ms=None, **common), n_candidates=n_candidates,
-                             event_weights=data.weights, trending_half_life_s=trending_half_life_s,
-                             session_knn=session_knn),
+            "R": rec_class(rules=RuleConfig(repurchase_window_ms=0, **common), n_candidates=n_candidates,
+                           event_weights=data.weights, trending_half_life_s=trending_half_life_s,
+                           session_knn=session_knn),
+            "X": rec_class(rules=RuleConfig(repurchase_window_ms=None, **common), n_candidates=n_candidates,
+                           event_weights=data.weights, trending_half_life_s=trending_half_life_s,
+                           session_knn=session_knn),
         }
+        # bundle row of each table item (-1: unknown to the bundle), as ``bundle.items.indices`` maps ids
+        self._to_bundle = np.asarray(bundle.items.indices(self.ids.tolist()), dtype=np.int64)
         # live sessions, as the stream would keep them: the bundle's index until enough new events arrived
         self._data, self._known = data, known
         self.max_sessions = max_sessions
@@ -178,6 +201,35 @@ class PipelineModel:
 
         self.catalog = CatalogCache()
         self.trend.observe(data.train)   # every training event, as the worker counted them
+
+    def snapshot(self) -> Any:
+        """The current trending snapshot (:meth:`TrendState.snapshot`), with its lists mapped onto the bundle's
+        item rows for the Recommenders: the :class:`~serving.candidates.TrendingArrays` their
+        ``trending_arrays`` makes of it (ids looked up, unknown items dropped, scores as float32), taken
+        from the snapshot's item rows instead of its ids (``tests/unit/test_eval_live_state.py``)."""
+        from serving.candidates import TrendingArrays
+
+        snap, top, cats = self.trend.snapshot_rows()
+        parts = [top] + [r for _, r in cats]
+        rows = np.concatenate(parts)
+        idx = self._to_bundle[rows]
+        sc = self.trend.score[rows].astype(np.float32)
+        idx.flags.writeable = False   # the lists below are views, shared by every request of the step
+        sc.flags.writeable = False
+        mapped = []
+        at = 0
+        for r in parts:
+            i, c = idx[at:at + len(r)], sc[at:at + len(r)]
+            keep = i >= 0
+            mapped.append((i, c) if keep.all() else (i[keep], c[keep]))
+            at += len(r)
+        aux = self.rec["R"].aux(self.bundle)
+        arrays = TrendingArrays(overall=mapped[0], by_category={
+            aux.category_code[name]: m for (name, _), m in zip(cats, mapped[1:], strict=True)
+            if name in aux.category_code})
+        for rec in self.rec.values():
+            rec.primed = (snap, self.bundle.version, arrays)
+        return snap
 
     def states(self, q: QueryBatch) -> list[Any]:
         """The :class:`~serving.state.UserState` the store would hold for each query.
@@ -381,7 +433,7 @@ class LiftrecFull(Method):
     def recommend(self, q: QueryBatch, *, k: int, variants: Sequence[str]) -> dict[str, Lists]:
         """Lists served by the Recommender for each variant."""
         states = self.model.states(q)
-        snap = self.model.trend.snapshot()
+        snap = self.model.snapshot()
         rows = {}
         for v in variants:
             rv = np.arange(len(q))
