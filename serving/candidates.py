@@ -321,7 +321,9 @@ def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str, size: in
         dense = np.full(size, -np.inf, dtype=np.float32)
         np.maximum.at(dense, keys, values)
         return uniq, dense[uniq]
-    uniq, inv = np.unique(keys, return_inverse=True)
+    if len(keys) == 0:
+        return keys.astype(np.int64), np.zeros(0, np.float32)
+    uniq, _, inv = _unique(keys)   # np.unique(keys, return_inverse=True) in fewer calls
     if how == "sum":
         return uniq, np.bincount(inv, weights=values, minlength=len(uniq)).astype(np.float32)
     agg = np.full(len(uniq), -np.inf, dtype=np.float32)
@@ -677,11 +679,14 @@ def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: in
     if not proposals:
         return CandidateSet(np.zeros(0, np.int64), np.zeros((0, len(SOURCES)), np.float32),
                             np.zeros(0, np.int8))
-    src = np.concatenate([np.full(len(i), s, dtype=np.int8) for s, i, _ in proposals])
+    n_src = len(SOURCES)
+    lengths = np.fromiter((len(i) for _, i, _ in proposals), dtype=np.int64, count=len(proposals))
+    src = np.repeat(np.fromiter((s for s, _, _ in proposals), dtype=np.int8, count=len(proposals)), lengths)
     items = np.concatenate([i for _, i, _ in proposals])
     scores = np.concatenate([s for _, _, s in proposals])
     uniq, first_pos, inv = _unique(items)
-    table = np.zeros((len(uniq), len(SOURCES)), dtype=np.float32)
-    np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
+    table = np.zeros((len(uniq), n_src), dtype=np.float32)
+    # on the flat table: ufunc.at's one-index fast path (a maximum does not depend on the order)
+    np.maximum.at(table.reshape(-1), inv * n_src + src, np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")[:n_candidates]
     return CandidateSet(items=uniq[order], scores=table[order], first=src[first_pos[order]])

@@ -166,6 +166,8 @@ def best_anchors_many(indptr: np.ndarray, indices: np.ndarray, values: np.ndarra
     item, the anchor with the largest positive value, on a tie the first in ``anchors[j]``.
     """
     n_users = len(anchors)
+    if n_users == 1:   # one user (the API): the one-user join has less set-up (same anchors)
+        return [_best_anchors(indptr, indices, values, anchors[0], items[0])]
     out: list[dict[int, int]] = [{} for _ in range(n_users)]
     if len(indices) == 0:
         return out

@@ -53,6 +53,7 @@ from serving.candidates import (
     CandidateInput,
     CandidateSet,
     TrendingArrays,
+    gather,
     gather_many,
     group_desc_order,
     isin_rows,
@@ -358,8 +359,12 @@ class Recommender:
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity,
                                  session_knn=u.sknn)
                   for u, a in zip(base, als, strict=True)]
-        anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
-        raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
+        if len(inputs) == 1:   # one unit (the API): the one-user chain has less set-up (same candidates)
+            one = gather(inputs[0], aux, tr, n_candidates=self.n_candidates)
+            raw = CandidateBatch(np.array([0, len(one)], dtype=np.int64), one.items, one.scores, one.first)
+        else:
+            anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
+            raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
         live = self._live_attrs(aux, catalog, raw.items)
         n_items = len(aux.bundle.items)
 
@@ -381,8 +386,7 @@ class Recommender:
         cands = [c for c, _ in kept]
         X = self._features([self._context_of(base[g], tr, decay(t), t) for g, t in zip(unit_of, nows, strict=True)],
                            cands, bundle)
-        sizes = np.cumsum([len(c) for c in cands])[:-1]
-        feats = np.split(X, sizes)
+        feats = [X] if len(cands) == 1 else np.split(X, np.cumsum([len(c) for c in cands])[:-1])
         ordered = self._order_many(users, cands, rows, self._score_shared(X, bundle, rows, unit_of, firsts, nows),
                                    aux, live)
         anchored = self._reason_anchors(users, cands, ordered, aux)
@@ -549,6 +553,9 @@ class Recommender:
         ok, at = Recommender._eligible_mask(batch, users, live, n_items)
         kept = np.flatnonzero(ok)
         items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
+        if len(users) == 1:   # one request: all kept rows are its own (bounds 0 and all, positions = rows)
+            return ([(CandidateSet(items, scores, first), at)],
+                    _Rows(np.array([0, len(kept)], dtype=np.int64), scores, at, kept))
         bounds = np.searchsorted(kept, batch.bounds)
         nb = bounds.tolist()
         sets = [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
@@ -606,7 +613,9 @@ class Recommender:
         ok = live.in_stock[at]
         bounds = batch.bounds.tolist()
         blocked = [(j, u.blocked_rows) for j, u in enumerate(users) if len(u.blocked_rows)]
-        if blocked:
+        if blocked and len(users) == 1:   # one request: its rows against its blocked rows, no keys
+            ok &= ~isin_rows(batch.items, blocked[0][1])
+        elif blocked:
             uid = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(batch.bounds))
             keys = np.concatenate([r + j * n_items for j, r in blocked])
             ok &= ~np.isin(uid * n_items + batch.items, keys)
