@@ -124,7 +124,13 @@ class BundleAux:
                  content_index: ItemIndex | None = None) -> None:
         self.bundle = bundle
         self.version = bundle.version
-        y = bundle.item_factors
+        #: the item factors as a plain ndarray (the same memory as a memory-mapped bundle's array, without
+        #: numpy.memmap's Python-level ``__getitem__`` on every look-up of a few rows)
+        self.item_factors: np.ndarray = np.asarray(bundle.item_factors)
+        y = self.item_factors
+        #: the bundle's ranking tables on :attr:`item_factors` (same arrays; what the features read per call)
+        self.tables = (bundle.tables if bundle.tables.item_factors is y
+                       else dataclasses.replace(bundle.tables, item_factors=y))
         self.index = index or ExactIndex(y)
         self.content_index = content_index or (ExactIndex(bundle.content) if bundle.content is not None else None)
         self.factor_norms = np.linalg.norm(np.asarray(y, dtype=np.float32), axis=1)
@@ -163,7 +169,7 @@ class BundleAux:
     def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 50_000,
               nprobe: int = 64) -> BundleAux:
         """Aux with the retrieval indexes chosen by catalog size (may take seconds: IVF)."""
-        index = build_index(bundle.item_factors, kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
+        index = build_index(np.asarray(bundle.item_factors), kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
         content_index = None
         if bundle.content is not None:
             content_index = build_index(bundle.content, kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
@@ -175,7 +181,7 @@ class BundleAux:
 
     def similar_by_factors(self, item: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Items of highest ALS factor cosine with ``item`` (itself excluded)."""
-        y = self.bundle.item_factors
+        y = self.item_factors
         q = np.asarray(y[item], dtype=np.float32)
         qn = float(self.factor_norms[item])
         if qn == 0:
@@ -398,7 +404,7 @@ def _category(inp: CandidateInput, aux: BundleAux, n: int) -> tuple[np.ndarray, 
         if items is None or len(items) == 0:
             continue
         if inp.user_vector is not None:
-            s = np.asarray(aux.bundle.item_factors[items], dtype=np.float32) @ inp.user_vector
+            s = np.asarray(aux.item_factors[items], dtype=np.float32) @ inp.user_vector
             top = top_k(s, per)
             parts_i.append(items[top])
             parts_s.append(s[top])

@@ -302,7 +302,7 @@ def _most_similar(aux: BundleAux, source: str, item: int, recent: np.ndarray) ->
         sims = np.asarray(c[recent], dtype=np.float32) @ np.asarray(c[item], dtype=np.float32)
         floor = 0.3
     else:
-        y = aux.bundle.item_factors
+        y = aux.item_factors
         v = np.asarray(y[item], dtype=np.float32)
         norms = np.maximum(aux.factor_norms[recent] * aux.factor_norms[item], 1e-12)
         sims = (np.asarray(y[recent], dtype=np.float32) @ v) / norms
@@ -381,7 +381,7 @@ def reason_tuples(cands: CandidateSet, positions: np.ndarray, *, aux: BundleAux,
             m = aux.bundle.content
             sims = np.asarray(m[items], np.float32) @ np.asarray(m[rec], np.float32).T
         else:
-            y = aux.bundle.item_factors
+            y = aux.item_factors
             sims = (np.asarray(y[items], np.float32) @ np.asarray(y[rec], np.float32).T) / np.maximum(
                 aux.factor_norms[items][:, None] * aux.factor_norms[rec][None, :], 1e-12)
         sims[items[:, None] == rec[None, :]] = -np.inf

@@ -93,6 +93,9 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         threshold = np.partition(sample, len(sample) - 1 - rank)[len(sample) - 1 - rank]
         above = np.flatnonzero(s >= threshold)
         if len(above) >= k:  # every top-k item is above the threshold: exact
+            if len(above) <= _SORT_MAX_N and s.dtype.kind == "f":
+                # no NaN is above a threshold: the stable sort of the few is the order below, in one call
+                return above[np.argsort(-s[above], kind="stable")[:k]]
             cand = above
     if cand is None:
         cand = np.arange(n)

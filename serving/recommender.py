@@ -385,7 +385,7 @@ class Recommender:
         kept, rows = self._eligible_rows(batch, users, live, n_items)
         cands = [c for c, _ in kept]
         X = self._features([self._context_of(base[g], tr, decay(t), t) for g, t in zip(unit_of, nows, strict=True)],
-                           cands, bundle)
+                           cands, aux)
         feats = [X] if len(cands) == 1 else np.split(X, np.cumsum([len(c) for c in cands])[:-1])
         ordered = self._order_many(users, cands, rows, self._score_shared(X, bundle, rows, unit_of, firsts, nows),
                                    aux, live)
@@ -396,11 +396,12 @@ class Recommender:
                                                   new_rec_ids(len(users)), strict=True)]
 
     @staticmethod
-    def _features(contexts: list[RankingContext], cands: list[CandidateSet], bundle: Bundle) -> np.ndarray:
-        """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix)."""
+    def _features(contexts: list[RankingContext], cands: list[CandidateSet], aux: BundleAux) -> np.ndarray:
+        """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix), on the
+        bundle's tables with plain-ndarray factors (:attr:`~serving.candidates.BundleAux.tables`)."""
         if len(contexts) == 1:   # one user: the plain builder has less set-up (same matrix)
-            return build_features(contexts[0], cands[0].items, bundle.tables)
-        return build_features_many(contexts, [c.items for c in cands], bundle.tables)
+            return build_features(contexts[0], cands[0].items, aux.tables)
+        return build_features_many(contexts, [c.items for c in cands], aux.tables)
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -584,7 +585,7 @@ class Recommender:
                 s, order = self._ranking(u, c, s_all[lo:hi], live, codes)
             else:
                 s, order = s_all[lo:hi], ranked[lo:hi] - lo
-            vectors = aux.bundle.item_factors[c.items] if self.rules.diversity == "mmr" else None
+            vectors = aux.item_factors[c.items] if self.rules.diversity == "mmr" else None
             pos = diversify(order, codes, u.request.k, self.rules, scores=s, vectors=vectors)
             parts.append((s, pos, codes))
         strongest = strongest_at_many(rows.scores, rows.bounds, [pos for _, pos, _ in parts])
@@ -693,7 +694,7 @@ class Recommender:
         """Boosts, diversity and the listed positions of one request (the form :meth:`_order_many` must equal);
         ``codes`` are the candidates' live category codes."""
         s, order = self._ranking(u, cands, np.asarray(scores, dtype=np.float64), live, codes)
-        vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
+        vectors = aux.item_factors[cands.items] if self.rules.diversity == "mmr" else None
         pos = diversify(order, codes, u.request.k, self.rules, scores=s, vectors=vectors)
         return _Ordered(s, pos, strongest_at(cands, pos), codes)
 

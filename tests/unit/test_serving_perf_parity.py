@@ -535,7 +535,10 @@ def test_top_k_of_a_short_array_equals_the_partition_path(seed: int, monkeypatch
         with_nan = s.copy()
         with_nan[n // 2] = np.nan        # the sort path must step aside
         cases += [s.astype(np.float32), s, np.zeros(n, np.float32), with_nan]
-    ks = [sorted({1, len(s) // 2, len(s) - 1} - {0}) for s in cases]
+    big = np.round(rng.normal(size=20_000), 2)   # the sampled threshold, then a sort of the few above it
+    cases += [big.astype(np.float32), big]
+    ks = [sorted({1, len(s) // 2, len(s) - 1} - {0}) if len(s) <= index._SORT_MAX_N else [1, 60, 150, 300]
+          for s in cases]
     got = [[index.top_k(s, k) for k in kk] for s, kk in zip(cases, ks, strict=True)]
     monkeypatch.setattr(index, "_SORT_MAX_N", 0)   # the partition path only
     for s, kk, g in zip(cases, ks, got, strict=True):
