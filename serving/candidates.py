@@ -79,6 +79,8 @@ QUOTAS: Mapping[str, float] = {"context": 0.2, "session": 0.2, "bought_together"
 N_RECENT_ANCHORS = 10
 N_SESSION_ANCHORS = 20
 _POP_TOP = 5000
+#: :func:`csr_neighbours` of at most this many rows joins the rows' slices (fewer numpy calls than ``row_ranges``)
+_FEW_ROWS = 64
 #: Factor / content neighbours of a context item below this cosine are not proposed.
 MIN_COSINE = 0.1
 
@@ -306,6 +308,13 @@ def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0 or len(indices) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if len(rows) <= _FEW_ROWS:   # a user's anchors: the rows' slices joined (same entries, same order)
+        spans = [(lo, hi) for lo, hi in zip(indptr[rows].tolist(), indptr[rows + 1].tolist(), strict=True) if hi > lo]
+        if not spans:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        keys = np.concatenate([indices[lo:hi] for lo, hi in spans]).astype(np.int64)
+        vals = np.concatenate([values[lo:hi] for lo, hi in spans]).astype(np.float32, copy=False)
+        return aggregate_by_key(keys, vals, how=how)
     pos = row_ranges(indptr, rows)
     if len(pos) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)

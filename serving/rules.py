@@ -292,7 +292,7 @@ def diversify(ranked: np.ndarray, categories: np.ndarray, k: int, config: RuleCo
 
 
 def _is_codes(categories: np.ndarray) -> bool:
-    return np.issubdtype(np.asarray(categories).dtype, np.integer)
+    return np.asarray(categories).dtype.kind in "iu"   # np.issubdtype(..., np.integer) in one attribute look-up
 
 
 def _cap(ranked: np.ndarray, categories: np.ndarray, k: int, cap: int) -> np.ndarray:

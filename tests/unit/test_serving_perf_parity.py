@@ -562,7 +562,7 @@ def test_fast_recommendations_equal_the_constructor() -> None:
     ids = new_rec_ids(50)
     assert len(set(ids)) == 50
     import uuid
-    for rid in ids:
+    for rid in ids + [new_rec_ids(1)[0] for _ in range(50)]:   # the batched and the one-list form
         u = uuid.UUID(hex=rid)
         assert u.hex == rid and u.version == 4 and u.variant == uuid.RFC_4122
 
