@@ -79,6 +79,8 @@ QUOTAS: Mapping[str, float] = {"context": 0.2, "session": 0.2, "bought_together"
 N_RECENT_ANCHORS = 10
 N_SESSION_ANCHORS = 20
 _POP_TOP = 5000
+#: :func:`csr_neighbours` of at most this many rows joins the rows' slices (fewer numpy calls than ``row_ranges``)
+_FEW_ROWS = 64
 #: Factor / content neighbours of a context item below this cosine are not proposed.
 MIN_COSINE = 0.1
 
@@ -124,7 +126,13 @@ class BundleAux:
                  content_index: ItemIndex | None = None) -> None:
         self.bundle = bundle
         self.version = bundle.version
-        y = bundle.item_factors
+        #: the item factors as a plain ndarray (the same memory as a memory-mapped bundle's array, without
+        #: numpy.memmap's Python-level ``__getitem__`` on every look-up of a few rows)
+        self.item_factors: np.ndarray = np.asarray(bundle.item_factors)
+        y = self.item_factors
+        #: the bundle's ranking tables on :attr:`item_factors` (same arrays; what the features read per call)
+        self.tables = (bundle.tables if bundle.tables.item_factors is y
+                       else dataclasses.replace(bundle.tables, item_factors=y))
         self.index = index or ExactIndex(y)
         self.content_index = content_index or (ExactIndex(bundle.content) if bundle.content is not None else None)
         self.factor_norms = np.linalg.norm(np.asarray(y, dtype=np.float32), axis=1)
@@ -163,7 +171,7 @@ class BundleAux:
     def build(cls, bundle: Bundle, *, kind: str = "auto", ann_min_items: int = 50_000,
               nprobe: int = 64) -> BundleAux:
         """Aux with the retrieval indexes chosen by catalog size (may take seconds: IVF)."""
-        index = build_index(bundle.item_factors, kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
+        index = build_index(np.asarray(bundle.item_factors), kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
         content_index = None
         if bundle.content is not None:
             content_index = build_index(bundle.content, kind=kind, ann_min_items=ann_min_items, nprobe=nprobe)
@@ -175,7 +183,7 @@ class BundleAux:
 
     def similar_by_factors(self, item: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Items of highest ALS factor cosine with ``item`` (itself excluded)."""
-        y = self.bundle.item_factors
+        y = self.item_factors
         q = np.asarray(y[item], dtype=np.float32)
         qn = float(self.factor_norms[item])
         if qn == 0:
@@ -300,6 +308,13 @@ def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0 or len(indices) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if len(rows) <= _FEW_ROWS:   # a user's anchors: the rows' slices joined (same entries, same order)
+        spans = [(lo, hi) for lo, hi in zip(indptr[rows].tolist(), indptr[rows + 1].tolist(), strict=True) if hi > lo]
+        if not spans:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        keys = np.concatenate([indices[lo:hi] for lo, hi in spans]).astype(np.int64)
+        vals = np.concatenate([values[lo:hi] for lo, hi in spans]).astype(np.float32, copy=False)
+        return aggregate_by_key(keys, vals, how=how)
     pos = row_ranges(indptr, rows)
     if len(pos) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -321,7 +336,9 @@ def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str, size: in
         dense = np.full(size, -np.inf, dtype=np.float32)
         np.maximum.at(dense, keys, values)
         return uniq, dense[uniq]
-    uniq, inv = np.unique(keys, return_inverse=True)
+    if len(keys) == 0:
+        return keys.astype(np.int64), np.zeros(0, np.float32)
+    uniq, _, inv = _unique(keys)   # np.unique(keys, return_inverse=True) in fewer calls
     if how == "sum":
         return uniq, np.bincount(inv, weights=values, minlength=len(uniq)).astype(np.float32)
     agg = np.full(len(uniq), -np.inf, dtype=np.float32)
@@ -396,7 +413,7 @@ def _category(inp: CandidateInput, aux: BundleAux, n: int) -> tuple[np.ndarray, 
         if items is None or len(items) == 0:
             continue
         if inp.user_vector is not None:
-            s = np.asarray(aux.bundle.item_factors[items], dtype=np.float32) @ inp.user_vector
+            s = np.asarray(aux.item_factors[items], dtype=np.float32) @ inp.user_vector
             top = top_k(s, per)
             parts_i.append(items[top])
             parts_s.append(s[top])
@@ -677,11 +694,14 @@ def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: in
     if not proposals:
         return CandidateSet(np.zeros(0, np.int64), np.zeros((0, len(SOURCES)), np.float32),
                             np.zeros(0, np.int8))
-    src = np.concatenate([np.full(len(i), s, dtype=np.int8) for s, i, _ in proposals])
+    n_src = len(SOURCES)
+    lengths = np.fromiter((len(i) for _, i, _ in proposals), dtype=np.int64, count=len(proposals))
+    src = np.repeat(np.fromiter((s for s, _, _ in proposals), dtype=np.int8, count=len(proposals)), lengths)
     items = np.concatenate([i for _, i, _ in proposals])
     scores = np.concatenate([s for _, _, s in proposals])
     uniq, first_pos, inv = _unique(items)
-    table = np.zeros((len(uniq), len(SOURCES)), dtype=np.float32)
-    np.maximum.at(table, (inv, src.astype(np.int64)), np.maximum(scores, 1e-6))
+    table = np.zeros((len(uniq), n_src), dtype=np.float32)
+    # on the flat table: ufunc.at's one-index fast path (a maximum does not depend on the order)
+    np.maximum.at(table.reshape(-1), inv * n_src + src, np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")[:n_candidates]
     return CandidateSet(items=uniq[order], scores=table[order], first=src[first_pos[order]])

@@ -166,6 +166,8 @@ def best_anchors_many(indptr: np.ndarray, indices: np.ndarray, values: np.ndarra
     item, the anchor with the largest positive value, on a tie the first in ``anchors[j]``.
     """
     n_users = len(anchors)
+    if n_users == 1:   # one user (the API): the one-user join has less set-up (same anchors)
+        return [_best_anchors(indptr, indices, values, anchors[0], items[0])]
     out: list[dict[int, int]] = [{} for _ in range(n_users)]
     if len(indices) == 0:
         return out
@@ -300,7 +302,7 @@ def _most_similar(aux: BundleAux, source: str, item: int, recent: np.ndarray) ->
         sims = np.asarray(c[recent], dtype=np.float32) @ np.asarray(c[item], dtype=np.float32)
         floor = 0.3
     else:
-        y = aux.bundle.item_factors
+        y = aux.item_factors
         v = np.asarray(y[item], dtype=np.float32)
         norms = np.maximum(aux.factor_norms[recent] * aux.factor_norms[item], 1e-12)
         sims = (np.asarray(y[recent], dtype=np.float32) @ v) / norms
@@ -449,7 +451,7 @@ def _similarities(aux: BundleAux, src: str, items: np.ndarray, rec: np.ndarray) 
     if src == "content":
         m = aux.bundle.content
         return np.asarray(m[items], np.float32) @ np.asarray(m[rec], np.float32).T
-    y = aux.bundle.item_factors
+    y = aux.item_factors
     return (np.asarray(y[items], np.float32) @ np.asarray(y[rec], np.float32).T) / np.maximum(
         aux.factor_norms[items][:, None] * aux.factor_norms[rec][None, :], 1e-12)
 
@@ -484,7 +486,7 @@ def reason_tuples_many(cands: Sequence[CandidateSet], positions: Sequence[np.nda
         for src, floor in (("als", 0.2), ("content", 0.3)):
             if src == "content" and aux.bundle.content is None:
                 continue
-            m = aux.bundle.content if src == "content" else aux.bundle.item_factors
+            m = aux.bundle.content if src == "content" else aux.item_factors
             sel = src_all == SOURCES.index(src)
             items_sel, owner_sel = chosen_all[sel], owner_all[sel]
             cut = np.searchsorted(owner_sel, np.arange(n + 1, dtype=np.int64)).tolist()

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 _BLOCK = 32
 #: Below this many scores a plain argpartition is as fast as the sampled threshold.
 _SAMPLE_MIN_N = 16_384
+#: :func:`top_k` of at most this many float scores is one stable sort (a few numpy calls fewer; measured
+#: faster up to ~1-2k scores, see docs/api-performance.md)
+_SORT_MAX_N = 1024
 _STRIDE = 16
 
 
@@ -77,6 +80,12 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if k == n:
         return np.argsort(-s, kind="stable").astype(np.int64, copy=False)
+    if n <= _SORT_MAX_N and s.dtype.kind == "f":
+        # a short float array: one stable sort is cheaper than the partitions below, and gives the same
+        # positions unless there is a NaN (argsort puts NaNs last, so the last one tells)
+        order = np.argsort(-s, kind="stable")
+        if not math.isnan(s[order[-1]]):
+            return order[:k].astype(np.int64, copy=False)
     cand: np.ndarray | None = None
     if n >= _SAMPLE_MIN_N and k * 4 * _STRIDE < n:
         sample = s[::_STRIDE]
@@ -84,6 +93,9 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         threshold = np.partition(sample, len(sample) - 1 - rank)[len(sample) - 1 - rank]
         above = np.flatnonzero(s >= threshold)
         if len(above) >= k:  # every top-k item is above the threshold: exact
+            if len(above) <= _SORT_MAX_N and s.dtype.kind == "f":
+                # no NaN is above a threshold: the stable sort of the few is the order below, in one call
+                return above[np.argsort(-s[above], kind="stable")[:k]]
             cand = above
     if cand is None:
         cand = np.arange(n)
@@ -163,6 +175,10 @@ class ExactIndex:
         q = _queries(queries, self.item_factors.shape[1])
         m, n = len(q), self.item_factors.shape[0]
         kk = min(int(k), n)
+        if m == 1:   # one query (an API call): the loop below without its output arrays (same rows and scores)
+            row = self.item_factors @ q[0]
+            top = top_k(row, kk)
+            return top[None], row[top][None].astype(np.float32, copy=False)
         idx = np.full((m, kk), -1, dtype=np.int64)
         out = np.zeros((m, kk), dtype=np.float32)
         for start in range(0, m, _BLOCK):

@@ -132,8 +132,16 @@ def recommendations(items: Iterable[tuple[str, float, tuple[str, str, str | None
     return out
 
 
+#: version 4 (bits 76-79 = 0100) and the RFC 4122 variant (bits 62-63 = 10) of a big-endian 128-bit UUID
+_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_SET_V4 = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_rec_ids(n: int) -> list[str]:
     """``n`` random version-4 UUIDs as 32 hex digits (``uuid.uuid4().hex``), from one ``os.urandom`` call."""
+    if n == 1:   # one list (the API): the same bits set on one 128-bit int, without the byte slicing
+        v = int.from_bytes(os.urandom(16), "big") & _CLEAR | _SET_V4
+        return [f"{v:032x}"]
     raw = bytearray(os.urandom(16 * n))
     raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])   # version 4
     raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])   # RFC 4122 variant

@@ -53,6 +53,7 @@ from serving.candidates import (
     CandidateInput,
     CandidateSet,
     TrendingArrays,
+    gather,
     gather_many,
     group_desc_order,
     isin_rows,
@@ -363,8 +364,12 @@ class Recommender:
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity,
                                  session_knn=u.sknn)
                   for u, a in zip(base, als, strict=True)]
-        anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
-        raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
+        if len(inputs) == 1:   # one unit (the API): the one-user chain has less set-up (same candidates)
+            one = gather(inputs[0], aux, tr, n_candidates=self.n_candidates)
+            raw = CandidateBatch(np.array([0, len(one)], dtype=np.int64), one.items, one.scores, one.first)
+        else:
+            anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
+            raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
         live = self._live_attrs(aux, catalog, raw.items)
         n_items = len(aux.bundle.items)
 
@@ -385,9 +390,8 @@ class Recommender:
         kept, rows = self._eligible_rows(batch, users, live, n_items)
         cands = [c for c, _ in kept]
         X = self._features([self._context_of(base[g], tr, decay(t), t) for g, t in zip(unit_of, nows, strict=True)],
-                           cands, bundle)
-        sizes = np.cumsum([len(c) for c in cands])[:-1]
-        feats = np.split(X, sizes)
+                           cands, aux)
+        feats = [X] if len(cands) == 1 else np.split(X, np.cumsum([len(c) for c in cands])[:-1])
         ordered = self._order_many(users, cands, rows, self._score_shared(X, bundle, rows, unit_of, firsts, nows),
                                    aux, live)
         ranked = bundle.ranker is not None
@@ -402,11 +406,12 @@ class Recommender:
                                                   new_rec_ids(len(users)), strict=True)]
 
     @staticmethod
-    def _features(contexts: list[RankingContext], cands: list[CandidateSet], bundle: Bundle) -> np.ndarray:
-        """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix)."""
+    def _features(contexts: list[RankingContext], cands: list[CandidateSet], aux: BundleAux) -> np.ndarray:
+        """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix), on the
+        bundle's tables with plain-ndarray factors (:attr:`~serving.candidates.BundleAux.tables`)."""
         if len(contexts) == 1:   # one user: the plain builder has less set-up (same matrix)
-            return build_features(contexts[0], cands[0].items, bundle.tables)
-        return build_features_many(contexts, [c.items for c in cands], bundle.tables)
+            return build_features(contexts[0], cands[0].items, aux.tables)
+        return build_features_many(contexts, [c.items for c in cands], aux.tables)
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -596,6 +601,9 @@ class Recommender:
         ok, at = Recommender._eligible_mask(batch, users, live, n_items)
         kept = np.flatnonzero(ok)
         items, scores, first, at = batch.items[kept], batch.scores[kept], batch.first[kept], at[kept]
+        if len(users) == 1:   # one request: all kept rows are its own (bounds 0 and all, positions = rows)
+            return ([(CandidateSet(items, scores, first), at)],
+                    _Rows(np.array([0, len(kept)], dtype=np.int64), scores, at, kept))
         bounds = np.searchsorted(kept, batch.bounds)
         nb = bounds.tolist()
         sets = [(CandidateSet(items[lo:hi], scores[lo:hi], first[lo:hi]), at[lo:hi])
@@ -624,7 +632,7 @@ class Recommender:
                 s, order = self._ranking(u, c, s_all[lo:hi], live, codes)
             else:
                 s, order = s_all[lo:hi], ranked[lo:hi] - lo
-            vectors = aux.bundle.item_factors[c.items] if self.rules.diversity == "mmr" else None
+            vectors = aux.item_factors[c.items] if self.rules.diversity == "mmr" else None
             pos = diversify(order, codes, u.request.k, self.rules, scores=s, vectors=vectors)
             parts.append((s, pos, codes))
         strongest = strongest_at_many(rows.scores, rows.bounds, [pos for _, pos, _ in parts])
@@ -653,7 +661,9 @@ class Recommender:
         ok = live.in_stock[at]
         bounds = batch.bounds.tolist()
         blocked = [(j, u.blocked_rows) for j, u in enumerate(users) if len(u.blocked_rows)]
-        if blocked:
+        if blocked and len(users) == 1:   # one request: its rows against its blocked rows, no keys
+            ok &= ~isin_rows(batch.items, blocked[0][1])
+        elif blocked:
             uid = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(batch.bounds))
             keys = np.concatenate([r + j * n_items for j, r in blocked])
             ok &= ~np.isin(uid * n_items + batch.items, keys)
@@ -731,7 +741,7 @@ class Recommender:
         """Boosts, diversity and the listed positions of one request (the form :meth:`_order_many` must equal);
         ``codes`` are the candidates' live category codes."""
         s, order = self._ranking(u, cands, np.asarray(scores, dtype=np.float64), live, codes)
-        vectors = aux.bundle.item_factors[cands.items] if self.rules.diversity == "mmr" else None
+        vectors = aux.item_factors[cands.items] if self.rules.diversity == "mmr" else None
         pos = diversify(order, codes, u.request.k, self.rules, scores=s, vectors=vectors)
         return _Ordered(s, pos, strongest_at(cands, pos), codes)
 

@@ -292,7 +292,7 @@ def diversify(ranked: np.ndarray, categories: np.ndarray, k: int, config: RuleCo
 
 
 def _is_codes(categories: np.ndarray) -> bool:
-    return np.issubdtype(np.asarray(categories).dtype, np.integer)
+    return np.asarray(categories).dtype.kind in "iu"   # np.issubdtype(..., np.integer) in one attribute look-up
 
 
 def _cap(ranked: np.ndarray, categories: np.ndarray, k: int, cap: int) -> np.ndarray:
@@ -325,16 +325,19 @@ def _cap_codes(ranked: np.ndarray, codes: np.ndarray, k: int, cap: int) -> np.nd
     chosen: list[int] = []
     skipped: list[int] = []
     get = counts.get
-    for pos, code in zip(ranked.tolist(), codes[ranked].tolist(), strict=True):
-        if code >= 0:
-            seen = get(code, 0)
-            if seen >= cap:
-                skipped.append(pos)
-                continue
-            counts[code] = seen + 1
-        chosen.append(pos)
-        if len(chosen) == k:
-            break
+    step = max(4 * k, 64)   # converted to ints a slice at a time: the walk rarely needs more than the first
+    for lo in range(0, len(ranked), step):
+        part = ranked[lo:lo + step]
+        for pos, code in zip(part.tolist(), codes[part].tolist(), strict=True):
+            if code >= 0:
+                seen = get(code, 0)
+                if seen >= cap:
+                    skipped.append(pos)
+                    continue
+                counts[code] = seen + 1
+            chosen.append(pos)
+            if len(chosen) == k:
+                return np.asarray(chosen, dtype=np.int64)
     if len(chosen) < k:
         chosen.extend(skipped[:k - len(chosen)])
     return np.asarray(chosen, dtype=np.int64)

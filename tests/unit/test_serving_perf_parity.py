@@ -523,6 +523,33 @@ def test_top_k_of_all_rows_equals_top_k_of_each_row(seed: int) -> None:
         np.testing.assert_allclose(sc[j], one_sc[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_of_a_short_array_equals_the_partition_path(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving import index
+
+    rng = np.random.default_rng(seed)
+    cases = []
+    for n in (2, 5, 60, 300, index._SORT_MAX_N):
+        s = rng.normal(size=n)
+        s[::3] = np.round(s[::3], 1)   # ties, also at the boundary
+        with_nan = s.copy()
+        with_nan[n // 2] = np.nan        # the sort path must step aside
+        cases += [s.astype(np.float32), s, np.zeros(n, np.float32), with_nan]
+    big = np.round(rng.normal(size=20_000), 2)   # the sampled threshold, then a sort of the few above it
+    cases += [big.astype(np.float32), big]
+    ks = [sorted({1, len(s) // 2, len(s) - 1} - {0}) if len(s) <= index._SORT_MAX_N else [1, 60, 150, 300]
+          for s in cases]
+    got = [[index.top_k(s, k) for k in kk] for s, kk in zip(cases, ks, strict=True)]
+    monkeypatch.setattr(index, "_SORT_MAX_N", 0)   # the partition path only
+    for s, kk, g in zip(cases, ks, got, strict=True):
+        for k, one in zip(kk, g, strict=True):
+            want = index.top_k(s, k)
+            np.testing.assert_array_equal(one, want)
+            assert one.dtype == np.int64
+            if not np.isnan(s).any():   # best first, ties by the lower position
+                np.testing.assert_array_equal(one, np.lexsort((np.arange(len(s)), -s))[:k])
+
+
 def test_fast_recommendations_equal_the_constructor() -> None:
     from serving.reclist import new_rec_ids, recommendations
 
@@ -535,7 +562,7 @@ def test_fast_recommendations_equal_the_constructor() -> None:
     ids = new_rec_ids(50)
     assert len(set(ids)) == 50
     import uuid
-    for rid in ids:
+    for rid in ids + [new_rec_ids(1)[0] for _ in range(50)]:   # the batched and the one-list form
         u = uuid.UUID(hex=rid)
         assert u.hex == rid and u.version == 4 and u.variant == uuid.RFC_4122
 
