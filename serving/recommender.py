@@ -34,7 +34,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -784,16 +784,7 @@ class Recommender:
         s, pos, strongest, codes = ordered.scores, ordered.pos, ordered.strongest, ordered.codes
         cats = live.name_arr[codes]
 
-        names: dict[int, str] = {}      # an anchor often names several items of the list
-
-        def name(idx: int) -> str:
-            out = names.get(idx)
-            if out is None:
-                item_id = aux.bundle.items.id(idx)
-                info = catalog.get(item_id)
-                out = names[idx] = info.title if info is not None and info.title else item_id
-            return out
-
+        name = _namer(aux, catalog)
         reasons = reason_tuples(cands, pos, aux=aux, anchors=u.reason_anchors,
                                 context=u.context, recent=u.recent, name=name, categories=cats,
                                 user_categories=u.user_categories, position_sources=strongest, anchored=anchored)
@@ -829,16 +820,7 @@ class Recommender:
         plain = [j for j, u in enumerate(users) if not u.request.explain and u.context < 0]
         out: list[RecList | None] = [None] * len(users)
         if plain:
-            names: dict[int, str] = {}      # an anchor often names several items of the lists
-
-            def name(idx: int) -> str:
-                got = names.get(idx)
-                if got is None:
-                    item_id = aux.bundle.items.id(idx)
-                    info = catalog.get(item_id)
-                    got = names[idx] = info.title if info is not None and info.title else item_id
-                return got
-
+            name = _namer(aux, catalog)
             pos = [ordered[j].pos for j in plain]
             cut = np.cumsum([len(p) for p in pos]).tolist()
             item_ids = aux.item_id_arr[np.concatenate([listed[j] for j in plain])].tolist()
@@ -901,6 +883,22 @@ class Recommender:
                              trending=None, catalog=catalog, rules=self.rules, now_ms=now)
         out.extend(rest.items)
         return out
+
+
+def _namer(aux: BundleAux, catalog: CatalogCache) -> Callable[[int], str]:
+    """The name a reason gives an item row (its catalog title, else its id), remembered for the call: an
+    anchor often names several items of a list."""
+    names: dict[int, str] = {}
+
+    def name(idx: int) -> str:
+        got = names.get(idx)
+        if got is None:
+            item_id = aux.bundle.items.id(idx)
+            info = catalog.get(item_id)
+            got = names[idx] = info.title if info is not None and info.title else item_id
+        return got
+
+    return name
 
 
 def _round6(scores: np.ndarray) -> list[float]:
