@@ -34,12 +34,14 @@ Exact probability per kind, no Monte Carlo needed: a browsing view draws item
 ``i`` with ``focus_share * w_i [cat_i = f] / W_f + (1 - focus_share) * w_i / W``,
 ``w = exp(browse_sharpness * z)`` (the generator's ``ShopperModel.browse_weights``)
 and ``W_f`` the weight of category ``f``; a bot view is uniform; a click or a
-cart is of the item just viewed; at checkout the carts are bought in cart
-order (re-buy carts surely, the others with ``P(bought | not removed) =
-b / (b + (1 - b)(1 - r))``, ``b`` = buy_given_cart, ``r`` =
-remove_given_unbought; removals come before the purchases), so the next
-purchase is the first bought cart after the last purchase. A group's items
-combine as ``1 - prod(1 - p_event)``.
+cart is of the item just viewed; at checkout every cart is bought with
+``buy_given_cart`` (a re-buy's surely), one purchase per item, every unbought
+cart is removed with ``remove_given_unbought``, removals first, then the
+purchases in cart order: the next purchase's distribution comes from
+enumerating the cart draws consistent with the removals and purchases seen
+so far (exact; every realized purchase of the 2,000-user shop's test window
+gets a positive probability). A group's items combine as
+``1 - prod(1 - p_event)``.
 
 The focus categories come from replaying the generator's own random streams
 (the session and browsing steps of ``_views_of_humans``); the script checks
@@ -321,7 +323,8 @@ def next_purchase(log: LabelledLog, row: int, model: ShopperModel) -> dict[int, 
 
     Exact enumeration of the generator's checkout: every cart row is bought with ``buy_given_cart``
     (a re-buy's cart surely); one purchase per item (the first bought row of an item keeps it, normal
-    rows before re-buy rows, as ``_dedupe_purchases`` does); every unbought row is removed with
+    rows before re-buy rows, as ``_dedupe_purchases`` does; between two re-buy carts of one item the
+    keeper is a latent choice); every unbought row is removed with
     ``remove_given_unbought``; removals (in cart order) come before the purchases (in cart order).
     The patterns consistent with the removals and purchases seen so far are weighted by their
     probability, and the next purchase's item is read off each.
@@ -341,33 +344,48 @@ def next_purchase(log: LabelledLog, row: int, model: ShopperModel) -> dict[int, 
     k = len(bought)
     probs: dict[int, float] = {}
     if 0 < m <= _MAX_ENUMERATED_CARTS:
-        keep_order = sorted(range(m), key=lambda j: (rebuy[j], j))   # dedupe priority
+        # Dedupe priority: normal carts first (in cart order), then re-buy carts. Re-buy carts of one item
+        # from different refill rounds sit in the session in the reverse of the generator's row order,
+        # which the log does not show: which of them keeps the purchase is a latent choice, weighted equally.
+        by_item: dict[int, list[int]] = {}
+        for j in range(m):
+            if rebuy[j]:
+                by_item.setdefault(items[j], []).append(j)
+        choices = [js for js in by_item.values() if len(js) > 1]
+        n_combos = int(np.prod([len(js) for js in choices])) if choices else 1
         free = [j for j in range(m) if not rebuy[j]]
-        for mask in range(1 << len(free)):
-            draw = list(rebuy)
-            w = 1.0
-            for bit, j in enumerate(free):
-                on = bool(mask >> bit & 1)
-                draw[j] = on
-                w *= b if on else 1.0 - b
-            final = [False] * m
-            taken: set[int] = set()
-            for j in keep_order:
-                if draw[j] and items[j] not in taken:
-                    final[j] = True
-                    taken.add(items[j])
-            seq = [items[j] for j in range(m) if final[j]]
-            if len(seq) <= k or seq[:k] != bought:
-                continue
-            unbought = [items[j] for j in range(m) if not final[j]]
-            c = len(removed)
-            if c > len(unbought):
-                continue
-            ways = _subsequence_count(unbought, removed)
-            if not ways:
-                continue
-            w *= ways * r ** c * (1.0 - r) ** (len(unbought) - c)
-            probs[seq[k]] = probs.get(seq[k], 0.0) + w
+        for combo in range(n_combos):
+            first: set[int] = set()
+            rest = combo
+            for js in choices:
+                first.add(js[rest % len(js)])
+                rest //= len(js)
+            keep_order = sorted(range(m), key=lambda j: (rebuy[j], j not in first, j))
+            for mask in range(1 << len(free)):
+                draw = list(rebuy)
+                w = 1.0 / n_combos
+                for bit, j in enumerate(free):
+                    on = bool(mask >> bit & 1)
+                    draw[j] = on
+                    w *= b if on else 1.0 - b
+                final = [False] * m
+                taken: set[int] = set()
+                for j in keep_order:
+                    if draw[j] and items[j] not in taken:
+                        final[j] = True
+                        taken.add(items[j])
+                seq = [items[j] for j in range(m) if final[j]]
+                if len(seq) <= k or seq[:k] != bought:
+                    continue
+                unbought = [items[j] for j in range(m) if not final[j]]
+                c = len(removed)
+                if c > len(unbought):
+                    continue
+                ways = _subsequence_count(unbought, removed)
+                if not ways:
+                    continue
+                w *= ways * r ** c * (1.0 - r) ** (len(unbought) - c)
+                probs[seq[k]] = probs.get(seq[k], 0.0) + w
     z = sum(probs.values())
     if z <= 0:   # too many carts to enumerate (or no consistent pattern): the carts not yet bought, uniform
         cands = [i for i in items if i not in set(bought)]
