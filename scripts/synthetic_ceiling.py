@@ -275,16 +275,27 @@ class UserModel:
     __slots__ = ("base", "cat", "in_cat", "log_prior", "n_cat", "share", "uniform")
 
     def __init__(self, model: ShopperModel, user: int, focus_share: float) -> None:
-        cat = model.catalog.category.astype(np.int64)
+        self._set(model.browse_weights(np.array([user]))[0], model.catalog.category,
+                  len(model.catalog.categories), focus_share, bool(model.taste.is_bot[user]))
+
+    @classmethod
+    def from_weights(cls, weights: np.ndarray, category: np.ndarray, n_categories: int, focus_share: float,
+                     *, uniform: bool = False) -> UserModel:
+        """A browsing model from any per-item weights (an estimated taste instead of the true one)."""
+        um = cls.__new__(cls)
+        um._set(weights, category, n_categories, focus_share, uniform)
+        return um
+
+    def _set(self, w: np.ndarray, category: np.ndarray, n_cat: int, focus_share: float, uniform: bool) -> None:
+        cat = np.asarray(category, dtype=np.int64)
         self.cat = cat
-        self.n_cat = len(model.catalog.categories)
+        self.n_cat = n_cat
         self.share = focus_share
-        self.uniform = bool(model.taste.is_bot[user])
-        w = model.browse_weights(np.array([user]))[0]
-        mass = np.bincount(cat, weights=w, minlength=self.n_cat)
+        self.uniform = uniform
+        mass = np.bincount(cat, weights=w, minlength=n_cat)
         total = float(mass.sum())
         self.base = (1.0 - focus_share) * w / total
-        self.in_cat = focus_share * w / mass[cat]
+        self.in_cat = focus_share * w / np.maximum(mass[cat], 1e-300)
         with np.errstate(divide="ignore"):
             self.log_prior = np.log(mass / total)
 
@@ -437,7 +448,7 @@ _CART_WEIGHT = 0.05
 
 
 def kind_blind_scores(log: LabelledLog, row: int, um: UserModel, model: ShopperModel, hidden: HiddenFocus,
-                      oracle: str, rebuy_p: float) -> np.ndarray:
+                      oracle: str, rebuy_p: float, funnel_rates: tuple[float, float] | None = None) -> np.ndarray:
     """Scores of a strategy that is *not* told the group's kind: a mixture over what may come next.
 
     It sees the previous event (and whether a new session starts, which the 31-minute gap reveals) and
@@ -447,7 +458,8 @@ def kind_blind_scores(log: LabelledLog, row: int, um: UserModel, model: ShopperM
     (a removal or a purchase seen) only they can come next. A new session mixes the browsing view of
     its focus with re-buys of consumables bought ``g`` sessions ago (``rebuy_probability * 0.5 ** g``).
     It is a feasible strategy for an oracle without the kind, so its metrics are a lower end for the
-    Bayes ceiling given the timestamps, as the kind-told oracle's are the upper end.
+    Bayes ceiling given the timestamps, as the kind-told oracle's are the upper end. ``funnel_rates``
+    (click per view, cart per click) replaces the true per-item funnel probabilities by constants.
     """
     n_items = um.cat.shape[0]
     u, sess = int(log.user[row]), int(log.session[row])
@@ -481,14 +493,65 @@ def kind_blind_scores(log: LabelledLog, row: int, um: UserModel, model: ShopperM
     last = int(prev[-1])
     x = int(log.item[last])
     if log.kind[last] in (BROWSE, REBUY):
-        c = float(model.click_given_view(u, np.array([x]))[0])
+        c = funnel_rates[0] if funnel_rates else float(model.click_given_view(u, np.array([x]))[0])
         score = (1.0 - c) * score
         score[x] += c
     elif log.kind[last] == CLICK:
-        a = float(model.cart_given_click(u, np.array([x]))[0])
+        a = funnel_rates[1] if funnel_rates else float(model.cart_given_click(u, np.array([x]))[0])
         score = (1.0 - a) * score
         score[x] += a
     return score
+
+
+# -- a plug-in strategy: the same browsing model with an estimated taste ----------------------------
+@dataclass(frozen=True, slots=True)
+class Plugin:
+    """An estimated-taste browsing model per shop user and constant funnel rates (nothing hidden)."""
+
+    user_model: Any   # shop user row -> UserModel
+    funnel_rates: tuple[float, float] | None   # None: the generator's per-item funnel probabilities
+    info: dict[str, Any]
+
+
+def als_plugin(shop: SyntheticShop, table: InteractionTable, train: InteractionTable, *, factors: int,
+               regularization: float, sharpness: float, iterations: int = 15) -> Plugin:
+    """The posterior, kind-blind strategy's browsing model with the taste of a static ALS fitted on ``train``.
+
+    Item weights are ``exp(sharpness * z)`` with ``z`` the user's ALS score standardised over the
+    catalog; the focus share is the generator's; the funnel rates are the training window's clicks
+    per view and carts per click; no user is known to be a bot. Everything else is observable.
+    """
+    from training.als import AlsParams, fit_als
+    from training.interactions import confidence_matrix
+
+    cfg = shop.config
+    als = fit_als(confidence_matrix(train), params=AlsParams(factors=factors, regularization=regularization,
+                                                            iterations=iterations))
+    item_shop = _ids_to_rows(table.items.ids, "i", cfg.n_items)
+    ok = item_shop >= 0
+    y = np.zeros((cfg.n_items, factors))
+    y[item_shop[ok]] = als.item_factors[ok]
+    row_of_user = {int(uid[1:]): j for j, uid in enumerate(table.users.ids) if uid[1:].isdigit()}
+    counts = np.bincount(train.type_code, minlength=len(EVENT_TYPES)).astype(np.float64)
+    rates = (counts[_T["click"]] / max(counts[_T["view"]], 1.0),
+             counts[_T["add_to_cart"]] / max(counts[_T["click"]], 1.0))
+    category, n_cat = shop.catalog.category, len(shop.catalog.categories)
+    cache: dict[int, UserModel] = {}
+
+    def user_model(user: int) -> UserModel:
+        um = cache.get(user)
+        if um is None:
+            cache.clear()
+            row = row_of_user.get(user)
+            s = y @ als.user_factors[row].astype(np.float64) if row is not None else np.zeros(cfg.n_items)
+            z = (s - s.mean()) / (s.std() + 1e-12)
+            w = np.exp(np.minimum(sharpness * z, 700.0))
+            um = cache[user] = UserModel.from_weights(w, category, n_cat, cfg.focus_share)
+        return um
+
+    return Plugin(user_model=user_model, funnel_rates=(round(rates[0], 4), round(rates[1], 4)),
+                  info={"factors": factors, "regularization": regularization, "iterations": iterations,
+                        "sharpness": sharpness, "funnel_rates": [round(r, 4) for r in rates]})
 
 
 # -- the replay queries and the oracle's lists ------------------------------------------------------
@@ -512,12 +575,15 @@ def _ids_to_rows(ids: Any, prefix: str, n: int) -> np.ndarray:
 
 def run_oracle(shop: SyntheticShop, plan: ReplayPlan, table: InteractionTable, log: LabelledLog,
                hidden: HiddenFocus, *, oracle: str, kind_known: bool = True, queries: np.ndarray | None = None,
-               k: int = K, progress: bool = True) -> OracleRun:
+               k: int = K, progress: bool = True, plugin: Plugin | None = None) -> OracleRun:
     """Lists (R and X) of one oracle for the plan's queries (``queries``: bool mask, default all).
 
     ``kind_known=False`` ranks by :func:`kind_blind_scores` instead of the kind-told probabilities; the
-    expected metrics always use the latter (unbiased for the list's expected hits).
+    expected metrics always use the latter (unbiased for the list's expected hits). ``plugin`` ranks
+    by the kind-blind posterior strategy with an *estimated* taste (see :func:`als_plugin`).
     """
+    if plugin is not None and (oracle != "posterior" or kind_known):
+        raise ValueError("a plug-in taste runs the posterior, kind-blind strategy only")
     if oracle not in ORACLES:
         raise ValueError(f"oracle must be one of {ORACLES}, got {oracle!r}")
     model, cfg = shop.model, shop.config
@@ -567,7 +633,11 @@ def run_oracle(shop: SyntheticShop, plan: ReplayPlan, table: InteractionTable, l
         if kind_known:
             rank_by = p_t
         else:
-            mix = kind_blind_scores(log, int(rows[0]), um, model, hidden, oracle, cfg.rebuy_probability)
+            if plugin is not None:
+                mix = kind_blind_scores(log, int(rows[0]), plugin.user_model(u), model, hidden, oracle,
+                                        cfg.rebuy_probability, plugin.funnel_rates)
+            else:
+                mix = kind_blind_scores(log, int(rows[0]), um, model, hidden, oracle, cfg.rebuy_probability)
             rank_by = np.zeros(table.n_items)
             rank_by[valid_rows] = mix[item_shop[valid_rows]]
         score = np.where(eligible, rank_by, -1.0)
@@ -708,9 +778,51 @@ def method_ranks(names: list[str], report: dict[str, Any], tplan: ReplayPlan, it
     return out
 
 
+def _bootstrap(plan: ReplayPlan, a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, seed: int
+               ) -> dict[str, Any]:
+    """Paired bootstrap over users (the report's) of ranks ``a`` against ``b``, HR@20 and NDCG@20."""
+    from training.evaluation.scoring import metric_values, paired_bootstrap
+
+    out: dict[str, Any] = {}
+    users = plan.query_user[plan.target_query]
+    for v in ("R", "X"):
+        ok = (a[v] >= 0) & (b[v] >= 0)
+        for m in ("hr@20", "ndcg@20"):
+            r = paired_bootstrap(metric_values(a[v][ok], m), metric_values(b[v][ok], m), users[ok], seed=seed)
+            out[f"{v} {m}"] = {key: round(val, 5) for key, val in r.as_dict().items()}
+    return out
+
+
+def plugin_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog, hidden: HiddenFocus,
+                  params: tuple[int, float, float], *, test_plan: ReplayPlan, test_sample: np.ndarray,
+                  seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The ALS plug-in strategy on the validation window (ALS fitted before it, 20,000 seeded queries;
+    choose its parameters here) and on the test window (ALS fitted before the test, the report's sample)."""
+    factors, reg, sharpness = params
+    win = replay_windows(table.ts)
+    vplan = build_plan(table, start=win.valid_start, end=win.test_start)
+    vsample = np.zeros(vplan.n_queries, dtype=bool)
+    vsample[np.random.default_rng(seed).choice(vplan.n_queries, min(20_000, vplan.n_queries), replace=False)] = True
+    out: dict[str, Any] = {}
+    for name, plan, sample in (("validation", vplan, vsample), ("test_report_sample", test_plan, test_sample)):
+        plugin = als_plugin(shop, table, plan.train, factors=factors, regularization=reg, sharpness=sharpness)
+        run = run_oracle(shop, plan, table, log, hidden, oracle="posterior", kind_known=False, queries=sample,
+                         progress=progress, plugin=plugin)
+        ranks = {v: _ranks(plan, run.lists[v], sample, only_new=(v == "X")) for v in ("R", "X")}
+        res: dict[str, Any] = {v: {key: round(val, 5) for key, val in metrics_from_ranks(ranks[v]).items()}
+                               for v in ("R", "X")}
+        if name == "test_report_sample":
+            out["_ranks"] = ranks
+        res["breakdown"] = {v: breakdown(plan, run, sample, v) for v in ("R", "X")}
+        out[name] = res
+        out["params"] = plugin.info
+    return out
+
+
 def ceiling(shop: SyntheticShop, table: InteractionTable, *, oracles: tuple[str, ...] = ORACLES,
             all_queries: bool = True, seed: int = 0, progress: bool = True, methods: tuple[str, ...] = (),
-            report: dict[str, Any] | None = None, item_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+            report: dict[str, Any] | None = None, item_meta: dict[str, Any] | None = None,
+            plugin: tuple[int, float, float] | None = None) -> dict[str, Any]:
     """Everything the script reports, as a dict (see the module docstring)."""
     if set(np.flatnonzero(type_weights() > 0).tolist()) != {_T[t] for t in ("view", "click", "add_to_cart",
                                                                             "purchase")}:
@@ -743,11 +855,26 @@ def ceiling(shop: SyntheticShop, table: InteractionTable, *, oracles: tuple[str,
                 res["all_queries"] = summarise(tplan, run, queries)
             res["breakdown_report_sample"] = {v: breakdown(tplan, run, sample, v, others) for v in ("R", "X")}
             out["oracles"][key] = res
+    if plugin is not None:
+        rep = plugin_report(shop, table, log, hidden, plugin, test_plan=tplan, test_sample=sample, seed=seed,
+                            progress=progress)
+        ranks = rep.pop("_ranks")
+        rep["paired_bootstrap"] = {other: _bootstrap(tplan, ranks, r, seed=seed) for other, r in others.items()}
+        out["plugin_als"] = rep
     out["_runs"] = runs
     out["_plan"] = tplan
     out["_sample"] = sample
     out["_methods"] = others
     return out
+
+
+def _plugin_arg(text: str) -> tuple[int, float, float] | None:
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise SystemExit(f"--plugin wants FACTORS,REGULARIZATION,SHARPNESS, got {text!r}")
+    return int(parts[0]), float(parts[1]), float(parts[2])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -765,6 +892,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated reported methods (e.g. sknn,liftrec_full) to replay with the "
                              "report's tuned parameters on the same sample, for the per-kind breakdown "
                              "(needs --report)")
+    parser.add_argument("--plugin", default="",
+                        help="FACTORS,REGULARIZATION,SHARPNESS: also run the posterior, kind-blind strategy with "
+                             "a static ALS taste instead of the true one (validation and test windows)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: stdout)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -775,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = json.loads(args.report.read_text(encoding="utf-8")) if args.report is not None else None
     res = ceiling(shop, ds.table, oracles=tuple(args.oracles), all_queries=not args.sample_only, seed=args.seed,
                   progress=not args.no_progress, methods=tuple(m for m in args.methods.split(",") if m),
-                  report=rep, item_meta=ds.item_meta)
+                  report=rep, item_meta=ds.item_meta, plugin=_plugin_arg(args.plugin))
     for key in ("_runs", "_plan", "_sample", "_methods"):
         res.pop(key)
     result: dict[str, Any] = {

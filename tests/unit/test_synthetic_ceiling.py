@@ -141,3 +141,27 @@ def test_same_shop_same_numbers(tiny: dict[str, Any]) -> None:
     b = sc.ceiling(tiny["shop"], tiny["ds"].table, oracles=("focus",), progress=False)
     assert a["oracles"] == b["oracles"]
     assert np.array_equal(a["_runs"]["focus"].lists["R"], b["_runs"]["focus"].lists["R"])
+
+
+def test_plugin_strategy_is_the_posterior_strategy_with_another_taste(tiny: dict[str, Any]) -> None:
+    shop, ds, plan, log, hidden = tiny["shop"], tiny["ds"], tiny["plan"], tiny["log"], tiny["hidden"]
+    queries = np.zeros(plan.n_queries, dtype=bool)
+    queries[::7] = True
+    blind = sc.run_oracle(shop, plan, ds.table, log, hidden, oracle="posterior", kind_known=False, queries=queries,
+                          progress=False)
+    true_taste = sc.Plugin(user_model=lambda u: sc.UserModel(shop.model, u, shop.config.focus_share),
+                           funnel_rates=None, info={})
+    same = sc.run_oracle(shop, plan, ds.table, log, hidden, oracle="posterior", kind_known=False, queries=queries,
+                         progress=False, plugin=true_taste)
+    for v in ("R", "X"):
+        assert np.array_equal(same.lists[v], blind.lists[v])
+    als = sc.als_plugin(shop, ds.table, plan.train, factors=8, regularization=1.0, sharpness=1.0, iterations=4)
+    est = sc.run_oracle(shop, plan, ds.table, log, hidden, oracle="posterior", kind_known=False, queries=queries,
+                        progress=False, plugin=als)
+    focus = sc.run_oracle(shop, plan, ds.table, log, hidden, oracle="focus", queries=queries, progress=False)
+    for v in ("R", "X"):
+        hr = {name: metrics_from_ranks(sc._ranks(plan, r.lists[v], queries, only_new=(v == "X")))["hr@20"]
+              for name, r in (("est", est), ("focus", focus))}
+        assert 0.0 < hr["est"] <= hr["focus"], (v, hr)
+    with pytest.raises(ValueError, match="plug-in"):
+        sc.run_oracle(shop, plan, ds.table, log, hidden, oracle="focus", queries=queries, progress=False, plugin=als)
