@@ -43,10 +43,10 @@ so far (exact; every realized purchase of the 2,000-user shop's test window
 gets a positive probability). A group's items combine as
 ``1 - prod(1 - p_event)``.
 
-The focus categories come from replaying the generator's own random streams
-(the session and browsing steps of ``_views_of_humans``); the script checks
-that the views it re-derives are the generator's, bit for bit, and that every
-click and cart is of the item just viewed.
+The focus categories come from the generator itself
+(``SyntheticShop.session_focus``: its own session and browsing code, run again
+on the shop's seeds); the script checks that every click and cart is of the
+item just viewed.
 
     python scripts/synthetic_ceiling.py --shop /tmp/q_shop --out ceiling.json
     python scripts/synthetic_ceiling.py --users 2000 --items 1000 --days 90 --seed 0
@@ -83,7 +83,6 @@ from training.evaluation.scoring import metrics_from_ranks  # noqa: E402
 from training.interactions import InteractionTable, type_weights  # noqa: E402
 from training.synthetic import ShopConfig, SyntheticShop  # noqa: E402
 from training.synthetic_model import ShopperModel  # noqa: E402
-from training.synthetic_sessions import _BLOCK_CELLS, _browse, _lognormal_around, _sample_rows  # noqa: E402
 
 K = 20
 #: Event kinds of the generator's log (index = kind code).
@@ -95,46 +94,6 @@ _T = {name: i for i, name in enumerate(EVENT_TYPES)}
 
 
 # -- the generator's hidden state ------------------------------------------------------------------
-def _browse_with_focus(model: ShopperModel, v_user: np.ndarray, v_session: np.ndarray, s_user: np.ndarray,
-                       focus_share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``training.synthetic_sessions._browse`` step for step, also returning each session's focus category.
-
-    Same random draws, same blocks, same arithmetic: the items must equal the generator's (checked by
-    :func:`hidden_focus`); the focus categories are the ones the generator drew them from.
-    """
-    cat = model.catalog
-    order, starts = cat.by_category, cat.category_start
-    n_items = cat.n_items
-    items = np.empty(v_user.shape[0], dtype=np.int64)
-    focus_all = np.empty(s_user.shape[0], dtype=np.int64)
-    humans = np.unique(s_user)
-    block = max(1, _BLOCK_CELLS // n_items)
-    u_sess, u_view = rng.random(s_user.shape[0]), rng.random((2, v_user.shape[0]))
-    for a in range(0, humans.shape[0], block):
-        users = humans[a:a + block]
-        flat = model.browse_weights(users, item_order=order).ravel()
-        np.cumsum(flat, out=flat)
-        pos = (np.arange(users.shape[0]) * n_items)[:, None] + starts[None, :]
-        before = np.where(pos > 0, flat[np.maximum(pos - 1, 0)], 0.0)
-        cat_cum = np.cumsum(np.diff(before, axis=1), axis=1)
-        s0 = int(np.searchsorted(s_user, users[0], side="left"))
-        s1 = int(np.searchsorted(s_user, users[-1], side="right"))
-        s_row = np.searchsorted(users, s_user[s0:s1])
-        focus = _sample_rows(cat_cum, s_row, np.zeros(s1 - s0), cat_cum[s_row, -1], u_sess[s0:s1])
-        focus_all[s0:s1] = focus
-        v_sel = np.arange(np.searchsorted(v_user, users[0], side="left"),
-                          np.searchsorted(v_user, users[-1], side="right"))
-        v_row = np.searchsorted(users, v_user[v_sel])
-        f = focus[v_session[v_sel] - s0]
-        in_focus = u_view[0, v_sel] < focus_share
-        lo = np.where(in_focus, before[v_row, f], before[v_row, 0])
-        hi = np.where(in_focus, before[v_row, f + 1], before[v_row, -1])
-        col = np.searchsorted(flat, lo + u_view[1, v_sel] * (hi - lo), side="right") - v_row * n_items
-        col = np.clip(col, np.where(in_focus, starts[f], 0), np.where(in_focus, starts[f + 1], n_items) - 1)
-        items[v_sel] = order[col]
-    return items, focus_all
-
-
 @dataclass(frozen=True, slots=True)
 class HiddenFocus:
     """Focus category of every human session.
@@ -157,31 +116,11 @@ class HiddenFocus:
 
 
 def hidden_focus(shop: SyntheticShop) -> HiddenFocus:
-    """Replay the generator's session and browsing draws to recover every session's focus category.
-
-    Raises
-    ------
-    RuntimeError
-        If the re-derived views differ from the generator's (the replication no longer matches it).
-    """
+    """Every human session's focus category, drawn again by the generator's own code from the shop's seed
+    (:meth:`training.synthetic.SyntheticShop.session_focus`)."""
     cfg, model = shop.config, shop.model
-    # SyntheticShop: SeedSequence(seed).spawn(3)[2] is the behaviour seed; simulate() spawns 7 streams.
-    streams = np.random.SeedSequence(cfg.seed).spawn(3)[2].spawn(7)
-    r_sess = np.random.default_rng(streams[0])
+    n_sess, focus = shop.session_focus()
     humans = np.flatnonzero(~model.taste.is_bot)
-    rate = _lognormal_around(cfg.sessions_per_day, 0.8, humans.size, r_sess)
-    n_sess = 1 + r_sess.poisson(rate * cfg.days)
-    depth = _lognormal_around(cfg.views_per_session, 0.5, humans.size, r_sess)
-    s_user = np.repeat(humans, n_sess)
-    s_views = 1 + r_sess.poisson(np.repeat(np.maximum(depth - 1.0, 0.0), n_sess))
-    v_session = np.repeat(np.arange(s_user.size), s_views)
-    v_user = s_user[v_session]
-    items, focus = _browse_with_focus(model, v_user, v_session, s_user, cfg.focus_share,
-                                      np.random.default_rng(streams[1]))
-    reference = _browse(model, v_user, v_session, s_user, cfg.focus_share, np.random.default_rng(streams[1]))
-    if not np.array_equal(items, reference):
-        raise RuntimeError("the re-derived browsing views differ from the generator's: "
-                           "training.synthetic_sessions changed; update _browse_with_focus")
     counts = np.zeros(cfg.n_users, dtype=np.int64)
     counts[humans] = n_sess
     first = np.concatenate([[0], np.cumsum(counts)])

@@ -70,7 +70,7 @@ from tqdm import tqdm
 from features.events import EVENT_TYPES, CatalogItem, Event, encode_catalog_item, encode_event
 from training.synthetic_catalog import SyntheticCatalog, build_catalog, item_id_for
 from training.synthetic_model import FunnelParams, HiddenTaste, ShopperModel, build_taste
-from training.synthetic_sessions import EventColumns, simulate
+from training.synthetic_sessions import EventColumns, session_focus, simulate
 from training.synthetic_vocab import CATEGORY_SPECS
 
 __all__ = [
@@ -283,6 +283,14 @@ class SyntheticShop:
     def default_id_prefix(self) -> str:
         """Prefix of event ids: ``s<seed>-``."""
         return f"s{self.config.seed}-"
+
+    def session_focus(self) -> tuple[np.ndarray, np.ndarray]:
+        """The hidden focus category of every human session (not in the log): the number of sessions of
+        each human shopper (ascending user id) and each session's category index, drawn by the same code
+        from the same seeds as the log (:func:`training.synthetic_sessions.session_focus`)."""
+        s = self._behaviour_seed   # a fresh copy: spawning from a SeedSequence advances it
+        return session_focus(self.model, self.config,
+                             np.random.SeedSequence(s.entropy, spawn_key=s.spawn_key, pool_size=s.pool_size))
 
     def iter_event_dicts(self, *, id_prefix: str | None = None, start: int = 0,
                          stop: int | None = None) -> Iterator[dict[str, Any]]:

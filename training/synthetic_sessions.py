@@ -113,18 +113,22 @@ def _lognormal_around(mean: float, sigma: float, size: int, rng: np.random.Gener
     return mean * np.exp(sigma * rng.standard_normal(size) - sigma * sigma / 2.0)
 
 
-def _browse(model: ShopperModel, v_user: np.ndarray, v_session: np.ndarray, s_user: np.ndarray,
-            focus_share: float, rng: np.random.Generator) -> np.ndarray:
-    """Item of every human view (views and sessions sorted by user, sessions indexed globally).
+def browse_with_focus(model: ShopperModel, v_user: np.ndarray, v_session: np.ndarray, s_user: np.ndarray,
+                      focus_share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Item of every human view (views and sessions sorted by user, sessions indexed globally), and the
+    focus category drawn for every session.
 
     Per block of users, the browsing weights (columns sorted by category) are
     cumulated over the flattened block, so one ``searchsorted`` samples every
-    view of the block, inside its session's focus category or anywhere.
+    view of the block, inside its session's focus category or anywhere. The
+    focus categories are hidden from the log; ``scripts/synthetic_ceiling.py``
+    reads them to compute what an all-knowing recommender would score.
     """
     cat = model.catalog
     order, starts = cat.by_category, cat.category_start
     n_items = cat.n_items
     items = np.empty(v_user.shape[0], dtype=np.int64)
+    focus_all = np.empty(s_user.shape[0], dtype=np.int64)
     humans = np.unique(s_user)
     block = max(1, _BLOCK_CELLS // n_items)
     u_sess, u_view = rng.random(s_user.shape[0]), rng.random((2, v_user.shape[0]))
@@ -141,6 +145,7 @@ def _browse(model: ShopperModel, v_user: np.ndarray, v_session: np.ndarray, s_us
         s1 = int(np.searchsorted(s_user, users[-1], side="right"))
         s_row = np.searchsorted(users, s_user[s0:s1])
         focus = _sample_rows(cat_cum, s_row, np.zeros(s1 - s0), cat_cum[s_row, -1], u_sess[s0:s1])
+        focus_all[s0:s1] = focus
         v_sel = np.arange(np.searchsorted(v_user, users[0], side="left"),
                           np.searchsorted(v_user, users[-1], side="right"))
         v_row = np.searchsorted(users, v_user[v_sel])
@@ -152,7 +157,7 @@ def _browse(model: ShopperModel, v_user: np.ndarray, v_session: np.ndarray, s_us
         col = np.clip(col, np.where(in_focus, starts[f], 0),
                       np.where(in_focus, starts[f + 1], n_items) - 1)
         items[v_sel] = order[col]
-    return items
+    return items, focus_all
 
 
 @dataclass(slots=True)
@@ -217,18 +222,41 @@ def _replenish(v: _Views, model: ShopperModel, s_k: np.ndarray, n_sess: np.ndarr
     return v
 
 
-def _views_of_humans(model: ShopperModel, cfg: ShopConfig, humans: np.ndarray,
-                     rngs: list[np.random.Generator]) -> tuple[_Views, np.ndarray, np.ndarray]:
-    """Sessions and funnel of the human shoppers; returns views, session users, views per session."""
-    r_sess, r_browse, r_funnel = rngs
+def _session_draws(cfg: ShopConfig, humans: np.ndarray, r_sess: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sessions of the human shoppers: session users, sessions per human, views per session, and the
+    session and user of every view."""
     rate = _lognormal_around(cfg.sessions_per_day, 0.8, humans.size, r_sess)
     n_sess = 1 + r_sess.poisson(rate * cfg.days)
     depth = _lognormal_around(cfg.views_per_session, 0.5, humans.size, r_sess)
     s_user = np.repeat(humans, n_sess)
     s_views = 1 + r_sess.poisson(np.repeat(np.maximum(depth - 1.0, 0.0), n_sess))
     v_session = np.repeat(np.arange(s_user.size), s_views)
-    v_user = s_user[v_session]
-    v_item = _browse(model, v_user, v_session, s_user, cfg.focus_share, r_browse)
+    return s_user, n_sess, s_views, v_session, s_user[v_session]
+
+
+def session_focus(model: ShopperModel, cfg: ShopConfig, rng_seeds: np.random.SeedSequence
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden focus category of every human session, as :func:`simulate` draws it from the same
+    ``rng_seeds`` (pass a fresh SeedSequence equal to simulate's: spawning advances it).
+
+    Returns the number of sessions of each human shopper (ascending user id) and the focus category of
+    each session in that order. Not in the log; ``scripts/synthetic_ceiling.py`` reads it to compute what
+    an all-knowing recommender would score.
+    """
+    rngs = [np.random.default_rng(s) for s in rng_seeds.spawn(7)]
+    humans = np.flatnonzero(~model.taste.is_bot)
+    s_user, n_sess, _, v_session, v_user = _session_draws(cfg, humans, rngs[0])
+    _, focus = browse_with_focus(model, v_user, v_session, s_user, cfg.focus_share, rngs[1])
+    return n_sess, focus
+
+
+def _views_of_humans(model: ShopperModel, cfg: ShopConfig, humans: np.ndarray,
+                     rngs: list[np.random.Generator]) -> tuple[_Views, np.ndarray, np.ndarray]:
+    """Sessions and funnel of the human shoppers; returns views, session users, views per session."""
+    r_sess, r_browse, r_funnel = rngs
+    s_user, _, s_views, v_session, v_user = _session_draws(cfg, humans, r_sess)
+    v_item, _ = browse_with_focus(model, v_user, v_session, s_user, cfg.focus_share, r_browse)
     n = v_item.size
     u = r_funnel.random((4, n))
     clicked = u[0] < model.click_given_view(v_user, v_item)
