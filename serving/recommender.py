@@ -780,7 +780,6 @@ class Recommender:
                 now: int, *, ranked: bool, rec_id: str) -> RecList:
         """Reasons and the list of the positions :meth:`_order` chose."""
         req = u.request
-        k = req.k
         s, pos, strongest, codes = ordered.scores, ordered.pos, ordered.strongest, ordered.codes
         cats = live.name_arr[codes]
 
@@ -800,6 +799,15 @@ class Recommender:
         else:
             recs = recommendations(zip(item_ids, [round(f, 6) for f in final], reasons, strict=True))
         chain = [SOURCES[i] for i in sorted(set(strongest.tolist()))]
+        return self._rec_list(u, recs, chain, aux, catalog, now, ranked=ranked, rec_id=rec_id, X=X, pos=pos)
+
+    def _rec_list(self, u: _User, recs: list[Recommendation], chain: list[str], aux: BundleAux,
+                  catalog: CatalogCache, now: int, *, ranked: bool, rec_id: str, X: np.ndarray, pos: np.ndarray
+                  ) -> RecList:
+        """The list of ``recs``, backfilled when the filters left fewer than ``k``; ``chain`` (the sources of
+        its items, in :data:`SOURCES` order) gets the backfill's sources appended and names the list's source;
+        ``X[pos]`` are its feature rows when the request asks for them."""
+        k = u.request.k
         if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
             taken = u.blocked | {r.item_id for r in recs}
             more = self._backfill(u, aux, catalog, taken, k - len(recs), now)
@@ -807,7 +815,7 @@ class Recommender:
             chain.extend(dict.fromkeys(r.source for r in more if r.source not in chain))
         return RecList(rec_id=rec_id, user_id=u.state.user_id, model=aux.version,
                        source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked,
-                       feature_rows=X[pos] if req.feature_rows else None)
+                       feature_rows=X[pos] if u.request.feature_rows else None)
 
     def _finish_many(self, users: list[_User], cands: list[CandidateSet], feats: list[np.ndarray],
                      ordered: list[_Ordered], anchored: list[dict[str, Mapping[int, int]]], aux: BundleAux,
@@ -839,21 +847,12 @@ class Recommender:
                     np.concatenate([ordered[j].strongest for j in plain]).astype(np.int64)] = True
             chains: dict[bytes, list[str]] = {}
             for j, p, hi, row in zip(plain, pos, cut, present, strict=True):
-                u, k, now = users[j], users[j].request.k, nows[j]
-                recs = recs_all[hi - len(p):hi]
                 key = row.tobytes()
                 chain = chains.get(key)
                 if chain is None:
                     chain = chains[key] = [SOURCES[i] for i in np.flatnonzero(row).tolist()]
-                chain = list(chain)
-                if len(recs) < k:  # filters left too few: backfill from popularity, then trending / catalog
-                    taken = u.blocked | {r.item_id for r in recs}
-                    more = self._backfill(u, aux, catalog, taken, k - len(recs), now)
-                    recs.extend(more)
-                    chain.extend(dict.fromkeys(r.source for r in more if r.source not in chain))
-                out[j] = RecList(rec_id=rec_ids[j], user_id=u.state.user_id, model=aux.version,
-                                 source="+".join(chain) or "none", items=tuple(recs), ts=now, ranked=ranked,
-                                 feature_rows=feats[j][p] if u.request.feature_rows else None)
+                out[j] = self._rec_list(users[j], recs_all[hi - len(p):hi], list(chain), aux, catalog, nows[j],
+                                        ranked=ranked, rec_id=rec_ids[j], X=feats[j], pos=p)
         for j, u in enumerate(users):
             if out[j] is None:
                 out[j] = self._finish(u, cands[j], feats[j], ordered[j], anchored[j], aux, catalog, live, nows[j],
