@@ -580,21 +580,18 @@ def run_oracle(shop: SyntheticShop, plan: ReplayPlan, table: InteractionTable, l
             rank_by = np.zeros(table.n_items)
             rank_by[valid_rows] = mix[item_shop[valid_rows]]
         score = np.where(eligible, rank_by, -1.0)
-        top = np.argsort(-score, kind="stable")[:k]
-        top = top[score[top] >= 0]
-        lists["R"][q, :top.size] = top
-        expected["R_hits"][q] = p_t[top].sum()
-        expected["R_dcg"][q] = (p_t[top] * discount[:top.size]).sum()
-        expected["R_targets"][q] = p_t[eligible].sum()
-        seen, _, _, _ = plan.history.recent(int(plan.query_user[q]), int(plan.query_hist_len[q]))
-        score[seen] = -1.0
-        new_ok = score >= 0
-        top = np.argsort(-score, kind="stable")[:k]
-        top = top[score[top] >= 0]
-        lists["X"][q, :top.size] = top
-        expected["X_hits"][q] = p_t[top].sum()
-        expected["X_dcg"][q] = (p_t[top] * discount[:top.size]).sum()
-        expected["X_targets"][q] = p_t[new_ok].sum()
+        for variant in ("R", "X"):
+            ok = eligible
+            if variant == "X":   # the user's earlier items leave the list
+                seen, _, _, _ = plan.history.recent(int(plan.query_user[q]), int(plan.query_hist_len[q]))
+                score[seen] = -1.0
+                ok = score >= 0
+            top = np.argsort(-score, kind="stable")[:k]
+            top = top[score[top] >= 0]
+            lists[variant][q, :top.size] = top
+            expected[f"{variant}_hits"][q] = p_t[top].sum()
+            expected[f"{variant}_dcg"][q] = (p_t[top] * discount[:top.size]).sum()
+            expected[f"{variant}_targets"][q] = p_t[ok].sum()
     return OracleRun(lists=lists, expected=expected, kind=kinds, in_focus=in_focus)
 
 
