@@ -291,6 +291,12 @@ class Recommender:
         self._trend_cache = (trending, aux.version, arrays)
         return arrays
 
+    def prime_trending(self, trending: TrendingSnapshot, version: str, arrays: TrendingArrays) -> None:
+        """Take ``arrays`` as :meth:`trending_arrays` of ``trending`` on bundle ``version``: for a caller that
+        mapped the snapshot onto the bundle's rows itself and more cheaply (the evaluation replay maps it from
+        its item rows); they must be the arrays :meth:`trending_arrays` would make."""
+        self._trend_cache = (trending, version, arrays)
+
     # -- entry points ------------------------------------------------------------------
 
     def recommend(self, state: UserState, request: RecRequest | None = None, *, bundle: Bundle | None,

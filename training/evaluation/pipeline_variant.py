@@ -50,26 +50,6 @@ FALLBACK_SOURCES = frozenset({"trending", "popularity", "catalog"})
 _TYPE_NAMES = np.array(TYPE_CODES, dtype=object)
 
 
-_PRIMED: dict[type, type] = {}
-
-
-def _primed_recommender_class(base: type) -> type:
-    """``base`` (:class:`serving.recommender.Recommender`) whose ``trending_arrays`` returns the arrays
-    :meth:`PipelineModel.snapshot` mapped for the snapshot it is asked about (``primed``), else maps it itself."""
-    cls = _PRIMED.get(base)
-    if cls is None:
-        def trending_arrays(self: Any, trending: Any, aux: Any) -> Any:
-            primed = self.primed
-            if primed is not None and primed[0] is trending and primed[1] == aux.version:
-                return primed[2]
-            return base.trending_arrays(self, trending, aux)
-
-        cls = _PRIMED[base] = type("ReplayRecommender", (base,), {
-            "primed": None, "trending_arrays": trending_arrays, "__module__": __name__,
-            "__doc__": "A Recommender taking the replay's trending arrays ready-mapped (same arrays)."})
-    return cls
-
-
 def _session_columns(data: FitData, events: InteractionTable) -> tuple[np.ndarray, ...]:
     keep = type_weights(data.weights)[events.type_code] > 0
     return events.basket[keep], events.item_idx[keep], events.ts[keep], events.user_idx[keep]
@@ -173,14 +153,13 @@ class PipelineModel:
         self.cap = data.history_cap
         self.gap = data.session_gap_ms
         common = {"frequency_cap": 0, "diversity": diversity}
-        rec_class = _primed_recommender_class(Recommender)
         self.rec = {
-            "R": rec_class(rules=RuleConfig(repurchase_window_ms=0, **common), n_candidates=n_candidates,
-                           event_weights=data.weights, trending_half_life_s=trending_half_life_s,
-                           session_knn=session_knn),
-            "X": rec_class(rules=RuleConfig(repurchase_window_ms=None, **common), n_candidates=n_candidates,
-                           event_weights=data.weights, trending_half_life_s=trending_half_life_s,
-                           session_knn=session_knn),
+            "R": Recommender(rules=RuleConfig(repurchase_window_ms=0, **common), n_candidates=n_candidates,
+                             event_weights=data.weights, trending_half_life_s=trending_half_life_s,
+                             session_knn=session_knn),
+            "X": Recommender(rules=RuleConfig(repurchase_window_ms=None, **common), n_candidates=n_candidates,
+                             event_weights=data.weights, trending_half_life_s=trending_half_life_s,
+                             session_knn=session_knn),
         }
         # bundle row of each table item (-1: unknown to the bundle), as ``bundle.items.indices`` maps ids
         self._to_bundle = np.asarray(bundle.items.indices(self.ids.tolist()), dtype=np.int64)
@@ -228,7 +207,7 @@ class PipelineModel:
             aux.category_code[name]: m for (name, _), m in zip(cats, mapped[1:], strict=True)
             if name in aux.category_code})
         for rec in self.rec.values():
-            rec.primed = (snap, self.bundle.version, arrays)
+            rec.prime_trending(snap, self.bundle.version, arrays)
         return snap
 
     def states(self, q: QueryBatch) -> list[Any]:
