@@ -45,8 +45,10 @@ __all__ = [
     "OnnxRanker",
     "RankingContext",
     "RankingTables",
+    "borrow_slots",
     "build_features",
     "pairs_to_csr",
+    "return_slots",
 ]
 
 log = logging.getLogger(__name__)
@@ -456,19 +458,43 @@ def build_features(ctx: RankingContext, candidates: np.ndarray,
         join.give_back()
 
 
+#: free slot tables per catalog size (``list.pop`` / ``append`` are atomic: threads may share the pool)
+_SLOT_POOL: dict[int, list[np.ndarray]] = {}
+
+
+def borrow_slots(n_items: int) -> np.ndarray:
+    """An int32 table of ``n_items`` slots, all ``-1``, from a pool per catalog size.
+
+    For per-call joins on item rows (one user's candidates, proposals): the caller writes the slots it
+    needs and must set exactly those back to ``-1`` before :func:`return_slots`, so a call costs its own
+    slots, not a table spanning the catalog filled per call.
+    """
+    pool = _SLOT_POOL.get(n_items)
+    if pool is None:
+        if len(_SLOT_POOL) >= 4:   # a few catalog sizes at a time (bundle swaps, tests)
+            _SLOT_POOL.clear()
+        pool = _SLOT_POOL.setdefault(n_items, [])
+    try:
+        return pool.pop()
+    except IndexError:
+        return np.full(n_items, -1, dtype=np.int32)
+
+
+def return_slots(table: np.ndarray) -> None:
+    """Give a table from :func:`borrow_slots` back (every slot ``-1`` again)."""
+    _SLOT_POOL.setdefault(len(table), []).append(table)
+
+
 class _SlotJoin:
     """Candidate row of item idxs for :func:`build_features` (one user): a slot per catalog item.
 
-    The slot table (int32, ``-1`` = not a candidate) is borrowed from a pool per catalog size, the
-    candidates' rows written into it, and the same slots reset to ``-1`` when it is given back, so a
-    call touches only its candidates' slots (no table spanning the catalog filled per call, as
-    :class:`KeyJoin` does). :meth:`rows` answers as :meth:`KeyJoin.rows` for distinct candidates.
+    The slot table (:func:`borrow_slots`) gets the candidates' rows written into it and the same slots
+    reset to ``-1`` when it is given back, so a call touches only its candidates' slots (no table
+    spanning the catalog filled per call, as :class:`KeyJoin` does). :meth:`rows` answers as
+    :meth:`KeyJoin.rows` for distinct candidates.
     """
 
     __slots__ = ("_cand", "_n_items", "_table", "n")
-
-    #: free tables per catalog size (``list.pop`` / ``append`` are atomic, so threads may share it)
-    _POOL: dict[int, list[np.ndarray]] = {}
 
     def __init__(self, table: np.ndarray, cand: np.ndarray, n_items: int) -> None:
         self._table, self._cand, self._n_items, self.n = table, cand, n_items, len(cand)
@@ -476,27 +502,19 @@ class _SlotJoin:
     @classmethod
     def borrow(cls, cand: np.ndarray, n_items: int) -> _SlotJoin | None:
         """The join of ``cand`` (in ``[0, n_items)``); ``None`` (nothing borrowed) when a candidate repeats."""
-        pool = cls._POOL.get(n_items)
-        if pool is None:
-            if len(cls._POOL) >= 4:   # a few catalog sizes at a time (bundle swaps, tests)
-                cls._POOL.clear()
-            pool = cls._POOL.setdefault(n_items, [])
-        try:
-            table = pool.pop()
-        except IndexError:
-            table = np.full(n_items, -1, dtype=np.int32)
+        table = borrow_slots(n_items)
         rows = np.arange(len(cand), dtype=np.int32)
         table[cand] = rows
         if (table[cand] == rows).all():
             return cls(table, cand, n_items)
         table[cand] = -1
-        pool.append(table)
+        return_slots(table)
         return None
 
     def give_back(self) -> None:
         """Reset the candidates' slots and return the table to the pool."""
         self._table[self._cand] = -1
-        self._POOL.setdefault(self._n_items, []).append(self._table)
+        return_slots(self._table)
 
     def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate row of each key that is a candidate, and the hit mask (keys outside the catalog miss)."""

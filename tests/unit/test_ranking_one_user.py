@@ -217,7 +217,7 @@ def test_one_user_builder_equals_its_session_8_form(seed: int) -> None:
             for j, name in enumerate(FEATURE_NAMES):
                 np.testing.assert_array_equal(got[:, j], want[:, j], err_msg=name)
     # every borrowed slot table went back clean
-    for pool in fr._SlotJoin._POOL.values():
+    for pool in fr._SLOT_POOL.values():
         for table in pool:
             assert (table == -1).all()
 
@@ -226,7 +226,7 @@ def test_slot_tables_are_reused_and_given_back_clean_after_an_error() -> None:
     tables = make_tables(1, 500)
     ctx = contexts(1, 500)[5]
     build_features(ctx, np.arange(50), tables)
-    pool = fr._SlotJoin._POOL[500]
+    pool = fr._SLOT_POOL[500]
     before = len(pool)
     assert before >= 1
     with pytest.raises(ValueError):   # a bad context: _build raises with the table borrowed

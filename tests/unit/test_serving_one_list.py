@@ -1,0 +1,65 @@
+"""Session-9 cuts of the one-list candidate chain against the forms they replace, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import features.ranking as fr
+from serving.candidates import SOURCES, CandidateInput, _merge, _merge_sorted
+
+
+def _proposals(rng: np.random.Generator, n_items: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """A chain's proposals: sources in chain order, items repeated within and across sources, tied and
+    tiny / zero scores (floored at 1e-6 by the merge)."""
+    out = []
+    for source in sorted(rng.choice(len(SOURCES), int(rng.integers(1, len(SOURCES) + 1)), replace=False)):
+        m = int(rng.choice([1, 5, 60, 300]))
+        items = rng.integers(0, min(n_items, int(rng.choice([30, n_items]))), m).astype(np.int64)
+        scores = rng.choice([0.0, 1e-7, 0.5, 1.0, 2.5], m).astype(np.float32) if source % 2 else \
+            rng.random(m).astype(np.float32)
+        out.append((int(source), items, scores))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_merge_on_slots_equals_the_sorted_merge(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.choice([40, 1000, 20_000]))
+    for _ in range(10):
+        props = _proposals(rng, n_items)
+        lengths = [len(i) for _, i, _ in props]
+        items = np.concatenate([i for _, i, _ in props])
+        scores = np.concatenate([s for _, _, s in props])
+        src = np.repeat(np.array([s for s, _, _ in props], dtype=np.int8), lengths)
+        for n_cand in (1, 50, 300, 10_000):
+            got = _merge(props, n_cand, n_items)
+            want = _merge_sorted(items, scores, src, n_cand)
+            np.testing.assert_array_equal(got.items, want.items)
+            np.testing.assert_array_equal(got.scores, want.scores)
+            np.testing.assert_array_equal(got.first, want.first)
+            assert got.items.dtype == want.items.dtype and got.first.dtype == want.first.dtype
+    assert all((t == -1).all() for pool in fr._SLOT_POOL.values() for t in pool)   # slots given back clean
+
+
+def test_merge_of_rows_outside_the_catalog_takes_the_sorted_form() -> None:
+    props = [(0, np.array([5, -1, 5, 7], dtype=np.int64), np.ones(4, np.float32)),
+             (2, np.array([12, 7], dtype=np.int64), np.full(2, 0.5, np.float32))]
+    got = _merge(props, 10, 10)
+    assert got.items.tolist() == [5, -1, 7, 12]
+    assert got.first.tolist() == [0, 0, 0, 2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_anchors_equal_np_unique(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        recent = rng.integers(0, 50, int(rng.choice([0, 3, 40]))).astype(np.int64)
+        session = rng.integers(0, 50, int(rng.choice([0, 2, 30]))).astype(np.int64)
+        context = int(rng.choice([-1, 7, 60]))
+        inp = CandidateInput(recent=recent, session=session, context=context)
+        parts = [recent[:10], session[-20:]] + ([np.array([context])] if context >= 0 else [])
+        want = np.unique(np.concatenate(parts).astype(np.int64))
+        got = inp.anchors
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
