@@ -247,3 +247,23 @@ def test_median_and_first_occurrences_equal_numpy(seed: int) -> None:
         assert fr._median_f32(v) == float(np.median(v))
         items = rng.integers(0, 10, m)
         np.testing.assert_array_equal(fr._first_occurrences(items), np.sort(np.unique(items, return_index=True)[1]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("per_user_max", [0, 3])
+def test_small_batches_equal_per_user_rows_on_both_paths(seed: int, per_user_max: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``build_features_many`` of 1-4 users (user by user up to ``PER_USER_MAX_USERS``, else the batched
+    joins) stacks ``build_features`` of each, duplicates included."""
+    import features.ranking_batch as rb
+
+    monkeypatch.setattr(rb, "PER_USER_MAX_USERS", per_user_max)
+    n = [60, 20_000][seed % 2]
+    tables = make_tables(seed, n)
+    ctxs = contexts(seed, n)
+    sets = candidate_sets(seed, n)
+    for b in (1, 2, 3, 4):
+        users = ctxs[b: 2 * b]
+        cands = [sets[(j + b) % len(sets)] for j in range(b)]
+        want = np.concatenate([old_build_features(c, x, tables) for c, x in zip(users, cands, strict=True)])
+        np.testing.assert_array_equal(rb.build_features_many(users, cands, tables), want)

@@ -63,3 +63,53 @@ def test_anchors_equal_np_unique(seed: int) -> None:
         got = inp.anchors
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("diversity", ["cap", "mmr"])
+def test_pairs_of_lists_equal_on_the_batched_and_the_per_unit_chain(diversity: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recommend_many`` of two units gathers each with the one-user chain (``_PER_UNIT_MAX``); the lists equal
+    those of the batched anchor join and merge, field for field."""
+    import serving.recommender as sr
+    from serving.recommender import Recommender, RecRequest
+    from serving.rules import RequestFilters, RuleConfig
+    from serving.state import UserState
+    from serving.trending import TrendingSnapshot
+    from tests.unit.test_serving_perf_parity import (
+        N_ITEMS,
+        NOW,
+        VERSION,
+        F,
+        random_bundle,
+        random_catalog,
+        random_history,
+    )
+
+    bundle, catalog = random_bundle(3), random_catalog(4)
+    rng = np.random.default_rng(9)
+    states = []
+    for u in range(6):
+        hist = random_history(rng, int(rng.choice([0, 4, 15])))
+        states.append(UserState(user_id=f"u{u}", history=hist,
+                                vector=rng.normal(size=F).astype(np.float32) if u % 3 else None,
+                                vector_model=VERSION, shown={f"i{int(i)}": 7 for i in rng.integers(0, N_ITEMS, 5)},
+                                session_items=tuple(h[0] for h in hist[:3])))
+    trending = TrendingSnapshot(overall=[(f"i{i}", float(50 - i)) for i in range(0, 100, 2)],
+                                by_category={"c1": [("i3", 2.0), ("i7", 1.0)]}, ref_ms=NOW)
+    requests = [RecRequest(k=10), RecRequest(k=7, filters=RequestFilters(categories={"c2", "live1"})),
+                RecRequest(k=10, context_item="i5", explain=True)]
+    rec = Recommender(rules=RuleConfig(diversity=diversity), n_candidates=300)   # users' counts differ
+
+    def lists(pair: list[UserState], reqs: list[RecRequest]) -> list[tuple]:
+        got = rec.recommend_many(pair, reqs, bundle=bundle, trending=trending, catalog=catalog, now_ms=NOW)
+        return [(r.source, [(i.item_id, i.score, i.reason, i.source, i.reason_item, i.features, i.source_scores)
+                            for i in r.items]) for r in got]
+
+    for j in range(0, len(states), 2):
+        for reqs in ([requests[0], requests[1]], [requests[2], requests[0]], [requests[1], requests[1]]):
+            pair = states[j:j + 2]
+            per_unit = lists(pair, reqs)
+            monkeypatch.setattr(sr, "_PER_UNIT_MAX", 1)
+            batched = lists(pair, reqs)
+            monkeypatch.setattr(sr, "_PER_UNIT_MAX", 2)
+            assert per_unit == batched
