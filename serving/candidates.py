@@ -315,7 +315,7 @@ def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         keys = np.concatenate([indices[lo:hi] for lo, hi in spans]).astype(np.int64)
         vals = np.concatenate([values[lo:hi] for lo, hi in spans]).astype(np.float32, copy=False)
-        return aggregate_by_key(keys, vals, how=how)
+        return _aggregate(*_unique_inverse(keys, len(indptr) - 1), vals, how)
     pos = row_ranges(indptr, rows)
     if len(pos) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -340,11 +340,38 @@ def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str, size: in
     if len(keys) == 0:
         return keys.astype(np.int64), np.zeros(0, np.float32)
     uniq, _, inv = _unique(keys)   # np.unique(keys, return_inverse=True) in fewer calls
+    return _aggregate(uniq, inv, values, how)
+
+
+def _aggregate(uniq: np.ndarray, inv: np.ndarray, values: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``sum`` or ``max`` of ``values`` per distinct key ``uniq[inv]`` (values added in input order)."""
     if how == "sum":
         return uniq, np.bincount(inv, weights=values, minlength=len(uniq)).astype(np.float32)
     agg = np.full(len(uniq), -np.inf, dtype=np.float32)
     np.maximum.at(agg, inv, values)
     return uniq, agg
+
+
+def _unique_inverse(keys: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` of a non-empty int64 array: the distinct keys by one ``np.sort``
+    and, for keys in ``[0, n_items)``, each key's index among them from a pooled slot table of the catalog
+    (:func:`features.ranking.borrow_slots`) instead of a stable argsort (other keys: :func:`_unique`)."""
+    if int(keys.min()) < 0 or int(keys.max()) >= n_items:
+        uniq, _, inv = _unique(keys)
+        return uniq, inv
+    srt = np.sort(keys)
+    new = np.empty(len(srt), dtype=bool)
+    new[0] = True
+    np.not_equal(srt[1:], srt[:-1], out=new[1:])
+    uniq = srt[new]
+    slots = borrow_slots(n_items)
+    try:
+        slots[uniq] = np.arange(len(uniq), dtype=np.int32)
+        inv = slots[keys].astype(np.int64)
+    finally:
+        slots[uniq] = -1
+        return_slots(slots)
+    return uniq, inv
 
 
 def group_desc_order(group: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -450,11 +477,11 @@ def _trending_parts(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np
     return np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_s).astype(np.float32)
 
 
-def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _trending(inp: CandidateInput, tr: TrendingArrays, n: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     items, scores = _trending_parts(inp, tr, n)
     if len(items) == 0:
         return items, scores
-    uniq, _, inv = _unique(items)
+    uniq, inv = _unique_inverse(items, n_items)
     agg = np.zeros(len(uniq), dtype=np.float32)
     np.add.at(agg, inv, scores)
     return _best(uniq, agg, n)
@@ -521,7 +548,8 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
     proposals = _first_proposals(inp, aux, n_candidates, anchored)
     so_far = sum(len(p[1]) for p in proposals)
     _add(proposals, SOURCE_INDEX["trending"],
-         *_trending(inp, trending, max(_quota(n_candidates, "trending"), max(0, n_candidates - so_far) // 2)))
+         *_trending(inp, trending, max(_quota(n_candidates, "trending"), max(0, n_candidates - so_far) // 2),
+                    len(aux.bundle.items)))
     _add_popularity(proposals, aux, n_candidates)
     return _merge(proposals, n_candidates, len(aux.bundle.items))
 

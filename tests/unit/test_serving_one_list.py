@@ -113,3 +113,40 @@ def test_pairs_of_lists_equal_on_the_batched_and_the_per_unit_chain(diversity: s
             batched = lists(pair, reqs)
             monkeypatch.setattr(sr, "_PER_UNIT_MAX", 2)
             assert per_unit == batched
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unique_inverse_on_slots_equals_np_unique(seed: int) -> None:
+    from serving.candidates import _unique_inverse
+
+    rng = np.random.default_rng(seed)
+    for n_items in (5, 300, 20_000):
+        for m in (1, 2, 50, 400):
+            keys = rng.integers(0, n_items, m).astype(np.int64)
+            if seed % 3 == 2:
+                keys[0] = n_items + 1 if seed % 2 else -3   # outside the catalog: the sorted form
+            uniq, inv = _unique_inverse(keys, n_items)
+            want_u, want_inv = np.unique(keys, return_inverse=True)
+            np.testing.assert_array_equal(uniq, want_u)
+            np.testing.assert_array_equal(inv, want_inv)
+            assert inv.dtype == np.int64
+    assert all((t == -1).all() for pool in fr._SLOT_POOL.values() for t in pool)
+
+
+@pytest.mark.parametrize("how", ["sum", "max"])
+def test_neighbours_of_few_rows_equal_the_row_ranges_form(how: str) -> None:
+    from features.ranking import pairs_to_csr, row_ranges
+    from serving.candidates import aggregate_by_key, csr_neighbours
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    indptr, indices, values = pairs_to_csr(n, rng.integers(0, n, 40_000), rng.integers(0, n, 40_000),
+                                           np.round(rng.random(40_000), 2))
+    for k in (1, 5, 30, 64):
+        rows = np.unique(rng.integers(0, n, k))
+        got = csr_neighbours(indptr, indices, values, rows, how=how)
+        pos = row_ranges(indptr, rows)
+        want = aggregate_by_key(indices[pos].astype(np.int64), values[pos].astype(np.float32), how=how)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
