@@ -13,9 +13,11 @@ category, co-visitation and rule neighbours, content embeddings) travel in a
 from the arrays it is about to publish.
 
 Everything is numpy-batched over the candidates: joins between candidates and
-the user's history / neighbour lists go through one ``argsort`` of the
-candidates and ``searchsorted``, never a Python loop over candidates, so 300
-candidates take a few hundred microseconds (``benchmarks/``).
+the user's history / neighbour lists look the items up in a pooled slot table
+of the catalog holding each candidate's row (:func:`borrow_slots`; written and
+reset per call, never filled whole), never a Python loop over candidates, so
+300 candidates take a few hundred microseconds (``benchmarks/``,
+``docs/api-performance.md``, session 9).
 
 :class:`OnnxRanker` scores a feature matrix with the exported ONNX model; its
 onnxruntime session is created once per model.
