@@ -13,9 +13,11 @@ category, co-visitation and rule neighbours, content embeddings) travel in a
 from the arrays it is about to publish.
 
 Everything is numpy-batched over the candidates: joins between candidates and
-the user's history / neighbour lists go through one ``argsort`` of the
-candidates and ``searchsorted``, never a Python loop over candidates, so 300
-candidates take a few hundred microseconds (``benchmarks/``).
+the user's history / neighbour lists look the items up in a pooled slot table
+of the catalog holding each candidate's row (:func:`borrow_slots`; written and
+reset per call, never filled whole), never a Python loop over candidates, so
+300 candidates take a few hundred microseconds (``benchmarks/``,
+``docs/api-performance.md``, session 9).
 
 :class:`OnnxRanker` scores a feature matrix with the exported ONNX model; its
 onnxruntime session is created once per model.
@@ -45,8 +47,10 @@ __all__ = [
     "OnnxRanker",
     "RankingContext",
     "RankingTables",
+    "borrow_slots",
     "build_features",
     "pairs_to_csr",
+    "return_slots",
 ]
 
 log = logging.getLogger(__name__)
@@ -446,43 +450,149 @@ def build_features(ctx: RankingContext, candidates: np.ndarray,
         return out
     if cand.min() < 0 or cand.max() >= n_items:
         raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
-    uniq, inverse = np.unique(cand, return_inverse=True)
-    if len(uniq) != n:  # duplicates: build each item once, then repeat its row
-        return _build(ctx, uniq, tables, np.zeros_like(out[: len(uniq)]))[inverse]
-    return _build(ctx, cand, tables, out)
+    join = _SlotJoin.borrow(cand, n_items)
+    if join is None:  # duplicates: build each item once, then repeat its row
+        uniq, inverse = np.unique(cand, return_inverse=True)
+        return build_features(ctx, uniq, tables)[inverse]
+    try:
+        return _build(ctx, cand, tables, out, join)
+    finally:
+        join.give_back()
 
 
-def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np.ndarray) -> np.ndarray:
+#: free slot tables per catalog size (``list.pop`` / ``append`` are atomic: threads may share the pool)
+_SLOT_POOL: dict[int, list[np.ndarray]] = {}
+
+
+def borrow_slots(n_items: int) -> np.ndarray:
+    """An int32 table of ``n_items`` slots, all ``-1``, from a pool per catalog size.
+
+    For per-call joins on item rows (one user's candidates, proposals): the caller writes the slots it
+    needs and must set exactly those back to ``-1`` before :func:`return_slots`, so a call costs its own
+    slots, not a table spanning the catalog filled per call.
+    """
+    pool = _SLOT_POOL.get(n_items)
+    if pool is None:
+        if len(_SLOT_POOL) >= 4:   # a few catalog sizes at a time (bundle swaps, tests)
+            _SLOT_POOL.clear()
+        pool = _SLOT_POOL.setdefault(n_items, [])
+    try:
+        return pool.pop()
+    except IndexError:
+        return np.full(n_items, -1, dtype=np.int32)
+
+
+def return_slots(table: np.ndarray) -> None:
+    """Give a table from :func:`borrow_slots` back (every slot ``-1`` again)."""
+    _SLOT_POOL.setdefault(len(table), []).append(table)
+
+
+class _SlotJoin:
+    """Candidate row of item idxs for :func:`build_features` (one user): a slot per catalog item.
+
+    The slot table (:func:`borrow_slots`) gets the candidates' rows written into it and the same slots
+    reset to ``-1`` when it is given back, so a call touches only its candidates' slots (no table
+    spanning the catalog filled per call, as :class:`KeyJoin` does). :meth:`rows` answers as
+    :meth:`KeyJoin.rows` for distinct candidates.
+    """
+
+    __slots__ = ("_cand", "_n_items", "_table", "n")
+
+    def __init__(self, table: np.ndarray, cand: np.ndarray, n_items: int) -> None:
+        self._table, self._cand, self._n_items, self.n = table, cand, n_items, len(cand)
+
+    @classmethod
+    def borrow(cls, cand: np.ndarray, n_items: int) -> _SlotJoin | None:
+        """The join of ``cand`` (in ``[0, n_items)``); ``None`` (nothing borrowed) when a candidate repeats."""
+        table = borrow_slots(n_items)
+        rows = np.arange(len(cand), dtype=np.int32)
+        table[cand] = rows
+        if (table[cand] == rows).all():
+            return cls(table, cand, n_items)
+        table[cand] = -1
+        return_slots(table)
+        return None
+
+    def give_back(self) -> None:
+        """Reset the candidates' slots and return the table to the pool."""
+        self._table[self._cand] = -1
+        return_slots(self._table)
+
+    def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate row of each key that is a candidate, and the hit mask (keys outside the catalog miss)."""
+        if len(keys) == 0:
+            return _EMPTY_I, np.zeros(0, dtype=bool)
+        if keys.min() >= 0 and keys.max() < self._n_items:
+            r = self._table[keys]
+        else:
+            inside = (keys >= 0) & (keys < self._n_items)
+            r = np.full(len(keys), -1, dtype=np.int32)
+            r[inside] = self._table[keys[inside]]
+        hit = r >= 0
+        return r[hit], hit
+
+    def rows_of_items(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rows` of keys known to lie in ``[0, n_items)`` (no range check)."""
+        r = self._table[items]
+        hit = r >= 0
+        return r[hit], hit
+
+
+def _first_occurrences(values: np.ndarray) -> np.ndarray:
+    """Ascending positions of the first occurrence of each distinct value: ``np.sort`` of
+    ``np.unique(values, return_index=True)[1]`` (a dict of the reversed values keeps each one's smallest
+    position)."""
+    m = len(values)
+    firsts = dict(zip(values[::-1].tolist(), range(m - 1, -1, -1), strict=True)).values()
+    return np.array(sorted(firsts), dtype=np.int64)
+
+
+def _median_f32(values: np.ndarray) -> float:
+    """``float(np.median(values))`` of a non-empty float32 array without NaN: the middle value of the sorted
+    values, or the float32 mean of the two middle ones (``np.median`` adds them in float32 and halves)."""
+    s = np.sort(values)
+    m = len(s)
+    if m % 2:
+        return float(s[m // 2])
+    return float((s[m // 2 - 1] + s[m // 2]) / np.float32(2))
+
+
+def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np.ndarray,
+           join: _SlotJoin) -> np.ndarray:
     """:func:`build_features` for distinct, in-range candidates, filling ``out``."""
     n, n_items = len(cand), tables.n_items
-    join = KeyJoin(cand)
 
     hist_items = ctx.history_items
-    if len(hist_items):
+    hist_types, hist_ts = ctx.history_types, ctx.history_ts
+    m = len(hist_items)
+    if m and (hist_items.min() < 0 or hist_items.max() >= n_items):
         ok = (hist_items >= 0) & (hist_items < n_items)
-        hist_items, hist_types, hist_ts = hist_items[ok], ctx.history_types[ok], ctx.history_ts[ok]
+        hist_items, hist_types, hist_ts = hist_items[ok], hist_types[ok], hist_ts[ok]
+        m = len(hist_items)
+    if m > 1 and not (hist_ts[:-1] >= hist_ts[1:]).all():   # newest first (already so: the identity)
+        by_time = np.argsort(-hist_ts, kind="stable")
+        recent, recent_types = hist_items[by_time], hist_types[by_time]
     else:
-        hist_types, hist_ts = ctx.history_types, ctx.history_ts
-    by_time = np.argsort(-hist_ts, kind="stable")
-    recent = hist_items[by_time] if len(hist_items) else hist_items
-    recent_types = hist_types[by_time] if len(hist_items) else hist_types
+        recent, recent_types = hist_items, hist_types
     sess = ctx.session_items
-    sess = sess[(sess >= 0) & (sess < n_items)][-N_SESSION_ANCHORS:]
-    if len(recent):
-        _, first = np.unique(recent, return_index=True)
-        newest = recent[np.sort(first)[:N_RECENT_ANCHORS]]
-    else:
-        newest = recent
-    anchors = np.unique(np.concatenate([newest, sess]))
+    if len(sess) and (sess.min() < 0 or sess.max() >= n_items):
+        sess = sess[(sess >= 0) & (sess < n_items)]
+    sess = sess[-N_SESSION_ANCHORS:]
+    first = _first_occurrences(recent) if m else _EMPTY_I   # the newest event of each distinct item
+    distinct = recent[first]
+    # np.unique of the newest distinct items and the session: the same ascending int64 anchors
+    anchors = np.array(sorted(set(distinct[:N_RECENT_ANCHORS].tolist()).union(sess.tolist())), dtype=np.int64)
 
     # collaborative score
+    als = None
     if ctx.user_vector is not None:
-        out[:, _COL["als_score"]] = tables.item_factors[cand] @ ctx.user_vector.astype(np.float32, copy=False)
+        als = tables.item_factors[cand] @ ctx.user_vector.astype(np.float32, copy=False)
+        out[:, _COL["als_score"]] = als
         out[:, _COL["has_user_vector"]] = 1.0
 
     # neighbour sources
     if len(anchors):
-        neighbour_features(out, join, tables, anchors, np.zeros(len(anchors), dtype=np.int64))
+        _neighbours_one(out, join, tables, anchors)
         if tables.content is not None:
             sims = tables.content[cand] @ tables.content[anchors].T
             out[:, _COL["content_sim"]] = sims.max(axis=1)
@@ -495,21 +605,30 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
     price = tables.price[cand]
     out[:, _COL["log_price"]] = np.log1p(np.maximum(price, 0))
     cat = tables.category[cand]
+    # category code + 1 (0 = no category): per-category counts are looked up at cat1, slot 0 stays 0
+    cat1 = cat.astype(np.int64) + 1
+    width = int(cat1.max()) + 1
 
     # user history x item
-    if len(hist_items):
+    if m:
         hp = tables.price[hist_items]
         hp = hp[hp > 0]
         if len(hp):
-            med = float(np.median(hp))
+            med = _median_f32(hp)
             out[:, _COL["price_ratio"]] = np.where(price > 0, price / med, 0.0)
         rc = tables.category[recent[:N_RECENT_CATEGORIES]]
-        rc = np.sort(rc[rc >= 0])
+        rc = rc[rc >= 0]
         if len(rc):
-            cnt = np.searchsorted(rc, cat, side="right") - np.searchsorted(rc, cat, side="left")
-            out[:, _COL["category_match"]] = np.where(cat >= 0, cnt / len(rc), 0.0)
-        _recency_features(recent, recent_types, join, out)
-        rows, hit = join.rows(hist_items)
+            out[:, _COL["category_match"]] = np.bincount(rc + 1, minlength=width)[cat1] / len(rc)
+        rank = np.full(n, -1.0, dtype=np.float32)
+        rows, hit = join.rows_of_items(distinct)
+        if len(rows):
+            rank[rows] = np.flatnonzero(hit)
+            last_type = np.zeros(n, dtype=np.float32)
+            last_type[rows] = recent_types[first][hit].astype(np.int64) + 1
+            out[:, _COL["last_event_type"]] = last_type
+        out[:, _COL["history_recency_rank"]] = rank
+        rows, hit = join.rows_of_items(hist_items)
         if len(rows):
             out[:, _COL["n_interactions"]] = np.bincount(rows, minlength=n)
             last = np.full(n, -1, dtype=np.int64)
@@ -523,26 +642,73 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
             out[:, _COL["carted_before"]] = np.bincount(rows, weights=types == _CART, minlength=n) > 0
         else:
             out[:, _COL["log_hours_since_last"]] = -1.0
+        out[:, _COL["log_minutes_since_last_event"]] = np.log1p(
+            max(ctx.now_ms - int(hist_ts.max()), 0) / 60_000.0)
     else:
         out[:, _COL["log_hours_since_last"]] = -1.0
         out[:, _COL["history_recency_rank"]] = -1.0
-    out[:, _COL["log_minutes_since_last_event"]] = minutes_since_last_event(ctx, n_items)
+        out[:, _COL["log_minutes_since_last_event"]] = -1.0
 
     # session
     if len(sess):
-        sc = np.unique(tables.category[sess])
-        sc = sc[sc >= 0]
-        if len(sc):
-            p = np.minimum(np.searchsorted(sc, cat), len(sc) - 1)
-            out[:, _COL["session_category_match"]] = (sc[p] == cat) & (cat >= 0)
-        rows, _ = join.rows(np.unique(sess))
+        sc = np.bincount(tables.category[sess] + 1, minlength=width)
+        sc[0] = 0   # items without a category match no candidate
+        in_cat = sc[cat1]
+        out[:, _COL["session_category_match"]] = in_cat > 0
+        out[:, _COL["session_category_share"]] = in_cat / len(sess)
+        rows, _ = join.rows_of_items(sess)
         out[rows, _COL["in_session"]] = 1.0
     out[:, _COL["session_length"]] = len(ctx.session_items)
     out[:, _COL["log_history_length"]] = np.log1p(len(ctx.history_items))
-    _session_features(ctx, cand, cat, sess, tables, join, out)
-    if ctx.user_vector is not None:
-        als_in_category(out, cat.astype(np.int64))
+    _session_knn_features(ctx, join, out)
+    if als is not None:
+        _als_in_category_one(out, als, cat1, width)
     return out
+
+
+def _neighbours_one(out: np.ndarray, join: _SlotJoin, tables: RankingTables, anchors: np.ndarray) -> None:
+    """:func:`neighbour_features` of one user's anchors (ascending, in range): their CSR rows' slices joined
+    in the anchors' order, so the sums add the same values in the same order."""
+    bounds = [(tables.covis_indptr, tables.covis_indices, (tables.covis_scores,)),
+              (tables.rules_indptr, tables.rules_consequent, (tables.rules_confidence, tables.rules_lift))]
+    n = len(out)
+    for j, (indptr, indices, values) in enumerate(bounds):
+        lo, hi = indptr[anchors].tolist(), indptr[anchors + 1].tolist()
+        spans = [(a, b) for a, b in zip(lo, hi, strict=True) if b > a]
+        if not spans:
+            continue
+        keys = np.concatenate([indices[a:b] for a, b in spans])
+        rows, hit = join.rows_of_items(keys)
+        if j == 0:
+            w = np.concatenate([values[0][a:b] for a, b in spans])
+            out[:, _COL["covis_score"]] = np.bincount(rows, weights=w[hit], minlength=n)
+        elif len(rows):
+            for v, col in zip(values, ("rules_confidence", "rules_lift"), strict=True):
+                best = np.zeros(n, dtype=np.float32)
+                np.maximum.at(best, rows, np.concatenate([v[a:b] for a, b in spans])[hit])
+                out[:, _COL[col]] = best
+
+
+def _als_in_category_one(out: np.ndarray, als: np.ndarray, cat1: np.ndarray, width: int) -> None:
+    """:func:`als_in_category` of one user's candidates (``cat1`` = category + 1, 0 = none): the best score per
+    category in a table of ``width`` slots, taken in the same row order (same maxima)."""
+    best = np.full(width, -np.inf, dtype=np.float32)
+    np.maximum.at(best, cat1, als)
+    rel = als - best[cat1]
+    if cat1[cat1.argmin()] == 0:   # candidates without a category keep 0
+        rel[cat1 == 0] = 0
+    out[:, _COL["als_score_in_category"]] = rel
+
+
+def _session_knn_features(ctx: RankingContext, join: _SlotJoin, out: np.ndarray) -> None:
+    """The session-kNN score and its share of the query's best."""
+    if len(ctx.session_knn_items):
+        rows, hit = join.rows(ctx.session_knn_items.astype(np.int64, copy=False))
+        if len(rows):
+            out[rows, _COL["session_knn"]] = ctx.session_knn_scores[hit]
+            top = np.float32(ctx.session_knn_scores.max())
+            if top > 0:
+                out[rows, _COL["session_knn_share"]] = ctx.session_knn_scores[hit] / top
 
 
 def als_in_category(out: np.ndarray, key: np.ndarray) -> None:
@@ -559,33 +725,6 @@ def als_in_category(out: np.ndarray, key: np.ndarray) -> None:
     best = np.full(len(keys), -np.inf, dtype=np.float32)
     np.maximum.at(best, inv, als)
     out[ok, _COL["als_score_in_category"]] = als - best[inv]
-
-
-def _session_features(ctx: RankingContext, cand: np.ndarray, cat: np.ndarray, sess: np.ndarray,
-                      tables: RankingTables, join: KeyJoin, out: np.ndarray) -> None:
-    """The session-kNN score and the candidate category's share of the session."""
-    if len(ctx.session_knn_items):
-        rows, hit = join.rows(ctx.session_knn_items.astype(np.int64, copy=False))
-        if len(rows):
-            out[rows, _COL["session_knn"]] = ctx.session_knn_scores[hit]
-            top = np.float32(ctx.session_knn_scores.max())
-            if top > 0:
-                out[rows, _COL["session_knn_share"]] = ctx.session_knn_scores[hit] / top
-    if len(sess):
-        sc = np.sort(tables.category[sess])
-        cnt = np.searchsorted(sc, cat, side="right") - np.searchsorted(sc, cat, side="left")
-        out[:, _COL["session_category_share"]] = np.where(cat >= 0, cnt / len(sc), 0.0)
-
-
-def _recency_features(recent: np.ndarray, recent_types: np.ndarray, join: KeyJoin, out: np.ndarray) -> None:
-    """``history_recency_rank`` and ``last_event_type`` from the newest-first history of one user."""
-    out[:, _COL["history_recency_rank"]] = -1.0
-    _, first = np.unique(recent, return_index=True)
-    first = np.sort(first)   # the newest event of each distinct item, newest first
-    rows, hit = join.rows(recent[first])
-    if len(rows):
-        out[rows, _COL["history_recency_rank"]] = np.flatnonzero(hit)
-        out[rows, _COL["last_event_type"]] = recent_types[first][hit].astype(np.int64) + 1
 
 
 def minutes_since_last_event(ctx: RankingContext, n_items: int) -> float:
@@ -626,7 +765,7 @@ def neighbour_features(out: np.ndarray, join: KeyJoin, tables: RankingTables, an
         out[:, _COL["rules_confidence"]] = conf
         out[:, _COL["rules_lift"]] = lift
 
-def trending_feature(out: np.ndarray, join: KeyJoin, keys: np.ndarray, scores: np.ndarray) -> None:
+def trending_feature(out: np.ndarray, join: KeyJoin | _SlotJoin, keys: np.ndarray, scores: np.ndarray) -> None:
     """The ``trending`` column: best ``log1p`` trending score of each joined row."""
     rows, hit = join.rows(keys)
     if len(rows):

@@ -47,6 +47,11 @@ __all__ = ["build_features_many"]
 log = logging.getLogger(__name__)
 
 
+#: Batches of at most this many users are built user by user with :func:`~features.ranking.build_features`
+#: (the same matrix): its set-up is cheaper below ~4 users (session 9, ``docs/api-performance.md``).
+PER_USER_MAX_USERS = 3
+
+
 def _rank_in_group(group: np.ndarray) -> np.ndarray:
     """0, 1, 2, ... within each run of equal values of a grouped (non-decreasing) array."""
     n = len(group)
@@ -101,6 +106,8 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         return out
     if cand.min() < 0 or cand.max() >= n_items:
         raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
+    if len(contexts) <= PER_USER_MAX_USERS:   # a few users: the one-user builder each (less set-up, same rows)
+        return np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, candidates, strict=True)])
     join = KeyJoin(uid * n_items + cand)
     if join.has_duplicates():   # a user with duplicate candidates: the plain way
         return np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, candidates, strict=True)])

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from features.bundle import Bundle
-from features.ranking import row_ranges
+from features.ranking import borrow_slots, return_slots, row_ranges
 from features.vectors import gram
 from serving.index import ExactIndex, ItemIndex, build_index, top_k
 from serving.session_knn import SessionIndex
@@ -251,10 +251,11 @@ class CandidateInput:
     @property
     def anchors(self) -> np.ndarray:
         """Recent + session (+ context) items whose neighbours are candidates."""
-        parts = [self.recent[:N_RECENT_ANCHORS], self.session[-N_SESSION_ANCHORS:]]
+        # np.unique of the ~30 rows without its set-up: the same ascending int64 rows
+        rows = set(self.recent[:N_RECENT_ANCHORS].tolist()).union(self.session[-N_SESSION_ANCHORS:].tolist())
         if self.context >= 0:
-            parts.append(np.array([self.context], dtype=np.int64))
-        return np.unique(np.concatenate(parts).astype(np.int64))
+            rows.add(self.context)
+        return np.array(sorted(rows), dtype=np.int64)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -314,7 +315,7 @@ def csr_neighbours(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, 
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         keys = np.concatenate([indices[lo:hi] for lo, hi in spans]).astype(np.int64)
         vals = np.concatenate([values[lo:hi] for lo, hi in spans]).astype(np.float32, copy=False)
-        return aggregate_by_key(keys, vals, how=how)
+        return _aggregate(*_unique_inverse(keys, len(indptr) - 1), vals, how)
     pos = row_ranges(indptr, rows)
     if len(pos) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -339,11 +340,38 @@ def aggregate_by_key(keys: np.ndarray, values: np.ndarray, *, how: str, size: in
     if len(keys) == 0:
         return keys.astype(np.int64), np.zeros(0, np.float32)
     uniq, _, inv = _unique(keys)   # np.unique(keys, return_inverse=True) in fewer calls
+    return _aggregate(uniq, inv, values, how)
+
+
+def _aggregate(uniq: np.ndarray, inv: np.ndarray, values: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``sum`` or ``max`` of ``values`` per distinct key ``uniq[inv]`` (values added in input order)."""
     if how == "sum":
         return uniq, np.bincount(inv, weights=values, minlength=len(uniq)).astype(np.float32)
     agg = np.full(len(uniq), -np.inf, dtype=np.float32)
     np.maximum.at(agg, inv, values)
     return uniq, agg
+
+
+def _unique_inverse(keys: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` of a non-empty int64 array: the distinct keys by one ``np.sort``
+    and, for keys in ``[0, n_items)``, each key's index among them from a pooled slot table of the catalog
+    (:func:`features.ranking.borrow_slots`) instead of a stable argsort (other keys: :func:`_unique`)."""
+    if int(keys.min()) < 0 or int(keys.max()) >= n_items:
+        uniq, _, inv = _unique(keys)
+        return uniq, inv
+    srt = np.sort(keys)
+    new = np.empty(len(srt), dtype=bool)
+    new[0] = True
+    np.not_equal(srt[1:], srt[:-1], out=new[1:])
+    uniq = srt[new]
+    slots = borrow_slots(n_items)
+    try:
+        slots[uniq] = np.arange(len(uniq), dtype=np.int32)
+        inv = slots[keys].astype(np.int64)
+    finally:
+        slots[uniq] = -1
+        return_slots(slots)
+    return uniq, inv
 
 
 def group_desc_order(group: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -449,11 +477,11 @@ def _trending_parts(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np
     return np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_s).astype(np.float32)
 
 
-def _trending(inp: CandidateInput, tr: TrendingArrays, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _trending(inp: CandidateInput, tr: TrendingArrays, n: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     items, scores = _trending_parts(inp, tr, n)
     if len(items) == 0:
         return items, scores
-    uniq, _, inv = _unique(items)
+    uniq, inv = _unique_inverse(items, n_items)
     agg = np.zeros(len(uniq), dtype=np.float32)
     np.add.at(agg, inv, scores)
     return _best(uniq, agg, n)
@@ -520,9 +548,10 @@ def gather(inp: CandidateInput, aux: BundleAux, trending: TrendingArrays, *, n_c
     proposals = _first_proposals(inp, aux, n_candidates, anchored)
     so_far = sum(len(p[1]) for p in proposals)
     _add(proposals, SOURCE_INDEX["trending"],
-         *_trending(inp, trending, max(_quota(n_candidates, "trending"), max(0, n_candidates - so_far) // 2)))
+         *_trending(inp, trending, max(_quota(n_candidates, "trending"), max(0, n_candidates - so_far) // 2),
+                    len(aux.bundle.items)))
     _add_popularity(proposals, aux, n_candidates)
-    return _merge(proposals, n_candidates)
+    return _merge(proposals, n_candidates, len(aux.bundle.items))
 
 
 _Proposals = list[tuple[int, np.ndarray, np.ndarray]]
@@ -690,7 +719,15 @@ class CandidateBatch:
         return CandidateSet(self.items[lo:hi], self.scores[lo:hi], self.first[lo:hi])
 
 
-def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: int) -> CandidateSet:
+def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: int, n_items: int) -> CandidateSet:
+    """The distinct proposed items in order of first proposal (the first ``n_candidates``), each source's best
+    score per item and the source that proposed it first.
+
+    The items are told apart on a slot table of the catalog (:func:`features.ranking.borrow_slots`): a
+    ``maximum.at`` of the reversed positions leaves each item's first position in its slot, the items whose
+    position is their slot's are the distinct ones in order, and their ranks written into the slots give every
+    proposal its row. The same candidates as ``np.unique`` + a stable sort of the first positions.
+    """
     if not proposals:
         return CandidateSet(np.zeros(0, np.int64), np.zeros((0, len(SOURCES)), np.float32),
                             np.zeros(0, np.int8))
@@ -699,9 +736,33 @@ def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: in
     src = np.repeat(np.fromiter((s for s, _, _ in proposals), dtype=np.int8, count=len(proposals)), lengths)
     items = np.concatenate([i for _, i, _ in proposals])
     scores = np.concatenate([s for _, _, s in proposals])
+    m = len(items)
+    if int(items.min()) < 0 or int(items.max()) >= n_items:   # not item rows: the sorted form
+        return _merge_sorted(items, scores, src, n_candidates)
+    slots = borrow_slots(n_items)
+    try:
+        rev = np.arange(m - 1, -1, -1, dtype=np.int32)   # m - 1 - position
+        np.maximum.at(slots, items, rev)                  # each item's slot: m - 1 - its first position
+        firsts = np.flatnonzero(slots[items] == rev)      # ascending: the order of first proposal
+        distinct = items[firsts]
+        slots[distinct] = np.arange(len(distinct), dtype=np.int32)
+        inv = slots[items]
+    finally:
+        slots[items] = -1
+        return_slots(slots)
+    table = np.zeros((len(distinct), n_src), dtype=np.float32)
+    # on the flat table: ufunc.at's one-index fast path (a maximum does not depend on the order)
+    np.maximum.at(table.reshape(-1), inv * n_src + src, np.maximum(scores, 1e-6))
+    keep = firsts[:n_candidates]
+    return CandidateSet(items=distinct[:n_candidates], scores=table[:n_candidates], first=src[keep])
+
+
+def _merge_sorted(items: np.ndarray, scores: np.ndarray, src: np.ndarray, n_candidates: int) -> CandidateSet:
+    """:func:`_merge`'s result by sorting (any int64 items): ``np.unique`` of the items, the best score per
+    (item, source), and the items in order of their first position."""
+    n_src = len(SOURCES)
     uniq, first_pos, inv = _unique(items)
     table = np.zeros((len(uniq), n_src), dtype=np.float32)
-    # on the flat table: ufunc.at's one-index fast path (a maximum does not depend on the order)
     np.maximum.at(table.reshape(-1), inv * n_src + src, np.maximum(scores, 1e-6))
     order = np.argsort(first_pos, kind="stable")[:n_candidates]
     return CandidateSet(items=uniq[order], scores=table[order], first=src[first_pos[order]])

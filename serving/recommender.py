@@ -95,6 +95,11 @@ _COVIS = FEATURE_NAMES.index("covis_score")
 #: exp(-rank / 10) of the 30 newest distinct history items (category affinity), as np.exp gives it
 _RANK_DECAY: tuple[float, ...] = tuple(float(np.exp(-rank / 10.0)) for rank in range(30))
 _CONTEXT = SOURCES.index("context")
+#: calls of at most this many units gather each unit's candidates with the one-user chain, and calls of at most
+#: this many requests check the blocked rows and order each request on its own; above, the batched joins, merge
+#: and sort are cheaper (candidates per list: B = 2 x0.95 after a 4 ms gap, x0.72 back to back; B = 3 and 4
+#: about even; session 9, ``docs/api-performance.md``)
+_PER_UNIT_MAX = 2
 
 
 @dataclasses.dataclass(slots=True)
@@ -373,6 +378,12 @@ class Recommender:
         if len(inputs) == 1:   # one unit (the API): the one-user chain has less set-up (same candidates)
             one = gather(inputs[0], aux, tr, n_candidates=self.n_candidates)
             raw = CandidateBatch(np.array([0, len(one)], dtype=np.int64), one.items, one.scores, one.first)
+        elif len(inputs) <= _PER_UNIT_MAX:   # a pair: the one-user chain each is still cheaper (same candidates)
+            sets = [gather(inp, aux, tr, n_candidates=self.n_candidates) for inp in inputs]
+            bounds = np.zeros(len(sets) + 1, dtype=np.int64)
+            np.cumsum([len(c) for c in sets], out=bounds[1:])
+            raw = CandidateBatch(bounds, np.concatenate([c.items for c in sets]),
+                                 np.concatenate([c.scores for c in sets]), np.concatenate([c.first for c in sets]))
         else:
             anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
             raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
@@ -623,8 +634,9 @@ class Recommender:
         stable ``argsort``), and the strongest sources of all listed items are found at once
         (:func:`serving.explain.strongest_at_many`). Same positions, scores and sources."""
         b = rows.bounds.tolist()
-        if len(users) == 1:   # one request (the API): the per-request form has less set-up
-            return [self._order(users[0], cands[0], scores, aux, live, live.code[rows.at])]
+        if len(users) <= _PER_UNIT_MAX:   # one or two requests (the API): the per-request form has less set-up
+            return [self._order(u, c, scores[b[j]:b[j + 1]], aux, live, live.code[rows.at[b[j]:b[j + 1]]])
+                    for j, (u, c) in enumerate(zip(users, cands, strict=True))]
         s_all = np.asarray(scores, dtype=np.float64)
         owner = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(rows.bounds))
         # = lexsort((-s_all, owner)): float32 scores order as their float64 copies
@@ -667,8 +679,10 @@ class Recommender:
         ok = live.in_stock[at]
         bounds = batch.bounds.tolist()
         blocked = [(j, u.blocked_rows) for j, u in enumerate(users) if len(u.blocked_rows)]
-        if blocked and len(users) == 1:   # one request: its rows against its blocked rows, no keys
-            ok &= ~isin_rows(batch.items, blocked[0][1])
+        if blocked and len(users) <= _PER_UNIT_MAX:   # one or two requests: each one's rows against its blocked rows
+            for j, r in blocked:
+                lo, hi = bounds[j], bounds[j + 1]
+                ok[lo:hi] &= ~isin_rows(batch.items[lo:hi], r)
         elif blocked:
             uid = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(batch.bounds))
             keys = np.concatenate([r + j * n_items for j, r in blocked])
