@@ -149,7 +149,8 @@ class _Dispatcher:
 
     def run(self) -> None:
         while not self.stopping:
-            for key, _ in self.sel.select(0.2):
+            # the workers' messages first: connections reported closed count before new ones go out
+            for key, _ in sorted(self.sel.select(0.2), key=lambda e: e[0].data is None):
                 if key.data is None:
                     self._on_accept()
                 else:

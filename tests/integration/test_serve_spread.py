@@ -145,3 +145,39 @@ def test_connections_are_handed_out_evenly_and_reach_a_restarted_worker(settings
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(40)
     assert code == 0, log.read_text()
+
+
+def tcp6_sockets(port: int, state: str) -> set[int]:
+    """Inodes of IPv6 TCP sockets with local ``port`` in ``state`` (``0A`` listen, ``01`` established)."""
+    want = f":{port:04X}"
+    lines = Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    return {int(f[9]) for ln in lines if (f := ln.split())[1].endswith(want) and f[3] == state}
+
+
+def test_an_ipv6_host_is_served_by_both_workers(settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liftrec", "serve", "--host", "::1", "--port", str(port), "--workers", "2",
+         "--log-level", "warning"],
+        env=settings_env(settings), stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    conns: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not tcp6_sockets(port, "0A"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "serve did not listen within 90 s"
+            time.sleep(0.2)
+        for _ in range(6):
+            c = socket.create_connection(("::1", port), timeout=20)
+            conns.append(c)
+            assert ask(c) == b"HTTP/1.1 200 OK"
+        established = tcp6_sockets(port, "01")
+        assert sorted(owned(p, established) for p in api_workers(proc.pid)) == [3, 3]
+    finally:
+        for c in conns:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(40)
+    assert code == 0, log.read_text()
