@@ -22,9 +22,16 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["CoalescingHttpTools", "CoalescingTransport", "HandedConnectionsServer"]
+__all__ = ["MSG_CLOSED", "MSG_CONN", "MSG_READY", "MSG_STOPPING", "CoalescingHttpTools", "CoalescingTransport",
+           "HandedConnectionsServer"]
 
 log = logging.getLogger(__name__)
+
+#: Messages between ``liftrec serve``'s parent and a worker (one per SOCK_SEQPACKET message).
+MSG_READY = b"R"       # worker -> parent: its app has started, send connections
+MSG_STOPPING = b"S"    # worker -> parent: shutting down, send no more
+MSG_CLOSED = b"C"      # worker -> parent: + 4-byte big-endian count of its connections closed since the last report
+MSG_CONN = b"c"        # parent -> worker: one accepted connection, its descriptor attached (SCM_RIGHTS)
 
 
 class CoalescingTransport:
@@ -106,12 +113,12 @@ class HandedConnectionsServer(uvicorn.Server):
         self._loop = loop = asyncio.get_running_loop()
         self.ctrl.setblocking(False)
         loop.add_reader(self.ctrl.fileno(), self._receive)
-        self._send(b"R")
+        self._send(MSG_READY)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._loop is not None and self.ctrl.fileno() >= 0:
             self._loop.remove_reader(self.ctrl.fileno())
-            self._send(b"S")
+            self._send(MSG_STOPPING)
         await super().shutdown(sockets=sockets)
 
     def _send(self, msg: bytes) -> bool:
@@ -173,4 +180,4 @@ class HandedConnectionsServer(uvicorn.Server):
 
 
 def _closed_message(n: int) -> bytes:
-    return b"C" + min(n, 2**32 - 1).to_bytes(4, "big")
+    return MSG_CLOSED + min(n, 2**32 - 1).to_bytes(4, "big")

@@ -17,6 +17,7 @@ import typer
 from fastapi import FastAPI
 
 from liftrec._common import endpoints_or_exit, fail, load_settings, setup_logging
+from liftrec._http import MSG_CLOSED, MSG_CONN, MSG_READY, MSG_STOPPING
 from liftrec.stack import Endpoints
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -55,11 +56,6 @@ _EARLY_EXIT_S = 5.0
 _MAX_FAILED_STARTS = 3
 #: Backlog of the parent's listening socket (uvicorn's default).
 _BACKLOG = 2048
-#: Control messages between the parent and a worker (one per SOCK_SEQPACKET message).
-_READY = b"R"           # worker -> parent: the app has started, send connections
-_STOPPING = b"S"        # worker -> parent: shutting down, send no more
-_CLOSED = b"C"          # worker -> parent: b"C" + 4-byte count of handed connections that have closed
-_CONN = b"c"            # parent -> worker: one accepted connection (its file descriptor rides along, SCM_RIGHTS)
 
 
 def _listener(host: str, port: int) -> socket.socket:
@@ -177,7 +173,7 @@ class _Dispatcher:
     def _hand_out(self, conn: socket.socket) -> bool:
         for w in sorted((w for w in self.pool if w.ready), key=lambda w: (w.live, w.turn)):
             try:
-                socket.send_fds(w.ctrl, [_CONN], [conn.fileno()])
+                socket.send_fds(w.ctrl, [MSG_CONN], [conn.fileno()])
             except BlockingIOError:      # its queue is full: try the next one
                 continue
             except OSError:              # it died: its end is closed
@@ -199,14 +195,14 @@ class _Dispatcher:
                 return
             except OSError:
                 msg = b""
-            if not msg or msg == _STOPPING:   # gone, or going: no more connections for it
+            if not msg or msg == MSG_STOPPING:   # gone, or going: no more connections for it
                 self._drop(w)
                 return
-            if msg == _READY:
+            if msg == MSG_READY:
                 w.ready = True
                 while self.pending and self._hand_out(self.pending.popleft()):
                     pass
-            elif msg[:1] == _CLOSED:
+            elif msg[:1] == MSG_CLOSED:
                 w.live = max(0, w.live - int.from_bytes(msg[1:5], "big"))
 
     def _supervise(self) -> None:
