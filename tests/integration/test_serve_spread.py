@@ -181,3 +181,24 @@ def test_an_ipv6_host_is_served_by_both_workers(settings: Settings, tmp_path: Pa
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(40)
     assert code == 0, log.read_text()
+
+
+def test_serve_stops_after_three_failed_worker_starts(settings: Settings, tmp_path: Path) -> None:
+    """A worker whose app cannot start is restarted; three failed starts in a row stop ``serve`` (exit 1)."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = settings_env(settings) | {"LIFTREC_SERVE_BATCH_MAX": "not-a-number"}   # read by each worker's app factory
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liftrec", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 1, text
+    assert "exited 3 times right after its start" in text, text
+    assert text.count("restarting") == 2, text      # two restarts, then the third failure stops serve
+    assert not tcp_sockets(port, "0A")               # it never listened
