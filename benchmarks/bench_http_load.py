@@ -28,7 +28,8 @@ processes, of Redis and of the generator (where the 2 cores go), the API's
 mean batch size (coalesced lists per ``recommend_many`` call) and its
 ``recommend_many`` milliseconds per list (from ``/metrics``; 1 worker only:
 with several, two scrapes may reach different workers), the machine's 1-minute load
-average; and the highest offered rate whose p99 stayed <= 20 ms. Where the
+average, each API process's share of the API's CPU and how many of the 50 connections it held
+(``api_processes``); and the highest offered rate whose p99 stayed <= 20 ms. Where the
 time went (``where_ms``, p50/p99): ``generator_late`` (due time until the
 generator's loop took the request up: a generator starved of CPU shows here),
 ``no_free_connection`` (all 50 connections busy) and ``server`` (written until
@@ -44,15 +45,21 @@ would after their events; the API answers their plain requests from it
 (``Settings.api_precomputed_max_age_s``, raised to an hour for the sweep so the
 lists stay fresh). With 0, every user request computes its list.
 
+``--baseline-tree PATH`` (e.g. an export of main: ``git archive main | tar -x -C /tmp/main``)
+starts a second ``liftrec serve`` from that source tree on the same Redis and runs every trial on
+both in lock-step (the order alternating), so an A/B sees the same machine; its curve is
+``baseline_curve``.
+
     python benchmarks/bench_http_load.py [--quick] [--items N] [--workers W] [--rates 100,200,...]
         [--precomputed 0.8] [--batch-window-ms 1.5] [--batch-max 16] [--batch-hold-ms 5] [--api-nice 5]
-        [--profile out.prof]
+        [--profile out.prof] [--baseline-tree /tmp/main] [--all-rates]
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import re
 import signal
@@ -268,8 +275,11 @@ class _Client(asyncio.Protocol):
 class _OpenLoop:
     """Open-loop load over :data:`CONCURRENCY` keep-alive connections (callbacks, no per-request task)."""
 
-    def __init__(self, port: int, requests: list[bytes], rate: float, n: int) -> None:
+    def __init__(self, port: int, requests: list[bytes], rate: float, n: int,
+                 on_connected: Any = None) -> None:
         self.port, self.requests, self.rate, self.n = port, requests, rate, n
+        self.on_connected = on_connected   # called once every connection is up, before the clock starts
+        self.connected: Any = None         # what it returned
         self.lat = np.full(n, np.nan)
         self.seen = np.full(n, np.nan)   # when the generator's loop took request i up (perf_counter)
         self.sent = np.full(n, np.nan)   # when it was written to a connection
@@ -321,6 +331,8 @@ class _OpenLoop:
         loop = asyncio.get_running_loop()
         self.all_done = loop.create_future()
         await asyncio.gather(*(self.connect() for _ in range(CONCURRENCY)))
+        if self.on_connected is not None:
+            self.connected = self.on_connected()
         self.t0 = t0 = time.perf_counter() + 0.05
         i, n, rate = 0, self.n, self.rate
         while i < n:
@@ -338,17 +350,22 @@ class _OpenLoop:
             c.transport.close()  # type: ignore[union-attr]
 
 
-async def run_rate(port: int, requests: list[bytes], rate: float, seconds: float) -> dict[str, Any]:
-    """Offer ``rate`` requests/s for ``seconds`` over :data:`CONCURRENCY` keep-alive connections."""
+async def run_rate(port: int, requests: list[bytes], rate: float, seconds: float,
+                   on_connected: Any = None) -> dict[str, Any]:
+    """Offer ``rate`` requests/s for ``seconds`` over :data:`CONCURRENCY` keep-alive connections.
+
+    ``on_connected()`` runs once the connections are up, before the first request is due; its result is
+    the ``connections`` entry.
+    """
     n = max(1, int(rate * seconds))
-    gen = _OpenLoop(port, requests, rate, n)
+    gen = _OpenLoop(port, requests, rate, n, on_connected)
     await gen.run()
     elapsed = time.perf_counter() - gen.t0
     done = gen.lat[~np.isnan(gen.lat)]
     return {"offered_rps": rate, "requests": n, "achieved_rps": n / elapsed, "errors": gen.errors,
             "p50_ms": float(np.percentile(done, 50)), "p90_ms": float(np.percentile(done, 90)),
             "p99_ms": float(np.percentile(done, 99)), "max_ms": float(done.max()),
-            "where_ms": where_waited(gen)}
+            "where_ms": where_waited(gen), "connections": gen.connected}
 
 
 def where_waited(gen: _OpenLoop) -> dict[str, dict[str, float]]:
@@ -381,11 +398,48 @@ def encode_requests(user_ids: Sequence[str], n_items: int, *, similar: float, n:
     return out
 
 
-def listening_sockets(port: int) -> int:
-    """Listening TCP sockets on ``port`` (IPv4), from ``/proc/net/tcp``."""
+def tcp_inodes(port: int, state: str) -> set[int]:
+    """Socket inodes of IPv4 TCP sockets with local ``port`` in ``state`` (``0A`` listen, ``01`` established)."""
     want = f":{port:04X}"
     lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(1 for ln in lines if (f := ln.split())[1].endswith(want) and f[3] == "0A")
+    return {int(f[9]) for ln in lines if (f := ln.split())[1].endswith(want) and f[3] == state}
+
+
+def listening_sockets(port: int) -> int:
+    """Listening TCP sockets on ``port`` (IPv4), from ``/proc/net/tcp``."""
+    return len(tcp_inodes(port, "0A"))
+
+
+def connections_per_process(pids: Sequence[int], port: int, expect: int = 0) -> list[int]:
+    """How many of the established connections to ``port`` each process holds (server side; ``/proc``).
+
+    ``expect``: wait (up to 2 s) until the processes hold that many together: a connection the client
+    has made may still sit in the listen queue or be on its way from the serve parent to a worker.
+    """
+    deadline = time.monotonic() + 2.0
+    while True:
+        out = _connections_per_process(pids, port)
+        if sum(out) >= expect or time.monotonic() > deadline:
+            return out
+        time.sleep(0.01)
+
+
+def _connections_per_process(pids: Sequence[int], port: int) -> list[int]:
+    inodes = tcp_inodes(port, "01")
+    out = []
+    for pid in pids:
+        n = 0
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    t = os.readlink(fd)
+                except OSError:
+                    continue
+                n += t.startswith("socket:[") and int(t[8:-1]) in inodes
+        except OSError:
+            pass
+        out.append(n)
+    return out
 
 
 def batch_stats(base: str) -> tuple[float, ...]:
@@ -438,12 +492,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api-nice", type=int, default=0,
                         help="nice increment of the API processes (default 0); >0 lets the generator and Redis "
                         "run first when the cores are busy, as a client on its own machine would")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="also run `liftrec serve` from this source tree (e.g. an export of main) on the same "
+                        "Redis, each trial on both in lock-step; its curve is `baseline_curve`")
+    parser.add_argument("--all-rates", action="store_true",
+                        help="run every rate (default: stop after two rates in a row that were not kept up with)")
     parser.add_argument("--name", default=None, help="result file stem (default: from the configuration)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.precomputed <= 1.0:
         parser.error(f"--precomputed must be in [0, 1]; got {args.precomputed}")
     if args.profile is not None and args.workers != 1:
         parser.error("--profile needs --workers 1")
+    if args.profile is not None and args.baseline_tree is not None:
+        parser.error("--profile runs one API: leave out --baseline-tree")
     n_items = args.items or (5000 if args.quick else 20_000)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rates = [float(r) for r in (args.rates or ("100,300,500" if args.quick else
@@ -451,7 +512,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     onnx, booster = train_ranker()
-    curve: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         stack = EmbeddedStack(Settings(state_dir=Path(tmp) / "stack", kafka_bootstrap=None, redis_url=None))
         ep = stack.start()
@@ -463,49 +523,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             catalog = seed_shop(ep.redis_url, keys, Bundle.load(reg / version))
             user_ids = seed_users(client, keys, reg / version, 2000, precomputed=args.precomputed, catalog=catalog)
             client.close()
-            port = free_port()
             env = {**os.environ, "KAFKA_BOOTSTRAP": ep.kafka_bootstrap, "REDIS_URL": ep.redis_url,
                    "LIFTREC_KEY_PREFIX": PREFIX, "LIFTREC_REGISTRY_DIR": str(reg), "PYTHONUNBUFFERED": "1"}
             if args.precomputed > 0:
                 env["LIFTREC_API_PRECOMPUTED_MAX_AGE_S"] = "3600"
-            cmd = [sys.executable, "-m", "liftrec", "serve", "--port", str(port), "--workers", str(args.workers),
-                   "--log-level", "warning"]
-            if args.batch_window_ms is not None:
-                cmd += ["--batch-window-ms", str(args.batch_window_ms)]
-            if args.batch_max is not None:
-                cmd += ["--batch-max", str(args.batch_max)]
-            if args.batch_hold_ms is not None:
-                cmd += ["--batch-hold-ms", str(args.batch_hold_ms)]
-            if args.profile is not None:
-                cmd[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve())]
-            log = Path(tmp) / "serve.log"
-            nice = args.api_nice
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                    preexec_fn=(lambda: os.nice(nice)) if nice else None)
-            base = f"http://127.0.0.1:{port}"
+            trees = [("this", ROOT)] + ([("baseline", args.baseline_tree.resolve())] if args.baseline_tree else [])
+            sides = [start_api(name, tree, env, Path(tmp), args) for name, tree in trees]
             try:
-                curve = sweep(proc, log, base, port, version, user_ids, n_items, rates, seconds, args,
-                              redis_pid=stack.procs["redis"].pid, uvloop=uvloop)
+                curves = sweep(sides, version, user_ids, n_items, rates, seconds, args,
+                               redis_pid=stack.procs["redis"].pid, uvloop=uvloop)
             finally:
-                proc.send_signal(signal.SIGINT if args.profile is not None else signal.SIGTERM)
-                proc.wait(30)
+                for side in sides:
+                    side.proc.send_signal(signal.SIGINT if args.profile is not None else signal.SIGTERM)
+                for side in sides:
+                    side.proc.wait(30)
         finally:
             stack.stop()
+    curve = curves["this"]
     ok = [c for c in curve if c["p99_ms"] <= GOAL_P99_MS and c["errors"] == 0]
     best = max(ok, key=lambda c: c["offered_rps"]) if ok else None
     summary = (f"{args.workers} workers, {n_items // 1000}k items, {args.precomputed:.0%} precomputed: "
                + (f"{best['achieved_rps']:.0f} req/s at p99 {best['p99_ms']:.1f} ms (offered {best['offered_rps']:.0f})"
                   if best else "no rate kept p99 <= 20 ms")
                + "; curve p99 " + ", ".join(f"{c['offered_rps']:.0f}:{c['p99_ms']:.0f}ms" for c in curve))
+    if "baseline" in curves:
+        summary += "; baseline (lock-step) p99 " + ", ".join(f"{c['offered_rps']:.0f}:{c['p99_ms']:.0f}ms"
+                                                            for c in curves["baseline"])
     name = args.name or (NAME + (f"_{n_items // 1000}k" if args.items else "")
                          + (f"_w{args.workers}" if args.workers != 1 else "")
                          + (f"_pre{round(args.precomputed * 100)}" if args.precomputed else ""))
-    write_result(name, {"curve": curve, "best_rate_within_goal": best},
+    result: dict[str, Any] = {"curve": curve, "best_rate_within_goal": best}
+    if "baseline" in curves:
+        result["baseline_curve"] = curves["baseline"]
+    write_result(name, result,
                  params={"quick": args.quick, "items": n_items, "workers": args.workers, "seconds": seconds,
                          "precomputed": args.precomputed, "similar": args.similar,
                          "batch_window_ms": args.batch_window_ms, "batch_max": args.batch_max,
                          "batch_hold_ms": args.batch_hold_ms,
                          "fastapi_only": args.fastapi_only, "trials": args.trials, "api_nice": args.api_nice,
+                         "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None,
                          "generator": "asyncio protocol callbacks on uvloop, keep-alive, open-loop",
                          "concurrency": CONCURRENCY, "rates": rates, "goal_p99_ms": GOAL_P99_MS},
                  summary=summary, out_dir=args.out_dir)
@@ -513,45 +569,104 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def sweep(proc: subprocess.Popen[bytes], log: Path, base: str, port: int, version: str, user_ids: list[str],
-          n_items: int, rates: list[float], seconds: float, args: Any, *, redis_pid: int,
-          uvloop: Any) -> list[dict[str, Any]]:
-    """Wait for the API, warm it up, then run the rates (see the module docstring)."""
+@dataclasses.dataclass
+class _Api:
+    """One ``liftrec serve`` under test (``tree``: the source tree it runs from)."""
+
+    name: str
+    tree: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def listeners_when_ready(self, workers: int) -> int:
+        """Listening sockets once every worker takes connections: one per worker in trees that give each
+        worker its own ``SO_REUSEPORT`` socket (sessions 7-8), else one (the serve parent's)."""
+        src = (self.tree / "liftrec" / "cmd_serve.py").read_text()
+        return workers if "SO_REUSEPORT" in src and "_Dispatcher" not in src else 1
+
+
+def start_api(name: str, tree: Path, env: dict[str, str], tmp: Path, args: Any) -> _Api:
+    """``liftrec serve`` from source tree ``tree`` (its own packages first on the path)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "liftrec", "serve", "--port", str(port), "--workers", str(args.workers),
+           "--log-level", "warning"]
+    if args.batch_window_ms is not None:
+        cmd += ["--batch-window-ms", str(args.batch_window_ms)]
+    if args.batch_max is not None:
+        cmd += ["--batch-max", str(args.batch_max)]
+    if args.batch_hold_ms is not None:
+        cmd += ["--batch-hold-ms", str(args.batch_hold_ms)]
+    if args.profile is not None:
+        cmd[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve())]
+    log = tmp / f"serve_{name}.log"
+    nice = args.api_nice
+    proc = subprocess.Popen(cmd, cwd=tree, env={**env, "PYTHONPATH": str(tree)}, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    return _Api(name, tree, proc, log, port)
+
+
+def wait_ready(api: _Api, version: str, user_ids: list[str], workers: int) -> None:
+    """Until ``api`` answers with the bundle and every worker takes connections."""
     import httpx
 
     deadline = time.monotonic() + 90
     while True:
         try:
-            r = httpx.get(f"{base}/v1/users/{user_ids[0]}/recommendations?k=5", timeout=2)
+            r = httpx.get(f"{api.base}/v1/users/{user_ids[0]}/recommendations?k=5", timeout=2)
             if r.status_code == 200 and r.json()["model"] == version:
                 break
         except httpx.HTTPError:
             pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"API did not come up:\n{log.read_text()[-2000:]}")
+        if time.monotonic() > deadline or api.proc.poll() is not None:
+            raise SystemExit(f"API {api.name} did not come up:\n{api.log.read_text()[-2000:]}")
         time.sleep(0.2)
-    # every worker listens on its own socket once its app has started (`liftrec serve`): wait for all,
-    # or the connections of the first rate all land on the workers that were ready
-    while listening_sockets(port) < args.workers:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"{listening_sockets(port)} of {args.workers} workers listen:\n{log.read_text()[-2000:]}")
+    # wait for every worker, or the connections of the first rate all land on the workers that were
+    # ready (this tree's serve listens once all are; older ones had a socket per worker)
+    want = api.listeners_when_ready(workers)
+    while listening_sockets(api.port) < want:
+        if time.monotonic() > deadline or api.proc.poll() is not None:
+            raise SystemExit(f"{listening_sockets(api.port)} of {want} sockets listen:\n{api.log.read_text()[-2000:]}")
         time.sleep(0.2)
+
+
+def sweep(sides: list[_Api], version: str, user_ids: list[str], n_items: int, rates: list[float], seconds: float,
+          args: Any, *, redis_pid: int, uvloop: Any) -> dict[str, list[dict[str, Any]]]:
+    """Wait for the APIs, warm them up, then run the rates (see the module docstring).
+
+    With a baseline (two APIs on the same Redis), each trial runs on both in lock-step, the order
+    alternating between trials (this, baseline; baseline, this; ...), so both see the same machine.
+    """
+    for api in sides:
+        wait_ready(api, version, user_ids, args.workers)
     requests = encode_requests(user_ids, n_items, similar=args.similar, extra="&via=fastapi" if args.fastapi_only else "")
-    curve: list[dict[str, Any]] = []
+    curves: dict[str, list[dict[str, Any]]] = {api.name: [] for api in sides}
     failed = 0
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(run_rate(port, requests, 100.0, 2.0))  # warm-up: every worker loads the bundle
+        for api in sides:
+            runner.run(run_rate(api.port, requests, 100.0, 2.0))  # warm-up: every worker loads the bundle
         for rate in tqdm(rates, desc="http load", unit="rate"):
-            trials = [one_trial(runner, proc.pid, base, port, requests, rate, seconds, redis_pid=redis_pid,
-                                api_stats=args.workers == 1) for _ in range(args.trials)]
-            res = dict(sorted(trials, key=lambda t: t["p99_ms"])[(len(trials) - 1) // 2])   # median by p99
-            res["trials"] = trials
-            curve.append(res)
-            bad = res["p99_ms"] > 200 or res["achieved_rps"] < 0.9 * rate
+            trials: dict[str, list[dict[str, Any]]] = {api.name: [] for api in sides}
+            for t in range(args.trials):
+                for api in (sides if t % 2 == 0 else sides[::-1]):
+                    if len(sides) > 1:
+                        tqdm.write(f"[{api.name}]")
+                    trials[api.name].append(one_trial(runner, api.proc.pid, api.base, api.port, requests, rate,
+                                                      seconds, redis_pid=redis_pid, api_stats=args.workers == 1))
+            bad = False
+            for name, ts in trials.items():
+                res = dict(sorted(ts, key=lambda t: t["p99_ms"])[(len(ts) - 1) // 2])   # median by p99
+                res["trials"] = ts
+                curves[name].append(res)
+                bad = bad or res["p99_ms"] > 200 or res["achieved_rps"] < 0.9 * rate
             failed = failed + 1 if bad else 0
-            if failed == 2:   # two rates in a row: saturated (one may be a spike of the shared box)
+            if failed == 2 and not args.all_rates:   # two rates in a row: saturated (one may be a spike)
                 break
-    return curve
+    return curves
 
 
 def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: list[bytes], rate: float,
@@ -566,7 +681,7 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     calls0, lists0, comp0, *gc0 = batch_stats(base) if api_stats else (0.0,) * 12
     api0, redis0, gen0 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     sys0 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
-    res = runner.run(run_rate(port, requests, rate, seconds))
+    res = runner.run(run_rate(port, requests, rate, seconds, on_connected=lambda: connections_per_process(pids, port, CONCURRENCY)))
     api1, redis1, gen1 = cpu_seconds(pids), cpu_seconds([redis_pid]), time.process_time()
     per1 = [cpu_seconds([p]) for p in pids]
     sys1 = cpu_seconds(pids, system=True), cpu_seconds([redis_pid], system=True), os.times().system
@@ -581,6 +696,11 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
     # how the API's CPU split over its processes (several workers: is the load balanced?)
     res["api_cpu_share"] = [round((b - a) / max(api1 - api0, 1e-9), 3) for a, b in zip(per0, per1, strict=True)
                             if b - a > 0]
+    # per API process (the serve parent, its workers): share of the API's CPU and the generator's
+    # connections it held once they were up (several workers: how evenly were they handed out?)
+    res["api_processes"] = [{"pid": pid, "cpu_share": round((b - a) / max(api1 - api0, 1e-9), 3), "connections": c}
+                            for pid, a, b, c in zip(pids, per0, per1, res.pop("connections"), strict=True)
+                            if b - a > 0 or c]
     res["mean_batch"] = (lists1 - lists0) / (calls1 - calls0) if calls1 > calls0 else None
     res["recommend_ms_per_list"] = 1000 * (comp1 - comp0) / (lists1 - lists0) if lists1 > lists0 else None
     # the recommender's process CPU per list, and the API's CPU per request outside it (1 worker)
@@ -599,7 +719,8 @@ def one_trial(runner: asyncio.Runner, pid: int, base: str, port: int, requests: 
                f"p99 {res['p99_ms']:.1f} ms errors {res['errors']} cpu/req api {c['api']:.2f} "
                f"redis {c['redis']:.2f} gen {c['generator']:.2f} ms (recommend_many {res['recommend_cpu_ms_per_list']} "
                f"per list, outside it {res['api_cpu_outside_recommend_ms_per_request']} per request) (system {res['system_cpu_ms_per_request']}) batch {res['mean_batch']} gc {res['gc']} "
-               f"load {res['load_avg_1m']:.1f} where {res['where_ms']} waits {res['batch_wait_ms']}")
+               f"load {res['load_avg_1m']:.1f} cpu share / connections per API process "
+               f"{[(a['cpu_share'], a['connections']) for a in res['api_processes']]} where {res['where_ms']} waits {res['batch_wait_ms']}")
     return res
 
 
