@@ -41,6 +41,7 @@ import numpy as np
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache
+from features.focus import DEFAULT_FOCUS, FocusParams
 from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features, row_ranges
 from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
@@ -174,12 +175,14 @@ class Recommender:
         See :func:`serving.index.build_index`.
     session_knn : SessionKnnParams, optional
         Neighbour sessions / sample of the ``session_knn`` source and feature.
+    focus : FocusParams, optional
+        phi and sharpness of the ``session_focus_*`` features (:mod:`features.focus`).
     """
 
     def __init__(self, *, rules: RuleConfig | None = None, n_candidates: int = 300,
                  event_weights: Mapping[str, float] | None = None, trending_half_life_s: float = 6 * 3600.0,
                  index_kind: str = "auto", ann_min_items: int = 50_000, nprobe: int = 64,
-                 session_knn: SessionKnnParams | None = None) -> None:
+                 session_knn: SessionKnnParams | None = None, focus: FocusParams | None = None) -> None:
         if n_candidates < 1:
             raise ValueError(f"n_candidates must be >= 1; got {n_candidates}")
         self.rules = rules or RuleConfig()
@@ -190,6 +193,7 @@ class Recommender:
         self.ann_min_items = ann_min_items
         self.nprobe = nprobe
         self.session_knn = session_knn or SessionKnnParams()
+        self.focus = focus or DEFAULT_FOCUS
         self._aux: dict[str, BundleAux] = {}
         self._tables: dict[str, LiveTable] = {}
         self._plain: dict[str, tuple[Bundle, LiveAttrs]] = {}
@@ -202,7 +206,8 @@ class Recommender:
                    event_weights=settings.event_weights, trending_half_life_s=settings.trending_half_life_s,
                    index_kind=settings.ann_index, ann_min_items=settings.ann_min_items,
                    nprobe=settings.ann_nprobe,
-                   session_knn=SessionKnnParams(k=settings.session_knn_k, sample=settings.session_knn_sample))
+                   session_knn=SessionKnnParams(k=settings.session_knn_k, sample=settings.session_knn_sample),
+                   focus=FocusParams(phi=settings.focus_phi, sharpness=settings.focus_sharpness))
 
     # -- per-bundle data -------------------------------------------------------------
 
@@ -411,13 +416,12 @@ class Recommender:
                 for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows,
                                                   new_rec_ids(len(users)), strict=True)]
 
-    @staticmethod
-    def _features(contexts: list[RankingContext], cands: list[CandidateSet], aux: BundleAux) -> np.ndarray:
+    def _features(self, contexts: list[RankingContext], cands: list[CandidateSet], aux: BundleAux) -> np.ndarray:
         """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix), on the
         bundle's tables with plain-ndarray factors (:attr:`~serving.candidates.BundleAux.tables`)."""
         if len(contexts) == 1:   # one user: the plain builder has less set-up (same matrix)
-            return build_features(contexts[0], cands[0].items, aux.tables)
-        return build_features_many(contexts, [c.items for c in cands], aux.tables)
+            return build_features(contexts[0], cands[0].items, aux.tables, focus=self.focus)
+        return build_features_many(contexts, [c.items for c in cands], aux.tables, focus=self.focus)
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
