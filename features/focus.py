@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FocusParams", "session_focus"]
+__all__ = ["DEFAULT_FOCUS", "FocusParams", "focus_top", "session_focus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +62,15 @@ class FocusParams:
         ``w_i = exp(sharpness * z_i)``: how strongly the standardised ALS score shapes the taste (>= 0).
     max_items : int
         Catalogs larger than this use a fixed sample of this many items for the taste masses.
+    candidates : bool
+        Whether the Recommender proposes the most probable next views as the ``session_focus``
+        candidate source (:func:`focus_top`).
     """
 
     phi: float = 0.75
     sharpness: float = 0.5
     max_items: int = 20_000
+    candidates: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.phi < 1.0:
@@ -94,6 +98,9 @@ class _Prepared:
     nocat_scale: float         # (items without category) / (sampled ones)
     pos: np.ndarray | None     # column of each catalog item (None when sampled)
     n_cat: int                 # largest category code + 1
+    order: np.ndarray          # catalog item of each column
+    seg_of_cat: np.ndarray     # segment of each category code (-1: no item)
+    seg_of_item: np.ndarray    # segment of each catalog item (len(seg_cat) when it has no category)
 
 
 _CACHE: dict[int, tuple[object, object, int, _Prepared | None]] = {}
@@ -137,10 +144,14 @@ def _prepare(item_factors: np.ndarray, category: np.ndarray, max_items: int) -> 
     if not sampled:
         pos = np.empty(n, dtype=np.int64)
         pos[order] = np.arange(n, dtype=np.int64)
+    seg_of_cat = np.full(int(cat.max()) + 1, -1, dtype=np.int64)
+    seg_of_cat[seg_cat[keep]] = np.arange(int(keep.sum()))
+    seg_of_item = np.where(cat >= 0, seg_of_cat[np.maximum(cat, 0)], int(keep.sum()))
     return _Prepared(factors_t=np.ascontiguousarray(np.asarray(item_factors, dtype=np.float32)[order].T),
                      seg_start=starts[keep], seg_cat=seg_cat[keep], seg_scale=seg_scale,
                      nocat_start=nocat_used, nocat_scale=(n_nocat / nocat_used) if nocat_used else 0.0,
-                     pos=pos, n_cat=int(cat.max()) + 1)
+                     pos=pos, n_cat=int(cat.max()) + 1, order=order, seg_of_cat=seg_of_cat,
+                     seg_of_item=seg_of_item)
 
 
 def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], cand: np.ndarray,
@@ -168,15 +179,54 @@ def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.nd
     """
     p = params or DEFAULT_FOCUS
     prep = _prepared(item_factors, category, p.max_items)
-    n_users = len(vectors)
-    if prep is None or len(cand) == 0 or n_users == 0:
+    if prep is None or len(cand) == 0 or len(vectors) == 0:
         return None
+    S, V, mu, a, W, r, q = _core(vectors, sessions, prep, category, p)
+    # per (user, segment), the last segment standing for "no category": log(boost) - log W and q
+    m, n_seg = len(W), len(prep.seg_cat)
+    phi = p.phi
+    lb = np.empty((m, n_seg + 1), dtype=np.float64)
+    post = np.zeros((m, n_seg + 1), dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        lb[:, :n_seg] = np.log(1.0 - phi + phi * q / r)
+        lb[:, n_seg] = np.log(1.0 - phi)
+        lb -= np.log(W)[:, None]
+    post[:, :n_seg] = q
+    key = uid * (n_seg + 1) + prep.seg_of_item[cand]
+    if prep.pos is not None:
+        s = S.ravel()[uid * S.shape[1] + prep.pos[cand]]       # already sharpness * z (float32)
+    else:
+        raw = np.einsum("ij,ij->i", np.asarray(item_factors, dtype=np.float32)[cand], V[uid])
+        s = np.minimum((raw - mu[uid, 0]) * a[uid, 0], _MAX_EXP)
+    logp = s + lb.astype(np.float32).ravel()[key]
+    return np.maximum(logp, np.float32(-1e4)), post.ravel()[key]
+
+
+def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], prep: _Prepared,
+          category: np.ndarray, p: FocusParams) -> tuple[np.ndarray, ...]:
+    """Per batch: ``sharpness * z`` over the (sampled) catalog's columns, the users' vectors (>= 2 rows),
+    mean and ``sharpness / sd`` of the scores, the total taste mass ``W``, the focus prior ``r`` and
+    posterior ``q`` (users x categories present).
+
+    The last batch's result is kept: the Recommender asks for the candidate source (:func:`focus_top`) and
+    then for the features (:func:`session_focus`) of the same users, so a call with equal inputs (the same
+    vectors, sessions, table and settings, compared by value) returns it without computing it again.
+    """
+    global _MEMO
+    n_users = len(vectors)
     k = prep.factors_t.shape[0]
     V = np.zeros((max(n_users, 2), k), dtype=np.float32)   # >= 2 rows: gemm, never gemv (see module doc)
     for j, v in enumerate(vectors):
         if v is not None:
             V[j] = v
-    S = V @ prep.factors_t                                  # (users, n_used) float32
+    lens = np.fromiter((len(s) for s in sessions), dtype=np.int64, count=n_users)
+    s_items = (np.concatenate([np.asarray(s, dtype=np.int64) for s in sessions]) if lens.sum()
+               else np.zeros(0, dtype=np.int64))
+    memo = _MEMO
+    if (memo is not None and memo[0] is prep and memo[1] == p and np.array_equal(memo[2], V)
+            and np.array_equal(memo[3], lens) and np.array_equal(memo[4], s_items)):
+        return memo[5]
+    S = (V @ prep.factors_t)[:n_users]                      # (users, n_used) float32; the padding row dropped
     mu = S.mean(axis=1, keepdims=True)
     sd = S.std(axis=1, keepdims=True)
     a = np.where(sd > 0, np.float32(p.sharpness) / np.where(sd > 0, sd, np.float32(1)), np.float32(0))
@@ -188,42 +238,60 @@ def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.nd
     W = Wf.sum(axis=1)
     if prep.nocat_start:
         W += E[:, :prep.nocat_start].sum(axis=1, dtype=np.float64) * prep.nocat_scale
-    r = Wf / W[:, None]                                     # prior of the focus (users, segments)
+    r = np.maximum(Wf / W[:, None], 1e-300)                 # prior of the focus (users, segments)
     # evidence: distinct session items with a category, counted per (user, segment)
     cat = np.asarray(category, dtype=np.int64)
-    seg_of_cat = np.full(prep.n_cat, -1, dtype=np.int64)
-    seg_of_cat[prep.seg_cat] = np.arange(len(prep.seg_cat))
     n_seg, n_items = len(prep.seg_cat), len(cat)
-    lens = np.fromiter((len(s) for s in sessions), dtype=np.int64, count=n_users)
-    M = np.zeros((n_users, n_seg))
-    if lens.sum():
-        s_items = np.concatenate([np.asarray(s, dtype=np.int64) for s in sessions])
+    phi = p.phi
+    logq = np.log(r)
+    if len(s_items) and phi > 0:
         s_uid = np.repeat(np.arange(n_users, dtype=np.int64), lens)
         ok = (s_items >= 0) & (s_items < n_items)
         keys = np.unique(s_uid[ok] * n_items + s_items[ok])
         sc = cat[keys % n_items]
         has = sc >= 0
-        seg = seg_of_cat[sc[has]]
+        seg = prep.seg_of_cat[sc[has]]
         M = np.bincount((keys[has] // n_items) * n_seg + seg, minlength=n_users * n_seg
-                        ).reshape(n_users, n_seg).astype(np.float64)
-    phi = p.phi
-    with np.errstate(divide="ignore", over="ignore"):
-        logq = np.log(r) + M * np.log1p(phi / ((1.0 - phi) * r)) if phi > 0 else np.log(r)
+                        ).reshape(-1, n_seg).astype(np.float64)
+        logq = logq + M * np.log1p(phi / ((1.0 - phi) * r))
     logq -= logq.max(axis=1, keepdims=True)
     q = np.exp(logq)
     q /= q.sum(axis=1, keepdims=True)
-    # the candidate rows
-    if prep.pos is not None:
-        s = S[uid, prep.pos[cand]].astype(np.float64)        # already sharpness * z
-    else:
-        raw = np.einsum("ij,ij->i", np.asarray(item_factors, dtype=np.float32)[cand], V[uid])
-        s = np.minimum((raw - mu[uid, 0]) * a[uid, 0], _MAX_EXP).astype(np.float64)
-    c = cat[cand]
-    cs = np.where(c >= 0, seg_of_cat[np.maximum(c, 0)], -1)
-    in_cat = cs >= 0
-    csafe = np.maximum(cs, 0)
-    qc = np.where(in_cat, q[uid, csafe], 0.0)
-    boost = np.where(in_cat, 1.0 - phi + phi * qc / r[uid, csafe], 1.0 - phi)
+    out = (S, V, mu, a, W, r, q)
+    _MEMO = (prep, p, V, lens, s_items, out)
+    return out
+
+
+_MEMO: tuple | None = None
+
+
+def focus_top(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], item_factors: np.ndarray,
+              category: np.ndarray, n: int, params: FocusParams | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Each user's ``n`` most probable next views over the (sampled) catalog: ``(item_idx, P)``, best first
+    (ties: lower item). None when the catalog has no category."""
+    p = params or DEFAULT_FOCUS
+    prep = _prepared(item_factors, category, p.max_items)
+    n_users = len(vectors)
+    if prep is None or n_users == 0 or n <= 0:
+        return None
+    S, _V, _mu, _a, W, r, q = _core(vectors, sessions, prep, category, p)
+    phi = p.phi
+    seg_len = np.diff(np.r_[prep.seg_start, S.shape[1]])
+    # log P = sharpness z - log W + log(1 - phi + phi q_c / r_c), per column (columns sorted by category)
     with np.errstate(divide="ignore"):
-        logp = s - np.log(W[uid]) + np.log(boost)
-    return np.maximum(logp, -1e4).astype(np.float32), qc.astype(np.float32)
+        lb = (np.log(1.0 - phi + phi * q[:n_users] / r[:n_users]) - np.log(W[:n_users, None])).astype(np.float32)
+        cols = np.repeat(lb, seg_len, axis=1)
+        if prep.nocat_start:
+            lb0 = (np.log(1.0 - phi) - np.log(W[:n_users, None])).astype(np.float32)
+            cols = np.concatenate([np.repeat(lb0, prep.nocat_start, axis=1), cols], axis=1)
+    logp = S[:n_users] + cols
+    n = min(n, logp.shape[1])
+    top = np.argpartition(-logp, n - 1, axis=1)[:, :n] if n < logp.shape[1] else np.tile(
+        np.arange(logp.shape[1]), (n_users, 1))
+    val = np.take_along_axis(logp, top, axis=1)
+    items = prep.order[top]
+    o = np.lexsort((items, -val), axis=-1)                  # best first, ties: lower item
+    items = np.take_along_axis(items, o, axis=1)
+    prob = np.exp(np.take_along_axis(val, o, axis=1).astype(np.float64)).astype(np.float32)
+    return [(items[j], prob[j]) for j in range(n_users)]

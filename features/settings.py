@@ -239,6 +239,10 @@ class Settings(BaseSettings):
     """Session focus: taste weights ``exp(sharpness * z)`` of the user's ALS score
     standardised over the catalog."""
 
+    focus_candidates: bool = True
+    """Session focus: propose the most probable next views (over the whole
+    catalog) as the ``session_focus`` candidate source."""
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_ok(cls, v: str) -> str:

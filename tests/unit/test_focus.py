@@ -155,3 +155,42 @@ def test_bundle_of_an_older_feature_list_loads_and_scores(tmp_path: Path) -> Non
     ctx = RankingContext(user_vector=None, history_items=np.zeros(0, np.int64), history_types=np.zeros(0, np.int8),
                          history_ts=np.zeros(0, np.int64), session_items=np.array([1, 2]), now_ms=10**12)
     assert len(b.ranker.predict(build_features(ctx, np.arange(10), b.tables))) == 10
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_focus_top_is_the_best_of_the_whole_catalog(seed: int) -> None:
+    from features.focus import focus_top
+
+    rng = np.random.default_rng(seed)
+    n, k = 400, 6
+    y = rng.normal(size=(n, k)).astype(np.float32)
+    cat = rng.integers(-1, 9, n)
+    vecs = [rng.normal(size=k).astype(np.float32) for _ in range(4)]
+    sess = [rng.integers(0, n, int(rng.integers(0, 6))) for _ in vecs]
+    top = focus_top(vecs, sess, y, cat, 25)
+    assert top is not None and len(top) == len(vecs)
+    for j, (items, prob) in enumerate(top):
+        logp, _ = session_focus([vecs[j]], [sess[j]], np.arange(n), np.zeros(n, np.int64), y, cat)
+        want = np.argsort(-logp.astype(np.float64), kind="stable")[:25]
+        assert items.tolist() == want.tolist()
+        np.testing.assert_allclose(np.log(prob), logp[items], rtol=1e-5, atol=1e-5)
+        assert (np.diff(prob) <= 0).all()
+    assert focus_top(vecs, sess, y, np.full(n, -1), 25) is None
+
+
+def test_recommender_proposes_the_session_focus_source_for_users_with_a_vector() -> None:
+    from serving.candidates import SOURCES
+    from serving.state import UserState
+    from tests.unit.test_serving_recommender import E0, VERSION, rec
+
+    # the session browses category b (items 4-7): the focus source proposes b's items first
+    state = UserState(user_id="u1", vector=E0, vector_model=VERSION, session_items=("i5", "i6"))
+    out = rec(state, k=12, explain=True)
+    scored = [r for r in out.items if r.source_scores and "session_focus" in r.source_scores]
+    assert scored, "no item was proposed by session_focus"
+    assert "session_focus" in SOURCES
+    best = max(scored, key=lambda r: r.source_scores["session_focus"])
+    assert best.item_id in {"i4", "i5", "i6", "i7"}
+    # a stranger (no vector) gets no session_focus candidates, so their list stays popularity
+    cold = rec(UserState(user_id="stranger", session_items=("i5",)), k=5, explain=True)
+    assert not any(r.source_scores and "session_focus" in r.source_scores for r in cold.items)
