@@ -194,3 +194,30 @@ def test_recommender_proposes_the_session_focus_source_for_users_with_a_vector()
     # a stranger (no vector) gets no session_focus candidates, so their list stays popularity
     cold = rec(UserState(user_id="stranger", session_items=("i5",)), k=5, explain=True)
     assert not any(r.source_scores and "session_focus" in r.source_scores for r in cold.items)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1000, 32), (4000, 64)])
+def test_one_user_and_a_batch_give_the_same_bits_at_real_sizes(n: int, k: int) -> None:
+    """A matrix product's rows depend on how many rows it has (OpenBLAS picks its kernel by size): the
+    batch must not take one product for all users, or a user alone and in a batch would differ."""
+    from features.focus import focus_top
+
+    rng = np.random.default_rng(n)
+    y = (rng.normal(size=(n, k)) * 0.3).astype(np.float32)
+    cat = rng.integers(0, 20, n)
+    vecs = [None if j % 9 == 4 else rng.normal(size=k).astype(np.float32) for j in range(64)]
+    sess = [rng.integers(0, n, int(rng.integers(0, 12))) for _ in vecs]
+    cand = np.concatenate([rng.choice(n, 300, replace=False) for _ in vecs])
+    uid = np.repeat(np.arange(len(vecs)), 300)
+    many = session_focus(vecs, sess, cand, uid, y, cat)
+    top_many = focus_top(vecs, sess, y, cat, 60)
+    assert many is not None and top_many is not None
+    for j in range(len(vecs)):
+        m = uid == j
+        one = session_focus([vecs[j]], [sess[j]], cand[m], np.zeros(300, np.int64), y, cat)
+        top_one = focus_top([vecs[j]], [sess[j]], y, cat, 60)
+        assert one is not None and top_one is not None
+        np.testing.assert_array_equal(one[0], many[0][m])
+        np.testing.assert_array_equal(one[1], many[1][m])
+        np.testing.assert_array_equal(top_one[0][0], top_many[j][0])
+        np.testing.assert_array_equal(top_one[0][1], top_many[j][1])
