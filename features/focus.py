@@ -30,9 +30,10 @@ Two ranker columns come out: ``session_focus_logp`` = ``log P(i | session)`` and
 
 Cost: one float32 vector-matrix product per user with the catalog's factors (columns sorted by
 category once per table), one ``exp`` and one ``add.reduceat`` per batch; the per-user
-arithmetic is on (users x categories) arrays. Above :attr:`FocusParams.max_items` items the taste
-masses are estimated from a fixed, seeded sample of that many items (each category's sum scaled by
-its size over its sampled size), which bounds the cost for large catalogs.
+arithmetic is on (users x categories) arrays. Above :attr:`FocusParams.max_items` (2,000) items the
+taste masses are estimated from a fixed, seeded sample of that many items (each category's sum
+scaled by its size over its sampled size) and the candidate source is off, which bounds the cost
+for large catalogs (the catalog-wide product reads all the factors for every list).
 
 Bit-for-bit agreement of :func:`features.ranking.build_features` (one user) and
 :func:`features.ranking_batch.build_features_many` (a batch): each user's catalog scores come from
@@ -64,7 +65,8 @@ class FocusParams:
     sharpness : float
         ``w_i = exp(sharpness * z_i)``: how strongly the standardised ALS score shapes the taste (>= 0).
     max_items : int
-        Catalogs larger than this use a fixed sample of this many items for the taste masses.
+        Catalogs larger than this use a fixed sample of this many items for the taste masses, and
+        :func:`focus_top` (the candidate source) is off there.
     candidates : bool
         Whether the Recommender proposes the most probable next views as the ``session_focus``
         candidate source (:func:`focus_top`).
@@ -72,7 +74,7 @@ class FocusParams:
 
     phi: float = 0.75
     sharpness: float = 0.5
-    max_items: int = 20_000
+    max_items: int = 2_000
     candidates: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +106,7 @@ class _Prepared:
     order: np.ndarray          # catalog item of each column
     seg_of_cat: np.ndarray     # segment of each category code (-1: no item)
     seg_of_item: np.ndarray    # segment of each catalog item (len(seg_cat) when it has no category)
+    cat: np.ndarray            # category code of each catalog item (int64)
 
 
 _CACHE: dict[int, tuple[object, object, int, _Prepared | None]] = {}
@@ -154,7 +157,7 @@ def _prepare(item_factors: np.ndarray, category: np.ndarray, max_items: int) -> 
                      seg_start=starts[keep], seg_cat=seg_cat[keep], seg_scale=seg_scale,
                      nocat_start=nocat_used, nocat_scale=(n_nocat / nocat_used) if nocat_used else 0.0,
                      pos=pos, n_cat=int(cat.max()) + 1, order=order, seg_of_cat=seg_of_cat,
-                     seg_of_item=seg_of_item)
+                     seg_of_item=seg_of_item, cat=cat)
 
 
 def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], cand: np.ndarray,
@@ -248,7 +251,7 @@ def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], 
         W += E[:, :prep.nocat_start].sum(axis=1, dtype=np.float64) * prep.nocat_scale
     r = np.maximum(Wf / W[:, None], 1e-300)                 # prior of the focus (users, segments)
     # evidence: distinct session items with a category, counted per (user, segment)
-    cat = np.asarray(category, dtype=np.int64)
+    cat = prep.cat
     n_seg, n_items = len(prep.seg_cat), len(cat)
     phi = p.phi
     logq = np.log(r)
@@ -276,12 +279,13 @@ _MEMO: tuple | None = None
 def focus_top(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], item_factors: np.ndarray,
               category: np.ndarray, n: int, params: FocusParams | None = None
               ) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """Each user's ``n`` most probable next views over the (sampled) catalog: ``(item_idx, P)``, best first
-    (ties: lower item). None when the catalog has no category."""
+    """Each user's ``n`` most probable next views over the catalog: ``(item_idx, P)``, best first (ties: lower
+    item). None when the catalog has no category or more than ``max_items`` items (scoring every item of a
+    large catalog per list costs more than the source is worth: 5 MB of factors at 20,000 x 64)."""
     p = params or DEFAULT_FOCUS
     prep = _prepared(item_factors, category, p.max_items)
     n_users = len(vectors)
-    if prep is None or n_users == 0 or n <= 0:
+    if prep is None or n_users == 0 or n <= 0 or prep.pos is None:   # a sampled catalog: no source
         return None
     S, _V, _mu, _a, W, r, q = _core(vectors, sessions, prep, category, p)
     phi = p.phi

@@ -105,6 +105,10 @@ def test_sampled_catalog_approximates_the_exact_masses_and_keeps_batch_parity(se
     np.testing.assert_allclose(approx[0], exact[0], atol=0.1)
     np.testing.assert_allclose(approx[1], exact[1], atol=0.1)
     assert not np.array_equal(approx[0], exact[0])
+    from features.focus import focus_top
+
+    assert focus_top(vecs, sess, y, cat, 20, FocusParams(max_items=1000)) is None   # no source when sampled
+    assert focus_top(vecs, sess, y, cat, 20, FocusParams(max_items=n)) is not None
     for j in range(len(vecs)):   # one user at a time gives the same bits as the batch
         m = uid == j
         one = session_focus([vecs[j]], [sess[j]], cand[m], np.zeros(int(m.sum()), np.int64), y, cat,
@@ -209,13 +213,14 @@ def test_one_user_and_a_batch_give_the_same_bits_at_real_sizes(n: int, k: int) -
     sess = [rng.integers(0, n, int(rng.integers(0, 12))) for _ in vecs]
     cand = np.concatenate([rng.choice(n, 300, replace=False) for _ in vecs])
     uid = np.repeat(np.arange(len(vecs)), 300)
-    many = session_focus(vecs, sess, cand, uid, y, cat)
-    top_many = focus_top(vecs, sess, y, cat, 60)
+    exact = FocusParams(max_items=n)
+    many = session_focus(vecs, sess, cand, uid, y, cat, exact)
+    top_many = focus_top(vecs, sess, y, cat, 60, exact)
     assert many is not None and top_many is not None
     for j in range(len(vecs)):
         m = uid == j
-        one = session_focus([vecs[j]], [sess[j]], cand[m], np.zeros(300, np.int64), y, cat)
-        top_one = focus_top([vecs[j]], [sess[j]], y, cat, 60)
+        one = session_focus([vecs[j]], [sess[j]], cand[m], np.zeros(300, np.int64), y, cat, exact)
+        top_one = focus_top([vecs[j]], [sess[j]], y, cat, 60, exact)
         assert one is not None and top_one is not None
         np.testing.assert_array_equal(one[0], many[0][m])
         np.testing.assert_array_equal(one[1], many[1][m])
