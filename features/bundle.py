@@ -283,16 +283,19 @@ class Bundle:
             if self.manifest.get("ranker_features"):
                 raise InvalidBundle(f"{where}: manifest names ranker features but has no ranker.onnx")
             return
-        if tuple(self.ranker.features) != FEATURE_NAMES:
+        unknown = [f for f in self.ranker.features if f not in FEATURE_NAMES]
+        if unknown or len(set(self.ranker.features)) != len(self.ranker.features):
+            # a subset of today's features is fine (a bundle trained before a feature was added)
             raise InvalidBundle(f"{where}: ranker was trained on features {list(self.ranker.features)}; "
-                                f"this code builds {list(FEATURE_NAMES)}")
+                                f"this code builds {list(FEATURE_NAMES)} (unknown or repeated: {unknown})")
         if list(self.manifest.get("ranker_features") or []) != list(self.ranker.features):
             raise InvalidBundle(f"{where}: manifest ranker_features differ from ranker_features.json")
         assert self.ranker_reference is not None
         X, expected = self.ranker_reference
-        if len(X) == 0 or X.shape != (len(expected), len(FEATURE_NAMES)):
+        width = len(self.ranker.features)
+        if len(X) == 0 or X.shape != (len(expected), width):
             raise InvalidBundle(f"{where}: ranker_reference.npz must hold a non-empty X of width "
-                                f"{len(FEATURE_NAMES)} and one score per row; got X {X.shape}, "
+                                f"{width} and one score per row; got X {X.shape}, "
                                 f"scores {expected.shape}")
         try:
             got = self.ranker.predict(X)

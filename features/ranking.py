@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from features.events import EVENT_TYPES
+from features.focus import FocusParams, session_focus
 from features.ids import IdMap
 
 __all__ = [
@@ -110,6 +111,11 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("session_knn_share", "session_knn / the largest session-kNN score of the query; 0 when none"),
     FeatureSpec("als_score_in_category", "als_score minus the largest als_score among the query's candidates of "
                                          "the item's category (<= 0; 0 without a vector or a category)"),
+    FeatureSpec("session_focus_logp", "log P(next view = item | session): the user's ALS taste softmax over the "
+                                      "catalog mixed with the session's focus category (features.focus); 0 when "
+                                      "the catalog has no categories"),
+    FeatureSpec("session_focus_posterior", "P(the session's focus is the item's category | the session's items) "
+                                           "(features.focus); 0 without a category"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -421,7 +427,7 @@ DENSE_MIN_SPAN = 1 << 16
 
 
 def build_features(ctx: RankingContext, candidates: np.ndarray,
-                   tables: RankingTables) -> np.ndarray:
+                   tables: RankingTables, *, focus: FocusParams | None = None) -> np.ndarray:
     """The ranker's feature matrix for one user and their candidates.
 
     Parameters
@@ -432,6 +438,8 @@ def build_features(ctx: RankingContext, candidates: np.ndarray,
         Candidate ``item_idx`` (int), each in ``[0, n_items)``; duplicates allowed.
     tables : RankingTables
         The model's per-item data.
+    focus : FocusParams, optional
+        The shop's session-focus settings (default :data:`features.focus.DEFAULT_FOCUS`).
 
     Returns
     -------
@@ -453,9 +461,9 @@ def build_features(ctx: RankingContext, candidates: np.ndarray,
     join = _SlotJoin.borrow(cand, n_items)
     if join is None:  # duplicates: build each item once, then repeat its row
         uniq, inverse = np.unique(cand, return_inverse=True)
-        return build_features(ctx, uniq, tables)[inverse]
+        return build_features(ctx, uniq, tables, focus=focus)[inverse]
     try:
-        return _build(ctx, cand, tables, out, join)
+        return _build(ctx, cand, tables, out, join, focus)
     finally:
         join.give_back()
 
@@ -558,7 +566,7 @@ def _median_f32(values: np.ndarray) -> float:
 
 
 def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np.ndarray,
-           join: _SlotJoin) -> np.ndarray:
+           join: _SlotJoin, focus: FocusParams | None = None) -> np.ndarray:
     """:func:`build_features` for distinct, in-range candidates, filling ``out``."""
     n, n_items = len(cand), tables.n_items
 
@@ -663,6 +671,10 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
     _session_knn_features(ctx, join, out)
     if als is not None:
         _als_in_category_one(out, als, cat1, width)
+    fc = session_focus([ctx.user_vector], [ctx.session_items], cand, np.zeros(n, dtype=np.int64),
+                       tables.item_factors, tables.category, focus)
+    if fc is not None:
+        out[:, _COL["session_focus_logp"]], out[:, _COL["session_focus_posterior"]] = fc
     return out
 
 
@@ -787,9 +799,13 @@ class OnnxRanker:
         onnxruntime intra-op threads (default 1: serving scores small batches
         on many concurrent requests, where one thread each is fastest); kept as
         the attribute of the same name.
+
+    A model trained on a subset of today's :data:`FEATURE_NAMES` (a bundle
+    written before a feature was added) takes its own columns, by name, out of
+    a full-width matrix, so older bundles keep loading and scoring.
     """
 
-    __slots__ = ("_input", "_output", "_session", "features", "intra_op_threads")
+    __slots__ = ("_input", "_output", "_session", "_take", "features", "intra_op_threads")
 
     def __init__(self, model: bytes, *, features: Sequence[str], intra_op_threads: int = 1) -> None:
         import onnxruntime as ort
@@ -809,12 +825,18 @@ class OnnxRanker:
         self._input = inputs[0].name
         self._output = self._session.get_outputs()[0].name
         self.features = tuple(features)
+        self._take: np.ndarray | None = None
+        if self.features != FEATURE_NAMES and set(self.features) <= set(FEATURE_NAMES):
+            self._take = np.array([_COL[f] for f in self.features], dtype=np.int64)
         width = inputs[0].shape[-1]
         if isinstance(width, int) and width != len(self.features):
             raise ValueError(f"ranker model takes {width} features but {len(self.features)} were named")
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Scores of the rows of ``X`` (n, n_features) as a float32 vector of length n."""
+        """Scores of the rows of ``X`` (n, n_features), or (n, len(FEATURE_NAMES)) for a model of an older
+        feature list, as a float32 vector of length n."""
+        if self._take is not None and X.ndim == 2 and X.shape[1] == len(FEATURE_NAMES):
+            X = X[:, self._take]   # a model of an older feature list: its columns of today's matrix
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != len(self.features):
             raise ValueError(f"expected a (n, {len(self.features)}) feature matrix; got shape {X.shape}")

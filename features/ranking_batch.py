@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from features.focus import FocusParams, session_focus
 from features.ranking import (
     _CART,
     _COL,
@@ -71,7 +72,7 @@ def _concat(parts: list[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarra
 
 
 def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence[np.ndarray],
-                        tables: RankingTables) -> np.ndarray:
+                        tables: RankingTables, *, focus: FocusParams | None = None) -> np.ndarray:
     """The feature matrices of many users, stacked: ``build_features`` per user, in one pass.
 
     Parameters
@@ -82,6 +83,8 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         Candidate ``item_idx`` of each user (in ``[0, n_items)``).
     tables : RankingTables
         The model's per-item data.
+    focus : FocusParams, optional
+        The shop's session-focus settings (as :func:`~features.ranking.build_features`).
 
     Returns
     -------
@@ -107,10 +110,11 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     if cand.min() < 0 or cand.max() >= n_items:
         raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
     if len(contexts) <= PER_USER_MAX_USERS:   # a few users: the one-user builder each (less set-up, same rows)
-        return np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, candidates, strict=True)])
+        return np.concatenate([build_features(c, x, tables, focus=focus) for c, x in zip(contexts, candidates, strict=True)])
     join = KeyJoin(uid * n_items + cand)
     if join.has_duplicates():   # a user with duplicate candidates: the plain way
-        return np.concatenate([build_features(c, x, tables) for c, x in zip(contexts, candidates, strict=True)])
+        return np.concatenate([build_features(c, x, tables, focus=focus)
+                               for c, x in zip(contexts, candidates, strict=True)])
     n_users = len(contexts)
     offsets = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.fromiter((len(c) for c in candidates), dtype=np.int64, count=n_users), out=offsets[1:])
@@ -254,6 +258,10 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     out[:, _COL["session_length"]] = per_user[uid, 0]
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
     out[:, _COL["log_minutes_since_last_event"]] = per_user[uid, 2]
+    fc = session_focus([c.user_vector for c in contexts], [c.session_items for c in contexts], cand, uid,
+                       tables.item_factors, tables.category, focus)
+    if fc is not None:
+        out[:, _COL["session_focus_logp"]], out[:, _COL["session_focus_posterior"]] = fc
     return out
 
 

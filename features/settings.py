@@ -231,6 +231,18 @@ class Settings(BaseSettings):
     session_knn_max_sessions: int = Field(default=50_000, ge=0, le=10_000_000)
     """Newest training sessions a bundle ships for session kNN (0: none)."""
 
+    focus_phi: float = Field(default=0.75, ge=0.0, lt=1.0)
+    """Session focus (``features.focus``): share of a session's views drawn inside
+    its focus category; shapes the ``session_focus_*`` ranker features."""
+
+    focus_sharpness: float = Field(default=0.5, ge=0.0, le=10.0)
+    """Session focus: taste weights ``exp(sharpness * z)`` of the user's ALS score
+    standardised over the catalog."""
+
+    focus_candidates: bool = True
+    """Session focus: propose the most probable next views (over the whole
+    catalog) as the ``session_focus`` candidate source."""
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_ok(cls, v: str) -> str:

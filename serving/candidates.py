@@ -15,6 +15,8 @@ source                  proposes
                         bought-together rules, ALS factor cosine, content cosine
 ``session``             co-visitation neighbours of the session and recent items
 ``session_knn``         items of the past sessions most similar to the current one (:mod:`serving.session_knn`)
+``session_focus``       the most probable next views of the user's taste mixed with the session's focus
+                        category over the whole catalog (:func:`features.focus.focus_top`)
 ``bought_together``     consequents of association rules whose antecedent is an anchor
 ``als``                 inner-product top-N of the user vector (batched, :mod:`serving.index`)
 ``category``            with a category filter: ALS (or popularity) inside the category
@@ -68,13 +70,13 @@ log = logging.getLogger(__name__)
 
 #: Candidate sources in chain order.
 SOURCES: tuple[str, ...] = ("context", "session", "bought_together", "als", "category", "content",
-                            "session_knn", "trending", "popularity")
+                            "session_knn", "session_focus", "trending", "popularity")
 SOURCE_INDEX = {name: i for i, name in enumerate(SOURCES)}
 #: Share of ``n_candidates`` each source may propose (trending and popularity also
 #: fill whatever the others left).
 QUOTAS: Mapping[str, float] = {"context": 0.2, "session": 0.2, "bought_together": 0.15, "als": 0.5,
                                "category": 0.35, "content": 0.2, "trending": 0.15, "popularity": 0.15,
-                               "session_knn": 0.2}
+                               "session_knn": 0.2, "session_focus": 0.2}
 #: Newest distinct history items used as anchors (as :func:`features.ranking.build_features`).
 N_RECENT_ANCHORS = 10
 N_SESSION_ANCHORS = 20
@@ -247,6 +249,8 @@ class CandidateInput:
     affinity: Mapping[int, float] = dataclasses.field(default_factory=dict)
     #: session-kNN items and scores of this user (:mod:`serving.session_knn`), when an index is available
     session_knn: tuple[np.ndarray, np.ndarray] | None = None
+    #: the user's most probable next views, best first (:func:`features.focus.focus_top`), when computed
+    session_focus: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def anchors(self) -> np.ndarray:
@@ -607,7 +611,18 @@ def _first_proposals(inp: CandidateInput, aux: BundleAux, n_candidates: int,
         add("session_knn", *session_knn)
     elif inp.session_knn is not None:
         add("session_knn", *_best(*inp.session_knn, quota["session_knn"]))
+    if inp.session_focus is not None:
+        add("session_focus", *session_focus_proposals(inp.session_focus, quota["session_focus"]))
     return proposals
+
+
+def session_focus_proposals(top: tuple[np.ndarray, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``session_focus`` source: the first ``n`` of the user's most probable next views (already best
+    first), scored by their probability over the best one's (in (0, 1], as the other sources' scales)."""
+    items, p = top[0][:n], top[1][:n]
+    if not len(p) or not p[0] > 0:
+        return items[:0], p[:0]
+    return items, (p / p[0]).astype(np.float32)
 
 
 def _add_popularity(proposals: _Proposals, aux: BundleAux, n_candidates: int) -> None:

@@ -40,12 +40,12 @@ __all__ = ["SOURCE_WEIGHTS", "Reason", "best_anchors_many", "explain_items", "re
 SOURCE_WEIGHTS: Mapping[str, float] = {
     "context": 1.3, "bought_together": 1.2, "session": 1.1, "category": 0.95, "als": 0.9,
     "content": 0.8, "trending": 0.6, "popularity": 0.4,
-    "session_knn": 1.0,
+    "session_knn": 1.0, "session_focus": 0.9,
 }
 _W = np.array([SOURCE_WEIGHTS[s] for s in SOURCES], dtype=np.float32)
-_CONTEXT, _SESSION, _BOUGHT, _ALS, _CATEGORY, _CONTENT, _SESSION_KNN, _TRENDING = (
+_CONTEXT, _SESSION, _BOUGHT, _ALS, _CATEGORY, _CONTENT, _SESSION_KNN, _TRENDING, _FOCUS = (
     SOURCES.index(s) for s in ("context", "session", "bought_together", "als", "category", "content", "session_knn",
-                               "trending"))
+                               "trending", "session_focus"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,6 +282,8 @@ def reason_for_source(source: str, item: int, *, aux: BundleAux, anchors: np.nda
         return Reason(source, f"top pick in {category}")
     if source == "session_knn":
         return Reason(source, "chosen in sessions like yours")
+    if source == "session_focus":
+        return Reason(source, f"for you in {category}" if category else "picked for you")
     if source == "trending":
         if category and category in user_categories:
             return Reason(source, f"trending in {category}")
@@ -434,6 +436,9 @@ def _worded(src_of: list[int], chosen: list[int], cats: list[str | None], *, ses
             continue
         elif s == _SESSION_KNN:
             out.append(("session_knn", "chosen in sessions like yours", None))
+            continue
+        elif s == _FOCUS:
+            out.append(("session_focus", f"for you in {category}" if category else "picked for you", None))
             continue
         else:
             a = -1

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,12 +42,14 @@ import numpy as np
 
 from features.bundle import Bundle
 from features.catalog import CatalogCache
+from features.focus import DEFAULT_FOCUS, FocusParams, focus_top
 from features.ranking import FEATURE_NAMES, TYPE_CODES, RankingContext, build_features, row_ranges
 from features.ranking_batch import build_features_many
 from features.settings import EVENT_WEIGHTS
 from features.vectors import aggregate_confidences, fold_in_batch
 from serving.anchors import anchor_proposals_many
 from serving.candidates import (
+    QUOTAS,
     SOURCES,
     BundleAux,
     CandidateBatch,
@@ -179,12 +182,14 @@ class Recommender:
         See :func:`serving.index.build_index`.
     session_knn : SessionKnnParams, optional
         Neighbour sessions / sample of the ``session_knn`` source and feature.
+    focus : FocusParams, optional
+        phi and sharpness of the ``session_focus_*`` features (:mod:`features.focus`).
     """
 
     def __init__(self, *, rules: RuleConfig | None = None, n_candidates: int = 300,
                  event_weights: Mapping[str, float] | None = None, trending_half_life_s: float = 6 * 3600.0,
                  index_kind: str = "auto", ann_min_items: int = 50_000, nprobe: int = 64,
-                 session_knn: SessionKnnParams | None = None) -> None:
+                 session_knn: SessionKnnParams | None = None, focus: FocusParams | None = None) -> None:
         if n_candidates < 1:
             raise ValueError(f"n_candidates must be >= 1; got {n_candidates}")
         self.rules = rules or RuleConfig()
@@ -195,6 +200,7 @@ class Recommender:
         self.ann_min_items = ann_min_items
         self.nprobe = nprobe
         self.session_knn = session_knn or SessionKnnParams()
+        self.focus = focus or DEFAULT_FOCUS
         self._aux: dict[str, BundleAux] = {}
         self._tables: dict[str, LiveTable] = {}
         self._plain: dict[str, tuple[Bundle, LiveAttrs]] = {}
@@ -207,7 +213,9 @@ class Recommender:
                    event_weights=settings.event_weights, trending_half_life_s=settings.trending_half_life_s,
                    index_kind=settings.ann_index, ann_min_items=settings.ann_min_items,
                    nprobe=settings.ann_nprobe,
-                   session_knn=SessionKnnParams(k=settings.session_knn_k, sample=settings.session_knn_sample))
+                   session_knn=SessionKnnParams(k=settings.session_knn_k, sample=settings.session_knn_sample),
+                   focus=FocusParams(phi=settings.focus_phi, sharpness=settings.focus_sharpness,
+                                     candidates=settings.focus_candidates))
 
     # -- per-bundle data -------------------------------------------------------------
 
@@ -370,11 +378,12 @@ class Recommender:
         self._vectors(base, aux)
         self._session_knn(base, sessions if sessions is not None else aux.sessions)
         als = self._retrieve(base, aux)
+        focus = self._focus_top(base, aux)
         inputs = [CandidateInput(recent=u.recent, session=u.session, context=u.context,
                                  has_vector=u.vector is not None, als=a, user_vector=u.vector,
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity,
-                                 session_knn=u.sknn)
-                  for u, a in zip(base, als, strict=True)]
+                                 session_knn=u.sknn, session_focus=None if focus is None else focus[j])
+                  for j, (u, a) in enumerate(zip(base, als, strict=True))]
         if len(inputs) == 1:   # one unit (the API): the one-user chain has less set-up (same candidates)
             one = gather(inputs[0], aux, tr, n_candidates=self.n_candidates)
             raw = CandidateBatch(np.array([0, len(one)], dtype=np.int64), one.items, one.scores, one.first)
@@ -422,13 +431,12 @@ class Recommender:
                 for u, c, x, o, an, t, rid in zip(users, cands, feats, ordered, anchored, nows,
                                                   new_rec_ids(len(users)), strict=True)]
 
-    @staticmethod
-    def _features(contexts: list[RankingContext], cands: list[CandidateSet], aux: BundleAux) -> np.ndarray:
+    def _features(self, contexts: list[RankingContext], cands: list[CandidateSet], aux: BundleAux) -> np.ndarray:
         """The stacked feature matrix of the candidate sets (one user: the plain builder, same matrix), on the
         bundle's tables with plain-ndarray factors (:attr:`~serving.candidates.BundleAux.tables`)."""
         if len(contexts) == 1:   # one user: the plain builder has less set-up (same matrix)
-            return build_features(contexts[0], cands[0].items, aux.tables)
-        return build_features_many(contexts, [c.items for c in cands], aux.tables)
+            return build_features(contexts[0], cands[0].items, aux.tables, focus=self.focus)
+        return build_features_many(contexts, [c.items for c in cands], aux.tables, focus=self.focus)
 
     def similar_items(self, item_id: str, *, k: int, bundle: Bundle | None, trending: TrendingSnapshot,
                       catalog: CatalogCache, exclude: Sequence[str] = (), now_ms: int | None = None) -> RecList:
@@ -564,6 +572,23 @@ class Recommender:
                                  alpha=aux.alpha)
             for (j, _), v in zip(fold, vecs, strict=True):
                 users[j].vector = v
+
+    def _focus_top(self, users: list[_User], aux: BundleAux
+                   ) -> list[tuple[np.ndarray, np.ndarray] | None] | None:
+        """Each user's most probable next views for the ``session_focus`` source: users with a vector only
+        (None: off, or a catalog without categories)."""
+        with_vec = [j for j, u in enumerate(users) if u.vector is not None]   # the taste orders the items
+        if not self.focus.candidates or not with_vec:
+            return None
+        n = max(1, math.ceil(QUOTAS["session_focus"] * self.n_candidates))
+        top = focus_top([users[j].vector for j in with_vec], [users[j].session for j in with_vec],
+                        aux.tables.item_factors, aux.tables.category, n, self.focus)
+        if top is None:
+            return None
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(users)
+        for j, got in zip(with_vec, top, strict=True):
+            out[j] = got
+        return out
 
     def _session_knn(self, users: list[_User], index: SessionIndex | None) -> None:
         """Each user's session-kNN items: their current (or last) session vs the index's past sessions."""
@@ -877,7 +902,7 @@ class Recommender:
             if out[j] is None:
                 out[j] = self._finish(u, cands[j], feats[j], ordered[j], anchored[j], aux, catalog, live, nows[j],
                                       ranked=ranked, rec_id=rec_ids[j])
-        return out  # type: ignore[return-value]
+        return out
 
     def _backfill(self, u: _User, aux: BundleAux, catalog: CatalogCache, taken: set[str], n: int,
                   now: int) -> list[Recommendation]:

@@ -125,7 +125,35 @@ def reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables) -> np.nd
             if cat >= 0:
                 best = max(als[q] for q in range(len(cats)) if cats[q] == cat)
                 out[r, FEATURE_NAMES.index("als_score_in_category")] = als[r] - best
+    logp, post = focus_reference(ctx, cands, t)
+    out[:, FEATURE_NAMES.index("session_focus_logp")] = logp
+    out[:, FEATURE_NAMES.index("session_focus_posterior")] = post
     return out
+
+
+def focus_reference(ctx: RankingContext, cands: np.ndarray, t: RankingTables, *, phi: float = 0.75,
+                    sharpness: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The session-focus columns straight from the mixture: P(i) = sum_f P(f | session) * (phi w_i [cat_i = f]
+    / W_f + (1 - phi) w_i / W), the posterior by multiplying each distinct session item's likelihood."""
+    cat = np.asarray(t.category, dtype=np.int64)
+    cats = sorted({int(c) for c in cat if c >= 0})
+    if not cats:
+        return np.zeros(len(cands)), np.zeros(len(cands))
+    s = (t.item_factors.astype(np.float64) @ ctx.user_vector.astype(np.float64) if ctx.user_vector is not None
+         else np.zeros(len(cat)))
+    z = (s - s.mean()) / s.std() if s.std() > 0 else np.zeros(len(cat))
+    w = np.exp(sharpness * z)
+    W = w.sum()
+    Wf = {f: w[cat == f].sum() for f in cats}
+
+    def view(i: int, f: int) -> float:   # P(view = i | focus f)
+        return phi * w[i] * (cat[i] == f) / Wf[f] + (1 - phi) * w[i] / W
+
+    seen = sorted({int(i) for i in ctx.session_items if 0 <= i < len(cat)})
+    joint = {f: Wf[f] / W * math.prod(view(j, f) for j in seen) for f in cats}
+    post = {f: joint[f] / sum(joint.values()) for f in cats}
+    logp = [math.log(sum(post[f] * view(int(i), f) for f in cats)) for i in cands]
+    return np.array(logp), np.array([post.get(int(cat[i]), 0.0) for i in cands])
 
 
 def test_names_are_unique_and_documented() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import features.ranking as fr
+from features.focus import session_focus
 from features.ranking import (
     _CART,
     _COL,
@@ -144,6 +145,11 @@ def _old_build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out
         out[:, _COL["session_category_share"]] = np.where(cat >= 0, cnt / len(sc), 0.0)
     if ctx.user_vector is not None:
         als_in_category(out, cat.astype(np.int64))
+    # session 9's focus columns (features.focus, tested on their own in test_focus.py), as _build adds them
+    fc = session_focus([ctx.user_vector], [ctx.session_items], cand, np.zeros(n, dtype=np.int64),
+                       tables.item_factors, tables.category, None)
+    if fc is not None:
+        out[:, _COL["session_focus_logp"]], out[:, _COL["session_focus_posterior"]] = fc
     return out
 
 

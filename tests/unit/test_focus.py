@@ -1,0 +1,228 @@
+"""The session-focus probability (features.focus): hand-computed cases, neutral values, old bundles."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.bundle import Bundle
+from features.focus import FocusParams, session_focus
+from features.ranking import FEATURE_NAMES, RankingContext, build_features
+from features.ranking_batch import build_features_many
+
+# four items, two categories; one factor, so the ALS scores are 2, 0, 0, -2 for the vector [1]:
+# z = (s - 0) / sqrt(2) and, with sharpness ln(2) / sqrt(2), w = exp(sharpness z) = 2, 1, 1, 1/2
+Y = np.array([[1.0], [0.0], [0.0], [-1.0]], dtype=np.float32)
+CAT = np.array([0, 0, 1, 1])
+HALF = FocusParams(phi=0.5, sharpness=math.log(2) / math.sqrt(2))
+
+
+def _focus(vector: np.ndarray | None, session: list[int], params: FocusParams = HALF,
+           category: np.ndarray = CAT) -> tuple[np.ndarray, np.ndarray]:
+    res = session_focus([vector], [np.array(session, dtype=np.int64)], np.arange(4), np.zeros(4, np.int64),
+                        Y, category, params)
+    assert res is not None
+    return res
+
+
+def test_probability_by_hand() -> None:
+    # W_0 = 3, W_1 = 1.5, W = 4.5: prior r = 2/3, 1/3. The session viewed item 1 (category 0):
+    # P(view 1 | f=0) = .5 * 1/3 + .5 * 1/4.5 = 5/18, P(view 1 | f=1) = .5 * 1/4.5 = 2/18,
+    # posterior q = (2/3 * 5/18, 1/3 * 2/18) normalised = 5/6, 1/6.
+    # P(0) = 5/6 (.5 * 2/3 + .5 * 2/4.5) + 1/6 (.5 * 2/4.5) = 1/2; likewise P(1) = 1/4, P(2) = 1/6, P(3) = 1/12.
+    logp, post = _focus(np.array([1.0], np.float32), [1])
+    np.testing.assert_allclose(np.exp(logp.astype(np.float64)), [1 / 2, 1 / 4, 1 / 6, 1 / 12], rtol=1e-5)
+    np.testing.assert_allclose(post, [5 / 6, 5 / 6, 1 / 6, 1 / 6], rtol=1e-5)
+    # a click and a cart of the viewed item are the same item: no more evidence
+    logp2, post2 = _focus(np.array([1.0], np.float32), [1, 1, 1])
+    np.testing.assert_array_equal(logp2, logp)
+    np.testing.assert_array_equal(post2, post)
+
+
+def test_without_session_the_focus_is_the_prior_and_p_the_taste_softmax() -> None:
+    logp, post = _focus(np.array([1.0], np.float32), [])
+    np.testing.assert_allclose(post, [2 / 3, 2 / 3, 1 / 3, 1 / 3], rtol=1e-5)
+    # q = r: P(i) = w_i / W = 2, 1, 1, .5 over 4.5
+    np.testing.assert_allclose(np.exp(logp.astype(np.float64)), np.array([2, 1, 1, 0.5]) / 4.5, rtol=1e-5)
+
+
+def test_user_without_vector_gets_a_uniform_taste() -> None:
+    # w = 1: r = 1/2, 1/2; the session item 1: q = .75, .25; P(0) = .75 (.25 + .125) + .25 * .125 = .3125
+    logp, post = _focus(None, [1])
+    np.testing.assert_allclose(np.exp(logp.astype(np.float64)), [0.3125, 0.3125, 0.1875, 0.1875], rtol=1e-6)
+    np.testing.assert_allclose(post, [0.75, 0.75, 0.25, 0.25], rtol=1e-6)
+
+
+def test_items_without_category() -> None:
+    cat = np.array([0, 0, 1, -1])
+    logp, post = _focus(np.array([1.0], np.float32), [1, 3], category=cat)
+    assert post[3] == 0 and post[0] == post[1] and post[0] > post[2]
+    # item 3 is drawn only by the global part: P = (1 - phi) w_3 / W, W = 2 + 1 + 1 + .5
+    assert math.isclose(math.exp(float(logp[3])), 0.5 * 0.5 / 4.5, rel_tol=1e-5)
+    # and its session view says nothing about the focus
+    _, post_wo = _focus(np.array([1.0], np.float32), [1], category=cat)
+    np.testing.assert_allclose(post, post_wo, rtol=1e-6)
+    assert session_focus([None], [np.array([1])], np.arange(4), np.zeros(4, np.int64), Y,
+                         np.full(4, -1)) is None   # no category at all: the columns stay 0
+
+
+def test_catalog_without_categories_leaves_the_columns_zero() -> None:
+    import dataclasses
+
+    from tests.unit.test_ranking_features import make_ctx, make_tables
+    tables = make_tables(0)
+    tables = dataclasses.replace(tables, category=np.full(tables.n_items, -1, dtype=np.int32))
+    X = build_features(make_ctx(0), np.arange(20), tables)
+    assert (X[:, FEATURE_NAMES.index("session_focus_logp")] == 0).all()
+    assert (X[:, FEATURE_NAMES.index("session_focus_posterior")] == 0).all()
+
+
+def test_phi_and_sharpness_change_the_values() -> None:
+    base = _focus(np.array([1.0], np.float32), [1])
+    assert not np.allclose(_focus(np.array([1.0], np.float32), [1], FocusParams(phi=0.2, sharpness=HALF.sharpness))[1],
+                           base[1])
+    assert not np.allclose(_focus(np.array([1.0], np.float32), [1], FocusParams(phi=0.5, sharpness=1.0))[0], base[0])
+    with pytest.raises(ValueError, match="phi"):
+        FocusParams(phi=1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sampled_catalog_approximates_the_exact_masses_and_keeps_batch_parity(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, k = 3000, 8
+    y = rng.normal(size=(n, k)).astype(np.float32)
+    cat = rng.integers(-1, 12, n)
+    vecs = [rng.normal(size=k).astype(np.float32) * 0.5 for _ in range(5)] + [None]
+    sess = [rng.integers(0, n, int(rng.integers(0, 8))) for _ in vecs]
+    cand = np.concatenate([rng.choice(n, 40, replace=False) for _ in vecs])
+    uid = np.repeat(np.arange(len(vecs)), 40)
+    exact = session_focus(vecs, sess, cand, uid, y, cat, FocusParams(max_items=n))
+    approx = session_focus(vecs, sess, cand, uid, y, cat, FocusParams(max_items=1000))
+    assert exact is not None and approx is not None
+    np.testing.assert_allclose(approx[0], exact[0], atol=0.1)
+    np.testing.assert_allclose(approx[1], exact[1], atol=0.1)
+    assert not np.array_equal(approx[0], exact[0])
+    from features.focus import focus_top
+
+    assert focus_top(vecs, sess, y, cat, 20, FocusParams(max_items=1000)) is None   # no source when sampled
+    assert focus_top(vecs, sess, y, cat, 20, FocusParams(max_items=n)) is not None
+    for j in range(len(vecs)):   # one user at a time gives the same bits as the batch
+        m = uid == j
+        one = session_focus([vecs[j]], [sess[j]], cand[m], np.zeros(int(m.sum()), np.int64), y, cat,
+                            FocusParams(max_items=1000))
+        assert one is not None
+        np.testing.assert_array_equal(one[0], approx[0][m])
+        np.testing.assert_array_equal(one[1], approx[1][m])
+
+
+def test_recommender_params_reach_both_builders() -> None:
+    from tests.unit.test_ranking_features import _varied_contexts, make_tables
+
+    tables = make_tables(1)
+    contexts = _varied_contexts(1)[:4]
+    cands = [np.arange(30) for _ in contexts]
+    p = FocusParams(phi=0.3, sharpness=1.2)
+    many = build_features_many(contexts, cands, tables, focus=p)
+    one = np.concatenate([build_features(c, x, tables, focus=p) for c, x in zip(contexts, cands, strict=True)])
+    np.testing.assert_array_equal(many, one)
+    default = build_features_many(contexts, cands, tables)
+    j = FEATURE_NAMES.index("session_focus_logp")
+    assert not np.array_equal(many[:, j], default[:, j])
+
+
+def test_bundle_of_an_older_feature_list_loads_and_scores(tmp_path: Path) -> None:
+    """A ranker trained before the session-focus columns existed takes its own columns of today's matrix."""
+    import lightgbm as lgb
+
+    from tests.unit.test_bundle import make_writer
+    from training.ranker import export_onnx
+
+    old = [f for f in FEATURE_NAMES if not f.startswith("session_focus")]
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, len(old))).astype(np.float32)
+    y = np.clip(np.round(X[:, 0] + X[:, 2] + rng.normal(0, 0.5, 400)), 0, 4).astype(int)
+    booster = lgb.train({"objective": "lambdarank", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5},
+                        lgb.Dataset(X, y, group=[20] * 20), num_boost_round=10)
+    w = make_writer()
+    w.set_ranker(export_onnx(booster, n_features=len(old)), features=old, reference_X=X[:16], reference_scores=booster.predict(X[:16]))
+    w.write(tmp_path / "b")
+    b = Bundle.load(tmp_path / "b")
+    b.validate()
+    assert b.ranker is not None and b.ranker.features == tuple(old)
+    full = rng.normal(size=(50, len(FEATURE_NAMES))).astype(np.float32)
+    cols = [FEATURE_NAMES.index(f) for f in old]
+    np.testing.assert_allclose(b.ranker.predict(full), booster.predict(full[:, cols]), atol=1e-5)
+    np.testing.assert_array_equal(b.ranker.predict(full), b.ranker.predict(full[:, cols]))
+    ctx = RankingContext(user_vector=None, history_items=np.zeros(0, np.int64), history_types=np.zeros(0, np.int8),
+                         history_ts=np.zeros(0, np.int64), session_items=np.array([1, 2]), now_ms=10**12)
+    assert len(b.ranker.predict(build_features(ctx, np.arange(10), b.tables))) == 10
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_focus_top_is_the_best_of_the_whole_catalog(seed: int) -> None:
+    from features.focus import focus_top
+
+    rng = np.random.default_rng(seed)
+    n, k = 400, 6
+    y = rng.normal(size=(n, k)).astype(np.float32)
+    cat = rng.integers(-1, 9, n)
+    vecs = [rng.normal(size=k).astype(np.float32) for _ in range(4)]
+    sess = [rng.integers(0, n, int(rng.integers(0, 6))) for _ in vecs]
+    top = focus_top(vecs, sess, y, cat, 25)
+    assert top is not None and len(top) == len(vecs)
+    for j, (items, prob) in enumerate(top):
+        logp, _ = session_focus([vecs[j]], [sess[j]], np.arange(n), np.zeros(n, np.int64), y, cat)
+        want = np.argsort(-logp.astype(np.float64), kind="stable")[:25]
+        assert items.tolist() == want.tolist()
+        np.testing.assert_allclose(np.log(prob), logp[items], rtol=1e-5, atol=1e-5)
+        assert (np.diff(prob) <= 0).all()
+    assert focus_top(vecs, sess, y, np.full(n, -1), 25) is None
+
+
+def test_recommender_proposes_the_session_focus_source_for_users_with_a_vector() -> None:
+    from serving.candidates import SOURCES
+    from serving.state import UserState
+    from tests.unit.test_serving_recommender import E0, VERSION, rec
+
+    # the session browses category b (items 4-7): the focus source proposes b's items first
+    state = UserState(user_id="u1", vector=E0, vector_model=VERSION, session_items=("i5", "i6"))
+    out = rec(state, k=12, explain=True)
+    scored = [r for r in out.items if r.source_scores and "session_focus" in r.source_scores]
+    assert scored, "no item was proposed by session_focus"
+    assert "session_focus" in SOURCES
+    best = max(scored, key=lambda r: r.source_scores["session_focus"])
+    assert best.item_id in {"i4", "i5", "i6", "i7"}
+    # a stranger (no vector) gets no session_focus candidates, so their list stays popularity
+    cold = rec(UserState(user_id="stranger", session_items=("i5",)), k=5, explain=True)
+    assert not any(r.source_scores and "session_focus" in r.source_scores for r in cold.items)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1000, 32), (4000, 64)])
+def test_one_user_and_a_batch_give_the_same_bits_at_real_sizes(n: int, k: int) -> None:
+    """A matrix product's rows depend on how many rows it has (OpenBLAS picks its kernel by size): the
+    batch must not take one product for all users, or a user alone and in a batch would differ."""
+    from features.focus import focus_top
+
+    rng = np.random.default_rng(n)
+    y = (rng.normal(size=(n, k)) * 0.3).astype(np.float32)
+    cat = rng.integers(0, 20, n)
+    vecs = [None if j % 9 == 4 else rng.normal(size=k).astype(np.float32) for j in range(64)]
+    sess = [rng.integers(0, n, int(rng.integers(0, 12))) for _ in vecs]
+    cand = np.concatenate([rng.choice(n, 300, replace=False) for _ in vecs])
+    uid = np.repeat(np.arange(len(vecs)), 300)
+    exact = FocusParams(max_items=n)
+    many = session_focus(vecs, sess, cand, uid, y, cat, exact)
+    top_many = focus_top(vecs, sess, y, cat, 60, exact)
+    assert many is not None and top_many is not None
+    for j in range(len(vecs)):
+        m = uid == j
+        one = session_focus([vecs[j]], [sess[j]], cand[m], np.zeros(300, np.int64), y, cat, exact)
+        top_one = focus_top([vecs[j]], [sess[j]], y, cat, 60, exact)
+        assert one is not None and top_one is not None
+        np.testing.assert_array_equal(one[0], many[0][m])
+        np.testing.assert_array_equal(one[1], many[1][m])
+        np.testing.assert_array_equal(top_one[0][0], top_many[j][0])
+        np.testing.assert_array_equal(top_one[0][1], top_many[j][1])
