@@ -210,7 +210,7 @@ def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.nd
 
 def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], prep: _Prepared,
           category: np.ndarray, p: FocusParams) -> tuple[np.ndarray, ...]:
-    """Per batch: ``sharpness * z`` over the (sampled) catalog's columns, the users' vectors (>= 2 rows),
+    """Per batch: ``sharpness * z`` over the (sampled) catalog's columns, the users' vectors,
     mean and ``sharpness / sd`` of the scores, the total taste mass ``W``, the focus prior ``r`` and
     posterior ``q`` (users x categories present).
 
