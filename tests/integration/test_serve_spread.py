@@ -8,12 +8,14 @@ established socket's inode (the parent closes its copy after handing it over).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,34 @@ def api_workers(parent: int) -> list[int]:
     return out
 
 
+def start_serve(env: dict[str, str], port: int, log: Path, *host: str) -> subprocess.Popen[bytes]:
+    """``liftrec serve --workers 2`` on ``port`` (``host``: ``"--host", ADDRESS``), its output in ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "liftrec", "serve", *host, "--port", str(port), "--workers", "2",
+         "--log-level", "warning"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+
+
+@contextlib.contextmanager
+def serving(settings: Settings, tmp_path: Path, *host: str
+            ) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, list[socket.socket]]]:
+    """A running ``serve`` and a list for the test's connections; on the way out the connections are
+    closed, ``serve`` gets SIGTERM and must exit 0."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start_serve(settings_env(settings), port, log, *host)
+    conns: list[socket.socket] = []
+    try:
+        yield proc, port, log, conns
+    finally:
+        for c in conns:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(40)
+    assert code == 0, log.read_text()
+
+
 def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
     deadline = time.monotonic() + 90
     while not tcp_sockets(port, "0A"):   # the parent listens once every worker's app has started
@@ -81,14 +111,7 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
 
 
 def test_connections_are_handed_out_evenly_and_reach_a_restarted_worker(settings: Settings, tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liftrec", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        env=settings_env(settings), stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    conns: list[socket.socket] = []
-    try:
+    with serving(settings, tmp_path) as (proc, port, log, conns):
         wait_listening(proc, port, log)
         listeners = set(tcp_sockets(port, "0A"))
         assert len(listeners) == 1
@@ -96,7 +119,7 @@ def test_connections_are_handed_out_evenly_and_reach_a_restarted_worker(settings
         assert len(workers) == 2, workers
         assert [owned(p, listeners) for p in workers] == [0, 0]    # only the parent listens
 
-        conns = connect(port, 40)
+        conns += connect(port, 40)
         counts = per_worker(port, workers)
         assert sum(counts) == 40 and all(19 <= n <= 21 for n in counts), counts
         assert owned(proc.pid, set(tcp_sockets(port, "01"))) == 0   # the parent kept no copy
@@ -139,12 +162,6 @@ def test_connections_are_handed_out_evenly_and_reach_a_restarted_worker(settings
         assert counts[1] >= 11, counts            # the replacement took every connection after its start
         for c in survivors + during + more:       # and every live connection still answers
             assert ask(c) == b"HTTP/1.1 200 OK"
-    finally:
-        for c in conns:
-            c.close()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(40)
-    assert code == 0, log.read_text()
 
 
 def tcp6_sockets(port: int, state: str) -> set[int]:
@@ -155,15 +172,7 @@ def tcp6_sockets(port: int, state: str) -> set[int]:
 
 
 def test_an_ipv6_host_is_served_by_both_workers(settings: Settings, tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liftrec", "serve", "--host", "::1", "--port", str(port), "--workers", "2",
-         "--log-level", "warning"],
-        env=settings_env(settings), stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    conns: list[socket.socket] = []
-    try:
+    with serving(settings, tmp_path, "--host", "::1") as (proc, port, log, conns):
         deadline = time.monotonic() + 90
         while not tcp6_sockets(port, "0A"):
             assert proc.poll() is None, log.read_text()
@@ -175,12 +184,6 @@ def test_an_ipv6_host_is_served_by_both_workers(settings: Settings, tmp_path: Pa
             assert ask(c) == b"HTTP/1.1 200 OK"
         established = tcp6_sockets(port, "01")
         assert sorted(owned(p, established) for p in api_workers(proc.pid)) == [3, 3]
-    finally:
-        for c in conns:
-            c.close()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(40)
-    assert code == 0, log.read_text()
 
 
 def test_serve_stops_after_three_failed_worker_starts(settings: Settings, tmp_path: Path) -> None:
@@ -188,10 +191,7 @@ def test_serve_stops_after_three_failed_worker_starts(settings: Settings, tmp_pa
     port = free_port()
     log = tmp_path / "serve.log"
     env = settings_env(settings) | {"LIFTREC_SERVE_BATCH_MAX": "not-a-number"}   # read by each worker's app factory
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liftrec", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
+    proc = start_serve(env, port, log)
     try:
         code = proc.wait(120)
     finally:
