@@ -89,14 +89,23 @@ def test_phi_and_sharpness_change_the_values() -> None:
         FocusParams(phi=1.0)
 
 
+def random_catalog(rng: np.random.Generator, n: int, k: int, n_cat: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` items' random factors (k columns) and categories in ``[-1, n_cat)`` (-1: none)."""
+    return rng.normal(size=(n, k)).astype(np.float32), rng.integers(-1, n_cat, n)
+
+
+def random_sessions(rng: np.random.Generator, n: int, users: int, longest: int) -> list[np.ndarray]:
+    """One session per user: up to ``longest - 1`` random items of ``n`` (repeats possible)."""
+    return [rng.integers(0, n, int(rng.integers(0, longest))) for _ in range(users)]
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_sampled_catalog_approximates_the_exact_masses_and_keeps_batch_parity(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n, k = 3000, 8
-    y = rng.normal(size=(n, k)).astype(np.float32)
-    cat = rng.integers(-1, 12, n)
+    y, cat = random_catalog(rng, n, k, 12)
     vecs = [rng.normal(size=k).astype(np.float32) * 0.5 for _ in range(5)] + [None]
-    sess = [rng.integers(0, n, int(rng.integers(0, 8))) for _ in vecs]
+    sess = random_sessions(rng, n, len(vecs), 8)
     cand = np.concatenate([rng.choice(n, 40, replace=False) for _ in vecs])
     uid = np.repeat(np.arange(len(vecs)), 40)
     exact = session_focus(vecs, sess, cand, uid, y, cat, FocusParams(max_items=n))
@@ -167,10 +176,9 @@ def test_focus_top_is_the_best_of_the_whole_catalog(seed: int) -> None:
 
     rng = np.random.default_rng(seed)
     n, k = 400, 6
-    y = rng.normal(size=(n, k)).astype(np.float32)
-    cat = rng.integers(-1, 9, n)
+    y, cat = random_catalog(rng, n, k, 9)
     vecs = [rng.normal(size=k).astype(np.float32) for _ in range(4)]
-    sess = [rng.integers(0, n, int(rng.integers(0, 6))) for _ in vecs]
+    sess = random_sessions(rng, n, len(vecs), 6)
     top = focus_top(vecs, sess, y, cat, 25)
     assert top is not None and len(top) == len(vecs)
     for j, (items, prob) in enumerate(top):
