@@ -109,10 +109,9 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
         return out
     if cand.min() < 0 or cand.max() >= n_items:
         raise ValueError(f"candidates must be item_idx in [0, {n_items}); got {cand.min()}..{cand.max()}")
-    if len(contexts) <= PER_USER_MAX_USERS:   # a few users: the one-user builder each (less set-up, same rows)
-        return np.concatenate([build_features(c, x, tables, focus=focus) for c, x in zip(contexts, candidates, strict=True)])
-    join = KeyJoin(uid * n_items + cand)
-    if join.has_duplicates():   # a user with duplicate candidates: the plain way
+    # the one-user builder for each: with a few users (less set-up, same rows) or duplicate candidates
+    join = None if len(contexts) <= PER_USER_MAX_USERS else KeyJoin(uid * n_items + cand)
+    if join is None or join.has_duplicates():
         return np.concatenate([build_features(c, x, tables, focus=focus)
                                for c, x in zip(contexts, candidates, strict=True)])
     n_users = len(contexts)
