@@ -733,6 +733,16 @@ class CandidateBatch:
         lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
         return CandidateSet(self.items[lo:hi], self.scores[lo:hi], self.first[lo:hi])
 
+    @classmethod
+    def of(cls, sets: Sequence[CandidateSet]) -> CandidateBatch:
+        """The batch of per-user candidate sets, in order (one set: its own arrays, not copied)."""
+        bounds = np.zeros(len(sets) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c in sets], out=bounds[1:])
+        if len(sets) == 1:
+            return cls(bounds, sets[0].items, sets[0].scores, sets[0].first)
+        return cls(bounds, np.concatenate([c.items for c in sets]), np.concatenate([c.scores for c in sets]),
+                   np.concatenate([c.first for c in sets]))
+
 
 def _merge(proposals: list[tuple[int, np.ndarray, np.ndarray]], n_candidates: int, n_items: int) -> CandidateSet:
     """The distinct proposed items in order of first proposal (the first ``n_candidates``), each source's best

@@ -384,15 +384,8 @@ class Recommender:
                                  categories=self._category_codes(u.request.filters, aux), affinity=u.affinity,
                                  session_knn=u.sknn, session_focus=None if focus is None else focus[j])
                   for j, (u, a) in enumerate(zip(base, als, strict=True))]
-        if len(inputs) == 1:   # one unit (the API): the one-user chain has less set-up (same candidates)
-            one = gather(inputs[0], aux, tr, n_candidates=self.n_candidates)
-            raw = CandidateBatch(np.array([0, len(one)], dtype=np.int64), one.items, one.scores, one.first)
-        elif len(inputs) <= _PER_UNIT_MAX:   # a pair: the one-user chain each is still cheaper (same candidates)
-            sets = [gather(inp, aux, tr, n_candidates=self.n_candidates) for inp in inputs]
-            bounds = np.zeros(len(sets) + 1, dtype=np.int64)
-            np.cumsum([len(c) for c in sets], out=bounds[1:])
-            raw = CandidateBatch(bounds, np.concatenate([c.items for c in sets]),
-                                 np.concatenate([c.scores for c in sets]), np.concatenate([c.first for c in sets]))
+        if len(inputs) <= _PER_UNIT_MAX:   # one or two units (the API): the one-user chain each has less set-up
+            raw = CandidateBatch.of([gather(inp, aux, tr, n_candidates=self.n_candidates) for inp in inputs])
         else:
             anchored = anchor_proposals_many(inputs, aux, n_candidates=self.n_candidates)
             raw = gather_many(inputs, aux, tr, n_candidates=self.n_candidates, anchored=anchored)
