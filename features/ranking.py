@@ -739,15 +739,6 @@ def als_in_category(out: np.ndarray, key: np.ndarray) -> None:
     out[ok, _COL["als_score_in_category"]] = als - best[inv]
 
 
-def minutes_since_last_event(ctx: RankingContext, n_items: int) -> float:
-    """``log_minutes_since_last_event`` of one context (history items outside ``[0, n_items)`` ignored)."""
-    h = ctx.history_items
-    ts = ctx.history_ts[(h >= 0) & (h < n_items)] if len(h) else ctx.history_ts
-    if not len(ts):
-        return -1.0
-    return float(np.log1p(max(ctx.now_ms - int(ts.max()), 0) / 60_000.0))
-
-
 def neighbour_features(out: np.ndarray, join: KeyJoin, tables: RankingTables, anchors: np.ndarray,
                        key_base: np.ndarray) -> None:
     """Co-visitation sum and best rule confidence / lift from ``anchors`` onto the joined rows.
@@ -776,6 +767,7 @@ def neighbour_features(out: np.ndarray, join: KeyJoin, tables: RankingTables, an
         np.maximum.at(lift, rows, tables.rules_lift[pos][hit])
         out[:, _COL["rules_confidence"]] = conf
         out[:, _COL["rules_lift"]] = lift
+
 
 def trending_feature(out: np.ndarray, join: KeyJoin | _SlotJoin, keys: np.ndarray, scores: np.ndarray) -> None:
     """The ``trending`` column: best ``log1p`` trending score of each joined row."""

@@ -266,7 +266,8 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
 
 def _minutes_since_last_event_many(contexts: Sequence[RankingContext], h_ts: np.ndarray, h_uid: np.ndarray
                                    ) -> np.ndarray:
-    """:func:`features.ranking.minutes_since_last_event` of every context from the batch's valid history rows
+    """``log_minutes_since_last_event`` of every context (as :func:`features.ranking.build_features`) from the
+    batch's valid history rows
     (``h_ts`` of user ``h_uid``): the newest ts per user by one ``maximum.at``, then the same float64 steps
     (``max(now - newest, 0) / 60000``, ``log1p``) on arrays; -1 without history."""
     n_users = len(contexts)

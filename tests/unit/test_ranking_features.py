@@ -361,12 +361,20 @@ def test_dense_first_positions_and_distinct_keys_equal_np_unique(seed: int) -> N
         np.testing.assert_array_equal(got, np.unique(keys))
 
 
+def minutes_since_last_event(ctx: RankingContext, n_items: int) -> float:
+    """``log_minutes_since_last_event`` of one context, the plain way (history items outside ``[0, n_items)``
+    ignored, -1 without history): the reference of the builders' column."""
+    h = ctx.history_items
+    ts = ctx.history_ts[(h >= 0) & (h < n_items)] if len(h) else ctx.history_ts
+    if not len(ts):
+        return -1.0
+    return float(np.log1p(max(ctx.now_ms - int(ts.max()), 0) / 60_000.0))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_batch_minutes_since_last_event_equal_the_per_context_value(seed: int) -> None:
     """The batch's ``log_minutes_since_last_event`` column is ``minutes_since_last_event`` per context, bit
     for bit (out-of-range history items ignored, -1 without history)."""
-    from features.ranking import minutes_since_last_event
-
     tables = make_tables(seed)
     contexts = _varied_contexts(seed)
     contexts.append(dataclasses.replace(contexts[0], history_items=np.array([-1, N_ITEMS], np.int64),

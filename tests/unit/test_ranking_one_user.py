@@ -29,11 +29,11 @@ from features.ranking import (
     RankingTables,
     als_in_category,
     build_features,
-    minutes_since_last_event,
     neighbour_features,
     pairs_to_csr,
     trending_feature,
 )
+from tests.unit.test_ranking_features import minutes_since_last_event
 
 NOW = 10_000_000_000
 
