@@ -118,12 +118,9 @@ def _prepared(item_factors: np.ndarray, category: np.ndarray, max_items: int) ->
     if hit is not None and hit[0] is item_factors and hit[1] is category and hit[2] == max_items:
         return hit[3]
     prep = _prepare(item_factors, category, max_items)
-    cache = dict(_CACHE)
-    cache[key] = (item_factors, category, max_items, prep)
-    while len(cache) > 4:
-        cache.pop(next(iter(cache)))
-    _CACHE.clear()
-    _CACHE.update(cache)
+    _CACHE[key] = (item_factors, category, max_items, prep)
+    while len(_CACHE) > 4:   # a few tables at a time (bundle swaps, tests): the oldest goes
+        _CACHE.pop(next(iter(_CACHE)))
     return prep
 
 
