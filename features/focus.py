@@ -149,7 +149,9 @@ def _prepare(item_factors: np.ndarray, category: np.ndarray, max_items: int) -> 
         pos[order] = np.arange(n, dtype=np.int64)
     seg_of_cat = np.full(int(cat.max()) + 1, -1, dtype=np.int64)
     seg_of_cat[seg_cat[keep]] = np.arange(int(keep.sum()))
-    seg_of_item = np.where(cat >= 0, seg_of_cat[np.maximum(cat, 0)], int(keep.sum()))
+    # an item without category, or of a category the sample missed, is in no segment (the last slot)
+    seg_of_item = np.where(cat >= 0, seg_of_cat[np.maximum(cat, 0)], -1)
+    seg_of_item[seg_of_item < 0] = int(keep.sum())
     return _Prepared(factors_t=np.ascontiguousarray(np.asarray(item_factors, dtype=np.float32)[order].T),
                      seg_start=starts[keep], seg_cat=seg_cat[keep], seg_scale=seg_scale,
                      nocat_start=nocat_used, nocat_scale=(n_nocat / nocat_used) if nocat_used else 0.0,
@@ -248,18 +250,16 @@ def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], 
         W += E[:, :prep.nocat_start].sum(axis=1, dtype=np.float64) * prep.nocat_scale
     r = np.maximum(Wf / W[:, None], 1e-300)                 # prior of the focus (users, segments)
     # evidence: distinct session items with a category, counted per (user, segment)
-    cat = prep.cat
-    n_seg, n_items = len(prep.seg_cat), len(cat)
+    n_seg, n_items = len(prep.seg_cat), len(prep.cat)
     phi = p.phi
     logq = np.log(r)
     if len(s_items) and phi > 0:
         s_uid = np.repeat(np.arange(n_users, dtype=np.int64), lens)
         ok = (s_items >= 0) & (s_items < n_items)
         keys = np.unique(s_uid[ok] * n_items + s_items[ok])
-        sc = cat[keys % n_items]
-        has = sc >= 0
-        seg = prep.seg_of_cat[sc[has]]
-        M = np.bincount((keys[has] // n_items) * n_seg + seg, minlength=n_users * n_seg
+        seg = prep.seg_of_item[keys % n_items]
+        has = seg < n_seg
+        M = np.bincount((keys[has] // n_items) * n_seg + seg[has], minlength=n_users * n_seg
                         ).reshape(-1, n_seg).astype(np.float64)
         logq = logq + M * np.log1p(phi / ((1.0 - phi) * r))
     logq -= logq.max(axis=1, keepdims=True)

@@ -234,3 +234,45 @@ def test_one_user_and_a_batch_give_the_same_bits_at_real_sizes(n: int, k: int) -
         np.testing.assert_array_equal(one[1], many[1][m])
         np.testing.assert_array_equal(top_one[0][0], top_many[j][0])
         np.testing.assert_array_equal(top_one[0][1], top_many[j][1])
+
+
+def _alone_and_in_a_batch(vecs: list[np.ndarray | None], sess: list[np.ndarray], n_cand: int, y: np.ndarray,
+                          cat: np.ndarray, params: FocusParams, rng: np.random.Generator) -> None:
+    """Each user alone gives the bits of their rows in a batch with the others; a second call with equal inputs
+    (the kept result) too."""
+    n = len(y)
+    cands = [rng.choice(n, min(n_cand, n), replace=False) for _ in vecs]
+    uid = np.repeat(np.arange(len(vecs)), [len(c) for c in cands])
+    many = session_focus(vecs, sess, np.concatenate(cands), uid, y, cat, params)
+    assert many is not None
+    for j in range(len(vecs)):
+        for _ in range(2):
+            one = session_focus([vecs[j]], [sess[j]], cands[j], np.zeros(len(cands[j]), np.int64), y, cat, params)
+            assert one is not None
+            np.testing.assert_array_equal(one[0], many[0][uid == j])
+            np.testing.assert_array_equal(one[1], many[1][uid == j])
+
+
+def test_an_item_of_a_category_the_sample_missed_counts_as_one_without_category() -> None:
+    """A sampled catalog can miss a small category. Its items carry no evidence and take the no-category
+    slot, alone and in a batch (before: a session with such an item raised in a one-user call, and in a batch
+    it was counted in the previous user's categories)."""
+    from features import focus as ff
+
+    rng = np.random.default_rng(0)
+    n, k = 5000, 8
+    y, cat = random_catalog(rng, n, k, 10)
+    rare = 17
+    cat[rare] = 10   # the only item of category 10
+    p = FocusParams(max_items=500)
+    prep = ff._prepared(y, cat, 500)
+    assert prep is not None and rare not in set(prep.order.tolist())
+    v = rng.normal(size=k).astype(np.float32)
+    with_rare = session_focus([v], [np.array([rare, 3])], np.array([rare, 3, 4]), np.zeros(3, np.int64), y, cat, p)
+    without = session_focus([v], [np.array([3])], np.array([rare, 3, 4]), np.zeros(3, np.int64), y, cat, p)
+    assert with_rare is not None and without is not None
+    np.testing.assert_array_equal(with_rare[0], without[0])   # no evidence
+    np.testing.assert_array_equal(with_rare[1], without[1])
+    assert with_rare[1][0] == 0   # the no-category posterior
+    _alone_and_in_a_batch([v, None, v * 2], [np.array([1]), np.array([rare]), np.array([rare, 2])], 40, y, cat, p,
+                          rng)
