@@ -186,7 +186,42 @@ def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.nd
     prep = _prepared(item_factors, category, p.max_items)
     if prep is None or len(cand) == 0 or len(vectors) == 0:
         return None
-    S, V, mu, a, W, r, q = _core(vectors, sessions, prep, category, p)
+    if len(vectors) == 1:   # one user (the API's calls, the one-user builder): fewer, cheaper numpy calls
+        return _focus_one(vectors[0], sessions[0], cand, item_factors, prep, p)
+    return _focus_many(vectors, sessions, cand, uid, item_factors, prep, p)
+
+
+def _focus_one(vector: np.ndarray | None, session: np.ndarray, cand: np.ndarray, item_factors: np.ndarray,
+               prep: _Prepared, p: FocusParams) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_focus_many` of one user (every ``uid`` 0), the same bits: the per-segment values on one row,
+    looked up by the candidates' segments without a user index, and the candidates' scores as one
+    ``einsum`` against the vector (the same sums as the batch's row-by-row form, without repeating the vector
+    per candidate)."""
+    S, V, mu, a, W, r, q = _core_one(vector, session, prep, p)
+    n_seg = len(prep.seg_cat)
+    phi = p.phi
+    lb = np.empty(n_seg + 1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        lb[:n_seg] = np.log(1.0 - phi + phi * q[0] / r[0])
+        lb[n_seg] = np.log(1.0 - phi)
+        lb -= np.log(W)
+    seg = prep.seg_of_item[cand]
+    if prep.pos is not None:
+        s = S[0][prep.pos[cand]]
+    else:
+        raw = np.einsum("ij,j->i", np.asarray(item_factors, dtype=np.float32)[cand], V[0])
+        s = np.minimum((raw - mu[0, 0]) * a[0, 0], _MAX_EXP)
+    post = np.zeros(n_seg + 1, dtype=np.float32)
+    post[:n_seg] = q[0]
+    logp = s + lb.astype(np.float32)[seg]
+    return np.maximum(logp, np.float32(-1e4)), post[seg]
+
+
+def _focus_many(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], cand: np.ndarray,
+                uid: np.ndarray, item_factors: np.ndarray, prep: _Prepared, p: FocusParams
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`session_focus` of a batch of users (the general form; :func:`_focus_one` must equal it for one)."""
+    S, V, mu, a, W, r, q = _core(vectors, sessions, prep, p)
     # per (user, segment), the last segment standing for "no category": log(boost) - log W and q
     m, n_seg = len(W), len(prep.seg_cat)
     phi = p.phi
@@ -208,7 +243,7 @@ def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.nd
 
 
 def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], prep: _Prepared,
-          category: np.ndarray, p: FocusParams) -> tuple[np.ndarray, ...]:
+          p: FocusParams) -> tuple[np.ndarray, ...]:
     """Per batch: ``sharpness * z`` over the (sampled) catalog's columns, the users' vectors,
     mean and ``sharpness / sd`` of the scores, the total taste mass ``W``, the focus prior ``r`` and
     posterior ``q`` (users x categories present).
@@ -216,9 +251,12 @@ def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], 
     The last batch's result is kept: the Recommender asks for the candidate source (:func:`focus_top`) and
     then for the features (:func:`session_focus`) of the same users, so a call with equal inputs (the same
     vectors, sessions, table and settings, compared by value) returns it without computing it again.
+    One user goes to :func:`_core_one` (the same arrays).
     """
     global _MEMO
     n_users = len(vectors)
+    if n_users == 1:
+        return _core_one(vectors[0], sessions[0], prep, p)
     k = prep.factors_t.shape[0]
     V = np.zeros((n_users, k), dtype=np.float32)
     for j, v in enumerate(vectors):
@@ -270,6 +308,61 @@ def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], 
     return out
 
 
+def _core_one(vector: np.ndarray | None, session: np.ndarray, prep: _Prepared, p: FocusParams
+              ) -> tuple[np.ndarray, ...]:
+    """:func:`_core` of one user: the same arrays from the same numpy calls on the same (1, ...) shapes, without
+    the per-batch set-up. The mean and the standard deviation are the ufunc calls ``ndarray.mean`` / ``std``
+    make (a float32 sum divided by the intp count, the squared deviations summed and divided, the float32
+    square root) without their Python wrappers; the deviations from the mean are computed once (``std``
+    computes them and ``S -= mu`` again); the session's distinct items are a set, not ``np.unique``. Kept: the
+    last user's result (:data:`_MEMO1`, inputs compared by their bytes).
+    """
+    global _MEMO1
+    k, n_used = prep.factors_t.shape
+    V = np.zeros((1, k), dtype=np.float32)
+    if vector is not None:
+        V[0] = vector
+    sess = np.asarray(session, dtype=np.int64)
+    key = (V.tobytes(), sess.tobytes())
+    memo = _MEMO1
+    if memo is not None and memo[0] is prep and memo[1] == p and memo[2] == key:
+        return memo[3]
+    S = np.zeros((1, n_used), dtype=np.float32)
+    if vector is not None:
+        np.dot(V[0], prep.factors_t, out=S[0])
+    count = np.intp(n_used)
+    mu = np.add.reduce(S, axis=1, keepdims=True)                        # S.mean(axis=1, keepdims=True)
+    np.true_divide(mu, count, out=mu, casting="unsafe")
+    np.subtract(S, mu, out=S)                                           # S -= mu
+    sd = np.add.reduce(np.square(S), axis=1, keepdims=True)             # S.std(axis=1, keepdims=True)
+    np.true_divide(sd, count, out=sd, casting="unsafe")
+    np.sqrt(sd, out=sd)
+    a = np.float32(p.sharpness) / sd if sd[0, 0] > 0 else np.zeros((1, 1), dtype=np.float32)
+    S *= a
+    np.minimum(S, _MAX_EXP, out=S)
+    E = np.exp(S)
+    Wf = np.add.reduceat(E, prep.seg_start, axis=1).astype(np.float64) * prep.seg_scale
+    W = Wf.sum(axis=1)
+    if prep.nocat_start:
+        W += E[:, :prep.nocat_start].sum(axis=1, dtype=np.float64) * prep.nocat_scale
+    r = np.maximum(Wf / W[:, None], 1e-300)
+    n_seg, n_items = len(prep.seg_cat), len(prep.cat)
+    phi = p.phi
+    logq = np.log(r)
+    if len(sess) and phi > 0:
+        seen = [i for i in set(sess.tolist()) if 0 <= i < n_items]
+        seg = prep.seg_of_item[seen]
+        M = np.bincount(seg, minlength=n_seg + 1)[None, :n_seg].astype(np.float64)
+        logq = logq + M * np.log1p(phi / ((1.0 - phi) * r))
+    logq -= logq.max(axis=1, keepdims=True)
+    q = np.exp(logq)
+    q /= q.sum(axis=1, keepdims=True)
+    out = (S, V, mu, a, W, r, q)
+    _MEMO1 = (prep, p, key, out)
+    return out
+
+
+_MEMO1: tuple | None = None
 _MEMO: tuple | None = None
 
 
@@ -284,7 +377,7 @@ def focus_top(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarra
     n_users = len(vectors)
     if prep is None or n_users == 0 or n <= 0 or prep.pos is None:   # a sampled catalog: no source
         return None
-    S, _V, _mu, _a, W, r, q = _core(vectors, sessions, prep, category, p)
+    S, _V, _mu, _a, W, r, q = _core(vectors, sessions, prep, p)
     phi = p.phi
     seg_len = np.diff(np.r_[prep.seg_start, S.shape[1]])
     # log P = sharpness z - log W + log(1 - phi + phi q_c / r_c), per column (columns sorted by category)

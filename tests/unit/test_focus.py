@@ -253,6 +253,42 @@ def _alone_and_in_a_batch(vecs: list[np.ndarray | None], sess: list[np.ndarray],
             np.testing.assert_array_equal(one[1], many[1][uid == j])
 
 
+@pytest.mark.parametrize("max_items", [500, 10_000])
+@pytest.mark.parametrize("params", [FocusParams(), FocusParams(phi=0.0), FocusParams(sharpness=0.0),
+                                    FocusParams(phi=0.3, sharpness=2.0)])
+def test_the_one_user_path_gives_the_batch_rows(max_items: int, params: FocusParams) -> None:
+    """Users with and without a vector, a zero vector (no spread: a uniform taste), empty sessions, repeated and
+    out-of-range session items, items without a category; a sampled (500 of 3,000) and an exact catalog."""
+    rng = np.random.default_rng(max_items)
+    n, k = 3000, 16
+    y, cat = random_catalog(rng, n, k, 15)
+    p = FocusParams(phi=params.phi, sharpness=params.sharpness, max_items=max_items)
+    vecs: list[np.ndarray | None] = [rng.normal(size=k).astype(np.float32) for _ in range(6)]
+    vecs[1] = None
+    vecs[2] = np.zeros(k, np.float32)
+    vecs[3] = rng.normal(size=k)   # float64: cast as the batch casts it
+    sess = random_sessions(rng, n, len(vecs), 12)
+    sess[0] = np.zeros(0, np.int64)
+    sess[4] = np.array([5, 5, -1, n, n + 7, int(np.flatnonzero(cat < 0)[0]), 9, 5])
+    _alone_and_in_a_batch(vecs, sess, 120, y, cat, p, rng)
+
+
+def test_a_kept_result_is_not_returned_for_other_values_in_the_same_arrays() -> None:
+    rng = np.random.default_rng(5)
+    y, cat = random_catalog(rng, 600, 8, 6)
+    v, s, cand = rng.normal(size=8).astype(np.float32), np.array([3, 4, 5]), np.arange(50)
+    first = session_focus([v], [s], cand, np.zeros(50, np.int64), y, cat)
+    v *= 2   # the same objects, other values
+    s[0] = 7
+    again = session_focus([v], [s], cand, np.zeros(50, np.int64), y, cat)
+    fresh = session_focus([v.copy(), v.copy()], [s.copy(), s.copy()], np.r_[cand, cand],
+                          np.repeat([0, 1], 50), y, cat)
+    assert first is not None and again is not None and fresh is not None
+    assert not np.array_equal(first[0], again[0])
+    np.testing.assert_array_equal(again[0], fresh[0][:50])
+    np.testing.assert_array_equal(again[1], fresh[1][:50])
+
+
 def test_an_item_of_a_category_the_sample_missed_counts_as_one_without_category() -> None:
     """A sampled catalog can miss a small category. Its items carry no evidence and take the no-category
     slot, alone and in a batch (before: a session with such an item raised in a one-user call, and in a batch
