@@ -33,7 +33,10 @@ category once per table), one ``exp`` and one ``add.reduceat`` per batch; the pe
 arithmetic is on (users x categories) arrays. Above :attr:`FocusParams.max_items` (2,000) items the
 taste masses are estimated from a fixed, seeded sample of that many items (each category's sum
 scaled by its size over its sampled size) and the candidate source is off, which bounds the cost
-for large catalogs (the catalog-wide product reads all the factors for every list).
+for large catalogs (the catalog-wide product reads all the factors for every list). One user (the API's
+calls) takes :func:`_core_one` / :func:`_focus_one`: the same numpy operations on the same shapes with
+fewer calls around them (no ``ndarray.mean`` / ``std`` / ``sum`` wrappers, no ``np.unique``, no per-row
+user index), the same bits as the user's rows in a batch (``tests/unit/test_focus.py``).
 
 Bit-for-bit agreement of :func:`features.ranking.build_features` (one user) and
 :func:`features.ranking_batch.build_features_many` (a batch): each user's catalog scores come from
@@ -89,6 +92,20 @@ class FocusParams:
 DEFAULT_FOCUS = FocusParams()
 #: exp() argument cap (float32 overflows above ~88)
 _MAX_EXP = np.float32(80.0)
+#: floor of ``session_focus_logp``
+_MIN_LOGP = np.float32(-1e4)
+#: ``np.log(1.0 - phi)`` by ``phi``, as that call gives it (a few shop settings)
+_LOG_1M: dict[float, np.float64] = {}
+
+
+def _log_1m(phi: float) -> np.float64:
+    got = _LOG_1M.get(phi)
+    if got is None:
+        with np.errstate(divide="ignore"):
+            got = _LOG_1M[phi] = np.log(1.0 - phi)
+        if len(_LOG_1M) > 64:
+            _LOG_1M.clear()
+    return got
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,18 +220,20 @@ def _focus_one(vector: np.ndarray | None, session: np.ndarray, cand: np.ndarray,
     lb = np.empty(n_seg + 1, dtype=np.float64)
     with np.errstate(divide="ignore"):
         lb[:n_seg] = np.log(1.0 - phi + phi * q[0] / r[0])
-        lb[n_seg] = np.log(1.0 - phi)
+        lb[n_seg] = _log_1m(phi)
         lb -= np.log(W)
     seg = prep.seg_of_item[cand]
     if prep.pos is not None:
         s = S[0][prep.pos[cand]]
-    else:
-        raw = np.einsum("ij,j->i", np.asarray(item_factors, dtype=np.float32)[cand], V[0])
-        s = np.minimum((raw - mu[0, 0]) * a[0, 0], _MAX_EXP)
+    else:   # (raw - mu) * a, capped, in place
+        s = np.einsum("ij,j->i", np.asarray(item_factors, dtype=np.float32)[cand], V[0])
+        s -= mu[0, 0]
+        s *= a[0, 0]
+        np.minimum(s, _MAX_EXP, out=s)
     post = np.zeros(n_seg + 1, dtype=np.float32)
     post[:n_seg] = q[0]
-    logp = s + lb.astype(np.float32)[seg]
-    return np.maximum(logp, np.float32(-1e4)), post[seg]
+    s += lb.astype(np.float32)[seg]
+    return np.maximum(s, _MIN_LOGP, out=s), post[seg]
 
 
 def _focus_many(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], cand: np.ndarray,
@@ -341,10 +360,11 @@ def _core_one(vector: np.ndarray | None, session: np.ndarray, prep: _Prepared, p
     S *= a
     np.minimum(S, _MAX_EXP, out=S)
     E = np.exp(S)
-    Wf = np.add.reduceat(E, prep.seg_start, axis=1).astype(np.float64) * prep.seg_scale
-    W = Wf.sum(axis=1)
+    # the float32 masses times the float64 scales, the cast inside the multiplication (``astype`` then ``*``)
+    Wf = np.multiply(np.add.reduceat(E, prep.seg_start, axis=1), prep.seg_scale, dtype=np.float64)
+    W = np.add.reduce(Wf, axis=1)                                       # Wf.sum(axis=1), its own call
     if prep.nocat_start:
-        W += E[:, :prep.nocat_start].sum(axis=1, dtype=np.float64) * prep.nocat_scale
+        W += np.add.reduce(E[:, :prep.nocat_start], axis=1, dtype=np.float64) * prep.nocat_scale
     r = np.maximum(Wf / W[:, None], 1e-300)
     n_seg, n_items = len(prep.seg_cat), len(prep.cat)
     phi = p.phi
@@ -354,9 +374,9 @@ def _core_one(vector: np.ndarray | None, session: np.ndarray, prep: _Prepared, p
         seg = prep.seg_of_item[seen]
         M = np.bincount(seg, minlength=n_seg + 1)[None, :n_seg].astype(np.float64)
         logq = logq + M * np.log1p(phi / ((1.0 - phi) * r))
-    logq -= logq.max(axis=1, keepdims=True)
+    logq -= np.maximum.reduce(logq, axis=1, keepdims=True)            # logq.max(axis=1, keepdims=True)
     q = np.exp(logq)
-    q /= q.sum(axis=1, keepdims=True)
+    q /= np.add.reduce(q, axis=1, keepdims=True)
     out = (S, V, mu, a, W, r, q)
     _MEMO1 = (prep, p, key, out)
     return out

@@ -270,6 +270,7 @@ def test_the_one_user_path_gives_the_batch_rows(max_items: int, params: FocusPar
     sess = random_sessions(rng, n, len(vecs), 12)
     sess[0] = np.zeros(0, np.int64)
     sess[4] = np.array([5, 5, -1, n, n + 7, int(np.flatnonzero(cat < 0)[0]), 9, 5])
+    sess[5] = np.array([-3, n + 1])   # nothing in range
     _alone_and_in_a_batch(vecs, sess, 120, y, cat, p, rng)
 
 
@@ -312,3 +313,27 @@ def test_an_item_of_a_category_the_sample_missed_counts_as_one_without_category(
     assert with_rare[1][0] == 0   # the no-category posterior
     _alone_and_in_a_batch([v, None, v * 2], [np.array([1]), np.array([rare]), np.array([rare, 2])], 40, y, cat, p,
                           rng)
+
+
+def test_logp_is_floored_alone_and_in_a_batch() -> None:
+    """A candidate outside the 500-item sample, far below the sampled scores in their spread: ``logp`` stops
+    at -1e4 on both paths."""
+    from features import focus as ff
+
+    rng = np.random.default_rng(11)
+    n, k = 3000, 4
+    y = (rng.normal(size=(n, k)) * 1e-3).astype(np.float32)
+    cat = rng.integers(0, 5, n)
+    p = FocusParams(max_items=500, sharpness=5.0)
+    prep = ff._prepared(y, cat, 500)
+    assert prep is not None
+    far = np.setdiff1d(np.arange(n), prep.order)[:3]
+    y[far] = -50.0   # rows outside the sample: the table's sampled columns stay as they are
+    v = np.ones(k, np.float32)
+    one = session_focus([v], [np.array([1])], far, np.zeros(3, np.int64), y, cat, p)
+    assert one is not None and (one[0] == np.float32(-1e4)).all()
+    _alone_and_in_a_batch([v, v * 2, None], [np.array([1]), np.array([2, far[0]]), np.zeros(0, np.int64)], 50, y,
+                          cat, p, rng)
+    many = session_focus([v, v], [np.array([1]), np.array([1])], np.r_[far, far], np.repeat([0, 1], 3), y, cat, p)
+    assert many is not None
+    np.testing.assert_array_equal(many[0][:3], one[0])
