@@ -33,7 +33,9 @@ category once per table), one ``exp`` and one ``add.reduceat`` per batch; the pe
 arithmetic is on (users x categories) arrays. Above :attr:`FocusParams.max_items` (2,000) items the
 taste masses are estimated from a fixed, seeded sample of that many items (each category's sum
 scaled by its size over its sampled size) and the candidate source is off, which bounds the cost
-for large catalogs (the catalog-wide product reads all the factors for every list). One user (the API's
+for large catalogs (the catalog-wide product reads all the factors for every list). An item of a
+category the sample missed counts as an item without category (no evidence, the no-category slot).
+One user (the API's
 calls) takes :func:`_core_one` / :func:`_focus_one`: the same numpy operations on the same shapes with
 fewer calls around them (no ``ndarray.mean`` / ``std`` / ``sum`` wrappers, no ``np.unique``, no per-row
 user index), the same bits as the user's rows in a batch (``tests/unit/test_focus.py``).
