@@ -35,10 +35,10 @@ taste masses are estimated from a fixed, seeded sample of that many items (each 
 scaled by its size over its sampled size) and the candidate source is off, which bounds the cost
 for large catalogs (the catalog-wide product reads all the factors for every list). An item of a
 category the sample missed counts as an item without category (no evidence, the no-category slot).
-One user (the API's
-calls) takes :func:`_core_one` / :func:`_focus_one`: the same numpy operations on the same shapes with
-fewer calls around them (no ``ndarray.mean`` / ``std`` / ``sum`` wrappers, no ``np.unique``, no per-row
-user index), the same bits as the user's rows in a batch (``tests/unit/test_focus.py``).
+One user (the API's calls) takes :func:`_core_one` / :func:`_focus_one`: the same numpy operations on
+the same shapes with fewer calls around them (no ``ndarray.mean`` / ``std`` / ``sum`` wrappers, no
+``np.unique``, no per-row user index), the same bits as the user's rows in a batch
+(``tests/unit/test_focus.py``).
 
 Bit-for-bit agreement of :func:`features.ranking.build_features` (one user) and
 :func:`features.ranking_batch.build_features_many` (a batch): each user's catalog scores come from
