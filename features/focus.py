@@ -33,7 +33,12 @@ category once per table), one ``exp`` and one ``add.reduceat`` per batch; the pe
 arithmetic is on (users x categories) arrays. Above :attr:`FocusParams.max_items` (2,000) items the
 taste masses are estimated from a fixed, seeded sample of that many items (each category's sum
 scaled by its size over its sampled size) and the candidate source is off, which bounds the cost
-for large catalogs (the catalog-wide product reads all the factors for every list).
+for large catalogs (the catalog-wide product reads all the factors for every list). An item of a
+category the sample missed counts as an item without category (no evidence, the no-category slot).
+One user (the API's calls) takes :func:`_core_one` / :func:`_focus_one`: the same numpy operations on
+the same shapes with fewer calls around them (no ``ndarray.mean`` / ``std`` / ``sum`` wrappers, no
+``np.unique``, no per-row user index), the same bits as the user's rows in a batch
+(``tests/unit/test_focus.py``).
 
 Bit-for-bit agreement of :func:`features.ranking.build_features` (one user) and
 :func:`features.ranking_batch.build_features_many` (a batch): each user's catalog scores come from
@@ -89,6 +94,20 @@ class FocusParams:
 DEFAULT_FOCUS = FocusParams()
 #: exp() argument cap (float32 overflows above ~88)
 _MAX_EXP = np.float32(80.0)
+#: floor of ``session_focus_logp``
+_MIN_LOGP = np.float32(-1e4)
+#: ``np.log(1.0 - phi)`` by ``phi``, as that call gives it (a few shop settings)
+_LOG_1M: dict[float, np.float64] = {}
+
+
+def _log_1m(phi: float) -> np.float64:
+    got = _LOG_1M.get(phi)
+    if got is None:
+        with np.errstate(divide="ignore"):
+            got = _LOG_1M[phi] = np.log(1.0 - phi)
+        if len(_LOG_1M) > 64:
+            _LOG_1M.clear()
+    return got
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +168,9 @@ def _prepare(item_factors: np.ndarray, category: np.ndarray, max_items: int) -> 
         pos[order] = np.arange(n, dtype=np.int64)
     seg_of_cat = np.full(int(cat.max()) + 1, -1, dtype=np.int64)
     seg_of_cat[seg_cat[keep]] = np.arange(int(keep.sum()))
-    seg_of_item = np.where(cat >= 0, seg_of_cat[np.maximum(cat, 0)], int(keep.sum()))
+    # an item without category, or of a category the sample missed, is in no segment (the last slot)
+    seg_of_item = np.where(cat >= 0, seg_of_cat[np.maximum(cat, 0)], -1)
+    seg_of_item[seg_of_item < 0] = int(keep.sum())
     return _Prepared(factors_t=np.ascontiguousarray(np.asarray(item_factors, dtype=np.float32)[order].T),
                      seg_start=starts[keep], seg_cat=seg_cat[keep], seg_scale=seg_scale,
                      nocat_start=nocat_used, nocat_scale=(n_nocat / nocat_used) if nocat_used else 0.0,
@@ -184,7 +205,44 @@ def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.nd
     prep = _prepared(item_factors, category, p.max_items)
     if prep is None or len(cand) == 0 or len(vectors) == 0:
         return None
-    S, V, mu, a, W, r, q = _core(vectors, sessions, prep, category, p)
+    if len(vectors) == 1:   # one user (the API's calls, the one-user builder): fewer, cheaper numpy calls
+        return _focus_one(vectors[0], sessions[0], cand, item_factors, prep, p)
+    return _focus_many(vectors, sessions, cand, uid, item_factors, prep, p)
+
+
+def _focus_one(vector: np.ndarray | None, session: np.ndarray, cand: np.ndarray, item_factors: np.ndarray,
+               prep: _Prepared, p: FocusParams) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_focus_many` of one user (every ``uid`` 0), the same bits: the per-segment values on one row,
+    looked up by the candidates' segments without a user index, and the candidates' scores as one
+    ``einsum`` against the vector (the same sums as the batch's row-by-row form, without repeating the vector
+    per candidate)."""
+    S, V, mu, a, W, r, q = _core_one(vector, session, prep, p)
+    n_seg = len(prep.seg_cat)
+    phi = p.phi
+    lb = np.empty(n_seg + 1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        lb[:n_seg] = np.log(1.0 - phi + phi * q[0] / r[0])
+        lb[n_seg] = _log_1m(phi)
+        lb -= np.log(W)
+    seg = prep.seg_of_item[cand]
+    if prep.pos is not None:
+        s = S[0][prep.pos[cand]]
+    else:   # (raw - mu) * a, capped, in place
+        s = np.einsum("ij,j->i", np.asarray(item_factors, dtype=np.float32)[cand], V[0])
+        s -= mu[0, 0]
+        s *= a[0, 0]
+        np.minimum(s, _MAX_EXP, out=s)
+    post = np.zeros(n_seg + 1, dtype=np.float32)
+    post[:n_seg] = q[0]
+    s += lb.astype(np.float32)[seg]
+    return np.maximum(s, _MIN_LOGP, out=s), post[seg]
+
+
+def _focus_many(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], cand: np.ndarray,
+                uid: np.ndarray, item_factors: np.ndarray, prep: _Prepared, p: FocusParams
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`session_focus` of a batch of users (the general form; :func:`_focus_one` must equal it for one)."""
+    S, V, mu, a, W, r, q = _core(vectors, sessions, prep, p)
     # per (user, segment), the last segment standing for "no category": log(boost) - log W and q
     m, n_seg = len(W), len(prep.seg_cat)
     phi = p.phi
@@ -206,7 +264,7 @@ def session_focus(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.nd
 
 
 def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], prep: _Prepared,
-          category: np.ndarray, p: FocusParams) -> tuple[np.ndarray, ...]:
+          p: FocusParams) -> tuple[np.ndarray, ...]:
     """Per batch: ``sharpness * z`` over the (sampled) catalog's columns, the users' vectors,
     mean and ``sharpness / sd`` of the scores, the total taste mass ``W``, the focus prior ``r`` and
     posterior ``q`` (users x categories present).
@@ -214,9 +272,12 @@ def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], 
     The last batch's result is kept: the Recommender asks for the candidate source (:func:`focus_top`) and
     then for the features (:func:`session_focus`) of the same users, so a call with equal inputs (the same
     vectors, sessions, table and settings, compared by value) returns it without computing it again.
+    One user goes to :func:`_core_one` (the same arrays).
     """
     global _MEMO
     n_users = len(vectors)
+    if n_users == 1:
+        return _core_one(vectors[0], sessions[0], prep, p)
     k = prep.factors_t.shape[0]
     V = np.zeros((n_users, k), dtype=np.float32)
     for j, v in enumerate(vectors):
@@ -248,18 +309,16 @@ def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], 
         W += E[:, :prep.nocat_start].sum(axis=1, dtype=np.float64) * prep.nocat_scale
     r = np.maximum(Wf / W[:, None], 1e-300)                 # prior of the focus (users, segments)
     # evidence: distinct session items with a category, counted per (user, segment)
-    cat = prep.cat
-    n_seg, n_items = len(prep.seg_cat), len(cat)
+    n_seg, n_items = len(prep.seg_cat), len(prep.cat)
     phi = p.phi
     logq = np.log(r)
     if len(s_items) and phi > 0:
         s_uid = np.repeat(np.arange(n_users, dtype=np.int64), lens)
         ok = (s_items >= 0) & (s_items < n_items)
         keys = np.unique(s_uid[ok] * n_items + s_items[ok])
-        sc = cat[keys % n_items]
-        has = sc >= 0
-        seg = prep.seg_of_cat[sc[has]]
-        M = np.bincount((keys[has] // n_items) * n_seg + seg, minlength=n_users * n_seg
+        seg = prep.seg_of_item[keys % n_items]
+        has = seg < n_seg
+        M = np.bincount((keys[has] // n_items) * n_seg + seg[has], minlength=n_users * n_seg
                         ).reshape(-1, n_seg).astype(np.float64)
         logq = logq + M * np.log1p(phi / ((1.0 - phi) * r))
     logq -= logq.max(axis=1, keepdims=True)
@@ -270,6 +329,62 @@ def _core(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarray], 
     return out
 
 
+def _core_one(vector: np.ndarray | None, session: np.ndarray, prep: _Prepared, p: FocusParams
+              ) -> tuple[np.ndarray, ...]:
+    """:func:`_core` of one user: the same arrays from the same numpy calls on the same (1, ...) shapes, without
+    the per-batch set-up. The mean and the standard deviation are the ufunc calls ``ndarray.mean`` / ``std``
+    make (a float32 sum divided by the intp count, the squared deviations summed and divided, the float32
+    square root) without their Python wrappers; the deviations from the mean are computed once (``std``
+    computes them and ``S -= mu`` again); the session's distinct items are a set, not ``np.unique``. Kept: the
+    last user's result (:data:`_MEMO1`, inputs compared by their bytes).
+    """
+    global _MEMO1
+    k, n_used = prep.factors_t.shape
+    V = np.zeros((1, k), dtype=np.float32)
+    if vector is not None:
+        V[0] = vector
+    sess = np.asarray(session, dtype=np.int64)
+    key = (V.tobytes(), sess.tobytes())
+    memo = _MEMO1
+    if memo is not None and memo[0] is prep and memo[1] == p and memo[2] == key:
+        return memo[3]
+    S = np.zeros((1, n_used), dtype=np.float32)
+    if vector is not None:
+        np.dot(V[0], prep.factors_t, out=S[0])
+    count = np.intp(n_used)
+    mu = np.add.reduce(S, axis=1, keepdims=True)                        # S.mean(axis=1, keepdims=True)
+    np.true_divide(mu, count, out=mu, casting="unsafe")
+    np.subtract(S, mu, out=S)                                           # S -= mu
+    sd = np.add.reduce(np.square(S), axis=1, keepdims=True)             # S.std(axis=1, keepdims=True)
+    np.true_divide(sd, count, out=sd, casting="unsafe")
+    np.sqrt(sd, out=sd)
+    a = np.float32(p.sharpness) / sd if sd[0, 0] > 0 else np.zeros((1, 1), dtype=np.float32)
+    S *= a
+    np.minimum(S, _MAX_EXP, out=S)
+    E = np.exp(S)
+    # the float32 masses times the float64 scales, the cast inside the multiplication (``astype`` then ``*``)
+    Wf = np.multiply(np.add.reduceat(E, prep.seg_start, axis=1), prep.seg_scale, dtype=np.float64)
+    W = np.add.reduce(Wf, axis=1)                                       # Wf.sum(axis=1), its own call
+    if prep.nocat_start:
+        W += np.add.reduce(E[:, :prep.nocat_start], axis=1, dtype=np.float64) * prep.nocat_scale
+    r = np.maximum(Wf / W[:, None], 1e-300)
+    n_seg, n_items = len(prep.seg_cat), len(prep.cat)
+    phi = p.phi
+    logq = np.log(r)
+    if len(sess) and phi > 0:
+        seen = [i for i in set(sess.tolist()) if 0 <= i < n_items]
+        seg = prep.seg_of_item[seen]
+        M = np.bincount(seg, minlength=n_seg + 1)[None, :n_seg].astype(np.float64)
+        logq = logq + M * np.log1p(phi / ((1.0 - phi) * r))
+    logq -= np.maximum.reduce(logq, axis=1, keepdims=True)            # logq.max(axis=1, keepdims=True)
+    q = np.exp(logq)
+    q /= np.add.reduce(q, axis=1, keepdims=True)
+    out = (S, V, mu, a, W, r, q)
+    _MEMO1 = (prep, p, key, out)
+    return out
+
+
+_MEMO1: tuple | None = None
 _MEMO: tuple | None = None
 
 
@@ -284,7 +399,7 @@ def focus_top(vectors: Sequence[np.ndarray | None], sessions: Sequence[np.ndarra
     n_users = len(vectors)
     if prep is None or n_users == 0 or n <= 0 or prep.pos is None:   # a sampled catalog: no source
         return None
-    S, _V, _mu, _a, W, r, q = _core(vectors, sessions, prep, category, p)
+    S, _V, _mu, _a, W, r, q = _core(vectors, sessions, prep, p)
     phi = p.phi
     seg_len = np.diff(np.r_[prep.seg_start, S.shape[1]])
     # log P = sharpness z - log W + log(1 - phi + phi q_c / r_c), per column (columns sorted by category)

@@ -234,3 +234,106 @@ def test_one_user_and_a_batch_give_the_same_bits_at_real_sizes(n: int, k: int) -
         np.testing.assert_array_equal(one[1], many[1][m])
         np.testing.assert_array_equal(top_one[0][0], top_many[j][0])
         np.testing.assert_array_equal(top_one[0][1], top_many[j][1])
+
+
+def _alone_and_in_a_batch(vecs: list[np.ndarray | None], sess: list[np.ndarray], n_cand: int, y: np.ndarray,
+                          cat: np.ndarray, params: FocusParams, rng: np.random.Generator) -> None:
+    """Each user alone gives the bits of their rows in a batch with the others; a second call with equal inputs
+    (the kept result) too."""
+    n = len(y)
+    cands = [rng.choice(n, min(n_cand, n), replace=False) for _ in vecs]
+    uid = np.repeat(np.arange(len(vecs)), [len(c) for c in cands])
+    many = session_focus(vecs, sess, np.concatenate(cands), uid, y, cat, params)
+    assert many is not None
+    for j in range(len(vecs)):
+        for _ in range(2):
+            one = session_focus([vecs[j]], [sess[j]], cands[j], np.zeros(len(cands[j]), np.int64), y, cat, params)
+            assert one is not None
+            np.testing.assert_array_equal(one[0], many[0][uid == j])
+            np.testing.assert_array_equal(one[1], many[1][uid == j])
+
+
+@pytest.mark.parametrize("max_items", [500, 10_000])
+@pytest.mark.parametrize("params", [FocusParams(), FocusParams(phi=0.0), FocusParams(sharpness=0.0),
+                                    FocusParams(phi=0.3, sharpness=2.0)])
+def test_the_one_user_path_gives_the_batch_rows(max_items: int, params: FocusParams) -> None:
+    """Users with and without a vector, a zero vector (no spread: a uniform taste), empty sessions, repeated and
+    out-of-range session items, items without a category; a sampled (500 of 3,000) and an exact catalog."""
+    rng = np.random.default_rng(max_items)
+    n, k = 3000, 16
+    y, cat = random_catalog(rng, n, k, 15)
+    p = FocusParams(phi=params.phi, sharpness=params.sharpness, max_items=max_items)
+    vecs: list[np.ndarray | None] = [rng.normal(size=k).astype(np.float32) for _ in range(6)]
+    vecs[1] = None
+    vecs[2] = np.zeros(k, np.float32)
+    vecs[3] = rng.normal(size=k)   # float64: cast as the batch casts it
+    sess = random_sessions(rng, n, len(vecs), 12)
+    sess[0] = np.zeros(0, np.int64)
+    sess[4] = np.array([5, 5, -1, n, n + 7, int(np.flatnonzero(cat < 0)[0]), 9, 5])
+    sess[5] = np.array([-3, n + 1])   # nothing in range
+    _alone_and_in_a_batch(vecs, sess, 120, y, cat, p, rng)
+
+
+def test_a_kept_result_is_not_returned_for_other_values_in_the_same_arrays() -> None:
+    rng = np.random.default_rng(5)
+    y, cat = random_catalog(rng, 600, 8, 6)
+    v, s, cand = rng.normal(size=8).astype(np.float32), np.array([3, 4, 5]), np.arange(50)
+    first = session_focus([v], [s], cand, np.zeros(50, np.int64), y, cat)
+    v *= 2   # the same objects, other values
+    s[0] = 7
+    again = session_focus([v], [s], cand, np.zeros(50, np.int64), y, cat)
+    fresh = session_focus([v.copy(), v.copy()], [s.copy(), s.copy()], np.r_[cand, cand],
+                          np.repeat([0, 1], 50), y, cat)
+    assert first is not None and again is not None and fresh is not None
+    assert not np.array_equal(first[0], again[0])
+    np.testing.assert_array_equal(again[0], fresh[0][:50])
+    np.testing.assert_array_equal(again[1], fresh[1][:50])
+
+
+def test_an_item_of_a_category_the_sample_missed_counts_as_one_without_category() -> None:
+    """A sampled catalog can miss a small category. Its items carry no evidence and take the no-category
+    slot, alone and in a batch (before: a session with such an item raised in a one-user call, and in a batch
+    it was counted in the previous user's categories)."""
+    from features import focus as ff
+
+    rng = np.random.default_rng(0)
+    n, k = 5000, 8
+    y, cat = random_catalog(rng, n, k, 10)
+    rare = 17
+    cat[rare] = 10   # the only item of category 10
+    p = FocusParams(max_items=500)
+    prep = ff._prepared(y, cat, 500)
+    assert prep is not None and rare not in set(prep.order.tolist())
+    v = rng.normal(size=k).astype(np.float32)
+    with_rare = session_focus([v], [np.array([rare, 3])], np.array([rare, 3, 4]), np.zeros(3, np.int64), y, cat, p)
+    without = session_focus([v], [np.array([3])], np.array([rare, 3, 4]), np.zeros(3, np.int64), y, cat, p)
+    assert with_rare is not None and without is not None
+    np.testing.assert_array_equal(with_rare[0], without[0])   # no evidence
+    np.testing.assert_array_equal(with_rare[1], without[1])
+    assert with_rare[1][0] == 0   # the no-category posterior
+    _alone_and_in_a_batch([v, None, v * 2], [np.array([1]), np.array([rare]), np.array([rare, 2])], 40, y, cat, p,
+                          rng)
+
+
+def test_logp_is_floored_alone_and_in_a_batch() -> None:
+    """A candidate outside the 500-item sample, far below the sampled scores in their spread: ``logp`` stops
+    at -1e4 on both paths."""
+    from features import focus as ff
+
+    rng = np.random.default_rng(11)
+    n, k = 3000, 4
+    y = (rng.normal(size=(n, k)) * 1e-3).astype(np.float32)
+    cat = rng.integers(0, 5, n)
+    p = FocusParams(max_items=500, sharpness=5.0)
+    prep = ff._prepared(y, cat, 500)
+    assert prep is not None
+    far = np.setdiff1d(np.arange(n), prep.order)[:3]
+    y[far] = -50.0   # rows outside the sample: the table's sampled columns stay as they are
+    v = np.ones(k, np.float32)
+    one = session_focus([v], [np.array([1])], far, np.zeros(3, np.int64), y, cat, p)
+    assert one is not None and (one[0] == np.float32(-1e4)).all()
+    _alone_and_in_a_batch([v, v * 2, None], [np.array([1]), np.array([2, far[0]]), np.zeros(0, np.int64)], 50, y,
+                          cat, p, rng)
+    many = session_focus([v, v], [np.array([1]), np.array([1])], np.r_[far, far], np.repeat([0, 1], 3), y, cat, p)
+    assert many is not None
+    np.testing.assert_array_equal(many[0][:3], one[0])
