@@ -688,8 +688,10 @@ class TastePosterior:
         from scipy.optimize import minimize
 
         means = self.pm
-        value = np.array([self.value_grad(m, ev)[0] for m in means])
-        starts = [means[j] for j in np.argsort(value, kind="stable")[:n_starts]]
+        starts: list[np.ndarray] = []
+        if n_starts:
+            value = np.array([self.value_grad(m, ev)[0] for m in means])
+            starts = [means[j] for j in np.argsort(value, kind="stable")[:n_starts]]
         if start is not None:
             starts.insert(0, start)
         best: tuple[float, np.ndarray] | None = None
@@ -808,7 +810,10 @@ def bayes_plugin(shop: SyntheticShop, table: InteractionTable, train: Interactio
             stats["no_events"] += 1
             thetas = prior.sample(draws)[0] if mode == "laplace" else start[None, :]
         else:
-            theta = post.fit(ev, last.get(user))
+            warm = last.get(user)
+            # re-estimated per session: warm-started from the shopper's previous estimate, which already
+            # won over the multi-start on fewer events
+            theta = post.fit(ev, warm, n_starts=4 if warm is None else 1)
             if dynamic:
                 last.clear()
                 last[user] = theta
@@ -1173,8 +1178,11 @@ def softmax_plugin(shop: SyntheticShop, table: InteractionTable, train: Interact
 
 
 #: Learned-taste plug-ins of ``--taste`` (see :func:`bayes_plugin`); ``true`` is the reference: the true
-#: taste with the plug-ins' constant funnel rates.
-TASTES: tuple[str, ...] = ("map", "laplace", "map_dynamic", "laplace_dynamic", "true")
+#: taste with the plug-ins' constant funnel rates; ``softmax`` is :func:`softmax_plugin` at its
+#: validation choice (:data:`SOFTMAX_CHOICE`).
+TASTES: tuple[str, ...] = ("map", "laplace", "map_dynamic", "laplace_dynamic", "true", "softmax")
+#: Softmax MF plug-in chosen on the validation window (factors, L2, temperature, L-BFGS iterations).
+SOFTMAX_CHOICE: tuple[int, float, float, int] = (16, 10.0, 1.0, 800)
 
 
 def make_taste_plugin(name: str, shop: SyntheticShop, table: InteractionTable, plan: ReplayPlan, log: LabelledLog,
@@ -1186,6 +1194,9 @@ def make_taste_plugin(name: str, shop: SyntheticShop, table: InteractionTable, p
         rates = training_funnel_rates(plan.train)
         return Plugin(user_model=lambda u: UserModel(shop.model, u, shop.config.focus_share), info={
             "mode": "true", "funnel_rates": list(rates)}, funnel_rates=rates)
+    if name == "softmax":
+        f, l2, temp, its = SOFTMAX_CHOICE
+        return softmax_plugin(shop, table, plan.train, factors=f, l2=l2, temperature=temp, iterations=its, seed=seed)
     mode, _, dyn = name.partition("_")
     return bayes_plugin(shop, table, plan.train, log, cutoff_ts=int(plan.start), mode=mode, draws=draws,
                         seed=seed, prior=prior, dynamic=dyn == "dynamic")
