@@ -450,6 +450,7 @@ class Plugin:
     user_model: Any   # shop user row -> UserModel
     funnel_rates: tuple[float, float] | None   # None: the generator's per-item funnel probabilities
     info: dict[str, Any]
+    query_model: Any = None   # optional (shop user row, the group's first log row) -> a model for that query
 
 
 def als_plugin(shop: SyntheticShop, table: InteractionTable, train: InteractionTable, *, factors: int,
@@ -491,6 +492,364 @@ def als_plugin(shop: SyntheticShop, table: InteractionTable, train: InteractionT
     return Plugin(user_model=user_model, funnel_rates=(round(rates[0], 4), round(rates[1], 4)),
                   info={"factors": factors, "regularization": regularization, "iterations": iterations,
                         "sharpness": sharpness, "funnel_rates": [round(r, 4) for r in rates]})
+
+
+# -- learnable-taste bounds: the generator's item side and prior given, the shopper's taste estimated --
+def generator_centroids(shop: SyntheticShop) -> np.ndarray:
+    """The category centroids the generator drew first in :func:`training.synthetic_model.build_taste`
+    (drawn again from the shop's seed; the items are their centroid plus offsets)."""
+    cfg = shop.config
+    seeds = np.random.SeedSequence(cfg.seed).spawn(3)
+    rng = np.random.default_rng(seeds[1])
+    n_cat, f = len(shop.catalog.categories), cfg.n_factors
+    return rng.standard_normal((n_cat, f)) / np.sqrt(f)
+
+
+def prior_draws(shop: SyntheticShop, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` unnormalised shopper tastes drawn as the generator draws them (liked categories, Dirichlet
+    weights of their centroids, personal offset); the generator then scales each to unit spread."""
+    cent = generator_centroids(shop)
+    n_cat, f = cent.shape
+    scale = 1.0 / np.sqrt(f)
+    size = np.bincount(shop.catalog.category, minlength=n_cat).astype(np.float64)
+    like_p = np.sqrt(size) / np.sqrt(size).sum()
+    n_liked = np.minimum(1 + rng.binomial(3, 0.4, size=n), n_cat)
+    keys = np.log(like_p + 1e-12)[None, :] + rng.gumbel(size=(n, n_cat))
+    ranked = np.argsort(-keys, axis=1, kind="stable")
+    weights = rng.dirichlet(np.ones(4), size=n)
+    x = rng.standard_normal((n, f)) * (0.35 * scale)
+    for j in range(4):
+        take = n_liked > j
+        x[take] += weights[take, j, None] * cent[ranked[take, min(j, n_cat - 1)]]
+    return x
+
+
+@dataclass(frozen=True, slots=True)
+class TasteEvidence:
+    """A shopper's observed events before a cut-off, as the browse and funnel likelihoods need them.
+
+    Attributes
+    ----------
+    views, clicks, carts : ndarray, shape (n_items,)
+        Browsing views per item (a re-buy view, the one followed by its cart without a click, is not a
+        browsing draw), clicks per item, carts per item right after a click.
+    sessions : ndarray, shape (n_sessions, n_categories)
+        Browsing views per session and category (the session's focus category is not observed).
+    """
+
+    views: np.ndarray
+    clicks: np.ndarray
+    carts: np.ndarray
+    sessions: np.ndarray
+
+    @property
+    def n_events(self) -> int:
+        return int(self.views.sum())
+
+
+def taste_evidence(log: LabelledLog, shop: SyntheticShop, user: int, cutoff_ts: int) -> TasteEvidence:
+    """The user's observed evidence from the log rows before ``cutoff_ts`` (nothing hidden: every row kind
+    used here follows from the event types, items and sessions of the log; bots are not told apart)."""
+    n_items, n_cat = shop.config.n_items, len(shop.catalog.categories)
+    lo = int(np.searchsorted(log.user, user, side="left"))
+    hi = int(np.searchsorted(log.user, user, side="right"))
+    rows = np.arange(lo, hi)
+    rows = rows[log.ts[rows] < cutoff_ts]
+    kind, item = log.kind[rows], log.item[rows]
+    browse = (kind == BROWSE) | (kind == BOT)
+    views = np.bincount(item[browse], minlength=n_items).astype(np.float64)
+    clicks = np.bincount(item[kind == CLICK], minlength=n_items).astype(np.float64)
+    prev_click = np.r_[False, (kind[:-1] == CLICK) & (item[:-1] == item[1:]) & (log.session[rows][:-1]
+                                                                               == log.session[rows][1:])]
+    carts = np.bincount(item[(kind == CART) & prev_click], minlength=n_items).astype(np.float64)
+    sess = log.session[rows][browse]
+    if sess.size:
+        _, s_idx = np.unique(sess, return_inverse=True)
+        counts = np.zeros((int(s_idx.max()) + 1, n_cat))
+        np.add.at(counts, (s_idx, shop.catalog.category[item[browse]]), 1.0)
+    else:
+        counts = np.zeros((0, n_cat))
+    return TasteEvidence(views=views, clicks=clicks, carts=carts, sessions=counts)
+
+
+#: Spread of the pin that keeps the unnormalised taste at unit spread (the posterior sees its direction only).
+_RADIAL_SD = 0.1
+
+
+class TastePosterior:
+    """Log posterior of one shopper's taste given the generator's item side, funnel and prior.
+
+    The taste is an unnormalised vector ``theta`` (the generator's draw before it scales the shopper to
+    unit spread); ``x = theta / sqrt(theta' S theta)`` with ``S`` the item factors' covariance, then
+    ``z = (x . (y - mean y) + b - mean b) / sd`` exactly as the generator standardises. Likelihood: every
+    session's browsing views with its focus category summed out (``sum_f r_f prod_v P(v | f)``, ``r_f``
+    the taste mass of ``f``), clicks given views and carts given clicks (the generator's logistic
+    funnel). Prior: a Gaussian mixture over ``x`` fitted to :func:`prior_draws` scaled as the generator
+    scales them (the generator's prior has no closed form), and a pin of ``theta``'s spread near 1 (the
+    likelihood is flat along ``theta``'s ray). ``value_grad`` gives the negative log posterior and its
+    gradient (analytic).
+    """
+
+    def __init__(self, shop: SyntheticShop, prior: Any) -> None:
+        t, cat, par = shop.taste, shop.catalog, shop.model.params
+        y = t.item_factors
+        self.yc = y - y.mean(axis=0)
+        self.bc = t.item_bias - t.item_bias.mean()
+        n = y.shape[0]
+        self.cov = self.yc.T @ self.yc / n
+        self.cyb = self.yc.T @ self.bc / n
+        self.vb = float(self.bc @ self.bc) / n
+        self.cat = cat.category.astype(np.int64)
+        self.n_cat = len(cat.categories)
+        self.s = par.browse_sharpness
+        self.phi = shop.config.focus_share
+        self.click = (par.click_bias, par.click_slope)
+        lp = np.log(cat.price / cat.category_median_price())
+        self.cart_off = par.cart_bias - par.price_sensitivity * lp
+        self.cart_slope = par.cart_slope
+        self.in_stock = cat.in_stock.astype(np.float64)
+        # the prior mixture (sklearn GaussianMixture, full covariances)
+        self.pw = np.log(prior.weights_)
+        self.pm = prior.means_
+        self.pp = prior.precisions_
+        self.pldet = np.array([np.linalg.slogdet(p)[1] for p in self.pp]) / 2.0
+
+    def z_of(self, theta: np.ndarray) -> np.ndarray:
+        x = theta / np.sqrt(theta @ self.cov @ theta)
+        return (self.yc @ x + self.bc) / np.sqrt(x @ self.cov @ x + 2.0 * x @ self.cyb + self.vb)
+
+    def weights(self, theta: np.ndarray) -> np.ndarray:
+        """Browsing weights ``exp(sharpness * z)`` of the taste ``theta``."""
+        return np.exp(np.minimum(self.s * self.z_of(theta), 700.0))
+
+    def value_grad(self, theta: np.ndarray, ev: TasteEvidence) -> tuple[float, np.ndarray]:
+        s, phi = self.s, self.phi
+        st = self.cov @ theta
+        nrm = np.sqrt(theta @ st)
+        x = theta / nrm
+        sx = self.cov @ x
+        var = x @ sx + 2.0 * x @ self.cyb + self.vb
+        sd = np.sqrt(var)
+        u = self.yc @ x + self.bc
+        z = u / sd
+        a = s * z
+        a -= a.max()
+        w = np.exp(a)
+        big_w = w.sum()
+        mass = np.bincount(self.cat, weights=w, minlength=self.n_cat)
+        r = np.maximum(mass / big_w, 1e-300)
+        n_views = ev.views.sum()
+        ll = s * (ev.views @ z) - n_views * (np.log(big_w) + s * z.max())
+        dz = s * ev.views - n_views * s * w / big_w
+        if ev.sessions.shape[0]:
+            m = ev.sessions
+            n_s = m.sum(axis=1, keepdims=True)
+            lift = np.log(1.0 - phi + phi / r)
+            tt = np.log(r)[None, :] + m * lift[None, :] + (n_s - m) * np.log(1.0 - phi)
+            tmax = tt.max(axis=1, keepdims=True)
+            e = np.exp(tt - tmax)
+            tot = e.sum(axis=1, keepdims=True)
+            ll += float((np.log(tot) + tmax).sum())
+            p = e / tot
+            g = (p / r[None, :] - p * m * phi / (r * (r * (1.0 - phi) + phi))[None, :]).sum(axis=0)
+            dz += s * (w / big_w) * (g[self.cat] - g @ r)
+        # funnel: clicks given browsing views, carts given clicks (in stock only)
+        cb, cs = self.click
+        pc = 1.0 / (1.0 + np.exp(-(cb + cs * z)))
+        ll += float(ev.clicks @ np.log(pc) + (ev.views - ev.clicks) @ np.log1p(-pc))
+        dz += cs * (ev.clicks - ev.views * pc)
+        pk = 1.0 / (1.0 + np.exp(-(self.cart_off + self.cart_slope * z)))
+        ok = self.in_stock
+        ll += float((ok * ev.carts) @ np.log(pk) + (ok * (ev.clicks - ev.carts)) @ np.log1p(-pk))
+        dz += self.cart_slope * ok * (ev.carts - ev.clicks * pk)
+        # back through z = u / sd, u = yc x + bc, sd^2 = x'Sx + 2 x.c + vb, x = theta / |theta|_S
+        du = dz / sd
+        dsd = -float(dz @ z) / sd
+        gx = self.yc.T @ du + dsd * (sx + self.cyb) / sd
+        gtheta = gx / nrm - st * float(theta @ gx) / nrm ** 3
+        # prior: the mixture over the normalised taste x, and a unit-spread pin on |theta|_S (the likelihood
+        # and the mixture see x only)
+        d = x[None, :] - self.pm
+        q = np.einsum("kf,kfg,kg->k", d, self.pp, d)
+        lc = self.pw + self.pldet - 0.5 * q
+        lmax = lc.max()
+        resp = np.exp(lc - lmax)
+        lp = float(np.log(resp.sum()) + lmax) - 0.5 * theta.size * np.log(2.0 * np.pi)
+        resp /= resp.sum()
+        gx_prior = -np.einsum("k,kfg,kg->f", resp, self.pp, d)
+        gprior = gx_prior / nrm - st * float(theta @ gx_prior) / nrm ** 3
+        lp -= 0.5 * ((nrm - 1.0) / _RADIAL_SD) ** 2
+        gprior -= (nrm - 1.0) / _RADIAL_SD ** 2 * st / nrm
+        return -(ll + lp), -(gtheta + gprior)
+
+    def fit(self, ev: TasteEvidence, start: np.ndarray | None = None, *, n_starts: int = 4) -> np.ndarray:
+        """The MAP taste: L-BFGS from ``start`` and from the ``n_starts`` prior-mixture means of highest
+        posterior (the posterior is multimodal when the events are few); the best optimum."""
+        from scipy.optimize import minimize
+
+        means = self.pm
+        starts: list[np.ndarray] = []
+        if n_starts:
+            value = np.array([self.value_grad(m, ev)[0] for m in means])
+            starts = [means[j] for j in np.argsort(value, kind="stable")[:n_starts]]
+        if start is not None:
+            starts.insert(0, start)
+        best: tuple[float, np.ndarray] | None = None
+        for x0 in starts:
+            res = minimize(self.value_grad, x0, args=(ev,), jac=True, method="L-BFGS-B",
+                           options={"maxiter": 400, "gtol": 1e-6})
+            if best is None or res.fun < best[0]:
+                best = (float(res.fun), np.asarray(res.x))
+        assert best is not None
+        return best[1]
+
+    def hessian(self, theta: np.ndarray, ev: TasteEvidence, h: float = 1e-5) -> np.ndarray:
+        """Hessian of the negative log posterior by central differences of the gradient."""
+        f = theta.size
+        out = np.empty((f, f))
+        for j in range(f):
+            e = np.zeros(f)
+            e[j] = h
+            out[j] = (self.value_grad(theta + e, ev)[1] - self.value_grad(theta - e, ev)[1]) / (2.0 * h)
+        return (out + out.T) / 2.0
+
+
+class MixtureUserModel:
+    """A browsing model averaged over taste draws, with the session's focus *and* the draw inferred
+    together: ``P(d, f | session views) ∝ P(d) r_df prod_v P_d(v | f)``; the next view's probability is
+    ``sum_d sum_f P(d, f | views) P_d(i | f)``. Drop-in for :class:`UserModel` in :func:`kind_blind_scores`
+    (its ``posterior`` returns the joint over draws and categories that its ``browse`` takes)."""
+
+    __slots__ = ("base", "cat", "in_cat", "log_prior", "n_cat", "uniform")
+
+    def __init__(self, weights: np.ndarray, category: np.ndarray, n_categories: int, focus_share: float) -> None:
+        cat = np.asarray(category, dtype=np.int64)
+        self.cat = cat
+        self.n_cat = n_categories
+        self.uniform = False
+        mass = np.stack([np.bincount(cat, weights=w, minlength=n_categories) for w in weights])
+        total = mass.sum(axis=1, keepdims=True)
+        self.base = (1.0 - focus_share) * weights / total
+        self.in_cat = focus_share * weights / np.maximum(mass[:, cat], 1e-300)
+        with np.errstate(divide="ignore"):
+            self.log_prior = np.log(mass / total) - np.log(weights.shape[0])
+
+    def browse(self, q: np.ndarray) -> np.ndarray:
+        return (self.base * q.sum(axis=1, keepdims=True) + self.in_cat * q[:, self.cat]).sum(axis=0)
+
+    def posterior(self, seen_items: np.ndarray) -> np.ndarray:
+        logp = self.log_prior.copy()
+        if seen_items.size:
+            base = self.base[:, seen_items]                           # (D, v)
+            lik = np.repeat(base[:, :, None], self.n_cat, axis=2)     # (D, v, n_cat)
+            lik[:, np.arange(seen_items.size), self.cat[seen_items]] += self.in_cat[:, seen_items]
+            logp += np.log(lik).sum(axis=1)
+        logp -= logp.max()
+        p = np.exp(logp)
+        return p / p.sum()
+
+
+def fit_taste_prior(shop: SyntheticShop, *, n_draws: int = 60_000, components: int = 24, seed: int = 0) -> Any:
+    """A Gaussian mixture over the generator's tastes (:func:`prior_draws` scaled to unit spread, as the
+    generator scales its shoppers)."""
+    from sklearn.mixture import GaussianMixture
+
+    draws = prior_draws(shop, n_draws, np.random.default_rng(seed))
+    y = shop.taste.item_factors
+    cov = np.cov(y, rowvar=False, bias=True)
+    draws /= np.sqrt(np.einsum("uf,fg,ug->u", draws, cov, draws))[:, None]
+    return GaussianMixture(n_components=components, covariance_type="full", random_state=seed,
+                           reg_covar=1e-3, max_iter=300).fit(draws)
+
+
+def bayes_plugin(shop: SyntheticShop, table: InteractionTable, train: InteractionTable, log: LabelledLog, *,
+                 cutoff_ts: int, mode: str = "laplace", draws: int = 32, seed: int = 0,
+                 prior: Any = None, dynamic: bool = False) -> Plugin:
+    """The posterior, kind-blind strategy with a taste *learned* from the shopper's own events before
+    ``cutoff_ts``, given everything else the generator knows (item factors and biases, category centroids
+    and the prior over tastes, the browsing and funnel model): a near-Bayes bound for any method that
+    learns a static taste from the events.
+
+    ``mode="map"``: the MAP taste (:class:`TastePosterior`) as one browsing model. ``mode="laplace"``:
+    ``draws`` tastes from the Laplace approximation at the MAP (Gaussian with the inverse Hessian), the
+    predictive averaged over them (:class:`MixtureUserModel`); a shopper without events gets draws from
+    the prior itself. Focus share as the generator's; funnel rates the training window's, as in
+    :func:`als_plugin`; no user is known to be a bot.
+
+    ``dynamic=True``: the taste is estimated again before every query from all the shopper's sessions
+    before the query's own session (test-window ones included; ``cutoff_ts`` is then unused), warm-started
+    from the shopper's previous estimate. The query's own session stays out of the taste evidence: its
+    views already enter through the focus posterior (counting them twice would overweight them).
+    """
+    if mode not in ("map", "laplace"):
+        raise ValueError(f"mode must be 'map' or 'laplace', got {mode!r}")
+    cfg = shop.config
+    prior = fit_taste_prior(shop, seed=seed) if prior is None else prior
+    post = TastePosterior(shop, prior)
+    start = np.asarray(prior.means_.T @ prior.weights_)
+    rates = training_funnel_rates(train)
+    category, n_cat = shop.catalog.category, len(shop.catalog.categories)
+    cache: dict[tuple[int, int], Any] = {}
+    stats = {"users": 0, "no_events": 0}
+    info: dict[str, Any] = {"mode": mode, "draws": draws if mode == "laplace" else 1, "prior_components":
+                            int(prior.n_components), "cutoff_ts": int(cutoff_ts), "stats": stats,
+                            "funnel_rates": list(rates)}
+
+    info["dynamic"] = dynamic
+    last: dict[int, np.ndarray] = {}
+
+    def user_model(user: int, cut: int = cutoff_ts) -> Any:
+        um = cache.get((user, cut))
+        if um is not None:
+            return um
+        cache.clear()
+        ev = taste_evidence(log, shop, user, cut)
+        stats["users"] += 1
+        rng = np.random.default_rng([seed, user, cut])
+        if ev.n_events == 0:
+            stats["no_events"] += 1
+            thetas = prior.sample(draws)[0] if mode == "laplace" else start[None, :]
+        else:
+            warm = last.get(user)
+            # re-estimated per session: warm-started from the shopper's previous estimate, which already
+            # won over the multi-start on fewer events
+            theta = post.fit(ev, warm, n_starts=4 if warm is None else 1)
+            if dynamic:
+                last.clear()
+                last[user] = theta
+            if mode == "map":
+                thetas = theta[None, :]
+            else:
+                # The likelihood is flat along the ray of theta (only the direction matters), so the
+                # Laplace draws move theta across the ray only: the radial curvature comes from the
+                # prior alone and may be ~0, which would flip draws to -theta.
+                ray = theta / np.linalg.norm(theta)
+                across = np.eye(theta.size) - np.outer(ray, ray)
+                hess = across @ post.hessian(theta, ev) @ across
+                evals, evecs = np.linalg.eigh(hess)
+                keep = np.abs(evecs.T @ ray) < 0.5   # drop the radial eigenvector
+                scale = np.where(keep, 1.0 / np.sqrt(np.maximum(evals, 1e-6)), 0.0)
+                eps = rng.standard_normal((draws, theta.size))
+                thetas = theta[None, :] + (eps * scale[None, :]) @ evecs.T
+        w = np.stack([post.weights(t) for t in thetas])
+        if mode == "map":
+            um = UserModel.from_weights(w[0], category, n_cat, cfg.focus_share)
+        else:
+            um = MixtureUserModel(w, category, n_cat, cfg.focus_share)
+        cache[(user, cut)] = um
+        return um
+
+    def query_model(user: int, row: int) -> Any:
+        return user_model(user, int(log.ts[int(log.session_start[row])]))
+
+    return Plugin(user_model=user_model, funnel_rates=rates, info=info, query_model=query_model if dynamic else None)
+
+
+def training_funnel_rates(train: InteractionTable) -> tuple[float, float]:
+    """Clicks per view and carts per click of a training window, rounded as :func:`als_plugin` rounds them."""
+    counts = np.bincount(train.type_code, minlength=len(EVENT_TYPES)).astype(np.float64)
+    return (round(counts[_T["click"]] / max(counts[_T["view"]], 1.0), 4),
+            round(counts[_T["add_to_cart"]] / max(counts[_T["click"]], 1.0), 4))
 
 
 # -- the replay queries and the oracle's lists ------------------------------------------------------
@@ -573,7 +932,9 @@ def run_oracle(shop: SyntheticShop, plan: ReplayPlan, table: InteractionTable, l
             rank_by = p_t
         else:
             if plugin is not None:
-                mix = kind_blind_scores(log, int(rows[0]), plugin.user_model(u), model, hidden, oracle,
+                pum = (plugin.user_model(u) if plugin.query_model is None
+                       else plugin.query_model(u, int(rows[0])))
+                mix = kind_blind_scores(log, int(rows[0]), pum, model, hidden, oracle,
                                         cfg.rebuy_probability, plugin.funnel_rates)
             else:
                 mix = kind_blind_scores(log, int(rows[0]), um, model, hidden, oracle, cfg.rebuy_probability)
@@ -755,10 +1116,129 @@ def plugin_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog
     return out
 
 
+def fit_softmax_mf(counts: np.ndarray, *, factors: int, l2: float, iterations: int = 300, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A multinomial-likelihood (full softmax) matrix factorisation of a user x item count matrix:
+    ``P(i | u) = softmax_i(u_u . v_i + b_i)``, fitted by L-BFGS on ``-sum n_ui log P(i | u) + l2/2 (|U|^2 +
+    |V|^2)``. Returns the user factors, item factors and item biases."""
+    from scipy.optimize import minimize
+
+    n_u, n_i = counts.shape
+    rng = np.random.default_rng(seed)
+    x0 = np.concatenate([rng.standard_normal(n_u * factors + n_i * factors) * 0.01, np.zeros(n_i)])
+    per_user = counts.sum(axis=1, keepdims=True)
+
+    def unpack(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        u = x[:n_u * factors].reshape(n_u, factors)
+        v = x[n_u * factors:(n_u + n_i) * factors].reshape(n_i, factors)
+        return u, v, x[(n_u + n_i) * factors:]
+
+    def value_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        u, v, b = unpack(x)
+        logit = u @ v.T + b[None, :]
+        mx = logit.max(axis=1, keepdims=True)
+        e = np.exp(logit - mx)
+        tot = e.sum(axis=1, keepdims=True)
+        nll = -float((counts * logit).sum() - (per_user * (np.log(tot) + mx)).sum())
+        g = per_user * e / tot - counts   # d nll / d logit
+        val = nll + 0.5 * l2 * (float((u * u).sum()) + float((v * v).sum()))
+        grad = np.concatenate([(g @ v + l2 * u).ravel(), (g.T @ u + l2 * v).ravel(), g.sum(axis=0)])
+        return val, grad
+
+    res = minimize(value_grad, x0, jac=True, method="L-BFGS-B", options={"maxiter": iterations})
+    return unpack(np.asarray(res.x))
+
+
+def softmax_plugin(shop: SyntheticShop, table: InteractionTable, train: InteractionTable, *, factors: int,
+                   l2: float, temperature: float = 1.0, iterations: int = 300, seed: int = 0) -> Plugin:
+    """The posterior, kind-blind strategy with the taste of a softmax matrix factorisation of the training
+    window's views (:func:`fit_softmax_mf`): item weights ``exp(temperature * logit)``. The focus summed out,
+    the generator's views of a shopper are exactly a softmax over ``browse_sharpness * z``, so the logits
+    estimate ``log w`` directly. Focus share and funnel rates as in :func:`als_plugin`; learnable."""
+    cfg = shop.config
+    user_shop = _ids_to_rows(train.users.ids, "u", cfg.n_users)
+    item_shop = _ids_to_rows(train.items.ids, "i", cfg.n_items)
+    view = train.type_code == _T["view"]
+    uu, ii = user_shop[train.user_idx[view]], item_shop[train.item_idx[view]]
+    ok = (uu >= 0) & (ii >= 0)
+    counts = np.zeros((cfg.n_users, cfg.n_items))
+    np.add.at(counts, (uu[ok], ii[ok]), 1.0)
+    u, v, b = fit_softmax_mf(counts, factors=factors, l2=l2, iterations=iterations, seed=seed)
+    rates = training_funnel_rates(train)
+    category, n_cat = shop.catalog.category, len(shop.catalog.categories)
+
+    def user_model(user: int) -> UserModel:
+        logit = v @ u[user] + b
+        w = np.exp(np.minimum(temperature * (logit - logit.max()), 700.0))
+        return UserModel.from_weights(w, category, n_cat, cfg.focus_share)
+
+    return Plugin(user_model=user_model, funnel_rates=rates,
+                  info={"model": "softmax_mf", "factors": factors, "l2": l2, "temperature": temperature,
+                        "iterations": iterations, "funnel_rates": list(rates)})
+
+
+#: Learned-taste plug-ins of ``--taste`` (see :func:`bayes_plugin`); ``true`` is the reference: the true
+#: taste with the plug-ins' constant funnel rates; ``softmax`` is :func:`softmax_plugin` at its
+#: validation choice (:data:`SOFTMAX_CHOICE`).
+TASTES: tuple[str, ...] = ("map", "laplace", "map_dynamic", "laplace_dynamic", "true", "softmax")
+#: Softmax MF plug-in chosen on the validation window (factors, L2, temperature, L-BFGS iterations).
+SOFTMAX_CHOICE: tuple[int, float, float, int] = (16, 10.0, 1.0, 800)
+
+
+def make_taste_plugin(name: str, shop: SyntheticShop, table: InteractionTable, plan: ReplayPlan, log: LabelledLog,
+                      *, seed: int = 0, prior: Any = None, draws: int = 32) -> Plugin:
+    """One ``--taste`` plug-in for a plan: the taste learned from the events before the plan's window."""
+    if name not in TASTES:
+        raise ValueError(f"taste must be one of {TASTES}, got {name!r}")
+    if name == "true":
+        rates = training_funnel_rates(plan.train)
+        return Plugin(user_model=lambda u: UserModel(shop.model, u, shop.config.focus_share), info={
+            "mode": "true", "funnel_rates": list(rates)}, funnel_rates=rates)
+    if name == "softmax":
+        f, l2, temp, its = SOFTMAX_CHOICE
+        return softmax_plugin(shop, table, plan.train, factors=f, l2=l2, temperature=temp, iterations=its, seed=seed)
+    mode, _, dyn = name.partition("_")
+    return bayes_plugin(shop, table, plan.train, log, cutoff_ts=int(plan.start), mode=mode, draws=draws,
+                        seed=seed, prior=prior, dynamic=dyn == "dynamic")
+
+
+def taste_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog, hidden: HiddenFocus,
+                 names: tuple[str, ...], *, test_plan: ReplayPlan, test_sample: np.ndarray, seed: int = 0,
+                 progress: bool = True, others: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """The learned-taste plug-ins on the validation window (the taste learned before it, the 20,000 seeded
+    queries of :func:`plugin_report`) and on the report's test sample, with the per-kind breakdown (``others``
+    side by side) and the paired bootstrap against ``others``."""
+    win = replay_windows(table.ts)
+    vplan = build_plan(table, start=win.valid_start, end=win.test_start)
+    vsample = np.zeros(vplan.n_queries, dtype=bool)
+    vsample[np.random.default_rng(seed).choice(vplan.n_queries, min(20_000, vplan.n_queries), replace=False)] = True
+    prior = fit_taste_prior(shop, seed=seed)
+    out: dict[str, Any] = {}
+    for taste in names:
+        res_t: dict[str, Any] = {}
+        for name, plan, sample in (("validation", vplan, vsample), ("test_report_sample", test_plan, test_sample)):
+            c0 = time.process_time()
+            plugin = make_taste_plugin(taste, shop, table, plan, log, seed=seed, prior=prior)
+            run = run_oracle(shop, plan, table, log, hidden, oracle="posterior", kind_known=False, queries=sample,
+                             progress=progress, plugin=plugin)
+            ranks = {v: _ranks(plan, run.lists[v], sample, only_new=(v == "X")) for v in ("R", "X")}
+            res: dict[str, Any] = {v: {key: round(val, 5) for key, val in metrics_from_ranks(ranks[v]).items()}
+                                   for v in ("R", "X")}
+            test = name == "test_report_sample"
+            res["breakdown"] = {v: breakdown(plan, run, sample, v, others if test else None) for v in ("R", "X")}
+            if test and others:
+                res["paired_bootstrap"] = {o: _bootstrap(plan, ranks, r, seed=seed) for o, r in others.items()}
+            res["cpu_seconds"] = round(time.process_time() - c0, 1)
+            res["params"] = plugin.info
+            res_t[name] = res
+        out[taste] = res_t
+    return out
+
+
 def ceiling(shop: SyntheticShop, table: InteractionTable, *, oracles: tuple[str, ...] = ORACLES,
             all_queries: bool = True, seed: int = 0, progress: bool = True, methods: tuple[str, ...] = (),
             report: dict[str, Any] | None = None, item_meta: dict[str, Any] | None = None,
-            plugin: tuple[int, float, float] | None = None) -> dict[str, Any]:
+            plugin: tuple[int, float, float] | None = None, tastes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Everything the script reports, as a dict (see the module docstring)."""
     if set(np.flatnonzero(type_weights() > 0).tolist()) != {_T[t] for t in ("view", "click", "add_to_cart",
                                                                             "purchase")}:
@@ -797,6 +1277,11 @@ def ceiling(shop: SyntheticShop, table: InteractionTable, *, oracles: tuple[str,
         ranks = rep.pop("_ranks")
         rep["paired_bootstrap"] = {other: _bootstrap(tplan, ranks, r, seed=seed) for other, r in others.items()}
         out["plugin_als"] = rep
+        if tastes:
+            others = {**others, "plugin_als": ranks}
+    if tastes:
+        out["plugin_taste"] = taste_report(shop, table, log, hidden, tastes, test_plan=tplan, test_sample=sample,
+                                           seed=seed, progress=progress, others=others)
     out["_runs"] = runs
     out["_plan"] = tplan
     out["_sample"] = sample
@@ -831,6 +1316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plugin", default="",
                         help="FACTORS,REGULARIZATION,SHARPNESS: also run the posterior, kind-blind strategy with "
                              "a static ALS taste instead of the true one (validation and test windows)")
+    parser.add_argument("--taste", default="",
+                        help=f"comma-separated learned-taste plug-ins ({', '.join(TASTES)}): the posterior, kind-blind "
+                             "strategy with a taste learned from each shopper's events, the generator's item side "
+                             "and prior given (validation and test windows; with --plugin, compared with it)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: stdout)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -841,7 +1330,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = json.loads(args.report.read_text(encoding="utf-8")) if args.report is not None else None
     res = ceiling(shop, ds.table, oracles=tuple(args.oracles), all_queries=not args.sample_only, seed=args.seed,
                   progress=not args.no_progress, methods=tuple(m for m in args.methods.split(",") if m),
-                  report=rep, item_meta=ds.item_meta, plugin=_plugin_arg(args.plugin))
+                  report=rep, item_meta=ds.item_meta, plugin=_plugin_arg(args.plugin),
+                  tastes=tuple(t for t in args.taste.split(",") if t))
     for key in ("_runs", "_plan", "_sample", "_methods"):
         res.pop(key)
     result: dict[str, Any] = {
