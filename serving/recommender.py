@@ -120,6 +120,9 @@ class _User:
     blocked: set[str]
     blocked_rows: np.ndarray
     vector: np.ndarray | None = None
+    #: the session-focus inputs (FocusParams.taste / session_gap_ms): the trained row, the open session
+    taste: np.ndarray | None = None
+    focus_session: np.ndarray | None = None
     user_categories: set[str] = dataclasses.field(default_factory=set)
     affinity: dict[int, float] = dataclasses.field(default_factory=dict)
     sknn: tuple[np.ndarray, np.ndarray] | None = None
@@ -215,7 +218,8 @@ class Recommender:
                    nprobe=settings.ann_nprobe,
                    session_knn=SessionKnnParams(k=settings.session_knn_k, sample=settings.session_knn_sample),
                    focus=FocusParams(phi=settings.focus_phi, sharpness=settings.focus_sharpness,
-                                     candidates=settings.focus_candidates))
+                                     candidates=settings.focus_candidates, taste=settings.focus_taste,
+                                     session_gap_ms=settings.session_gap_s * 1000))
 
     # -- per-bundle data -------------------------------------------------------------
 
@@ -514,6 +518,10 @@ class Recommender:
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
+        gap = self.focus.session_gap_ms
+        # a session whose newest event is older than the gap is closed: the request opens a new one (the prior)
+        closed = gap is not None and len(u.session) and len(hts) and now - int(hts.max()) > gap
+        u.focus_session = u.session[:0] if closed else u.session
         # np.unique of the ~20 anchors, without its set-up: the same ascending int64 rows
         u.reason_anchors = np.fromiter(sorted(set(recent[:10].tolist()).union(u.session.tolist())), dtype=np.int64)
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
@@ -560,6 +568,11 @@ class Recommender:
                 row = aux.bundle.users.get(u.state.user_id) if u.state.user_id else -1
                 if row >= 0:
                     u.vector = np.asarray(aux.bundle.user_factors[row], dtype=np.float32)
+        if self.focus.taste == "trained":
+            for u in users:
+                row = aux.bundle.users.get(u.state.user_id) if u.state.user_id else -1
+                if row >= 0:
+                    u.taste = np.asarray(aux.bundle.user_factors[row], dtype=np.float32)
         if fold:
             vecs = fold_in_batch(aux.bundle.item_factors, aux.YtY, [p for _, p in fold], aux.regularization,
                                  alpha=aux.alpha)
@@ -570,11 +583,12 @@ class Recommender:
                    ) -> list[tuple[np.ndarray, np.ndarray] | None] | None:
         """Each user's most probable next views for the ``session_focus`` source: users with a vector only
         (None: off, or a catalog without categories)."""
-        with_vec = [j for j, u in enumerate(users) if u.vector is not None]   # the taste orders the items
+        taste = [u.vector if u.taste is None else u.taste for u in users]
+        with_vec = [j for j, v in enumerate(taste) if v is not None]   # the taste orders the items
         if not self.focus.candidates or not with_vec:
             return None
         n = max(1, math.ceil(QUOTAS["session_focus"] * self.n_candidates))
-        top = focus_top([users[j].vector for j in with_vec], [users[j].session for j in with_vec],
+        top = focus_top([taste[j] for j in with_vec], [users[j].focus_session for j in with_vec],
                         aux.tables.item_factors, aux.tables.category, n, self.focus)
         if top is None:
             return None
@@ -716,8 +730,11 @@ class Recommender:
     @staticmethod
     def _context_of(u: _User, tr: TrendingArrays, decay: float, now: int) -> RankingContext:
         session = u.session if u.context < 0 else np.append(u.session, u.context)
+        fs = u.focus_session
+        fs = session if fs is None or fs is u.session else (fs if u.context < 0 else np.append(fs, u.context))
         return RankingContext(user_vector=u.vector, history_items=u.hist_items, history_types=u.hist_types,
-                              history_ts=u.hist_ts, session_items=session, now_ms=now,
+                              history_ts=u.hist_ts, session_items=session, now_ms=now, taste_vector=u.taste,
+                              focus_session=fs,
                               trending_items=tr.overall[0], trending_scores=tr.overall[1] * np.float32(decay),
                               **({} if u.sknn is None else {"session_knn_items": u.sknn[0],
                                                              "session_knn_scores": u.sknn[1]}))
