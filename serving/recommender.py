@@ -373,7 +373,7 @@ class Recommender:
             return [self._fallback(s, r, trending, catalog, t) for s, r, t in zip(states, reqs, nows, strict=True)]
         aux = self.aux(bundle)
         tr = self.trending_arrays(trending, aux)
-        unit_of, firsts = _units(states, reqs)
+        unit_of, firsts = _units(states, reqs, nows, self.focus.session_gap_ms)
         if len(firsts) > 2:   # many users (the replay, precomputed lists): their ids looked up at once
             base = self._resolve_many([states[j] for j in firsts], [reqs[j] for j in firsts], aux,
                                       [nows[j] for j in firsts])
@@ -518,10 +518,8 @@ class Recommender:
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
-        gap = self.focus.session_gap_ms
         # a session whose newest event is older than the gap is closed: the request opens a new one (the prior)
-        closed = gap is not None and len(u.session) and len(hts) and now - int(hts.max()) > gap
-        u.focus_session = u.session[:0] if closed else u.session
+        u.focus_session = u.session if _session_open(state, now, self.focus.session_gap_ms) else u.session[:0]
         # np.unique of the ~20 anchors, without its set-up: the same ascending int64 rows
         u.reason_anchors = np.fromiter(sorted(set(recent[:10].tolist()).union(u.session.tolist())), dtype=np.int64)
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
@@ -975,15 +973,27 @@ def _one_thread(ranker: Any) -> bool:
     return getattr(ranker, "intra_op_threads", None) == 1
 
 
-def _units(states: Sequence[UserState], reqs: Sequence[RecRequest]) -> tuple[list[int], list[int]]:
+def _session_open(state: UserState, now: int, gap_ms: int | None) -> bool:
+    """Whether the state's session is still open at ``now`` (its newest history event within ``gap_ms``): the
+    session-focus evidence (``FocusParams.session_gap_ms``). A state without session items, without history
+    (session items given without times) or without a gap counts as open."""
+    if gap_ms is None or not state.session_items or not state.history:
+        return True
+    return now - max(h[2] for h in state.history) <= gap_ms
+
+
+def _units(states: Sequence[UserState], reqs: Sequence[RecRequest], nows: Sequence[int] | None = None,
+           gap_ms: int | None = None) -> tuple[list[int], list[int]]:
     """Group requests that share candidates, features and scores: the same state object with the same context
-    item and category filter. Returns each request's unit and each unit's first request."""
+    item and category filter, and (the session focus) the same open / closed session at the request's time.
+    Returns each request's unit and each unit's first request."""
     unit_of: list[int] = []
     firsts: list[int] = []
-    seen: dict[tuple[int, str | None, frozenset[str] | None], int] = {}
+    seen: dict[tuple[int, str | None, frozenset[str] | None, bool], int] = {}
     for j, (s, r) in enumerate(zip(states, reqs, strict=True)):
         cats = r.filters.categories
-        key = (id(s), r.context_item, None if cats is None else frozenset(cats))
+        is_open = True if nows is None else _session_open(s, nows[j], gap_ms)
+        key = (id(s), r.context_item, None if cats is None else frozenset(cats), is_open)
         g = seen.get(key)
         if g is None:
             g = seen[key] = len(firsts)
