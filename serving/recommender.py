@@ -985,18 +985,32 @@ def _session_open(state: UserState, now: int, gap_ms: int | None) -> bool:
 def _units(states: Sequence[UserState], reqs: Sequence[RecRequest], nows: Sequence[int] | None = None,
            gap_ms: int | None = None) -> tuple[list[int], list[int]]:
     """Group requests that share candidates, features and scores: the same state object with the same context
-    item and category filter, and (the session focus) the same open / closed session at the request's time.
-    Returns each request's unit and each unit's first request."""
+    item and category filter, and (the session focus) the same open / closed session at the request's time
+    (looked at only when a state has several requests). Returns each request's unit and each unit's first
+    request."""
     unit_of: list[int] = []
     firsts: list[int] = []
-    seen: dict[tuple[int, str | None, frozenset[str] | None, bool], int] = {}
+    seen: dict[tuple[int, str | None, frozenset[str] | None], list[list]] = {}
     for j, (s, r) in enumerate(zip(states, reqs, strict=True)):
         cats = r.filters.categories
-        is_open = True if nows is None else _session_open(s, nows[j], gap_ms)
-        key = (id(s), r.context_item, None if cats is None else frozenset(cats), is_open)
-        g = seen.get(key)
+        key = (id(s), r.context_item, None if cats is None else frozenset(cats))
+        entries = seen.get(key)
+        if entries is None:   # [open at the first request's time (None: not looked at yet), unit, first request]
+            seen[key] = [[None, len(firsts), j]]
+            unit_of.append(len(firsts))
+            firsts.append(j)
+            continue
+        if nows is None or gap_ms is None:
+            unit_of.append(entries[0][1])
+            continue
+        for e in entries:
+            if e[0] is None:
+                e[0] = _session_open(states[e[2]], nows[e[2]], gap_ms)
+        is_open = _session_open(s, nows[j], gap_ms)
+        g = next((e[1] for e in entries if e[0] == is_open), None)
         if g is None:
-            g = seen[key] = len(firsts)
+            g = len(firsts)
+            entries.append([is_open, g, j])
             firsts.append(j)
         unit_of.append(g)
     return unit_of, firsts
