@@ -75,12 +75,22 @@ class FocusParams:
     candidates : bool
         Whether the Recommender proposes the most probable next views as the ``session_focus``
         candidate source (:func:`focus_top`).
+    taste : str
+        Which user vector is the taste: ``"live"`` (the live, folded-in vector; default) or
+        ``"trained"`` (the bundle's trained row of the user when the bundle knows them, else the live
+        vector). The Recommender chooses (``RankingContext.taste_vector``); docs/evaluation.md, Session 10.
+    session_gap_ms : int or None
+        The session is evidence of the focus only while it is open at the ranking time (its newest
+        event within this gap); a request that opens a new session gets the prior. None: the session
+        as given. The Recommender applies it (``RankingContext.focus_session``).
     """
 
     phi: float = 0.75
     sharpness: float = 0.5
     max_items: int = 2_000
     candidates: bool = True
+    taste: str = "live"
+    session_gap_ms: int | None = 1_800_000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.phi < 1.0:
@@ -89,6 +99,10 @@ class FocusParams:
             raise ValueError(f"sharpness must be >= 0; got {self.sharpness}")
         if self.max_items < 1:
             raise ValueError(f"max_items must be >= 1; got {self.max_items}")
+        if self.taste not in ("trained", "live"):
+            raise ValueError(f"taste must be 'trained' or 'live'; got {self.taste!r}")
+        if self.session_gap_ms is not None and self.session_gap_ms < 0:
+            raise ValueError(f"session_gap_ms must be >= 0 or None; got {self.session_gap_ms}")
 
 
 DEFAULT_FOCUS = FocusParams()

@@ -149,6 +149,14 @@ class RankingContext:
         The ranking time (epoch ms); training uses the split cutoff.
     trending_items, trending_scores : numpy.ndarray
         Optional trending items (int64) and their decayed counts (float32).
+    session_knn_items, session_knn_scores : numpy.ndarray
+        Optional session-kNN items (int64) and their summed similarities (float32).
+    taste_vector : numpy.ndarray or None
+        The taste the ``session_focus_*`` columns use (the Recommender passes the bundle's trained
+        user row under ``FocusParams.taste = "trained"``); None: ``user_vector``.
+    focus_session : numpy.ndarray or None
+        The items whose categories are the focus evidence (the Recommender passes an empty array when
+        the session is closed at ``now_ms``); None: ``session_items``.
     """
 
     user_vector: np.ndarray | None
@@ -161,6 +169,14 @@ class RankingContext:
     trending_scores: np.ndarray = field(default_factory=_f32)
     session_knn_items: np.ndarray = field(default_factory=_i64)
     session_knn_scores: np.ndarray = field(default_factory=_f32)
+    taste_vector: np.ndarray | None = None
+    focus_session: np.ndarray | None = None
+
+    def focus_inputs(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """The taste vector and the session items the ``session_focus_*`` columns read: ``taste_vector`` /
+        ``focus_session`` when given, else ``user_vector`` / ``session_items`` (both builders call this)."""
+        return (self.user_vector if self.taste_vector is None else self.taste_vector,
+                self.session_items if self.focus_session is None else self.focus_session)
 
     def __post_init__(self) -> None:
         n = len(self.history_items)
@@ -671,8 +687,9 @@ def _build(ctx: RankingContext, cand: np.ndarray, tables: RankingTables, out: np
     _session_knn_features(ctx, join, out)
     if als is not None:
         _als_in_category_one(out, als, cat1, width)
-    fc = session_focus([ctx.user_vector], [ctx.session_items], cand, np.zeros(n, dtype=np.int64),
-                       tables.item_factors, tables.category, focus)
+    f_vec, f_sess = ctx.focus_inputs()
+    fc = session_focus([f_vec], [f_sess], cand, np.zeros(n, dtype=np.int64), tables.item_factors, tables.category,
+                       focus)
     if fc is not None:
         out[:, _COL["session_focus_logp"]], out[:, _COL["session_focus_posterior"]] = fc
     return out

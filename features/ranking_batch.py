@@ -257,8 +257,9 @@ def build_features_many(contexts: Sequence[RankingContext], candidates: Sequence
     out[:, _COL["session_length"]] = per_user[uid, 0]
     out[:, _COL["log_history_length"]] = per_user[uid, 1]
     out[:, _COL["log_minutes_since_last_event"]] = per_user[uid, 2]
-    fc = session_focus([c.user_vector for c in contexts], [c.session_items for c in contexts], cand, uid,
-                       tables.item_factors, tables.category, focus)
+    f_in = [c.focus_inputs() for c in contexts]
+    fc = session_focus([v for v, _ in f_in], [s for _, s in f_in], cand, uid, tables.item_factors, tables.category,
+                       focus)
     if fc is not None:
         out[:, _COL["session_focus_logp"]], out[:, _COL["session_focus_posterior"]] = fc
     return out

@@ -10,6 +10,7 @@ unset, commands look for the embedded stack's state file instead (see
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -242,6 +243,12 @@ class Settings(BaseSettings):
     focus_candidates: bool = True
     """Session focus: propose the most probable next views (over the whole
     catalog) as the ``session_focus`` candidate source."""
+
+    focus_taste: Literal["trained", "live"] = "live"
+    """Session focus: ``live`` (default) takes the taste from the live folded-in
+    vector; ``trained`` from the bundle's trained user vector when the bundle
+    knows the user (measured no better on the synthetic shop: docs/evaluation.md,
+    Session 10)."""
 
     @field_validator("key_prefix")
     @classmethod

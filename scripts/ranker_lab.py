@@ -124,6 +124,19 @@ def _collect(a: argparse.Namespace) -> None:
     from training.evaluation.dataset import load_dataset
     from training.evaluation.replay import fit_data
 
+    if a.focus:   # e.g. taste=live,session_gap_ms=none: the Recommender's session-focus settings for this collection
+        import dataclasses as dc
+
+        import serving.recommender as srec
+
+        kw: dict[str, Any] = {}
+        for kv in a.focus.split(","):
+            k, v = kv.split("=")
+            kw[k] = (None if v == "none" else v if k == "taste" else
+                     (v == "true") if k == "candidates" else int(v) if k in ("max_items", "session_gap_ms") else float(v))
+        srec.DEFAULT_FOCUS = dc.replace(srec.DEFAULT_FOCUS, **kw)
+        print("focus settings:", srec.DEFAULT_FOCUS, flush=True)
+
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(SETTINGS[a.shop])
@@ -206,6 +219,25 @@ def evaluate(scores: np.ndarray, d: Any, k: int = 20) -> dict[str, float]:
     return out
 
 
+def _mixture_column(d: dict[str, np.ndarray], names: list[str], c_view: float, c_click: float) -> np.ndarray:
+    """log P(next event = item) of the plug-in's kind mixture from a collection's columns: the item touched last
+    continues (click after a view with ``c_view``, cart after a click with ``c_click``) while the session is open
+    (newest event within 30 minutes); otherwise the next browsing view, ``exp(session_focus_logp)``, takes the rest."""
+    X = d["X"]
+    col = {n: i for i, n in enumerate(names)}
+    last = X[:, col["history_recency_rank"]] == 0
+    typ = X[:, col["last_event_type"]] - 1          # type code of the newest event on the item
+    open_ = X[:, col["log_minutes_since_last_event"]] <= np.log1p(30.0)
+    c = np.where(typ == 0, c_view, np.where(typ == 1, c_click, 0.0))
+    # per row the query's continuation mass: the newest item's c, spread to every row of the query
+    qc = np.where(last & open_, c, 0.0)
+    browse = np.exp(X[:, col["session_focus_logp"]].astype(np.float64))
+    start, size = _groups(d["qid"], d["x"])
+    qmax = np.repeat(np.maximum.reduceat(qc, start), size)
+    p = qc + (1.0 - qmax) * browse
+    return np.log(np.maximum(p, 1e-30)).astype(np.float32)
+
+
 def cmd_fit(a: argparse.Namespace) -> None:
     import lightgbm as lgb
 
@@ -220,6 +252,11 @@ def cmd_fit(a: argparse.Namespace) -> None:
         print(json.dumps({"tag": f"score_by {a.score_by}", **evaluate(te["X"][:, j].astype(np.float64), te)}))
         return
     tr = dict(np.load(out / "train.npz"))
+    if a.add_mixture:   # Session 10: the plug-in's kind mixture with the pipeline's focus probability, as a column
+        cv, cc = (float(v) for v in a.add_mixture.split(","))
+        for d in (te, tr):
+            d["X"] = np.concatenate([d["X"], _mixture_column(d, names, cv, cc)[:, None]], axis=1)
+        names = [*names, "mixture_logp"]
     start, size = _groups(tr["qid"], tr["x"])
     lab = tr["label"].astype(np.int32)
     pos = np.add.reduceat(lab > 0, start) > 0
@@ -273,6 +310,8 @@ def cmd_fit(a: argparse.Namespace) -> None:
         trees.append(bst.best_iteration)
     cpu = time.process_time() - t0
     res = evaluate(sc, te)
+    if a.save_scores:   # per test row, for scripts/gap_lab.py (the decomposition against the plug-in)
+        np.save(a.save_scores, sc.astype(np.float32))
     res.update({"trees": trees if a.bag > 1 else trees[0], "train_queries": int(len(gt)), "fit_cpu_s": round(cpu, 1),
                 "valid_ndcg20": round(float(bst.best_score["valid_0"]["ndcg@20"]), 4)})
     tag = a.tag or ""
@@ -301,6 +340,7 @@ def main() -> None:
     c.add_argument("--window", choices=("test", "validation"), default="test",
                    help="validation: the validation window plays the test window (tune there, not on the test)")
     c.add_argument("--als", default=None, help="ALS overrides, e.g. factors=64,regularization=0.1")
+    c.add_argument("--focus", default=None, help="session-focus overrides, e.g. taste=live,session_gap_ms=none")
     f = sub.add_parser("fit")
     f.add_argument("--out", required=True)
     f.add_argument("--seed", type=int, default=0)
@@ -321,6 +361,8 @@ def main() -> None:
     f.add_argument("--tag", default=None)
     f.add_argument("--importance", action="store_true")
     f.add_argument("--score-by", default=None)
+    f.add_argument("--add-mixture", default=None, help="C_VIEW,C_CLICK: add the kind-mixture column (Session 10)")
+    f.add_argument("--save-scores", default=None, help="write the test rows' scores here (.npy)")
     a = p.parse_args()
     {"collect": cmd_collect, "fit": cmd_fit}[a.cmd](a)
 

@@ -120,6 +120,9 @@ class _User:
     blocked: set[str]
     blocked_rows: np.ndarray
     vector: np.ndarray | None = None
+    #: the session-focus inputs (FocusParams.taste / session_gap_ms): the trained row, the open session
+    taste: np.ndarray | None = None
+    focus_session: np.ndarray | None = None
     user_categories: set[str] = dataclasses.field(default_factory=set)
     affinity: dict[int, float] = dataclasses.field(default_factory=dict)
     sknn: tuple[np.ndarray, np.ndarray] | None = None
@@ -215,7 +218,8 @@ class Recommender:
                    nprobe=settings.ann_nprobe,
                    session_knn=SessionKnnParams(k=settings.session_knn_k, sample=settings.session_knn_sample),
                    focus=FocusParams(phi=settings.focus_phi, sharpness=settings.focus_sharpness,
-                                     candidates=settings.focus_candidates))
+                                     candidates=settings.focus_candidates, taste=settings.focus_taste,
+                                     session_gap_ms=settings.session_gap_s * 1000))
 
     # -- per-bundle data -------------------------------------------------------------
 
@@ -369,7 +373,7 @@ class Recommender:
             return [self._fallback(s, r, trending, catalog, t) for s, r, t in zip(states, reqs, nows, strict=True)]
         aux = self.aux(bundle)
         tr = self.trending_arrays(trending, aux)
-        unit_of, firsts = _units(states, reqs)
+        unit_of, firsts = _units(states, reqs, nows, self.focus.session_gap_ms)
         if len(firsts) > 2:   # many users (the replay, precomputed lists): their ids looked up at once
             base = self._resolve_many([states[j] for j in firsts], [reqs[j] for j in firsts], aux,
                                       [nows[j] for j in firsts])
@@ -514,6 +518,8 @@ class Recommender:
         u = _User(state=state, request=req, hist_items=hi, blocked_rows=blocked_rows,
                   hist_types=ht.astype(np.int8), hist_ts=hts, recent=recent, session=sess[sess >= 0],
                   context=context, blocked=blocked)
+        # a session whose newest event is older than the gap is closed: the request opens a new one (the prior)
+        u.focus_session = u.session if _session_open(state, now, self.focus.session_gap_ms) else u.session[:0]
         # np.unique of the ~20 anchors, without its set-up: the same ascending int64 rows
         u.reason_anchors = np.fromiter(sorted(set(recent[:10].tolist()).union(u.session.tolist())), dtype=np.int64)
         cats = aux.bundle.item_meta.category[recent[:30]] if len(recent) else np.zeros(0, np.int64)
@@ -560,6 +566,11 @@ class Recommender:
                 row = aux.bundle.users.get(u.state.user_id) if u.state.user_id else -1
                 if row >= 0:
                     u.vector = np.asarray(aux.bundle.user_factors[row], dtype=np.float32)
+        if self.focus.taste == "trained":
+            for u in users:
+                row = aux.bundle.users.get(u.state.user_id) if u.state.user_id else -1
+                if row >= 0:
+                    u.taste = np.asarray(aux.bundle.user_factors[row], dtype=np.float32)
         if fold:
             vecs = fold_in_batch(aux.bundle.item_factors, aux.YtY, [p for _, p in fold], aux.regularization,
                                  alpha=aux.alpha)
@@ -570,11 +581,12 @@ class Recommender:
                    ) -> list[tuple[np.ndarray, np.ndarray] | None] | None:
         """Each user's most probable next views for the ``session_focus`` source: users with a vector only
         (None: off, or a catalog without categories)."""
-        with_vec = [j for j, u in enumerate(users) if u.vector is not None]   # the taste orders the items
+        taste = [u.vector if u.taste is None else u.taste for u in users]
+        with_vec = [j for j, v in enumerate(taste) if v is not None]   # the taste orders the items
         if not self.focus.candidates or not with_vec:
             return None
         n = max(1, math.ceil(QUOTAS["session_focus"] * self.n_candidates))
-        top = focus_top([users[j].vector for j in with_vec], [users[j].session for j in with_vec],
+        top = focus_top([taste[j] for j in with_vec], [users[j].focus_session for j in with_vec],
                         aux.tables.item_factors, aux.tables.category, n, self.focus)
         if top is None:
             return None
@@ -716,8 +728,11 @@ class Recommender:
     @staticmethod
     def _context_of(u: _User, tr: TrendingArrays, decay: float, now: int) -> RankingContext:
         session = u.session if u.context < 0 else np.append(u.session, u.context)
+        fs = u.focus_session
+        fs = session if fs is None or fs is u.session else (fs if u.context < 0 else np.append(fs, u.context))
         return RankingContext(user_vector=u.vector, history_items=u.hist_items, history_types=u.hist_types,
-                              history_ts=u.hist_ts, session_items=session, now_ms=now,
+                              history_ts=u.hist_ts, session_items=session, now_ms=now, taste_vector=u.taste,
+                              focus_session=fs,
                               trending_items=tr.overall[0], trending_scores=tr.overall[1] * np.float32(decay),
                               **({} if u.sknn is None else {"session_knn_items": u.sknn[0],
                                                              "session_knn_scores": u.sknn[1]}))
@@ -958,18 +973,44 @@ def _one_thread(ranker: Any) -> bool:
     return getattr(ranker, "intra_op_threads", None) == 1
 
 
-def _units(states: Sequence[UserState], reqs: Sequence[RecRequest]) -> tuple[list[int], list[int]]:
+def _session_open(state: UserState, now: int, gap_ms: int | None) -> bool:
+    """Whether the state's session is still open at ``now`` (its newest history event within ``gap_ms``): the
+    session-focus evidence (``FocusParams.session_gap_ms``). A state without session items, without history
+    (session items given without times) or without a gap counts as open."""
+    if gap_ms is None or not state.session_items or not state.history:
+        return True
+    return now - max(h[2] for h in state.history) <= gap_ms
+
+
+def _units(states: Sequence[UserState], reqs: Sequence[RecRequest], nows: Sequence[int] | None = None,
+           gap_ms: int | None = None) -> tuple[list[int], list[int]]:
     """Group requests that share candidates, features and scores: the same state object with the same context
-    item and category filter. Returns each request's unit and each unit's first request."""
+    item and category filter, and (the session focus) the same open / closed session at the request's time
+    (looked at only when a state has several requests). Returns each request's unit and each unit's first
+    request."""
     unit_of: list[int] = []
     firsts: list[int] = []
-    seen: dict[tuple[int, str | None, frozenset[str] | None], int] = {}
+    seen: dict[tuple[int, str | None, frozenset[str] | None], list[list]] = {}
     for j, (s, r) in enumerate(zip(states, reqs, strict=True)):
         cats = r.filters.categories
         key = (id(s), r.context_item, None if cats is None else frozenset(cats))
-        g = seen.get(key)
+        entries = seen.get(key)
+        if entries is None:   # [open at the first request's time (None: not looked at yet), unit, first request]
+            seen[key] = [[None, len(firsts), j]]
+            unit_of.append(len(firsts))
+            firsts.append(j)
+            continue
+        if nows is None or gap_ms is None:
+            unit_of.append(entries[0][1])
+            continue
+        for e in entries:
+            if e[0] is None:
+                e[0] = _session_open(states[e[2]], nows[e[2]], gap_ms)
+        is_open = _session_open(s, nows[j], gap_ms)
+        g = next((e[1] for e in entries if e[0] == is_open), None)
         if g is None:
-            g = seen[key] = len(firsts)
+            g = len(firsts)
+            entries.append([is_open, g, j])
             firsts.append(j)
         unit_of.append(g)
     return unit_of, firsts

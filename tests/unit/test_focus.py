@@ -337,3 +337,81 @@ def test_logp_is_floored_alone_and_in_a_batch() -> None:
     many = session_focus([v, v], [np.array([1]), np.array([1])], np.r_[far, far], np.repeat([0, 1], 3), y, cat, p)
     assert many is not None
     np.testing.assert_array_equal(many[0][:3], one[0])
+
+
+# -- Session 10: the taste vector and the open session (RankingContext.taste_vector / focus_session) ----------
+def _hand_tables():
+    from features.ranking import RankingTables
+
+    return RankingTables.build(item_factors=Y, popularity=np.zeros(4, np.float32), price=np.zeros(4, np.float32),
+                               category=CAT.astype(np.int32))
+
+
+def _cols(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (X[:, FEATURE_NAMES.index("session_focus_logp")].astype(np.float64),
+            X[:, FEATURE_NAMES.index("session_focus_posterior")].astype(np.float64))
+
+
+def test_taste_vector_and_focus_session_replace_the_live_vector_and_session() -> None:
+    """Both builders read the focus from ``taste_vector`` / ``focus_session`` when given (hand-computed case of
+    :func:`test_probability_by_hand`: taste [1], evidence item 1 -> P = 1/2, 1/4, 1/6, 1/12), not from the live
+    vector [-1] (which reverses the taste) or the session item 2 (the other category)."""
+    tables = _hand_tables()
+    base = RankingContext(user_vector=np.array([-1.0], np.float32), history_items=np.array([2]),
+                          history_types=np.zeros(1, np.int8), history_ts=np.array([10**12]),
+                          session_items=np.array([2]), now_ms=10**12 + 1)
+    import dataclasses
+
+    ctx = dataclasses.replace(base, taste_vector=np.array([1.0], np.float32), focus_session=np.array([1]))
+    for X in (build_features(ctx, np.arange(4), tables, focus=HALF),
+              build_features_many([ctx, base], [np.arange(4), np.arange(2)], tables, focus=HALF)[:4]):
+        logp, post = _cols(X)
+        np.testing.assert_allclose(np.exp(logp), [1 / 2, 1 / 4, 1 / 6, 1 / 12], rtol=1e-5)
+        np.testing.assert_allclose(post, [5 / 6, 5 / 6, 1 / 6, 1 / 6], rtol=1e-5)
+    # an empty focus session: the prior (P = w / W = 2, 1, 1, .5 over 4.5), whatever the session items
+    closed = dataclasses.replace(ctx, focus_session=np.zeros(0, np.int64))
+    logp, post = _cols(build_features(closed, np.arange(4), tables, focus=HALF))
+    np.testing.assert_allclose(np.exp(logp), np.array([2, 1, 1, 0.5]) / 4.5, rtol=1e-5)
+    np.testing.assert_allclose(post, [2 / 3, 2 / 3, 1 / 3, 1 / 3], rtol=1e-5)
+    # without them: the live vector and the session (the taste reversed, focus on category 1)
+    logp, _ = _cols(build_features(base, np.arange(4), tables, focus=HALF))
+    assert logp[3] > logp[0]
+
+
+def _served_focus(state, focus: FocusParams, session_ids: list[str]):
+    """The focus columns the Recommender served, and the same computed directly (trained / live vector)."""
+    from features.catalog import CatalogCache
+    from serving.recommender import Recommender, RecRequest
+    from serving.rules import RuleConfig
+    from tests.unit.test_serving_recommender import NO_TREND, NOW, make_bundle
+
+    b = make_bundle()
+    r = Recommender(rules=RuleConfig(diversity="none"), n_candidates=50, focus=focus)
+    out = r.recommend(state, RecRequest(k=12, feature_rows=True), bundle=b, trending=NO_TREND,
+                      catalog=CatalogCache(), now_ms=NOW)
+    items = np.array([int(x.item_id[1:]) for x in out.items])
+    return items, _cols(out.feature_rows), b
+
+
+def test_recommender_uses_the_trained_taste_and_drops_a_closed_session() -> None:
+    from serving.state import UserState
+    from tests.unit.test_serving_recommender import NOW, VERSION
+
+    live = np.array([0, 0, 1, 0], np.float32)          # the live vector likes category c
+    for gap_s, taste in ((2 * 3600, "trained"), (60, "live"), (2 * 3600, "live"), (60, "trained")):
+        state = UserState(user_id="known", vector=live, vector_model=VERSION, session_items=("i5", "i6"),
+                          history=(("i5", "view", NOW - gap_s * 1000 - 5000), ("i6", "view", NOW - gap_s * 1000)))
+        items, (logp, post), b = _served_focus(state, FocusParams(taste=taste), ["i5", "i6"])
+        vec = b.user_factors[0] if taste == "trained" else live       # "known" is the bundle's row 0: [1, 0, 0, 0]
+        sess = np.array([5, 6]) if gap_s < 1800 else np.zeros(0, np.int64)
+        want = session_focus([vec], [sess], items, np.zeros(len(items), np.int64), b.tables.item_factors,
+                             b.tables.category, FocusParams(taste=taste))
+        assert want is not None
+        np.testing.assert_array_equal(logp, want[0].astype(np.float64))
+        np.testing.assert_array_equal(post, want[1].astype(np.float64))
+    # and the two choices differ here (the mutation check of the test above)
+    state = UserState(user_id="known", vector=live, vector_model=VERSION, session_items=("i5",),
+                      history=(("i5", "view", NOW - 60_000),))
+    _, (a, _), _ = _served_focus(state, FocusParams(taste="trained"), ["i5"])
+    _, (c, _), _ = _served_focus(state, FocusParams(taste="live"), ["i5"])
+    assert not np.array_equal(a, c)

@@ -254,6 +254,13 @@ def _varied_contexts(seed: int) -> list[RankingContext]:
             trending_items=rng.choice(N_ITEMS, n_tr, replace=False),
             trending_scores=rng.uniform(-1, 50, n_tr).astype(np.float32),
             session_knn_items=knn, session_knn_scores=rng.uniform(0, 3, n_knn).astype(np.float32)))
+    # the session-focus inputs (Session 10): a trained taste beside / instead of the live vector, a closed
+    # session (empty focus session) or another one; own generator, so the contexts above stay as they were
+    r2 = np.random.default_rng(seed + 1000)
+    for j, c in enumerate(out):
+        taste = r2.normal(size=5).astype(np.float32) if j % 4 in (1, 2) else None
+        fs = (np.zeros(0, np.int64) if j % 3 == 1 else r2.integers(-1, N_ITEMS, 4)) if j % 2 else None
+        out[j] = dataclasses.replace(c, taste_vector=taste, focus_session=fs)
     return out
 
 
