@@ -873,8 +873,11 @@ def _ids_to_rows(ids: Any, prefix: str, n: int) -> np.ndarray:
 
 def run_oracle(shop: SyntheticShop, plan: ReplayPlan, table: InteractionTable, log: LabelledLog,
                hidden: HiddenFocus, *, oracle: str, kind_known: bool = True, queries: np.ndarray | None = None,
-               k: int = K, progress: bool = True, plugin: Plugin | None = None) -> OracleRun:
+               k: int = K, progress: bool = True, plugin: Plugin | None = None, in_stock: bool = False) -> OracleRun:
     """Lists (R and X) of one oracle for the plan's queries (``queries``: bool mask, default all).
+
+    ``in_stock=True`` keeps out-of-stock items out of the lists, as the engine's business rule does (they
+    stay targets, and the expected target mass is unchanged).
 
     ``kind_known=False`` ranks by :func:`kind_blind_scores` instead of the kind-told probabilities; the
     expected metrics always use the latter (unbiased for the list's expected hits). ``plugin`` ranks
@@ -903,6 +906,10 @@ def run_oracle(shop: SyntheticShop, plan: ReplayPlan, table: InteractionTable, l
     valid_rows = np.flatnonzero(item_shop >= 0)
     eligible = np.zeros(table.n_items, dtype=bool)
     eligible[valid_rows] = plan.known_items[valid_rows]
+    listable = None
+    if in_stock:   # the business rule: only items in stock are listed
+        listable = np.zeros(table.n_items, dtype=bool)
+        listable[valid_rows] = np.asarray(shop.catalog.in_stock, dtype=bool)[item_shop[valid_rows]]
     order = np.argsort(q_user, kind="stable")
     order = order[scored[order]]
     models: dict[int, UserModel] = {}
@@ -947,8 +954,9 @@ def run_oracle(shop: SyntheticShop, plan: ReplayPlan, table: InteractionTable, l
                 seen, _, _, _ = plan.history.recent(int(plan.query_user[q]), int(plan.query_hist_len[q]))
                 score[seen] = -1.0
                 ok = score >= 0
-            top = np.argsort(-score, kind="stable")[:k]
-            top = top[score[top] >= 0]
+            shown = score if listable is None else np.where(listable, score, -1.0)
+            top = np.argsort(-shown, kind="stable")[:k]
+            top = top[shown[top] >= 0]
             lists[variant][q, :top.size] = top
             expected[f"{variant}_hits"][q] = p_t[top].sum()
             expected[f"{variant}_dcg"][q] = (p_t[top] * discount[:top.size]).sum()
@@ -1092,7 +1100,7 @@ def _bootstrap(plan: ReplayPlan, a: dict[str, np.ndarray], b: dict[str, np.ndarr
 
 def plugin_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog, hidden: HiddenFocus,
                   params: tuple[int, float, float], *, test_plan: ReplayPlan, test_sample: np.ndarray,
-                  seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  seed: int = 0, progress: bool = True, in_stock: bool = False) -> dict[str, Any]:
     """The ALS plug-in strategy on the validation window (ALS fitted before it, 20,000 seeded queries;
     choose its parameters here) and on the test window (ALS fitted before the test, the report's sample)."""
     factors, reg, sharpness = params
@@ -1104,7 +1112,7 @@ def plugin_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog
     for name, plan, sample in (("validation", vplan, vsample), ("test_report_sample", test_plan, test_sample)):
         plugin = als_plugin(shop, table, plan.train, factors=factors, regularization=reg, sharpness=sharpness)
         run = run_oracle(shop, plan, table, log, hidden, oracle="posterior", kind_known=False, queries=sample,
-                         progress=progress, plugin=plugin)
+                         progress=progress, plugin=plugin, in_stock=in_stock)
         ranks = {v: _ranks(plan, run.lists[v], sample, only_new=(v == "X")) for v in ("R", "X")}
         res: dict[str, Any] = {v: {key: round(val, 5) for key, val in metrics_from_ranks(ranks[v]).items()}
                                for v in ("R", "X")}
@@ -1204,7 +1212,8 @@ def make_taste_plugin(name: str, shop: SyntheticShop, table: InteractionTable, p
 
 def taste_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog, hidden: HiddenFocus,
                  names: tuple[str, ...], *, test_plan: ReplayPlan, test_sample: np.ndarray, seed: int = 0,
-                 progress: bool = True, others: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+                 progress: bool = True, others: dict[str, dict[str, np.ndarray]] | None = None,
+                 in_stock: bool = False) -> dict[str, Any]:
     """The learned-taste plug-ins on the validation window (the taste learned before it, the 20,000 seeded
     queries of :func:`plugin_report`) and on the report's test sample, with the per-kind breakdown (``others``
     side by side) and the paired bootstrap against ``others``."""
@@ -1220,7 +1229,7 @@ def taste_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog,
             c0 = time.process_time()
             plugin = make_taste_plugin(taste, shop, table, plan, log, seed=seed, prior=prior)
             run = run_oracle(shop, plan, table, log, hidden, oracle="posterior", kind_known=False, queries=sample,
-                             progress=progress, plugin=plugin)
+                             progress=progress, plugin=plugin, in_stock=in_stock)
             ranks = {v: _ranks(plan, run.lists[v], sample, only_new=(v == "X")) for v in ("R", "X")}
             res: dict[str, Any] = {v: {key: round(val, 5) for key, val in metrics_from_ranks(ranks[v]).items()}
                                    for v in ("R", "X")}
@@ -1238,7 +1247,8 @@ def taste_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog,
 def ceiling(shop: SyntheticShop, table: InteractionTable, *, oracles: tuple[str, ...] = ORACLES,
             all_queries: bool = True, seed: int = 0, progress: bool = True, methods: tuple[str, ...] = (),
             report: dict[str, Any] | None = None, item_meta: dict[str, Any] | None = None,
-            plugin: tuple[int, float, float] | None = None, tastes: tuple[str, ...] = ()) -> dict[str, Any]:
+            plugin: tuple[int, float, float] | None = None, tastes: tuple[str, ...] = (),
+            in_stock: bool = False) -> dict[str, Any]:
     """Everything the script reports, as a dict (see the module docstring)."""
     if set(np.flatnonzero(type_weights() > 0).tolist()) != {_T[t] for t in ("view", "click", "add_to_cart",
                                                                             "purchase")}:
@@ -1273,7 +1283,7 @@ def ceiling(shop: SyntheticShop, table: InteractionTable, *, oracles: tuple[str,
             out["oracles"][key] = res
     if plugin is not None:
         rep = plugin_report(shop, table, log, hidden, plugin, test_plan=tplan, test_sample=sample, seed=seed,
-                            progress=progress)
+                            progress=progress, in_stock=in_stock)
         ranks = rep.pop("_ranks")
         rep["paired_bootstrap"] = {other: _bootstrap(tplan, ranks, r, seed=seed) for other, r in others.items()}
         out["plugin_als"] = rep
@@ -1281,7 +1291,7 @@ def ceiling(shop: SyntheticShop, table: InteractionTable, *, oracles: tuple[str,
             others = {**others, "plugin_als": ranks}
     if tastes:
         out["plugin_taste"] = taste_report(shop, table, log, hidden, tastes, test_plan=tplan, test_sample=sample,
-                                           seed=seed, progress=progress, others=others)
+                                           seed=seed, progress=progress, others=others, in_stock=in_stock)
     out["_runs"] = runs
     out["_plan"] = tplan
     out["_sample"] = sample
@@ -1320,6 +1330,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated learned-taste plug-ins ({', '.join(TASTES)}): the posterior, kind-blind "
                              "strategy with a taste learned from each shopper's events, the generator's item side "
                              "and prior given (validation and test windows; with --plugin, compared with it)")
+    parser.add_argument("--in-stock", action="store_true",
+                        help="the plug-ins (--plugin, --taste) list only items in stock, as the engine's business "
+                             "rule does (the oracles are unchanged)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: stdout)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -1331,7 +1344,7 @@ def main(argv: list[str] | None = None) -> int:
     res = ceiling(shop, ds.table, oracles=tuple(args.oracles), all_queries=not args.sample_only, seed=args.seed,
                   progress=not args.no_progress, methods=tuple(m for m in args.methods.split(",") if m),
                   report=rep, item_meta=ds.item_meta, plugin=_plugin_arg(args.plugin),
-                  tastes=tuple(t for t in args.taste.split(",") if t))
+                  tastes=tuple(t for t in args.taste.split(",") if t), in_stock=args.in_stock)
     for key in ("_runs", "_plan", "_sample", "_methods"):
         res.pop(key)
     result: dict[str, Any] = {

@@ -167,6 +167,32 @@ def test_plugin_strategy_is_the_posterior_strategy_with_another_taste(tiny: dict
         sc.run_oracle(shop, plan, ds.table, log, hidden, oracle="focus", queries=queries, progress=False, plugin=als)
 
 
+def test_in_stock_lists_hold_no_out_of_stock_item_and_otherwise_keep_the_order(tiny: dict[str, Any]) -> None:
+    shop, ds, plan, log, hidden = tiny["shop"], tiny["ds"], tiny["plan"], tiny["log"], tiny["hidden"]
+    queries = np.zeros(plan.n_queries, dtype=bool)
+    queries[::5] = True
+    true_taste = sc.Plugin(user_model=lambda u: sc.UserModel(shop.model, u, shop.config.focus_share),
+                           funnel_rates=None, info={})
+    runs = {flag: sc.run_oracle(shop, plan, ds.table, log, hidden, oracle="posterior", kind_known=False,
+                                queries=queries, progress=False, plugin=true_taste, in_stock=flag)
+            for flag in (False, True)}
+    stock = np.zeros(ds.table.n_items, dtype=bool)
+    rows = sc._ids_to_rows(ds.table.items.ids, "i", shop.config.n_items)
+    stock[rows >= 0] = np.asarray(shop.catalog.in_stock, dtype=bool)[rows[rows >= 0]]
+    assert (~stock[rows >= 0]).any()   # the tiny shop has out-of-stock items
+    listed_oos = 0
+    for v in ("R", "X"):
+        for q in np.flatnonzero(queries).tolist():
+            free, ruled = runs[False].lists[v][q], runs[True].lists[v][q]
+            free, ruled = free[free >= 0], ruled[ruled >= 0]
+            assert stock[ruled].all()
+            listed_oos += int((~stock[free]).sum())
+            kept = free[stock[free]]   # the in-stock items keep their order and come first
+            np.testing.assert_array_equal(ruled[:len(kept)], kept)
+        np.testing.assert_array_equal(runs[True].expected[f"{v}_targets"], runs[False].expected[f"{v}_targets"])
+    assert listed_oos > 0   # without the rule the strategy does list out-of-stock items
+
+
 # -- learned-taste plug-ins (Session 10) ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def taste_prior(tiny: dict[str, Any]) -> Any:
