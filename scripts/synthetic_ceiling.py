@@ -82,7 +82,7 @@ from training.evaluation.replay import _ranks  # noqa: E402  (the report's own t
 from training.evaluation.scoring import metrics_from_ranks  # noqa: E402
 from training.interactions import InteractionTable, type_weights  # noqa: E402
 from training.synthetic import ShopConfig, SyntheticShop  # noqa: E402
-from training.synthetic_model import ShopperModel  # noqa: E402
+from training.synthetic_model import ShopperModel, draw_user_tastes  # noqa: E402
 
 K = 20
 #: Event kinds of the generator's log (index = kind code).
@@ -508,20 +508,7 @@ def generator_centroids(shop: SyntheticShop) -> np.ndarray:
 def prior_draws(shop: SyntheticShop, n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` unnormalised shopper tastes drawn as the generator draws them (liked categories, Dirichlet
     weights of their centroids, personal offset); the generator then scales each to unit spread."""
-    cent = generator_centroids(shop)
-    n_cat, f = cent.shape
-    scale = 1.0 / np.sqrt(f)
-    size = np.bincount(shop.catalog.category, minlength=n_cat).astype(np.float64)
-    like_p = np.sqrt(size) / np.sqrt(size).sum()
-    n_liked = np.minimum(1 + rng.binomial(3, 0.4, size=n), n_cat)
-    keys = np.log(like_p + 1e-12)[None, :] + rng.gumbel(size=(n, n_cat))
-    ranked = np.argsort(-keys, axis=1, kind="stable")
-    weights = rng.dirichlet(np.ones(4), size=n)
-    x = rng.standard_normal((n, f)) * (0.35 * scale)
-    for j in range(4):
-        take = n_liked > j
-        x[take] += weights[take, j, None] * cent[ranked[take, min(j, n_cat - 1)]]
-    return x
+    return draw_user_tastes(generator_centroids(shop), shop.catalog.category, n, rng)
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,29 @@ class HiddenTaste:
         return part[np.argsort(-scores[part], kind="stable")].astype(np.int64)
 
 
+def draw_user_tastes(centroids: np.ndarray, category: np.ndarray, n_users: int, rng: np.random.Generator
+                     ) -> np.ndarray:
+    """``n_users`` unscaled shopper tastes: each likes 1-4 categories (drawn without replacement, large
+    categories more often) and is a Dirichlet mix of their ``centroids`` plus a personal offset.
+    :func:`build_taste` then scales each to unit spread; ``scripts/synthetic_ceiling.py`` draws its
+    prior with this too."""
+    n_cat, n_factors = centroids.shape
+    scale = 1.0 / np.sqrt(n_factors)
+    cat_size = np.bincount(category, minlength=n_cat).astype(np.float64)
+    like_p = np.sqrt(cat_size) / np.sqrt(cat_size).sum()
+    n_liked = np.minimum(1 + rng.binomial(3, 0.4, size=n_users), n_cat)
+    # Gumbel top-k: each user's liked categories, drawn without replacement ∝ like_p.
+    keys = np.log(like_p + 1e-12)[None, :] + rng.gumbel(size=(n_users, n_cat))
+    ranked = np.argsort(-keys, axis=1, kind="stable")
+    weights = rng.dirichlet(np.ones(4), size=n_users)
+    users = rng.standard_normal((n_users, n_factors)) * (0.35 * scale)
+    for j in range(4):
+        take = n_liked > j
+        cols = ranked[:, min(j, n_cat - 1)]
+        users[take] += weights[take, j, None] * centroids[cols[take]]
+    return users
+
+
 def build_taste(
     catalog: SyntheticCatalog,
     *,
@@ -129,19 +152,7 @@ def build_taste(
     items = (centroids[catalog.category] + noun_offsets[catalog.category, catalog.subcategory]
              + rng.standard_normal((n_items, n_factors)) * (0.45 * scale))
 
-    cat_size = np.bincount(catalog.category, minlength=n_cat).astype(np.float64)
-    like_p = np.sqrt(cat_size) / np.sqrt(cat_size).sum()
-    n_liked = np.minimum(1 + rng.binomial(3, 0.4, size=n_users), n_cat)
-    # Gumbel top-k: each user's liked categories, drawn without replacement ∝ like_p.
-    keys = np.log(like_p + 1e-12)[None, :] + rng.gumbel(size=(n_users, n_cat))
-    ranked = np.argsort(-keys, axis=1, kind="stable")
-    weights = rng.dirichlet(np.ones(4), size=n_users)
-    users = rng.standard_normal((n_users, n_factors)) * (0.35 * scale)
-    for j in range(4):
-        take = n_liked > j
-        cols = ranked[:, min(j, n_cat - 1)]
-        users[take] += weights[take, j, None] * centroids[cols[take]]
-
+    users = draw_user_tastes(centroids, catalog.category, n_users, rng)
     mean_y = items.mean(axis=0)
     cov_y = np.cov(items, rowvar=False, bias=True)
     spread = np.sqrt(np.einsum("uf,fg,ug->u", users, cov_y, users))
