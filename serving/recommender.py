@@ -563,14 +563,10 @@ class Recommender:
             if (w > 0).any():
                 fold.append((j, aggregate_confidences(u.hist_items[w > 0], w[w > 0])))
             else:
-                row = aux.bundle.users.get(u.state.user_id) if u.state.user_id else -1
-                if row >= 0:
-                    u.vector = np.asarray(aux.bundle.user_factors[row], dtype=np.float32)
+                u.vector = _trained_vector(aux, u.state)
         if self.focus.taste == "trained":
             for u in users:
-                row = aux.bundle.users.get(u.state.user_id) if u.state.user_id else -1
-                if row >= 0:
-                    u.taste = np.asarray(aux.bundle.user_factors[row], dtype=np.float32)
+                u.taste = _trained_vector(aux, u.state)
         if fold:
             vecs = fold_in_batch(aux.bundle.item_factors, aux.YtY, [p for _, p in fold], aux.regularization,
                                  alpha=aux.alpha)
@@ -971,6 +967,12 @@ def _round6(scores: np.ndarray) -> list[float]:
 def _one_thread(ranker: Any) -> bool:
     """True when the ranker's onnxruntime session runs on one intra-op thread (rows summed tree by tree)."""
     return getattr(ranker, "intra_op_threads", None) == 1
+
+
+def _trained_vector(aux: BundleAux, state: UserState) -> np.ndarray | None:
+    """The bundle's trained vector of the state's user (float32), None when the bundle does not know them."""
+    row = aux.bundle.users.get(state.user_id) if state.user_id else -1
+    return np.asarray(aux.bundle.user_factors[row], dtype=np.float32) if row >= 0 else None
 
 
 def _session_open(state: UserState, now: int, gap_ms: int | None) -> bool:
