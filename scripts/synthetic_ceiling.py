@@ -1091,24 +1091,42 @@ def plugin_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog
     """The ALS plug-in strategy on the validation window (ALS fitted before it, 20,000 seeded queries;
     choose its parameters here) and on the test window (ALS fitted before the test, the report's sample)."""
     factors, reg, sharpness = params
+    vplan, vsample = validation_queries(table, seed=seed)
+    out: dict[str, Any] = {}
+    for name, plan, sample in (("validation", vplan, vsample), ("test_report_sample", test_plan, test_sample)):
+        plugin = als_plugin(shop, table, plan.train, factors=factors, regularization=reg, sharpness=sharpness)
+        res, ranks = plugin_window(shop, table, log, hidden, plan, sample, plugin, progress=progress,
+                                   in_stock=in_stock)
+        if name == "test_report_sample":
+            out["_ranks"] = ranks
+        out[name] = res
+        out["params"] = plugin.info
+    return out
+
+
+def validation_queries(table: InteractionTable, *, seed: int = 0) -> tuple[ReplayPlan, np.ndarray]:
+    """The validation window's plan (everything before it is training) and its seeded 20,000-query sample,
+    on which the plug-ins' parameters are chosen."""
     win = replay_windows(table.ts)
     vplan = build_plan(table, start=win.valid_start, end=win.test_start)
     vsample = np.zeros(vplan.n_queries, dtype=bool)
     vsample[np.random.default_rng(seed).choice(vplan.n_queries, min(20_000, vplan.n_queries), replace=False)] = True
-    out: dict[str, Any] = {}
-    for name, plan, sample in (("validation", vplan, vsample), ("test_report_sample", test_plan, test_sample)):
-        plugin = als_plugin(shop, table, plan.train, factors=factors, regularization=reg, sharpness=sharpness)
-        run = run_oracle(shop, plan, table, log, hidden, oracle="posterior", kind_known=False, queries=sample,
-                         progress=progress, plugin=plugin, in_stock=in_stock)
-        ranks = {v: _ranks(plan, run.lists[v], sample, only_new=(v == "X")) for v in ("R", "X")}
-        res: dict[str, Any] = {v: {key: round(val, 5) for key, val in metrics_from_ranks(ranks[v]).items()}
-                               for v in ("R", "X")}
-        if name == "test_report_sample":
-            out["_ranks"] = ranks
-        res["breakdown"] = {v: breakdown(plan, run, sample, v) for v in ("R", "X")}
-        out[name] = res
-        out["params"] = plugin.info
-    return out
+    return vplan, vsample
+
+
+def plugin_window(shop: SyntheticShop, table: InteractionTable, log: LabelledLog, hidden: HiddenFocus,
+                  plan: ReplayPlan, sample: np.ndarray, plugin: Plugin, *, progress: bool = True,
+                  in_stock: bool = False, others: dict[str, dict[str, np.ndarray]] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One plug-in's lists on one window's sampled queries: R and X metrics and the per-kind breakdown (with
+    ``others`` side by side), and the target ranks (for the paired bootstrap)."""
+    run = run_oracle(shop, plan, table, log, hidden, oracle="posterior", kind_known=False, queries=sample,
+                     progress=progress, plugin=plugin, in_stock=in_stock)
+    ranks = {v: _ranks(plan, run.lists[v], sample, only_new=(v == "X")) for v in ("R", "X")}
+    res: dict[str, Any] = {v: {key: round(val, 5) for key, val in metrics_from_ranks(ranks[v]).items()}
+                           for v in ("R", "X")}
+    res["breakdown"] = {v: breakdown(plan, run, sample, v, others) for v in ("R", "X")}
+    return res, ranks
 
 
 def fit_softmax_mf(counts: np.ndarray, *, factors: int, l2: float, iterations: int = 300, seed: int = 0
@@ -1204,10 +1222,7 @@ def taste_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog,
     """The learned-taste plug-ins on the validation window (the taste learned before it, the 20,000 seeded
     queries of :func:`plugin_report`) and on the report's test sample, with the per-kind breakdown (``others``
     side by side) and the paired bootstrap against ``others``."""
-    win = replay_windows(table.ts)
-    vplan = build_plan(table, start=win.valid_start, end=win.test_start)
-    vsample = np.zeros(vplan.n_queries, dtype=bool)
-    vsample[np.random.default_rng(seed).choice(vplan.n_queries, min(20_000, vplan.n_queries), replace=False)] = True
+    vplan, vsample = validation_queries(table, seed=seed)
     prior = fit_taste_prior(shop, seed=seed)
     out: dict[str, Any] = {}
     for taste in names:
@@ -1215,13 +1230,9 @@ def taste_report(shop: SyntheticShop, table: InteractionTable, log: LabelledLog,
         for name, plan, sample in (("validation", vplan, vsample), ("test_report_sample", test_plan, test_sample)):
             c0 = time.process_time()
             plugin = make_taste_plugin(taste, shop, table, plan, log, seed=seed, prior=prior)
-            run = run_oracle(shop, plan, table, log, hidden, oracle="posterior", kind_known=False, queries=sample,
-                             progress=progress, plugin=plugin, in_stock=in_stock)
-            ranks = {v: _ranks(plan, run.lists[v], sample, only_new=(v == "X")) for v in ("R", "X")}
-            res: dict[str, Any] = {v: {key: round(val, 5) for key, val in metrics_from_ranks(ranks[v]).items()}
-                                   for v in ("R", "X")}
             test = name == "test_report_sample"
-            res["breakdown"] = {v: breakdown(plan, run, sample, v, others if test else None) for v in ("R", "X")}
+            res, ranks = plugin_window(shop, table, log, hidden, plan, sample, plugin, progress=progress,
+                                       in_stock=in_stock, others=others if test else None)
             if test and others:
                 res["paired_bootstrap"] = {o: _bootstrap(plan, ranks, r, seed=seed) for o, r in others.items()}
             res["cpu_seconds"] = round(time.process_time() - c0, 1)
