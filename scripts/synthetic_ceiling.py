@@ -472,9 +472,7 @@ def als_plugin(shop: SyntheticShop, table: InteractionTable, train: InteractionT
     y = np.zeros((cfg.n_items, factors))
     y[item_shop[ok]] = als.item_factors[ok]
     row_of_user = {int(uid[1:]): j for j, uid in enumerate(table.users.ids) if uid[1:].isdigit()}
-    counts = np.bincount(train.type_code, minlength=len(EVENT_TYPES)).astype(np.float64)
-    rates = (counts[_T["click"]] / max(counts[_T["view"]], 1.0),
-             counts[_T["add_to_cart"]] / max(counts[_T["click"]], 1.0))
+    rates = training_funnel_rates(train)
     category, n_cat = shop.catalog.category, len(shop.catalog.categories)
     cache: dict[int, UserModel] = {}
 
@@ -489,9 +487,9 @@ def als_plugin(shop: SyntheticShop, table: InteractionTable, train: InteractionT
             um = cache[user] = UserModel.from_weights(w, category, n_cat, cfg.focus_share)
         return um
 
-    return Plugin(user_model=user_model, funnel_rates=(round(rates[0], 4), round(rates[1], 4)),
+    return Plugin(user_model=user_model, funnel_rates=rates,
                   info={"factors": factors, "regularization": regularization, "iterations": iterations,
-                        "sharpness": sharpness, "funnel_rates": [round(r, 4) for r in rates]})
+                        "sharpness": sharpness, "funnel_rates": list(rates)})
 
 
 # -- learnable-taste bounds: the generator's item side and prior given, the shopper's taste estimated --
@@ -833,7 +831,7 @@ def bayes_plugin(shop: SyntheticShop, table: InteractionTable, train: Interactio
 
 
 def training_funnel_rates(train: InteractionTable) -> tuple[float, float]:
-    """Clicks per view and carts per click of a training window, rounded as :func:`als_plugin` rounds them."""
+    """Clicks per view and carts per click of a training window, rounded to 4 places (every plug-in's rates)."""
     counts = np.bincount(train.type_code, minlength=len(EVENT_TYPES)).astype(np.float64)
     return (round(counts[_T["click"]] / max(counts[_T["view"]], 1.0), 4),
             round(counts[_T["add_to_cart"]] / max(counts[_T["click"]], 1.0), 4))
